@@ -1,0 +1,441 @@
+"""The job config tree: small dataclasses, YAML files and dotted overrides.
+
+Every setting has exactly one dotted name (``quant.target_w``), the same in YAML, on the CLI
+(``--quant.target_w 2``), in a Tune search space and in MLflow params. Validation lives in
+``__post_init__`` and raises :class:`ConfigError` with a one-line message naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line and names the dotted field."""
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+ESTIMATORS = ("ste", "lsq", "ewgs", "aewgs")
+DISTILL_LOSSES = ("jeffreys", "kl", "ce")
+BATCHNORM_MODES = ("keep", "freeze", "fold")
+DATA_KINDS = ("bundled", "ffcv", "imagefolder")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "gdnsq_smallcnn"
+    """timm model name (any registered timm CNN or ViT, plus gdnsq's small bundled-data CNN)."""
+    pretrained: bool = False
+    """Load timm's pretrained weights (needs hub access or a local cache on the cluster)."""
+    checkpoint: str | None = None
+    """Path to an FP state dict or gdnsq checkpoint used as the FP model and teacher."""
+    num_classes: int | None = None
+    """Classifier width; None means the dataset's class count."""
+    in_chans: int | None = None
+    """Input channels; None means the dataset's."""
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name", "must name a timm model")
+        if self.checkpoint is not None:
+            _check(Path(self.checkpoint).is_file(), "model.checkpoint", f"no such file {self.checkpoint!r}")
+
+
+@dataclass(kw_only=True)
+class QuantRuleConfig:
+    """One surgery rule: layers whose dotted name matches ``pattern`` get these overrides."""
+
+    pattern: str
+    """Regular expression matched (re.search) against the module's dotted name."""
+    skip: bool | None = None
+    """Keep matching layers in floating point."""
+    target_w: float | None = None
+    """Weight bit target for matching layers."""
+    target_a: float | None = None
+    """Activation bit target for matching layers."""
+    per_channel: bool | None = None
+    """Per-output-channel weight steps for matching layers."""
+    quantize_act: bool | None = None
+    """Quantize the input activation of matching layers."""
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    method: str = "gdnsq"
+    """Quantization method: gdnsq (learnable bit-width) or a zoo method (lsq, dorefa, pact, ...)."""
+    target_w: float = 2.0
+    """Weight bit-width target per layer (the constraint bits <= target)."""
+    target_a: float = 2.0
+    """Activation bit-width target per layer."""
+    init_bits: float = 10.0
+    """Bit-width that calibration starts every quantizer at (near-lossless)."""
+    per_channel: bool = True
+    """Per-output-channel weight steps (else per tensor)."""
+    estimator: str = "ste"
+    """Gradient estimator: ste, lsq (rounding-error step gradient), ewgs, aewgs (adaptive EWGS)."""
+    ewgs_delta: float = 1e-2
+    """EWGS scaling factor delta."""
+    act_signed: str = "auto"
+    """Activation lower bound: auto (0 after ReLU, detected at calibration), signed, unsigned."""
+    keep_first_conv: bool = True
+    """Keep the stem conv FP (read from timm's pretrained_cfg)."""
+    keep_classifier: bool = True
+    """Keep the classifier FP (read from timm's pretrained_cfg)."""
+    keep_pointwise: bool = False
+    """Keep 1x1 convs (shortcuts) FP, as the reference code did."""
+    batchnorm: str = "keep"
+    """BatchNorm handling: keep (trained), freeze (eval stats, no grad) or fold into the conv."""
+    calib_batches: int = 4
+    """Batches seen by the min/max observers before training."""
+    rules: list[QuantRuleConfig] = field(default_factory=list)
+    """Ordered (regex -> override) rules; first match wins; each must match at least one layer."""
+
+    def __post_init__(self):
+        for name in ("target_w", "target_a"):
+            v = getattr(self, name)
+            _check(0 < v <= 16, f"quant.{name}", f"must be in (0, 16] bits, got {v}")
+        _check(1 < self.init_bits <= 24, "quant.init_bits", f"must be in (1, 24], got {self.init_bits}")
+        _check(self.estimator in ESTIMATORS, "quant.estimator",
+               f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        _check(self.act_signed in ("auto", "signed", "unsigned"), "quant.act_signed",
+               f"must be auto, signed or unsigned, got {self.act_signed!r}")
+        _check(self.batchnorm in BATCHNORM_MODES, "quant.batchnorm",
+               f"must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
+        _check(self.calib_batches >= 1, "quant.calib_batches", "must be >= 1")
+        self.rules = [r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, "quant.rules")
+                      for r in self.rules]
+        for i, r in enumerate(self.rules):
+            for name in ("target_w", "target_a"):
+                v = getattr(r, name)
+                _check(v is None or 0 < v <= 16, f"quant.rules[{i}].{name}", f"must be in (0, 16] bits, got {v}")
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    distill: str = "jeffreys"
+    """Task term: jeffreys (symmetric KL to the teacher), kl (KL(teacher||student)) or ce (labels)."""
+    l1: float = 1.0
+    """Penalty weight."""
+    l2: float = 1.0
+    """Distillation / task loss weight."""
+    p: float = 1.0
+    """Exponent of the exterior-point penalty."""
+    eps: float = 1e-3
+    """Margin below the bit target that counts as feasible."""
+    lossless: bool = False
+    """Swap l1/l2 roles: penalty weight 1, loss weight grows with the temperature."""
+    loss_ema: float = 0.99
+    """Decay of the running mean of the task loss that scales the penalty."""
+
+    def __post_init__(self):
+        _check(self.distill in DISTILL_LOSSES, "objective.distill",
+               f"must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
+        _check(self.p > 0, "objective.p", "must be > 0")
+        _check(0 <= self.loss_ema < 1, "objective.loss_ema", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    warmup_steps: int = 100
+    """Steps with temperature 0 and linear LR warm-up."""
+    scale_t: float = 2.0
+    """Temperature growth per step, in units of the base LR."""
+    anneal: float = 0.9985
+    """Per-step LR factor once every layer meets its target."""
+    min_lr_ratio: float = 0.0
+    """Floor of the annealed LR as a fraction of the base LR."""
+    noise_ratio: float = 0.0
+    """Initial share of extra uniform rounding noise (0 = pure rounding)."""
+    noise_step: float = 0.01
+    """Decrease of the noise ratio whenever the penalty is ~0."""
+
+    def __post_init__(self):
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        _check(self.scale_t >= 0, "schedule.scale_t", "must be >= 0")
+        _check(0 < self.anneal <= 1, "schedule.anneal", "must be in (0, 1]")
+        _check(0 <= self.noise_ratio <= 1, "schedule.noise_ratio", "must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "radam"
+    """Optimizer: radam, adamw or sgd."""
+    lr: float = 2e-3
+    """Learning rate of the network weights (base LR of the schedules)."""
+    quant_lr: float | None = None
+    """Learning rate of quantizer parameters (steps, clamps); None means ``lr``."""
+    weight_decay: float = 0.0
+    """Weight decay of network weights (quantizer parameters never decay)."""
+
+    def __post_init__(self):
+        _check(self.name in ("radam", "adamw", "sgd"), "optim.name", f"unknown optimizer {self.name!r}")
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.quant_lr is None or self.quant_lr > 0, "optim.quant_lr", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    kind: str = "bundled"
+    """bundled (MNIST-5k shipped in a wheel), ffcv (.beton files) or imagefolder (torchvision)."""
+    train_path: str | None = None
+    """Training data: a .beton file (ffcv) or an ImageFolder directory."""
+    val_path: str | None = None
+    """Validation data, same kind as train_path."""
+    img_size: int = 224
+    """Training crop size (ffcv / imagefolder)."""
+    val_resize: int = 256
+    """Resize before the validation centre crop."""
+    batch_size: int = 128
+    """Per-worker batch size."""
+    num_workers: int = 2
+    """Loader worker threads/processes per Ray worker."""
+    os_cache: bool = True
+    """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
+    val_fraction: float = 0.1
+    """Bundled data: share held out for checkpoint selection (test is reported separately)."""
+
+    def __post_init__(self):
+        _check(self.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        if self.kind != "bundled":
+            _check(self.train_path is not None, "data.train_path", f"required for data.kind={self.kind}")
+            _check(self.val_path is not None, "data.val_path", f"required for data.kind={self.kind}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 10
+    """Quantization-aware fine-tuning epochs."""
+    teacher_epochs: int = 3
+    """Epochs to train the FP teacher when no pretrained weights or checkpoint are given."""
+    seed: int = 0
+    """Global seed."""
+    device: str = "auto"
+    """auto (CUDA if available), cpu or cuda."""
+    patience: int = 0
+    """Early stopping: epochs without a better ns_top1 once converged (0 = off)."""
+    max_steps_per_epoch: int | None = None
+    """Cap on steps per epoch (short test runs)."""
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    enabled: bool = True
+    """Run through Ray Train (False = in-process engine, no Ray)."""
+    address: str | None = None
+    """Ray cluster address; None starts or joins a local cluster."""
+    num_workers: int = 1
+    """Training workers (DDP ranks)."""
+    use_gpu: bool | None = None
+    """One GPU per worker; None = if the cluster has GPUs."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker (also the loader's thread count)."""
+    storage_path: str | None = None
+    """Checkpoint storage: a shared path or s3:// URI; None = ./runs."""
+    max_failures: int = 2
+    """Worker-group restarts before the run fails."""
+    checkpoints_to_keep: int = 2
+    """Checkpoints kept on storage."""
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI; None = local sqlite store under .gdnsq/."""
+    experiment: str = "gdnsq"
+    """MLflow experiment name."""
+    register: bool = True
+    """Register the best converged model at the end of a run."""
+    registered_name: str | None = None
+    """Registry name; None = '<model>-w<W>a<A>'."""
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    name: str = "quickstart"
+    """Run name (a run with an existing name and storage path resumes)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+
+
+# --------------------------------------------------------------------------------------------- io
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn YAML/CLI values into the annotated type, with a one-line error naming the field."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        _check(optional, name, "must not be empty")
+        return None
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), name, f"must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, name)
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        _check(isinstance(value, list), name, f"must be a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            _check(low in ("true", "false", "1", "0", "yes", "no"), name, f"must be true or false, got {value!r}")
+            return low in ("true", "1", "yes")
+        _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be a number, got {value!r}") from None
+        _check(tp is float or float(value) == out, name, f"must be an integer, got {value!r}")
+        return out
+    if tp is str:
+        _check(isinstance(value, (str, int, float)), name, f"must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the dotted key."""
+    fields = _field_types(cls)
+    kwargs = {}
+    for key, value in (data or {}).items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown setting (known: {', '.join(fields)})")
+        kwargs[key] = _coerce(value, fields[key], name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # missing required field
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted.key: value} (lists stay values)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def known_keys() -> set[str]:
+    """Every dotted setting name of a JobConfig."""
+    return set(flatten(to_dict(JobConfig())))
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys in a nested dict (copying); unknown keys raise ConfigError."""
+    import copy
+
+    data = copy.deepcopy(data)
+    valid = known_keys()
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ConfigError(f"{key}: unknown setting")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """YAML file (or defaults) + dotted overrides -> validated JobConfig."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"config: {path} is not valid YAML ({first})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping at the top level")
+        data.pop("sweep", None)  # sweep files carry a base job plus a search space
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(JobConfig, data)
+
+
+def config_from_dict(data: dict) -> JobConfig:
+    return from_dict(JobConfig, data)
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    """``--a.b 1 --c=2 d.e=3`` -> {'a.b': '1', 'c': '2', 'd.e': '3'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            a = a[2:]
+            if "=" in a:
+                k, v = a.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{a}: missing value")
+                k, v = a, args[i + 1]
+                i += 1
+        elif "=" in a:
+            k, v = a.split("=", 1)
+        else:
+            raise ConfigError(f"{a}: expected --key value or key=value")
+        out[k] = v
+        i += 1
+    return out

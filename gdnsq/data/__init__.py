@@ -1,0 +1,1 @@
+"""Data edge: bundled real images, FFCV files and loaders, torchvision ImageFolder fallback."""

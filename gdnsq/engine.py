@@ -1,0 +1,180 @@
+"""The framework-free train/eval loop. Imports neither Ray nor MLflow nor FFCV.
+
+``Engine`` owns the student (possibly DDP-wrapped), the frozen teacher, the optimizer, the
+objective and the schedule state; ``state_dict()`` holds everything a resumed run needs to continue
+exactly where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import JobConfig, OptimConfig
+from .objective import GDNSQObjective, converged
+from .quant.layers import quantizer_parameters, set_noise_ratio
+from .schedules import ScheduleState
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device: cuda requested but no GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Two groups: network weights (lr, weight decay) and quantizer parameters (quant_lr, no decay)."""
+    quant = quantizer_parameters(model)
+    quant_ids = {id(p) for p in quant}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
+    groups = [{"params": weights, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
+    if quant:
+        qlr = cfg.quant_lr or cfg.lr
+        groups.append({"params": quant, "lr": qlr, "base_lr": qlr, "weight_decay": 0.0, "name": "quantizers"})
+    if cfg.name == "radam":
+        return torch.optim.RAdam(groups)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups)
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+    """Top-1 / top-5 (%) and cross-entropy over a loader, in eval mode (exact integer grid)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(-1).sum())
+        total += y.numel()
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation loader yielded no samples")
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
+
+
+def train_fp(model: nn.Module, loader: Iterable, epochs: int, lr: float, device: torch.device,
+             log: Callable[[str], None] = print) -> None:
+    """Plain cross-entropy training of the FP teacher (used when no FP weights are given)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = max(1, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for epoch in range(epochs):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        log(f"teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
+    model.eval()
+
+
+class Engine:
+    """One GDNSQ fine-tuning run's moving parts, stepping and checkpointable."""
+
+    def __init__(self, cfg: JobConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.cfg = cfg
+        self.model = student  # may be DDP-wrapped; quantizer maths read the unwrapped core
+        self.core = unwrap(student)
+        self.teacher = teacher
+        self.device = device
+        self.optimizer = optimizer or create_optimizer(self.core, cfg.optim)
+        self.objective = GDNSQObjective(cfg.objective)
+        self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
+        set_noise_ratio(self.core, self.sched.noise_ratio)
+        self.epoch = 0
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------- training
+    def train_epoch(self, loader: Iterable, max_steps: int | None = None,
+                    on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+        cfg, opt = self.cfg, self.optimizer
+        self.model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        t0 = time.perf_counter()
+        samples = 0
+        for x, y in loader:
+            if max_steps is not None and steps >= max_steps:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            factor = self.sched.lr_factor(cfg.schedule)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            teacher_logits = None
+            if cfg.objective.distill != "ce":
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+            logits = self.model(x)
+            loss, parts = self.objective(self.core, logits, teacher_logits, y, self.sched.temperature)
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
+            old_noise = self.sched.noise_ratio
+            self.sched.advance(cfg.schedule, lr=cfg.optim.lr * factor, penalty=penalty)
+            if self.sched.noise_ratio != old_noise:
+                set_noise_ratio(self.core, self.sched.noise_ratio)
+            parts.update({"train/loss": float(loss), "train/temperature": self.sched.temperature,
+                          "train/lr": cfg.optim.lr * factor})
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+            samples += y.numel()
+            if on_step is not None:
+                on_step(self.sched.step, parts)
+        if steps == 0:
+            raise ValueError("training loader yielded no batches")
+        self.epoch += 1
+        out = {k: v / steps for k, v in sums.items()}
+        # The last step's schedule values, not their epoch means, describe where the run stands.
+        out.update({"train/temperature": self.sched.temperature, "train/lr": cfg.optim.lr * factor,
+                    "train/steps": float(steps), "train/samples_per_s": samples / (time.perf_counter() - t0),
+                    "train/noise_ratio": self.sched.noise_ratio, "train/global_step": float(self.sched.step)})
+        return out
+
+    def is_converged(self) -> bool:
+        return converged(self.core)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "objective": self.objective.state_dict(),
+            "epoch": self.epoch,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.core.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sched = ScheduleState(**state["schedule"])
+        set_noise_ratio(self.core, self.sched.noise_ratio)
+        self.objective.load_state_dict(state["objective"])
+        self.epoch = state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,122 @@
+"""GDNSQ objective: distillation (or task) loss + exterior-point bit-width penalty (METHOD.md section 2).
+
+    L = l2 · D(student, teacher) + l1 · t · m̄ · (ω_w · P_w + ω_a · P_a)        (standard)
+    L = l2 · t · D(student, teacher) + l1 · m̄ · (ω_w · P_w + ω_a · P_a)        (lossless)
+
+P_w = mean over weight-quantized layers of mean_c max(0, b_c - (T_w - ε))^p (per-channel b_c);
+P_a likewise over activation quantizers. m̄ is a running mean of D (so the penalty has the loss's
+scale); ω_w, ω_a weigh the two families by their share of active (violated) constraints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ObjectiveConfig
+from .quant.layers import iter_quantized
+
+
+def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(p || q) between the softmaxes of two (N, C) logit tensors, batch-mean."""
+    log_p, log_q = F.log_softmax(p_logits, dim=-1), F.log_softmax(q_logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def jeffreys_divergence(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Symmetric KL: KL(p_t || p_s) + KL(p_s || p_t) = Σ (p_t - p_s)(log p_t - log p_s), batch-mean."""
+    log_s, log_t = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
+    return ((log_t.exp() - log_s.exp()) * (log_t - log_s)).sum(-1).mean()
+
+
+def task_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor) -> Tensor:
+    if kind == "jeffreys":
+        return jeffreys_divergence(student_logits, teacher_logits)
+    if kind == "kl":
+        return kl_divergence(teacher_logits, student_logits)
+    return F.cross_entropy(student_logits, targets)
+
+
+def exterior_penalty(bits: Tensor, target: float | Tensor, eps: float, p: float) -> Tensor:
+    """mean(max(0, bits - (target - eps)) ** p): zero inside the feasible set, growing outside."""
+    return torch.clamp(bits - (target - eps), min=0).pow(p).mean()
+
+
+@dataclass
+class BitTerms:
+    p_w: Tensor
+    p_a: Tensor
+    active_w: int
+    active_a: int
+    n_w: int
+    n_a: int
+
+
+def bit_penalties(model: nn.Module, eps: float, p: float) -> BitTerms:
+    """P_w, P_a and the number of active (violated) constraints over every learnable-bit quantizer."""
+    pw, pa = [], []
+    active_w = active_a = 0
+    for _, layer in iter_quantized(model):
+        if getattr(layer.weight_quant, "learnable_bits", False):
+            term = exterior_penalty(layer.weight_bits(), layer.target_w, eps, p)
+            pw.append(term)
+            active_w += int(term.detach() > 0)
+        if layer.act_quant is not None and getattr(layer.act_quant, "learnable_bits", False):
+            term = exterior_penalty(layer.act_bits(), layer.target_a, eps, p)
+            pa.append(term)
+            active_a += int(term.detach() > 0)
+    zero = next(model.parameters()).new_zeros(())
+    return BitTerms(torch.stack(pw).mean() if pw else zero, torch.stack(pa).mean() if pa else zero,
+                    active_w, active_a, len(pw), len(pa))
+
+
+class GDNSQObjective:
+    """Stateful only in the running loss mean m̄ (part of checkpoints via state_dict)."""
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+        self.loss_mean: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"loss_mean": self.loss_mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_mean = state["loss_mean"]
+
+    def __call__(self, model: nn.Module, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
+                 temperature: float) -> tuple[Tensor, dict[str, float]]:
+        c = self.cfg
+        d = task_loss(c.distill, student_logits, teacher_logits, targets)
+        d_val = float(d.detach())
+        self.loss_mean = d_val if self.loss_mean is None else c.loss_ema * self.loss_mean + (1 - c.loss_ema) * d_val
+        terms = bit_penalties(model, c.eps, c.p)
+        total_active = terms.active_w + terms.active_a
+        w_w = (terms.active_w + c.eps) / (total_active + c.eps)
+        w_a = (terms.active_a + c.eps) / (total_active + c.eps)
+        penalty = self.loss_mean * (w_w * terms.p_w + w_a * terms.p_a)
+        if c.lossless:
+            loss = c.l2 * temperature * d + c.l1 * penalty
+        else:
+            loss = c.l2 * d + c.l1 * temperature * penalty
+        parts = {"train/task": d_val, "train/penalty_w": float(terms.p_w.detach()),
+                 "train/penalty_a": float(terms.p_a.detach()), "train/active_w": terms.active_w,
+                 "train/active_a": terms.active_a, "train/loss_mean": self.loss_mean}
+        return loss, parts
+
+
+def converged(model: nn.Module) -> bool:
+    """Every quantized layer's true bit-width is at most its target (weights and activations)."""
+    for _, layer in iter_quantized(model):
+        if layer.true_weight_bits() > float(layer.target_w):
+            return False
+        ta = layer.true_act_bits()
+        if ta is not None and ta > float(layer.target_a):
+            return False
+    return True
+
+
+def ns_top1(top1: float, is_converged: bool) -> float:
+    """Only converged models count: top-1 if converged, else 0."""
+    return top1 * float(is_converged)

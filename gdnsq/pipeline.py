@@ -1,0 +1,212 @@
+"""One GDNSQ job from config to summary: data -> FP teacher -> surgery + calibration -> engine epochs.
+
+The same function runs in-process (``gdnsq quickstart --no-ray``) and inside every Ray Train worker;
+the caller injects what differs: rank/world size, device, an ``on_epoch`` hook (Ray report +
+checkpoint, or a local checkpoint file) and the state to resume from.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import JobConfig, to_dict
+from .engine import Engine, evaluate, resolve_device, train_fp
+from .models import create_model, has_fp_weights
+from .objective import ns_top1
+from .stats import average_bits, bits_table
+from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
+
+log = logging.getLogger("gdnsq")
+
+
+@dataclass
+class Loaders:
+    train: Any
+    val: Any
+    test: Any | None
+    num_classes: int
+    in_chans: int
+    calib: Any = None  # rank-independent batches for calibration / teacher training
+    set_epoch: Callable[[int], None] = field(default=lambda epoch: None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                   epoch: int = 0) -> Loaders:
+    """Dispatch on ``data.kind``; FFCV and torchvision are imported only when asked for."""
+    d = cfg.data
+    if d.kind == "bundled":
+        from .data.bundled import create_bundled_loaders
+
+        train, val, test, nc, ch = create_bundled_loaders(d.batch_size, rank=rank, world_size=world_size,
+                                                          seed=cfg.train.seed)
+        full, _, _, _, _ = create_bundled_loaders(d.batch_size, seed=cfg.train.seed)
+
+        def set_epoch(e, sampler=getattr(train, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(e)
+
+        return Loaders(train, val, test, nc, ch, calib=full, set_epoch=set_epoch)
+    distributed = world_size > 1
+    if d.kind == "ffcv":
+        from .data.ffcv_io import create_ffcv_loaders as factory
+    else:
+        from .data.imagefolder import create_imagefolder_loaders as factory
+    train, val, nc = factory(d, distributed=distributed, device=device or torch.device("cpu"),
+                             seed=cfg.train.seed, epoch=epoch)
+
+    def set_epoch(e):
+        sampler = getattr(train, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(e)
+        elif hasattr(train, "next_epoch"):  # FFCV loaders keep their own epoch counter
+            train.next_epoch = e
+
+    return Loaders(train, val, None, nc, 3, calib=train, set_epoch=set_epoch)
+
+
+def _take(loader, n: int, device) -> list[torch.Tensor]:
+    out = []
+    for x, _ in loader:
+        out.append(x.to(device))
+        if len(out) >= n:
+            break
+    return out
+
+
+def _broadcast_module(module: nn.Module) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device, resume: dict | None) -> nn.Module:
+    teacher = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans,
+                           load_weights=resume is None).to(device)
+    if resume is not None:
+        teacher.load_state_dict(resume["teacher"])
+    elif not has_fp_weights(cfg.model):
+        log.info("no FP weights given: training the FP teacher for %d epochs", cfg.train.teacher_epochs)
+        seed_everything(cfg.train.seed)
+        train_fp(teacher, loaders.calib, cfg.train.teacher_epochs, lr=3e-3, device=device, log=log.info)
+        _broadcast_module(teacher)  # every rank distils from the same teacher
+    return teacher.eval().requires_grad_(False)
+
+
+def prepare_student(cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device,
+                    resume: dict | None) -> tuple[nn.Module, list]:
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    decisions = quantize_model(student, cfg.quant)
+    student.to(device)
+    if resume is not None:
+        student.load_state_dict(resume["engine"]["model"])
+    else:
+        calibrate_model(student, _take(loaders.calib, cfg.quant.calib_batches, device), cfg.quant.init_bits)
+        broadcast_quantizer_state(student)  # calibration before DDP: rank 0's result everywhere
+    return student.train(), decisions
+
+
+def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[dict]]:
+    val = evaluate(engine.model, loaders.val, device)
+    conv = engine.is_converged()
+    table = bits_table(engine.core)
+    avg_w, avg_a = average_bits(table)
+    metrics = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
+               "val/converged": float(conv), "val/ns_top1": ns_top1(val["top1"], conv),
+               "bits/avg_w": avg_w, "bits/avg_a": avg_a,
+               "bits/avg_w_cont": sum(r["bits_w"] for r in table) / len(table),
+               "bits/avg_a_cont": (sum(r["bits_a"] for r in table if r["bits_a"] is not None)
+                                   / max(1, sum(r["bits_a"] is not None for r in table)))}
+    return metrics, table
+
+
+def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+            resume: dict | None = None, wrap_ddp: Callable[[nn.Module], nn.Module] | None = None,
+            on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None) -> dict:
+    """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``."""
+    device = device or resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed + rank)
+    start_epoch = 0 if resume is None else resume["engine"]["epoch"]
+    loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=start_epoch)
+    teacher = prepare_teacher(cfg, loaders, device, resume)
+    fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device)
+    student, decisions = prepare_student(cfg, teacher, loaders, device, resume)
+    model = wrap_ddp(student) if wrap_ddp else student
+    engine = Engine(cfg, model, teacher, device)
+    best = {"ns_top1": -1.0, "val_top1": -1.0, "epoch": -1, "state": None}
+    if resume is not None:
+        engine.load_state_dict(resume["engine"])
+        best = resume["best"]
+    stale = 0 if resume is None else resume.get("stale", 0)
+
+    def checkpoint() -> dict:
+        return {"config": to_dict(cfg), "teacher": teacher.state_dict(), "engine": engine.state_dict(),
+                "best": best, "fp_val": fp_val, "stale": stale}
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        loaders.set_epoch(epoch)
+        train_m = engine.train_epoch(loaders.train, max_steps=cfg.train.max_steps_per_epoch)
+        metrics, table = epoch_metrics(engine, loaders, device)
+        metrics.update(train_m)
+        metrics.update({"epoch": epoch + 1, "fp/val_top1": fp_val["top1"]})
+        improved = metrics["val/ns_top1"] > best["ns_top1"] or (
+            best["ns_top1"] <= 0 and metrics["val/ns_top1"] <= 0 and epoch == cfg.train.epochs - 1)
+        if improved:
+            best = {"ns_top1": metrics["val/ns_top1"], "val_top1": metrics["val/top1"], "epoch": epoch + 1,
+                    "state": copy.deepcopy(engine.core.state_dict())}
+            stale = 0
+        elif metrics["val/converged"]:
+            stale += 1
+        log.info("epoch %d/%d  val top1 %.2f  bits W%.2f A%.2f  converged %s  t %.3f", epoch + 1,
+                 cfg.train.epochs, metrics["val/top1"], metrics["bits/avg_w"], metrics["bits/avg_a"],
+                 bool(metrics["val/converged"]), metrics["train/temperature"])
+        if on_epoch is not None:
+            on_epoch(metrics, table, checkpoint)
+        if cfg.train.patience and stale >= cfg.train.patience:
+            log.info("early stop: no better ns_top1 for %d converged epochs", stale)
+            break
+
+    return finalize(cfg, engine, teacher, loaders, device, best, fp_val, decisions)
+
+
+def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loaders, device, best: dict,
+             fp_val: dict, decisions) -> dict:
+    """Restore the best converged state (selected on validation) and report on the held-out test split."""
+    if best["state"] is not None:
+        engine.core.load_state_dict(best["state"])
+    eval_loader = loaders.test if loaders.test is not None else loaders.val
+    split = "test" if loaders.test is not None else "val"
+    fp = evaluate(teacher, eval_loader, device)
+    q = evaluate(engine.core, eval_loader, device)
+    conv = engine.is_converged()
+    table = bits_table(engine.core)
+    avg_w, avg_a = average_bits(table)
+    return {
+        "model": cfg.model.name, "split": split,
+        "fp_top1": round(fp["top1"], 2), "top1": round(q["top1"], 2), "top5": round(q["top5"], 2),
+        "fp_val_top1": round(fp_val["top1"], 2), "val_top1": round(best["val_top1"], 2),
+        "target_w": cfg.quant.target_w, "target_a": cfg.quant.target_a,
+        "avg_bits_w": round(avg_w, 3), "avg_bits_a": round(avg_a, 3),
+        "converged": bool(conv), "ns_top1": round(ns_top1(q["top1"], conv), 2),
+        "best_epoch": best["epoch"], "epochs_run": engine.epoch, "steps": engine.sched.step,
+        "protocol": {"method": cfg.quant.method, "per_channel": cfg.quant.per_channel,
+                     "estimator": cfg.quant.estimator, "batchnorm": cfg.quant.batchnorm,
+                     "fp_layers": [d.name for d in decisions if not d.quantized],
+                     "fp_checkpoint": cfg.model.checkpoint or ("timm-pretrained" if cfg.model.pretrained
+                                                              else "trained-in-run")},
+        "layers": table,
+    }

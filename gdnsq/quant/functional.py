@@ -1,0 +1,169 @@
+"""GDNSQ quantizer maths: a noisy channel with a learnable step, as pure torch functions.
+
+A tensor x is mapped to an integer grid and back (METHOD.md section 1)::
+
+    xc = clamp(x, lo, hi)
+    v  = (xc - z) / s                      s = 2**log_s  (shape broadcastable to x)
+    q  = v + n,   n = round(v) - v         forward: q == round(v), an exact integer
+    x̂  = q * s + z  ==  xc + s * n
+
+The rounding error n is modelled as *noise*, independent of x:
+
+* d x̂ / d xc = 1 (straight-through), optionally rescaled element-wise (EWGS, adaptive EWGS);
+* d x̂ / d s  = n. The true n is one choice (``lsq``); the default replaces it by an independent
+  draw with the same variance, r / sqrt(3) with r = ±1/2 (dithering; Var = 1/12), so the step
+  gradient has mean 0 and variance g²/12 per element;
+* d x̂ / d z = 0 (z cancels in xc + s·n).
+
+Gradients to the clamp bounds: d x̂ / d lo = 1 for x < lo, d x̂ / d hi = 1 for x > hi.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_INV_SQRT3 = 1.0 / math.sqrt(3.0)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` over the dimensions where ``shape`` broadcasts (size 1 or missing)."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
+    return t.sum(dim=dims, keepdim=True).reshape(shape)
+
+
+def _mean_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Mean of ``t`` over the dimensions where ``shape`` broadcasts."""
+    return _sum_to(t, shape) * (math.prod(shape) / t.numel())
+
+
+def _all_reduce_mean(*tensors: Tensor) -> None:
+    """Average statistics across DDP ranks so every replica uses the same EWGS delta."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class _NoisyRound(torch.autograd.Function):
+    """x̂ = z + s·round((clamp(x, lo, hi) - z)/s) with the noise-model backward of the module docstring.
+
+    The clamp lives inside the function because autograd's tensor-bound clamp backward costs several
+    extra passes over the activation; here the in-range mask is recomputed from v in one go.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo, hi, z: Tensor, s: Tensor, estimator: str, delta: float, noise_ratio: float):
+        v = (x - z) / s
+        if lo is not None:
+            v_lo, v_hi = (lo - z) / s, (hi - z) / s
+            v = torch.minimum(torch.maximum(v, v_lo), v_hi)
+        q = torch.round(v)
+        if noise_ratio > 0:
+            # Extra uniform noise on top of rounding, decayed to 0 by the schedule (training only).
+            q = q + noise_ratio * ((torch.rand_like(v) - 0.5) - (q - v))
+        ctx.save_for_backward(x, v, q, s, z, lo, hi)
+        ctx.estimator, ctx.delta = estimator, delta
+        return q * s + z
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, v, q, s, z, lo, hi = ctx.saved_tensors
+        est = ctx.estimator
+        e = q - v  # rounding error n, in grid units
+        grad_x = grad_lo = grad_hi = grad_z = grad_s = None
+        below = above = None
+        if lo is not None:
+            below, above = x < lo, x > hi
+
+        if ctx.needs_input_grad[0]:
+            if est == "ewgs":
+                # EWGS: g_x = g·(1 + δ·sign(g)·(v - q))
+                grad_x = g - ctx.delta * g.abs() * e
+            elif est == "aewgs":
+                # Adaptive EWGS: δ from batch statistics of sign(g)·e and Var(e), per step-shape group,
+                # averaged across DDP ranks; the scale is capped so the gradient never flips sign.
+                sg_e = torch.sign(g) * e
+                num, e2, me = _mean_to(sg_e, s.shape), _mean_to(e * e, s.shape), _mean_to(e, s.shape)
+                _all_reduce_mean(num, e2, me)
+                d = num / (e2 - me * me).clamp_min(1e-3)
+                grad_x = g * (1.0 - (d * sg_e).clamp_max(0.99))
+            else:  # ste, lsq
+                grad_x = g
+            if lo is not None:
+                grad_x = grad_x.masked_fill(below | above, 0.0)
+
+        if lo is not None and ctx.needs_input_grad[1]:
+            grad_lo = _sum_to(g * below, lo.shape)
+        if lo is not None and ctx.needs_input_grad[2]:
+            grad_hi = _sum_to(g * above, hi.shape)
+
+        if ctx.needs_input_grad[4]:
+            if est == "lsq":
+                grad_s = _sum_to(g * e, s.shape)
+            else:
+                # Dither: r = ±1/2 with equal probability, times 1/sqrt(3) -> variance 1/12 per element.
+                # Σ g·(b - 1/2)/√3 with b ~ Bernoulli(1/2), written to save one full-size pass.
+                b = torch.empty_like(g).bernoulli_(0.5)
+                grad_s = (_sum_to(g * b, s.shape) - 0.5 * _sum_to(g, s.shape)) * _INV_SQRT3
+
+        if ctx.needs_input_grad[3]:
+            grad_z = torch.zeros_like(z)
+        return grad_x, grad_lo, grad_hi, grad_z, grad_s, None, None, None
+
+
+def noisy_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor, *,
+                   estimator: str = "ste", delta: float = 1e-2, noise_ratio: float = 0.0) -> Tensor:
+    """Training-time fake quantization: clamp to [lo, hi] (skipped when None), then noisy rounding.
+
+    Shapes: x (N, ...), lo/hi/z/s broadcastable to x (scalars or per-channel (C, 1, ...)).
+    Gradients: x (straight-through inside [lo, hi], 0 outside), lo/hi (clamped elements), s (noise model).
+    """
+    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio)
+
+
+def integer_codes(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor) -> Tensor:
+    """Eval-time integer codes q = round((clamp(x, lo, hi) - z) / s) (float dtype, integral values)."""
+    xc = x if lo is None else torch.clamp(x, lo, hi)
+    return torch.round((xc - z) / s)
+
+
+def exact_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor) -> Tensor:
+    """Eval-time fake quantization, plain torch ops only (exportable): x̂ = q·s + z."""
+    return integer_codes(x, lo, hi, z, s) * s + z
+
+
+# ------------------------------------------------------------------------------------ bit-widths
+
+
+def activation_bits(log_q: Tensor, log_s: Tensor) -> Tensor:
+    """Continuous activation bit-width b_a = log_q - log_s (levels 2**b_a over the clamp range)."""
+    return log_q - log_s
+
+
+def weight_bits(w_range: Tensor, log_s: Tensor) -> Tensor:
+    """Continuous weight bit-width b_w = log2(range + s) - log_s, range = max(w) - min(w).
+
+    One step of headroom (+s) makes (range/s + 1) levels, so the top value never overflows.
+    """
+    return torch.log2(w_range + torch.exp2(log_s)) - log_s
+
+
+def grid_levels(span: Tensor, s: Tensor) -> Tensor:
+    """Integer levels a uniform grid of step s needs to cover ``span``: round(span / s) + 1."""
+    return torch.round(span / s) + 1
+
+
+def true_bits(levels: Tensor) -> Tensor:
+    """True (storage) bit-width ceil(log2(levels)), at least 1 for a single level."""
+    return torch.ceil(torch.log2(levels.clamp_min(2)))

@@ -1,0 +1,162 @@
+"""Quantized Conv2d / Linear: the float layer's own parameters, plus a weight and an input quantizer.
+
+``from_float`` *shares* the float layer's Parameters (no copy), so the optimizer, DDP and checkpoints
+see one weight; ``to_float`` gives back a plain layer sharing them again (optionally with the
+quantized weight baked in).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as tF
+from torch import Tensor, nn
+
+from .quantizer import ActivationQuantizer, WeightQuantizer
+
+
+class QuantSpec:
+    """Per-layer settings decided by surgery: targets, granularity, estimator, method."""
+
+    def __init__(self, *, target_w: float, target_a: float, per_channel: bool = True, estimator: str = "ste",
+                 delta: float = 1e-2, act_signed: str = "auto", quantize_act: bool = True, method: str = "gdnsq"):
+        self.target_w, self.target_a = float(target_w), float(target_a)
+        self.per_channel, self.estimator, self.delta = per_channel, estimator, delta
+        self.act_signed, self.quantize_act, self.method = act_signed, quantize_act, method
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def create_quantizers(weight_shape: torch.Size, spec: QuantSpec) -> tuple[nn.Module, nn.Module | None]:
+    """Weight and activation quantizers for a method name (the method zoo registers more)."""
+    from .methods import create_method_quantizers  # late import: zoo modules import this file
+
+    return create_method_quantizers(weight_shape, spec)
+
+
+class _QuantMixin:
+    weight_quant: nn.Module
+    act_quant: nn.Module | None
+    spec: QuantSpec
+
+    def _init_quant(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.weight_quant, act = create_quantizers(self.weight.shape, spec)
+        self.act_quant = act if spec.quantize_act else None
+        self.register_buffer("target_w", torch.tensor(spec.target_w))
+        self.register_buffer("target_a", torch.tensor(spec.target_a))
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quant(self.weight)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        return x if self.act_quant is None else self.act_quant(x)
+
+    def weight_bits(self) -> Tensor:
+        return self.weight_quant.bits(self.weight)
+
+    def act_bits(self) -> Tensor | None:
+        return None if self.act_quant is None else self.act_quant.bits()
+
+    def true_weight_bits(self) -> int:
+        return self.weight_quant.true_bits(self.weight)
+
+    def true_act_bits(self) -> int | None:
+        return None if self.act_quant is None else self.act_quant.true_bits()
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    """Conv2d whose weight and input go through learnable-bit-width quantizers.
+
+    ``same_pad`` reproduces timm's ``Conv2dSame`` (TF-style dynamic padding).
+    """
+
+    same_pad = False
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec) -> "QConv2d":
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                  "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(q, k, getattr(conv, k))
+        q.weight, q.bias = conv.weight, conv.bias  # shared, not copied
+        q.same_pad = type(conv).__name__ == "Conv2dSame"
+        q._init_quant(spec)
+        return q.to(conv.weight.device)
+
+    def to_float(self, bake: bool = False) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        if bake:
+            with torch.no_grad():
+                conv.weight.copy_(self.weight_quant.eval()(self.weight))
+            conv.bias = self.bias
+        else:
+            conv.weight, conv.bias = self.weight, self.bias
+        return conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.quantize_input(x)
+        w = self.quantized_weight()
+        if self.same_pad:
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+            return tF.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv_forward(x, w, self.bias)
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    """Linear whose weight and input go through learnable-bit-width quantizers."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> "QLinear":
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.weight, q.bias = linear.weight, linear.bias
+        q._init_quant(spec)
+        return q.to(linear.weight.device)
+
+    def to_float(self, bake: bool = False) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        if bake:
+            with torch.no_grad():
+                lin.weight.copy_(self.weight_quant.eval()(self.weight))
+            lin.bias = self.bias
+        else:
+            lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tF.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_LAYERS = (QConv2d, QLinear)
+
+
+def iter_quantized(model: nn.Module):
+    """(dotted name, layer) for every quantized layer, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            yield name, m
+
+
+def iter_quantizers(model: nn.Module):
+    """Every weight / activation quantizer module inside ``model``."""
+    for _, layer in iter_quantized(model):
+        yield layer.weight_quant
+        if layer.act_quant is not None:
+            yield layer.act_quant
+
+
+def set_noise_ratio(model: nn.Module, ratio: float) -> None:
+    for q in iter_quantizers(model):
+        q.noise_ratio = float(ratio)
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that belong to quantizers (their own optimizer group: own LR, no weight decay)."""
+    return [p for q in iter_quantizers(model) for p in q.parameters(recurse=False) if p.requires_grad]

@@ -1,0 +1,164 @@
+"""Quantizer modules holding GDNSQ's learnable state (log-step, clamps) and calibration.
+
+Both quantizers share one interface, which the quantized layers and the objective rely on:
+
+* ``forward(x)``: fake-quantized x (noisy channel in training, exact grid in eval);
+* ``bits(...)``: continuous, differentiable bit-width (per channel or scalar);
+* ``true_bits(...)``: the storage bit-width, ceil(log2(levels)), an int;
+* ``grid(...)``: (lo, hi, z, s) of the eval grid, for export and integer inference;
+* observing / ``calibrate_(init_bits)``: min/max observers, then steps for ~``init_bits`` bits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+
+class _Quantizer(nn.Module):
+    learnable_bits = True
+
+    def __init__(self, *, estimator: str = "ste", delta: float = 1e-2):
+        super().__init__()
+        self.estimator = estimator
+        self.delta = delta
+        self.noise_ratio = 0.0
+        self.observing = False
+        self.enabled = True
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"estimator={self.estimator}"
+
+
+class WeightQuantizer(_Quantizer):
+    """Weights: range from the weights themselves, z = min(w), learnable step per channel or tensor.
+
+    ``log_s`` has shape (C_out, 1, ..., 1) per channel or (1,) * w.dim() per tensor.
+    """
+
+    def __init__(self, weight_shape: torch.Size, *, per_channel: bool = True, **kw):
+        super().__init__(**kw)
+        self.per_channel = per_channel
+        shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1) if per_channel else (1,) * len(weight_shape)
+        self.log_s = nn.Parameter(torch.full(shape, -8.0))
+        self._dims = tuple(range(1, len(weight_shape))) if per_channel else tuple(range(len(weight_shape)))
+
+    def _range(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        lo = w.amin(dim=self._dims, keepdim=True)
+        hi = w.amax(dim=self._dims, keepdim=True)
+        return lo, hi
+
+    @torch.no_grad()
+    def calibrate_(self, w: Tensor, init_bits: float) -> None:
+        lo, hi = self._range(w)
+        span = (hi - lo).clamp_min(1e-8)
+        # b_w = log2(span + s) - log2(s) == init_bits  <=>  s = span / (2**init_bits - 1)
+        self.log_s.copy_(torch.log2(span / (2.0 ** init_bits - 1.0)).reshape(self.log_s.shape))
+        self.calibrated.fill_(True)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        lo, hi = self._range(w)
+        s = torch.exp2(self.log_s)
+        if self.training:
+            # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
+            return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator,
+                                    delta=self.delta, noise_ratio=self.noise_ratio)
+        return F.exact_quantize(w, None, None, lo, s)
+
+    def bits(self, w: Tensor) -> Tensor:
+        lo, hi = self._range(w)
+        return F.weight_bits(hi - lo, self.log_s)
+
+    @torch.no_grad()
+    def levels(self, w: Tensor) -> Tensor:
+        lo, hi = self._range(w)
+        return F.grid_levels(hi - lo, torch.exp2(self.log_s))
+
+    @torch.no_grad()
+    def true_bits(self, w: Tensor) -> int:
+        return int(F.true_bits(self.levels(w)).max().item())
+
+    @torch.no_grad()
+    def grid(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lo, hi = self._range(w)
+        return lo, hi, lo, torch.exp2(self.log_s)
+
+
+class ActivationQuantizer(_Quantizer):
+    """Activations: per-tensor step s, clamp [lo, lo + 2**log_q - s], z = lo.
+
+    ``lo`` is learnable for signed inputs and fixed at 0 for non-negative ones (after a ReLU);
+    ``signed='auto'`` decides from the calibration minimum.
+    """
+
+    def __init__(self, *, signed: str = "auto", **kw):
+        super().__init__(**kw)
+        self.signed_mode = signed
+        self.log_s = nn.Parameter(torch.tensor(-8.0))
+        self.log_q = nn.Parameter(torch.tensor(0.0))
+        self.lo = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("signed", torch.tensor(signed == "signed"))
+        self.register_buffer("obs_min", torch.tensor(math.inf))
+        self.register_buffer("obs_max", torch.tensor(-math.inf))
+
+    def _bounds(self) -> tuple[Tensor, Tensor, Tensor]:
+        s = torch.exp2(self.log_s)
+        lo = self.lo if bool(self.signed) else self.lo.detach() * 0
+        hi = lo + torch.exp2(self.log_q) - s
+        return lo, hi, s
+
+    @torch.no_grad()
+    def calibrate_(self, init_bits: float) -> None:
+        if not torch.isfinite(self.obs_min):
+            raise RuntimeError("activation quantizer saw no calibration data")
+        signed = {"signed": True, "unsigned": False}.get(self.signed_mode, bool(self.obs_min < 0))
+        self.signed.fill_(signed)
+        lo = self.obs_min if signed else torch.zeros_like(self.obs_min)
+        span = (self.obs_max - lo).clamp_min(1e-6)
+        s = span / (2.0 ** init_bits - 1.0)
+        self.lo.copy_(lo)
+        self.log_s.copy_(torch.log2(s))
+        self.log_q.copy_(torch.log2(span + s))  # b_a = log_q - log_s == init_bits
+        self.lo.requires_grad_(signed)
+        self.calibrated.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self.obs_min.copy_(torch.minimum(self.obs_min, x.detach().min()))
+            self.obs_max.copy_(torch.maximum(self.obs_max, x.detach().max()))
+            return x
+        if not self.enabled:
+            return x
+        lo, hi, s = self._bounds()
+        if self.training:
+            return F.noisy_quantize(x, lo, hi, lo, s, estimator=self.estimator, delta=self.delta,
+                                    noise_ratio=self.noise_ratio)
+        return F.exact_quantize(x, lo, hi, lo, s)
+
+    def bits(self) -> Tensor:
+        return F.activation_bits(self.log_q, self.log_s)
+
+    @torch.no_grad()
+    def levels(self) -> Tensor:
+        lo, hi, s = self._bounds()
+        return F.grid_levels(hi - lo, s)
+
+    @torch.no_grad()
+    def true_bits(self) -> int:
+        return int(F.true_bits(self.levels()).item())
+
+    @torch.no_grad()
+    def grid(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lo, hi, s = self._bounds()
+        return lo, hi, lo, s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The lower bound only trains for signed inputs; restore that after loading a checkpoint.
+        self.lo.requires_grad_(bool(self.signed))

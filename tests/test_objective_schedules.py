@@ -1,0 +1,107 @@
+"""Exact tests of the objective and the schedules (pure torch / pure Python)."""
+import math
+
+import pytest
+import torch
+
+from gdnsq.config import ObjectiveConfig, ScheduleConfig
+from gdnsq.objective import (GDNSQObjective, exterior_penalty, jeffreys_divergence, kl_divergence, ns_top1,
+                             task_loss)
+from gdnsq.schedules import ScheduleState, lr_factor, next_noise_ratio, temperature_increment
+
+
+def test_jeffreys_zero_on_equal_and_symmetric():
+    a, b = torch.randn(16, 10), torch.randn(16, 10)
+    assert jeffreys_divergence(a, a).item() == 0.0
+    assert jeffreys_divergence(a, b).item() == pytest.approx(jeffreys_divergence(b, a).item(), rel=1e-6)
+    assert jeffreys_divergence(a, b).item() == pytest.approx(
+        (kl_divergence(a, b) + kl_divergence(b, a)).item(), rel=1e-6)
+    assert jeffreys_divergence(a, b).item() > 0
+
+
+def test_kl_hand_computed():
+    p = torch.log(torch.tensor([[0.5, 0.5]]))
+    q = torch.log(torch.tensor([[0.25, 0.75]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_divergence(p, q).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_task_loss_ce_uses_labels():
+    logits = torch.tensor([[2.0, 0.0]])
+    assert task_loss("ce", logits, None, torch.tensor([0])).item() == pytest.approx(
+        math.log(1 + math.exp(-2.0)), rel=1e-6)
+
+
+def test_penalty_zero_inside_positive_outside():
+    bits = torch.tensor([1.5, 1.999])
+    assert exterior_penalty(bits, 2.0, 1e-3, 1.0).item() == 0.0
+    # max(0, 3 - 1.999) = 1.001 and max(0, 1 - 1.999) = 0 -> mean 0.5005
+    assert exterior_penalty(torch.tensor([3.0, 1.0]), 2.0, 1e-3, 1.0).item() == pytest.approx(0.5005)
+    assert exterior_penalty(torch.tensor([4.0]), 2.0, 1e-3, 2.0).item() == pytest.approx(2.001 ** 2)
+
+
+def _tiny_quantized(target=2.0, bits=8.0):
+    from gdnsq.config import QuantConfig
+    from gdnsq.models import SmallCNN
+    from gdnsq.surgery import calibrate_model, quantize_model
+
+    m = SmallCNN(width=4)
+    quantize_model(m, QuantConfig(target_w=target, target_a=target))
+    calibrate_model(m, [torch.randn(8, 1, 28, 28)], bits)
+    return m
+
+
+def test_objective_combines_terms_and_lossless_swaps_weights():
+    m = _tiny_quantized()
+    s, te, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    d = jeffreys_divergence(s, te).item()
+    obj = GDNSQObjective(ObjectiveConfig(l1=2.0, l2=3.0))
+    loss, parts = obj(m, s, te, y, temperature=0.5)
+    pw, pa = parts["train/penalty_w"], parts["train/penalty_a"]
+    assert parts["train/active_w"] == 4 and parts["train/active_a"] == 4
+    w = (4 + 1e-3) / (8 + 1e-3)
+    assert loss.item() == pytest.approx(3.0 * d + 2.0 * 0.5 * d * (w * pw + w * pa), rel=1e-5)
+    lossless = GDNSQObjective(ObjectiveConfig(l1=2.0, l2=3.0, lossless=True))
+    loss2, _ = lossless(m, s, te, y, temperature=0.5)
+    assert loss2.item() == pytest.approx(3.0 * 0.5 * d + 2.0 * d * (w * pw + w * pa), rel=1e-5)
+
+
+def test_objective_running_mean():
+    m = _tiny_quantized()
+    obj = GDNSQObjective(ObjectiveConfig(loss_ema=0.5))
+    y = torch.zeros(2, dtype=torch.long)
+    a, b = torch.zeros(2, 3), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    obj(m, b, a, y, 0.0)
+    first = jeffreys_divergence(b, a).item()
+    obj(m, a, a, y, 0.0)
+    assert obj.loss_mean == pytest.approx(0.5 * first)
+
+
+def test_ns_top1():
+    assert ns_top1(91.0, True) == 91.0 and ns_top1(91.0, False) == 0.0
+
+
+def test_lr_schedule_exact():
+    assert [lr_factor(s, 4, None, 0.5) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 0, 3, 0.5) for s in (3, 4, 5, 6)] == [1.0, 0.5, 0.25, 0.125]
+    assert lr_factor(100, 0, 0, 0.5, min_ratio=0.01) == 0.01
+
+
+def test_temperature_and_noise_schedules_exact():
+    assert temperature_increment(2, 3, 0.1, 2.0) == 0.0
+    assert temperature_increment(3, 3, 0.1, 2.0) == pytest.approx(0.2)
+    assert next_noise_ratio(0.05, 0.0, 0.01) == 0.04
+    assert next_noise_ratio(0.05, 0.3, 0.01) == 0.05
+    assert next_noise_ratio(0.005, 0.0, 0.01) == 0.0
+
+
+def test_schedule_state_warmup_growth_and_convergence():
+    cfg = ScheduleConfig(warmup_steps=2, scale_t=10.0, anneal=0.5, noise_ratio=0.02, noise_step=0.01)
+    st = ScheduleState(noise_ratio=cfg.noise_ratio)
+    for penalty in (1.0, 1.0, 1.0, 0.0, 0.0):
+        st.advance(cfg, lr=0.01, penalty=penalty)
+    # t grows by lr·scale_t = 0.1 from step 2 on: steps 2, 3, 4
+    assert st.temperature == pytest.approx(0.3)
+    assert st.converged_step == 3 and st.step == 5
+    assert st.noise_ratio == 0.0
+    assert st.lr_factor(cfg) == 0.25  # step 5, converged at 3 -> 0.5**2
