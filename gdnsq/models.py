@@ -14,7 +14,7 @@ from .config import ConfigError, ModelConfig
 class SmallCNN(nn.Module):
     """A compact CNN for 28x28 digits: an FP stem, three quantizable convs, a hidden Linear, an FP head."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16):
         super().__init__()
         w = width
         self.num_classes = num_classes
@@ -39,7 +39,7 @@ def gdnsq_smallcnn(pretrained: bool = False, num_classes: int = 10, in_chans: in
     if pretrained:
         raise ConfigError("model.pretrained: gdnsq_smallcnn has no pretrained weights; train a teacher instead")
     # timm passes hub/cache options meant for pretrained loading; only ``width`` is ours.
-    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=kwargs.get("width", 32))
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=kwargs.get("width", 16))
 
 
 def load_state_dict_file(path: str | Path) -> dict:

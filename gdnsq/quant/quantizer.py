@@ -45,12 +45,26 @@ class WeightQuantizer(_Quantizer):
         self.per_channel = per_channel
         shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1) if per_channel else (1,) * len(weight_shape)
         self.log_s = nn.Parameter(torch.full(shape, -8.0))
-        self._dims = tuple(range(1, len(weight_shape))) if per_channel else tuple(range(len(weight_shape)))
+        self._cache: tuple | None = None
 
     def _range(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        lo = w.amin(dim=self._dims, keepdim=True)
-        hi = w.amax(dim=self._dims, keepdim=True)
-        return lo, hi
+        """Per-channel (or per-tensor) min and max of w, shaped like log_s.
+
+        max/min along one dim back-propagate by a scatter to the arg-extremes (amax's backward costs
+        several full passes); the result is cached for the penalty of the same step, keyed on the
+        weight's version counter so an optimizer step invalidates it.
+        """
+        key = (id(w), w._version, torch.is_grad_enabled())
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        flat = w.reshape(self.log_s.shape[0], -1)
+        rng = (flat.min(dim=1).values.reshape(self.log_s.shape), flat.max(dim=1).values.reshape(self.log_s.shape))
+        self._cache = (key, rng)
+        return rng
+
+    def __getstate__(self):
+        # The cache holds autograd graph nodes, which neither deepcopy nor pickle accept.
+        return {**self.__dict__, "_cache": None}
 
     @torch.no_grad()
     def calibrate_(self, w: Tensor, init_bits: float) -> None:

@@ -1,0 +1,116 @@
+"""Training-step time of a GDNSQ-quantized timm ResNet-18 over the FP ResNet-18 (goal <= 1.3x), and the
+same ratio for PyTorch's own learnable fake-quant (torch.ao ``_LearnableFakeQuantize``) as a reference.
+
+Same layers quantized in both (every conv/linear except the stem conv and the classifier), batch 32,
+64x64 inputs, RAdam, cross-entropy (+ the bit penalty for GDNSQ). The three variants are stepped in
+turn, round after round, and the median per-step time of each is reported, so that load from other
+processes on the machine hits all three alike.
+
+    python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+from gdnsq.config import ObjectiveConfig, QuantConfig
+from gdnsq.engine import resolve_device
+from gdnsq.objective import bit_penalties
+from gdnsq.surgery import _set_submodule, calibrate_model, plan, quantize_model
+
+
+class AOFakeQuantLayer(nn.Module):
+    """A conv/linear whose weight (per channel) and input (per tensor) pass torch.ao learnable fake-quant."""
+
+    def __init__(self, layer: nn.Module, bits: int = 2):
+        super().__init__()
+        self.layer = layer
+        self.fq_w = _LearnableFakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-(2 ** (bits - 1)),
+                                           quant_max=2 ** (bits - 1) - 1, dtype=torch.qint8, ch_axis=0,
+                                           qscheme=torch.per_channel_symmetric, channel_len=layer.weight.shape[0],
+                                           use_grad_scaling=True)
+        self.fq_a = _LearnableFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0,
+                                           quant_max=2 ** bits - 1, use_grad_scaling=True)
+
+    def forward(self, x):
+        w = self.fq_w(self.layer.weight)
+        x = self.fq_a(x)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
+
+
+def make_models(device, batch, size):
+    torch.manual_seed(0)
+    fp = timm.create_model("resnet18", num_classes=100).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+
+    gdnsq = copy.deepcopy(fp)
+    qcfg = QuantConfig(target_w=2, target_a=2)
+    quantize_model(gdnsq, qcfg)
+    calibrate_model(gdnsq, [x], init_bits=10)
+
+    ao = copy.deepcopy(fp)
+    for d in plan(ao, qcfg):
+        if d.quantized:
+            _set_submodule(ao, d.name, AOFakeQuantLayer(ao.get_submodule(d.name)))
+    with torch.no_grad():  # let the observers see data once, then train scale/zero-point
+        ao.train()(x)
+    for m in ao.modules():
+        if isinstance(m, _LearnableFakeQuantize):
+            m.toggle_observer_update(False)
+    return {"fp": fp, "gdnsq": gdnsq, "torch.ao": ao}, x, y
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    models, x, y = make_models(device, args.batch, args.size)
+    opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    obj = ObjectiveConfig()
+
+    def step(name):
+        m, opt = models[name], opts[name]
+        loss = F.cross_entropy(m(x), y)
+        if name == "gdnsq":
+            t = bit_penalties(m, obj.eps, obj.p)
+            loss = loss + 1e-3 * (t.p_w + t.p_a)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {k: [] for k in models}
+    for i in range(args.steps + 3):
+        for name in models:
+            t0 = time.perf_counter()
+            step(name)
+            if i >= 3:  # warm-up rounds excluded
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
+          f"{args.steps} steps (median)")
+    for k, v in med.items():
+        print(f"  {k:<9} {v * 1000:8.1f} ms/step")
+    print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.3x)")
+    print(f"torch.ao / FP step time: {med['torch.ao'] / med['fp']:.2f}x   (reference)")
+
+
+if __name__ == "__main__":
+    main()
