@@ -1,0 +1,553 @@
+"""MLflow model registry for quantized students: register (champion rule), load, list, show, pull.
+
+A registered version is one MLflow model directory holding two views of the same student:
+
+* ``data/model.pt2`` — the eval-mode student exported with ``torch.export`` (MLflow's default ``pt2``
+  format): ``mlflow.pytorch.load_model("models:/NAME@champion")`` returns a runnable GraphModule
+  without unpickling code, and needs neither gdnsq nor timm.
+* ``extra_files/`` — gdnsq-native files: ``state_dict.safetensors``, ``config.json``, ``manifest.json``
+  (per-layer bits, accuracy, bytes, BOPs). :func:`load_model` rebuilds the real student class from
+  them with :func:`gdnsq.surgery.build_student`, so it can be trained on, exported, or inspected.
+
+The ``champion`` alias moves to a new version only when its ``ns_top1`` tag beats the champion's.
+Functions return plain data and print nothing (the CLI formats).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import config_from_dict, to_dict
+from .tracking import metric_key, resolve_tracking_uri, scrub_tree, scrub_value
+
+CHAMPION = "champion"
+NATIVE_DIR = "extra_files"  # where mlflow.pytorch puts ``extra_files`` inside the model directory
+WEIGHTS_SAFETENSORS = "state_dict.safetensors"
+WEIGHTS_TORCH = "state_dict.pt"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "gdnsq-model/1"
+FP_BITS = 32
+MAX_DESCRIPTION = 5000  # model version descriptions are VARCHAR(5000) in MLflow's SQL schema
+
+
+class RegistryError(LookupError):
+    """A bad model reference or an unusable registry; the message is one line."""
+
+
+# ------------------------------------------------------------------------------------ names, refs
+
+
+def sanitize_model_name(name: str) -> str:
+    """Registry names: letters, digits, '.', '_', '-' ('/' and ':' are refused, '@' breaks refs)."""
+    out = re.sub(r"[^A-Za-z0-9._\-]+", "-", name).strip("-.")
+    if not out:
+        raise RegistryError(f"registered name {name!r} has no usable characters")
+    return out
+
+
+def registered_name(cfg) -> str:
+    """``tracking.registered_name`` or ``<model>-w<W>a<A>``, e.g. ``resnet18-w2a2``."""
+    name = cfg.tracking.registered_name or f"{cfg.model.name}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}"
+    return sanitize_model_name(name)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``NAME``, ``NAME/VERSION``, ``NAME@ALIAS`` (optionally prefixed ``models:/``) -> (name, version, alias)."""
+    body = ref[len("models:/"):] if ref.startswith("models:/") else ref
+    name, version, alias = body, None, None
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        if not version.isdigit():
+            raise RegistryError(f"bad model reference {ref!r}: version must be a number (stages are not "
+                                "supported; use NAME@ALIAS)")
+    if not name or "/" in name or (alias is not None and not alias):
+        raise RegistryError(f"bad model reference {ref!r}: expected NAME, NAME/VERSION, NAME@ALIAS or models:/...")
+    return name, version, alias
+
+
+# --------------------------------------------------------------------------------------- stats
+
+
+def _compute_layers(model: nn.Module, quantized: set[str]) -> list[str]:
+    """Quantized layers plus the FP Conv/Linear layers outside them (each counted once)."""
+    names = []
+    for name, m in model.named_modules():
+        inside = any(name == q or name.startswith(q + ".") for q in quantized)
+        if name in quantized or (not inside and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))):
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def model_stats(model: nn.Module, example_input: torch.Tensor, table: list[dict]) -> dict:
+    """Per-layer MACs and BOPs (MACs x bits_w x bits_a; FP layers 32 x 32) and model bytes.
+
+    MACs per sample of a Conv/Linear = output elements per sample x weight elements per output
+    channel, measured with forward hooks on one input. Bytes: FP32 = 4 x all parameters; packed =
+    quantized weights at their learned integer bits + every other parameter in FP32.
+    """
+    rows = {r["name"]: r for r in table}
+    macs: dict[str, int] = {}
+    hooks = []
+    modules = dict(model.named_modules())
+    for name in _compute_layers(model, set(rows)):
+        weight = getattr(modules[name], "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+
+        def hook(mod, inp, out, name=name, per_out=weight[0].numel()):
+            macs[name] = macs.get(name, 0) + (out.numel() // out.shape[0]) * per_out
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        model(example_input[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    layers, fp_layers = [], []
+    for name, n in macs.items():
+        if name in rows:
+            r = rows[name]
+            ba = int(r["true_bits_a"]) if r.get("true_bits_a") is not None else FP_BITS
+            layers.append({**r, "macs": n, "bops": n * int(r["true_bits_w"]) * ba})
+        else:
+            kind = "linear" if isinstance(modules[name], nn.Linear) else "conv"
+            fp_layers.append({"name": name, "kind": kind, "params": int(modules[name].weight.numel()),
+                              "macs": n, "bops": n * FP_BITS * FP_BITS})
+    total_bops = sum(r["bops"] for r in layers + fp_layers)
+    layers += [{**r, "macs": None, "bops": None} for name, r in rows.items() if name not in macs]
+    total_macs = sum(macs.values())
+    n_params = sum(p.numel() for p in model.parameters())
+    q_params = sum(int(r["params"]) for r in table)
+    packed = (n_params - q_params) * 4 + sum(math.ceil(int(r["params"]) * int(r["true_bits_w"]) / 8) for r in table)
+    return {
+        "layers": layers, "fp_layers": fp_layers, "params": n_params, "macs": total_macs, "bops": total_bops,
+        "bops_fp32": total_macs * FP_BITS * FP_BITS, "bytes_fp32": n_params * 4, "bytes_packed": packed,
+        "compression": round(n_params * 4 / packed, 3) if packed else None,
+    }
+
+
+# ------------------------------------------------------------------------------- mlflow plumbing
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's model logging reads the global tracking URI; set it for the call, then restore."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _store_error(uri: str, e: Exception, what: str = "model registry") -> RegistryError:
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return RegistryError(f"{what} at {scrub_value(uri)} failed: {type(e).__name__}: {first}")
+
+
+def _not_found(e: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def _resolve(client, ref: str, uri: str):
+    """ModelVersion for a reference, or a one-line RegistryError naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_ref(ref)
+    try:
+        try:
+            rm = client.get_registered_model(name)
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+            known = sorted(m.name for m in client.search_registered_models(max_results=100))
+            hint = f"; registered: {', '.join(known[:12])}" if known else "; the registry is empty"
+            raise RegistryError(f"unknown model {name!r}{hint}") from None
+        if alias is not None:
+            if alias not in (rm.aliases or {}):
+                have = ", ".join(sorted(rm.aliases or {})) or "none"
+                raise RegistryError(f"model {name!r} has no alias {alias!r} (aliases: {have})")
+            version = str(rm.aliases[alias])
+        if version is None:
+            versions = [int(v.version) for v in client.search_model_versions(f"name='{name}'", max_results=10000)]
+            if not versions:
+                raise RegistryError(f"model {name!r} has no versions")
+            version = str(max(versions))
+        try:
+            return client.get_model_version(name, version)
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+            raise RegistryError(f"model {name!r} has no version {version}") from None
+    except RegistryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection errors etc. become one line
+        raise _store_error(uri, e) from None
+
+
+def _download(uri: str, name: str, version: str, path: str, dst: Path) -> Path:
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    try:
+        with _tracking_uri(uri):  # logged-model sources (models:/<id>) resolve through the global URI
+            repo = ModelsArtifactRepository(f"models:/{name}/{version}", tracking_uri=uri, registry_uri=uri)
+            return Path(repo.download_artifacts(path, str(dst)))
+    except Exception as e:  # noqa: BLE001
+        if "not found" in str(e).lower() or "No such file" in str(e) or _not_found(e):
+            raise RegistryError(f"{name}/{version} is not a gdnsq model (no {path})") from None
+        raise _store_error(uri, e) from None
+
+
+# ----------------------------------------------------------------------------------- weights io
+
+
+def _save_weights(model: nn.Module, folder: Path) -> str:
+    """safetensors when the state dict is all tensors, else torch.save (loadable with weights_only)."""
+    state = model.state_dict()
+    if all(isinstance(v, torch.Tensor) for v in state.values()):
+        from safetensors.torch import save_file
+
+        # clone: safetensors refuses tensors that share storage (tied weights)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                  str(folder / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+        return WEIGHTS_SAFETENSORS
+    torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+               folder / WEIGHTS_TORCH)
+    return WEIGHTS_TORCH
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> dict:
+    if (folder / WEIGHTS_SAFETENSORS).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / WEIGHTS_SAFETENSORS))
+    if (folder / WEIGHTS_TORCH).is_file():
+        # weights_only refuses arbitrary objects; allow_pickle is the caller's explicit trust decision.
+        return torch.load(folder / WEIGHTS_TORCH, map_location="cpu", weights_only=not allow_pickle)
+    raise RegistryError(f"{folder}: no {WEIGHTS_SAFETENSORS} or {WEIGHTS_TORCH}")
+
+
+def _bake_flags(model: nn.Module) -> None:
+    """Turn 0-d bool buffers into Python bools, in place, so torch.export can trace the model.
+
+    Quantizer flags such as ``signed`` are bool buffers read with ``bool(...)`` in forward, which
+    torch.export refuses as a data-dependent guard. An exported inference graph is specialised on
+    such flags anyway, so baking them changes nothing numerically.
+    """
+    for m in model.modules():
+        for name, buf in list(m._buffers.items()):
+            if buf is not None and buf.dim() == 0 and buf.dtype == torch.bool:
+                del m._buffers[name]
+                setattr(m, name, bool(buf))
+
+
+# ---------------------------------------------------------------------------------------- cards
+
+
+def _fmt_pct(v) -> str:
+    f = _num(v)
+    return "-" if f is None else (f"{100 * f:.2f} %" if f <= 1.0 else f"{f:.2f}")
+
+
+def _num(v) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _model_card(name: str, manifest: dict) -> str:
+    """Markdown description of a version: headline numbers and the per-layer bit table."""
+    m = manifest
+    lines = [
+        f"# {name}: {m['model']} quantized with GDNSQ (target W{m['target_w']:g}A{m['target_a']:g})", "",
+        "| | |", "|---|---|",
+        f"| top-1 | {_fmt_pct(m.get('top1'))} (FP {_fmt_pct(m.get('fp_top1'))}) |",
+        f"| ns_top1 (champion metric) | {_fmt_pct(m.get('ns_top1'))} |",
+        f"| mean bits W / A | {m.get('avg_bits_w')} / {m.get('avg_bits_a')} |",
+        f"| size FP32 / packed | {m['bytes_fp32']:,} B / {m['bytes_packed']:,} B (x{m['compression']}) |",
+        f"| BOPs | {m['bops'] / 1e9:.4g} G (FP32: {m['bops_fp32'] / 1e9:.4g} G) |",
+        f"| converged | {m.get('converged')} |", "",
+        "Load: `gdnsq.registry.load_model(\"NAME@champion\")` (the gdnsq student) or "
+        "`mlflow.pytorch.load_model(\"models:/NAME@champion\")` (exported graph).".replace("NAME", name), "",
+        "| layer | kind | W bits | A bits | params | MACs |", "|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(m["layers"]):
+        row = (f"| {r['name']} | {r['kind']} | {r['true_bits_w']} | {r.get('true_bits_a') or 'FP'} | "
+               f"{r['params']:,} | {r['macs'] if r.get('macs') is not None else '-'} |")
+        if sum(map(len, lines)) + len(row) + 80 > MAX_DESCRIPTION:
+            lines.append(f"| ... {len(m['layers']) - i} more layers: see {MANIFEST_FILE} | | | | | |")
+            break
+        lines.append(row)
+    return "\n".join(lines)[:MAX_DESCRIPTION]
+
+
+def _version_tags(manifest: dict) -> dict[str, str]:
+    m = manifest
+    tags = {k: str(m[k]) for k in ("ns_top1", "top1", "top5", "fp_top1", "avg_bits_w", "avg_bits_a", "converged",
+                                   "bytes_fp32", "bytes_packed", "compression", "bops", "macs", "model")
+            if m.get(k) is not None}
+    tags.update({"target_w": f"{m['target_w']:g}", "target_a": f"{m['target_a']:g}",
+                 "gbops": f"{m['bops'] / 1e9:.6g}", "gdnsq_version": m["gdnsq_version"]})
+    for r in m["layers"]:
+        ta = r.get("true_bits_a")
+        tags[metric_key(f"bits.{r['name']}")] = f"w{r['true_bits_w']}a{ta if ta is not None else 'FP'}"
+    return tags
+
+
+# ------------------------------------------------------------------------------------- register
+
+
+def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Tensor, *, tracker_or_run_id,
+                   name: str | None = None, tracking_uri: str | None = None, alias: str = CHAMPION) -> dict:
+    """Log the eval-mode student (pt2 + native files) to the run, register a version, maybe promote.
+
+    ``tracker_or_run_id``: a :class:`gdnsq.tracking.RunTracker` (flushed first; its store is used) or a
+    run id in ``tracking_uri`` / ``cfg.tracking.uri``. ``summary``: the end-of-training summary
+    (``ns_top1`` decides the ``champion`` alias; ``layers`` = bits table, recomputed if absent).
+    Returns ``{name, version, model_uri, model_id, run_id, champion, champion_version, ns_top1, manifest}``.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from . import __version__
+    from .stats import bits_table
+
+    if isinstance(tracker_or_run_id, str):
+        run_id, uri = tracker_or_run_id, resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    else:
+        tracker = tracker_or_run_id
+        tracker.flush(60.0)
+        run_id, uri = tracker.run_id, tracker.uri
+        if run_id is None:
+            raise RegistryError(f"tracking store {scrub_value(uri)} unreachable: the run was never created")
+    name = sanitize_model_name(name) if name else registered_name(cfg)
+
+    # A CPU copy in eval mode: the caller's model keeps its device and mode, and the exported graph
+    # is CPU (MLflow's pt2 loader cannot move an exported program across devices).
+    student = copy.deepcopy(model).cpu().eval()
+    x = example_input.detach().float().cpu()
+    if x.shape[0] == 1:  # torch.export keeps a size-1 batch static; 2 rows give a dynamic batch
+        x = torch.cat([x, x])
+    with torch.no_grad():
+        out = student(x)
+    table = summary.get("layers") or bits_table(student)
+    stats = model_stats(student, x, table)
+
+    manifest = {
+        "format": MANIFEST_FORMAT, "gdnsq_version": __version__, "registered_name": name, "model": cfg.model.name,
+        "num_classes": int(out.shape[-1]), "in_chans": int(x.shape[1]), "input_shape": list(x.shape[1:]),
+        "target_w": float(cfg.quant.target_w), "target_a": float(cfg.quant.target_a),
+        **{k: summary.get(k) for k in ("top1", "top5", "fp_top1", "ns_top1", "avg_bits_w", "avg_bits_a", "converged")},
+        **stats, "run_id": run_id, "fp_checkpoint": cfg.model.checkpoint,
+    }
+    client = _client(uri)
+    with tempfile.TemporaryDirectory(prefix="gdnsq-register-") as tmp:
+        folder = Path(tmp)
+        manifest["weights_file"] = _save_weights(student, folder)
+        _bake_flags(student)  # after saving the weights: the flags stay buffers in the state dict
+        (folder / CONFIG_FILE).write_text(json.dumps(scrub_tree(to_dict(cfg)), indent=1))
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
+        signature = infer_signature(x.numpy(), out.detach().numpy())
+        try:
+            run = client.get_run(run_id)
+            # Created here (not by log_model) so the model lands in the run's experiment, not the
+            # fluent API's default experiment.
+            logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                                tags={"gdnsq.registered_name": name})
+            with _tracking_uri(uri):
+                mlflow.pytorch.log_model(
+                    student, name="model", run_id=run_id, model_id=logged.model_id, signature=signature,
+                    input_example=x.numpy(), serialization_format="pt2",
+                    extra_files=[str(folder / f) for f in (manifest["weights_file"], CONFIG_FILE, MANIFEST_FILE)],
+                    # explicit requirements skip MLflow's slow inference subprocess; pt2 needs only torch
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        except Exception as e:  # noqa: BLE001 - export or upload: the caller keeps its checkpoint either way
+            raise _store_error(uri, e, f"logging model {name}") from e
+        with _tracking_uri(uri):  # the SQL registry resolves ``models:/<id>`` sources via the global URI
+            return _create_version(client, uri, name, logged.model_id, run_id, manifest, alias)
+
+
+def _create_version(client, uri, name, model_id, run_id, manifest, alias) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            client.get_registered_model(name)
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+            with contextlib.suppress(MlflowException):  # a concurrent sweep trial may create it first
+                client.create_registered_model(
+                    name, tags={"model": manifest["model"]},
+                    description=f"GDNSQ-quantized {manifest['model']} students, target "
+                                f"W{manifest['target_w']:g}A{manifest['target_a']:g}. The `{alias}` alias "
+                                "is the version with the best ns_top1.")
+        mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
+                                         tags=_version_tags(manifest), description=_model_card(name, manifest),
+                                         model_id=model_id)
+        champion = client.get_registered_model(name).aliases.get(alias)
+        new = _num(manifest.get("ns_top1"))
+        old = _num(client.get_model_version(name, champion).tags.get("ns_top1")) if champion else None
+        promote = new is not None and (champion is None or old is None or new > old)
+        if promote:
+            client.set_registered_model_alias(name, alias, mv.version)
+            champion = mv.version
+        client.set_tag(run_id, "gdnsq.registered_model", f"{name}/{mv.version}")
+    except Exception as e:  # noqa: BLE001
+        raise _store_error(uri, e) from e
+    return {"name": name, "version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}",
+            "model_id": model_id, "run_id": run_id, "champion": promote,
+            "champion_version": None if champion is None else str(champion), "ns_top1": new, "manifest": manifest}
+
+
+# ----------------------------------------------------------------------------- load / list / show
+
+
+def load_model(ref: str, device: str | torch.device = "cpu", *, allow_pickle: bool = False,
+               tracking_uri: str | None = None, builder=None) -> nn.Module:
+    """The registered student, rebuilt with ``build_student`` and its weights, in eval mode on ``device``.
+
+    ``ref``: ``NAME@ALIAS``, ``NAME/VERSION``, ``NAME`` (latest), ``models:/...``, or a folder written
+    by :func:`pull_model`. Weights come from safetensors / ``torch.load(weights_only=True)``; nothing
+    is unpickled unless ``allow_pickle=True``. ``builder(cfg, num_classes, in_chans)`` replaces
+    ``gdnsq.surgery.build_student`` (tests, custom architectures).
+    """
+    if os.path.isdir(ref):
+        return _load_native(Path(ref), device, allow_pickle, builder)
+    uri = resolve_tracking_uri(tracking_uri)
+    mv = _resolve(_client(uri), ref, uri)
+    with tempfile.TemporaryDirectory(prefix="gdnsq-load-") as tmp:
+        folder = _download(uri, mv.name, mv.version, NATIVE_DIR, Path(tmp))
+        return _load_native(folder, device, allow_pickle, builder)
+
+
+def _load_native(folder: Path, device, allow_pickle: bool, builder) -> nn.Module:
+    for f in (CONFIG_FILE, MANIFEST_FILE):
+        if not (folder / f).is_file():
+            raise RegistryError(f"{folder}: not a gdnsq model folder (no {f})")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    # The weights come from the state dict: the FP checkpoint (maybe absent on this machine) and
+    # pretrained downloads are not needed to rebuild the structure.
+    data.setdefault("model", {}).update(checkpoint=None, pretrained=False)
+    cfg = config_from_dict(data)
+    if builder is None:
+        from .surgery import build_student as builder
+    model = builder(cfg, manifest["num_classes"], manifest["in_chans"])
+    model.load_state_dict(_read_weights(folder, allow_pickle))
+    return model.eval().to(device)
+
+
+def list_models(*, tracking_uri: str | None = None) -> list[dict]:
+    """Every registered model: name, latest version, aliases, and the champion's headline tags."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    out, token = [], None
+    try:
+        while True:
+            page = client.search_registered_models(max_results=1000, page_token=token)
+            for rm in page:
+                versions = [int(v.version) for v in (rm.latest_versions or [])]
+                champ = (rm.aliases or {}).get(CHAMPION)
+                tags = client.get_model_version(rm.name, champ).tags if champ else {}
+                out.append({"name": rm.name, "latest_version": str(max(versions)) if versions else None,
+                            "aliases": {k: str(v) for k, v in (rm.aliases or {}).items()},
+                            "description": rm.description, "tags": dict(rm.tags or {}),
+                            "updated_ms": rm.last_updated_timestamp,
+                            "champion": {"version": str(champ), **{k: tags.get(k) for k in (
+                                "ns_top1", "top1", "fp_top1", "target_w", "target_a", "bytes_packed", "gbops")}}
+                            if champ else None})
+            token = page.token
+            if not token:
+                break
+    except Exception as e:  # noqa: BLE001
+        raise _store_error(uri, e) from None
+    return sorted(out, key=lambda m: m["name"])
+
+
+def show_model(ref: str, *, tracking_uri: str | None = None) -> dict:
+    """One version: identity, aliases, tags, description, and its manifest (per-layer bits etc.)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    mv = _resolve(client, ref, uri)
+    with tempfile.TemporaryDirectory(prefix="gdnsq-show-") as tmp:
+        path = _download(uri, mv.name, mv.version, f"{NATIVE_DIR}/{MANIFEST_FILE}", Path(tmp))
+        manifest = json.loads(path.read_text())
+    try:
+        aliases = sorted(a for a, v in (client.get_registered_model(mv.name).aliases or {}).items()
+                         if str(v) == str(mv.version))
+    except Exception as e:  # noqa: BLE001
+        raise _store_error(uri, e) from None
+    return {"name": mv.name, "version": str(mv.version), "model_uri": f"models:/{mv.name}/{mv.version}",
+            "aliases": aliases, "run_id": mv.run_id, "source": mv.source, "status": mv.status,
+            "created_ms": mv.creation_timestamp, "description": mv.description, "tags": dict(mv.tags or {}),
+            "manifest": manifest}
+
+
+def pull_model(ref: str, out_dir: str | os.PathLike, *, tracking_uri: str | None = None,
+               include_mlflow_model: bool = False) -> dict:
+    """Write the native files (weights, config.json, manifest.json) and layers.csv into ``out_dir``.
+
+    ``load_model(out_dir)`` then works offline. ``include_mlflow_model`` adds the whole MLflow model
+    directory (pt2 graph, MLmodel) under ``out_dir/mlflow_model``.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    mv = _resolve(_client(uri), ref, uri)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gdnsq-pull-") as tmp:
+        native = _download(uri, mv.name, mv.version, NATIVE_DIR, Path(tmp))
+        for f in native.iterdir():
+            shutil.copy2(f, out / f.name)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    rows = manifest["layers"] + [{**r, "true_bits_w": FP_BITS, "true_bits_a": FP_BITS} for r in manifest["fp_layers"]]
+    cols = ["name", "kind", "true_bits_w", "true_bits_a", "bits_w", "bits_a", "target_w", "target_a",
+            "params", "macs", "bops"]
+    with open(out / "layers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    source = {"name": mv.name, "version": str(mv.version), "model_uri": f"models:/{mv.name}/{mv.version}",
+              "run_id": mv.run_id}
+    (out / "source.json").write_text(json.dumps(source, indent=1))
+    if include_mlflow_model:
+        import mlflow
+
+        target = out / "mlflow_model"
+        target.mkdir(exist_ok=True)
+        with _tracking_uri(uri):
+            mlflow.artifacts.download_artifacts(artifact_uri=source["model_uri"], dst_path=str(target))
+    return {**source, "dir": str(out), "files": sorted(p.name for p in out.iterdir())}
