@@ -131,6 +131,29 @@ def test_ffcv_train_shuffle_continues_from_resume_epoch(betons, ffcv_loaders):
 
 
 @pytest.mark.timeout(120)
+def test_order_choice_without_os_cache_and_distributed(betons, jpegs, tmp_path):
+    from ffcv.traversal_order import QuasiRandom, Random
+
+    loaders = list(create_ffcv_loaders(_cfg("ffcv", *betons, os_cache=False), distributed=False, device=CPU, seed=0))
+    assert isinstance(loaders[0].traversal_order, QuasiRandom)  # data larger than RAM: page-wise shuffle
+    assert sorted(loaders[0].next_traversal_order()) == list(range(CLASSES * PER_CLASS))
+    # A real (one-rank) process group: QUASI_RANDOM would raise here, so RANDOM over the OS cache.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="os_cache=False is not supported with distributed"):
+            loaders += create_ffcv_loaders(_cfg("ffcv", *betons, os_cache=False), distributed=True,
+                                           device=CPU, seed=0)[:2]
+        assert isinstance(loaders[-2].traversal_order, Random) and loaders[-2].distributed
+        tv_train, _, _ = create_imagefolder_loaders(_cfg("imagefolder", jpegs / "train", jpegs / "val"),
+                                                    distributed=True, device=CPU, seed=0)
+        assert len(tv_train) == CLASSES * PER_CLASS // BATCH
+    finally:
+        torch.distributed.destroy_process_group()
+    loaders.clear()
+    _collect_now()
+
+
+@pytest.mark.timeout(120)
 def test_ffcv_val_matches_torchvision_center_crop(ffcv_loaders, tv_loaders):
     _, ffcv_val, _ = ffcv_loaders
     _, tv_val, _ = tv_loaders

@@ -150,6 +150,8 @@ def open_beton(path: str | Path):
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a .beton file (data.kind=imagefolder reads folders)")
     if not path.is_file():
         raise DataError(f"no such .beton file: {path}")
     size = path.stat().st_size
@@ -229,8 +231,9 @@ def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.dev
 
     def image_pipeline(decoder, *augment):
         # NormalizeImage before ToTensor: a jitted op after ToTensor hangs Loader() (PITFALLS).
+        # On a GPU: copy NHWC, then permute there (FFCV's own ImageNet order: ToDevice, ToTorchImage).
         return [decoder, *augment, NormalizeImage(_MEAN_255, _STD_255, np.float32),
-                ToTensor(), ToTorchImage(), *to_device]
+                ToTensor(), *to_device, ToTorchImage()]
 
     def label_pipeline():
         return [IntDecoder(), ToTensor(), Squeeze(), *to_device]
