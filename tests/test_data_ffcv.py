@@ -229,6 +229,12 @@ def test_missing_split_fails_before_train_is_written(jpegs, tmp_path):
     (src / "train").symlink_to(jpegs / "train")
     with pytest.raises(DataError, match=f"no such ImageFolder directory: {src / 'val'}"):
         write_imagenet(src, tmp_path / "out", progress=False)
+    # A val split missing a class would shift ImageFolder's label numbering.
+    (src / "val").mkdir()
+    for cls in sorted(p.name for p in (jpegs / "val").iterdir())[1:]:
+        (src / "val" / cls).symlink_to(jpegs / "val" / cls)
+    with pytest.raises(DataError, match="train/ and val/ class folders differ"):
+        write_imagenet(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
