@@ -26,8 +26,8 @@ want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv (a few minutes on a fresh machine)"
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  # FFCV's build imports numpy/pkgconfig/opencv headers; give it the venv's numpy instead of isolation.
-  .venv/bin/python -m pip install -q "numpy>=2" pkgconfig Cython
+  # FFCV builds from source against the venv's numpy (no build isolation, so no second numpy download).
+  .venv/bin/python -m pip install -q "numpy>=2"
   .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
   echo "$want" > "$stamp"
 fi
