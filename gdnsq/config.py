@@ -72,6 +72,8 @@ class QuantRuleConfig:
 class QuantConfig:
     method: str = "gdnsq"
     """Quantization method: gdnsq (learnable bit-width) or a zoo method (lsq, dorefa, pact, ...)."""
+    method_args: dict[str, float] = field(default_factory=dict)
+    """Hyper-parameters of a zoo method (e.g. {error_weight: 0.1} for pege); each method checks its keys."""
     target_w: float = 2.0
     """Weight bit-width target per layer (the constraint bits <= target)."""
     target_a: float = 2.0
@@ -312,6 +314,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), name, f"must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, name)
+    if typing.get_origin(tp) is dict:
+        _check(isinstance(value, dict), name, f"must be a mapping, got {type(value).__name__}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{name}.{k}") for k, v in value.items()}
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)

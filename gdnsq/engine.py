@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import JobConfig, OptimConfig
 from .objective import GDNSQObjective, converged
-from .quant.layers import quantizer_parameters, set_noise_ratio
+from .quant.layers import iter_quantizers, quantizer_parameters, set_noise_ratio
 from .schedules import ScheduleState
 
 
@@ -64,9 +64,19 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[s
         correct5 += int((top == y[:, None]).any(-1).sum())
         total += y.numel()
     model.train(was_training)
+    counts = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=device)
+    _all_reduce_sum(counts)  # sharded val loaders: every rank must see the same metrics (early stopping)
+    correct1, correct5, total, loss_sum = counts.tolist()
     if total == 0:
         raise ValueError("evaluation loader yielded no samples")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
 
 
 def train_fp(model: nn.Module, loader: Iterable, epochs: int, lr: float, device: torch.device,
@@ -102,6 +112,8 @@ class Engine:
         self.objective = GDNSQObjective(cfg.objective)
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         set_noise_ratio(self.core, self.sched.noise_ratio)
+        # Zoo quantizers with a curriculum or annealing (PEGE, BNN++) are told the training progress.
+        self._progress_hooks = [q for q in iter_quantizers(self.core) if hasattr(q, "set_progress")]
         self.epoch = 0
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -115,11 +127,14 @@ class Engine:
         steps = 0
         t0 = time.perf_counter()
         samples = 0
+        total = self._planned_steps(loader, max_steps) if self._progress_hooks else 1
         for x, y in loader:
             if max_steps is not None and steps >= max_steps:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             factor = self.sched.lr_factor(cfg.schedule)
+            for q in self._progress_hooks:
+                q.set_progress(min(1.0, self.sched.step / total))
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             teacher_logits = None
@@ -128,7 +143,7 @@ class Engine:
                     teacher_logits = self.teacher(x)
             logits = self.model(x)
             loss, parts = self.objective(self.core, logits, teacher_logits, y, self.sched.temperature)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,7 +153,7 @@ class Engine:
             self.sched.advance(cfg.schedule, lr=cfg.optim.lr * factor, penalty=penalty)
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
-            parts.update({"train/loss": float(loss), "train/temperature": self.sched.temperature,
+            parts.update({"train/loss": loss.item(), "train/temperature": self.sched.temperature,
                           "train/lr": cfg.optim.lr * factor})
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -155,6 +170,11 @@ class Engine:
                     "train/steps": float(steps), "train/samples_per_s": samples / (time.perf_counter() - t0),
                     "train/noise_ratio": self.sched.noise_ratio, "train/global_step": float(self.sched.step)})
         return out
+
+    def _planned_steps(self, loader, max_steps: int | None) -> int:
+        """Optimizer steps of the whole run (train.epochs epochs of this loader), for ``set_progress``."""
+        per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
+        return max(1, per_epoch * self.cfg.train.epochs)
 
     def is_converged(self) -> bool:
         return converged(self.core)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ObjectiveConfig
-from .quant.layers import iter_quantized
+from .quant.layers import iter_quantized, iter_quantizers
 
 
 def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
@@ -72,6 +72,12 @@ def bit_penalties(model: nn.Module, eps: float, p: float) -> BitTerms:
                     active_w, active_a, len(pw), len(pa))
 
 
+def extra_losses(model: nn.Module) -> Tensor | None:
+    """Sum of ``extra_loss()`` over the quantizers that define one (zoo methods: PEGE, PACT, CoDeQ), or None."""
+    terms = [q.extra_loss() for q in iter_quantizers(model) if hasattr(q, "extra_loss")]
+    return torch.stack(terms).sum() if terms else None
+
+
 class GDNSQObjective:
     """Stateful only in the running loss mean m̄ (part of checkpoints via state_dict)."""
 
@@ -103,6 +109,10 @@ class GDNSQObjective:
         parts = {"train/task": d_val, "train/penalty_w": float(terms.p_w.detach()),
                  "train/penalty_a": float(terms.p_a.detach()), "train/active_w": terms.active_w,
                  "train/active_a": terms.active_a, "train/loss_mean": self.loss_mean}
+        extra = extra_losses(model)
+        if extra is not None:
+            loss = loss + extra
+            parts["train/extra_loss"] = float(extra.detach())
         return loss, parts
 
 

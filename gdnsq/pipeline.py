@@ -80,7 +80,7 @@ def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device
 def _take(loader, n: int, device) -> list[torch.Tensor]:
     out = []
     for x, _ in loader:
-        out.append(x.to(device))
+        out.append(x.to(device).clone())  # FFCV reuses its batch buffers
         if len(out) >= n:
             break
     return out
@@ -102,7 +102,7 @@ def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device, resu
     elif not has_fp_weights(cfg.model):
         log.info("no FP weights given: training the FP teacher for %d epochs", cfg.train.teacher_epochs)
         seed_everything(cfg.train.seed)
-        train_fp(teacher, loaders.calib, cfg.train.teacher_epochs, lr=3e-3, device=device, log=log.info)
+        train_fp(teacher, loaders.calib, cfg.train.teacher_epochs, lr=1e-2, device=device, log=log.info)
         _broadcast_module(teacher)  # every rank distils from the same teacher
     return teacher.eval().requires_grad_(False)
 
@@ -136,8 +136,10 @@ def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[
 
 def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
             resume: dict | None = None, wrap_ddp: Callable[[nn.Module], nn.Module] | None = None,
-            on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None) -> dict:
-    """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``."""
+            on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None,
+            on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``;
+    ``on_step(global_step, loss_parts)`` after every optimizer step (progress, fault injection)."""
     device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
     start_epoch = 0 if resume is None else resume["engine"]["epoch"]
@@ -159,7 +161,7 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
 
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)
-        train_m = engine.train_epoch(loaders.train, max_steps=cfg.train.max_steps_per_epoch)
+        train_m = engine.train_epoch(loaders.train, max_steps=cfg.train.max_steps_per_epoch, on_step=on_step)
         metrics, table = epoch_metrics(engine, loaders, device)
         metrics.update(train_m)
         metrics.update({"epoch": epoch + 1, "fp/val_top1": fp_val["top1"]})

@@ -24,7 +24,18 @@ def bits_table(model: nn.Module) -> list[dict]:
             "target_a": float(layer.target_a),
             "params": layer.weight.numel(),
         })
+        rows[-1].update(extra_stats(layer))
     return rows
+
+
+def extra_stats(layer) -> dict:
+    """Method-specific figures of a layer's quantizers (``extra_stats()``, e.g. CoDeQ's sparsity), keys w_/a_."""
+    out = {}
+    if hasattr(layer.weight_quant, "extra_stats"):
+        out.update({f"w_{k}": v for k, v in layer.weight_quant.extra_stats(layer.weight).items()})
+    if layer.act_quant is not None and hasattr(layer.act_quant, "extra_stats"):
+        out.update({f"a_{k}": v for k, v in layer.act_quant.extra_stats().items()})
+    return out
 
 
 def average_bits(table: list[dict]) -> tuple[float, float]:

@@ -99,7 +99,7 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
         if not skip and kind == "conv" and not _is_supported_conv(m):
             skip, reason = True, f"unsupported conv type {type(m).__name__}"
         spec = None if skip else QuantSpec(estimator=qcfg.estimator, delta=qcfg.ewgs_delta, act_signed=qcfg.act_signed,
-                                           method=qcfg.method, **fields)
+                                           method=qcfg.method, method_args=qcfg.method_args, **fields)
         decisions.append(LayerDecision(name, kind, not skip, reason, spec))
     for i, hits in enumerate(rule_hits):
         if hits == 0:

@@ -123,7 +123,9 @@ class ActivationQuantizer(_Quantizer):
 
     def _bounds(self) -> tuple[Tensor, Tensor, Tensor]:
         s = torch.exp2(self.log_s)
-        lo = self.lo if bool(self.signed) else self.lo.detach() * 0
+        # Unsigned inputs keep lo frozen at its calibrated 0 (requires_grad off), so no data-dependent
+        # branch is needed here, which keeps the eval graph exportable.
+        lo = self.lo
         hi = lo + torch.exp2(self.log_q) - s
         return lo, hi, s
 
