@@ -1,0 +1,321 @@
+"""GDNSQ against the field in one harness: every method of ``quant.method`` on the same data, teacher and budget.
+
+Protocol: the bundled MNIST-5k digits (3,500 train / 500 val / 1,000 test), the small CNN ``gdnsq_smallcnn``
+(stem conv and classifier FP, per-channel weights, per-tensor activations), ONE FP teacher trained once and
+passed to every run as ``model.checkpoint``, and one recipe for everyone: the quick start
+(``gdnsq/configs/quickstart.yaml``, read once at start; ``--recipe`` / ``--set key=value`` change it for
+every run alike) with the same epochs and steps. GDNSQ starts at ``quant.init_bits`` and its penalty must
+bring every layer to the target within the budget; fixed-bit methods sit at the target from the start.
+Each run is ``gdnsq.pipeline.run_job`` in this process (no Ray, no MLflow): checkpoint selection on the
+validation split (``ns_top1``), top-1 reported on the test split. Effective bits: the true bits of the
+grids (mean over quantized layers) and the parameter-weighted entropy of the integer weight codes (bits
+per weight after ideal entropy coding).
+
+    # the reduced comparison of docs/results.md (about 10 minutes on 2 busy cores)
+    python benchmarks/compare_methods.py --out out/compare --quick --set optim.name=adamw optim.lr=0.002 \
+        optim.quant_lr=0.05 schedule.warmup_steps=20 schedule.scale_t=50 schedule.anneal=0.99 quant.init_bits=8
+    python benchmarks/compare_methods.py --out out/compare --epochs 8        # a longer budget, same recipe
+    python benchmarks/compare_methods.py --write-jobs jobs/compare           # regenerate the ImageNet job files
+
+Writes ``teacher.pt``, ``results.csv``, ``results.json`` (rows + protocol + resolved recipe), ``results.md``
+and ``results.png`` in the output folder, after every run (an interrupted run keeps what it finished).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+METHODS = ("gdnsq", "lsq", "dorefa", "pact", "pege", "bnnpp", "codeq")
+TARGETS = ((4, 4), (2, 2), (1, 1))
+ONLY_AT = {"bnnpp": {(1, 1)}}  # methods defined for some targets only
+COLUMNS = ("method", "target", "status", "top1", "fp_top1", "converged", "ns_top1", "avg_bits_w", "avg_bits_a",
+           "entropy_bits_w", "sparsity_w", "val_top1", "best_epoch", "steps", "seconds")
+
+log = logging.getLogger("compare")
+
+
+def quickstart_path() -> Path:
+    return Path(str(resources.files("gdnsq") / "configs" / "quickstart.yaml"))
+
+
+def load_recipe(args) -> dict:
+    """The shared recipe, read ONCE (the quick start is being tuned: every run must see the same file)."""
+    import yaml
+
+    from gdnsq.config import apply_overrides, parse_cli_overrides
+
+    recipe = yaml.safe_load(Path(args.recipe or quickstart_path()).read_text()) or {}
+    return apply_overrides(recipe, parse_cli_overrides(args.set))
+
+
+def job_config(recipe: dict, overrides: dict):
+    from gdnsq.config import apply_overrides, config_from_dict
+
+    return config_from_dict(apply_overrides(recipe, overrides))
+
+
+def job_overrides(args, method: str, target: tuple[int, int], teacher: str | None) -> dict:
+    o = {"name": f"compare-{method}-w{target[0]}a{target[1]}", "quant.method": method,
+         "quant.target_w": target[0], "quant.target_a": target[1], "train.epochs": args.epochs,
+         "train.seed": args.seed, "train.device": "cpu", "ray.enabled": False, "tracking.enabled": False}
+    if teacher:
+        o["model.checkpoint"] = teacher
+    if args.max_steps:
+        o["train.max_steps_per_epoch"] = args.max_steps
+    if args.anneal is not None:
+        o["schedule.anneal"] = args.anneal
+    return o
+
+
+def train_teacher(args, recipe: dict, out: Path) -> Path:
+    """The one FP teacher of every run: the pipeline's own recipe, trained once and saved."""
+    from gdnsq.engine import evaluate
+    from gdnsq.pipeline import create_loaders, prepare_teacher
+
+    path = out / "teacher.pt"
+    if path.is_file() and not args.retrain_teacher:
+        log.info("reusing the FP teacher %s", path)
+        return path
+    cfg = job_config(recipe, {"train.teacher_epochs": args.teacher_epochs, "train.seed": args.seed,
+                              "train.device": "cpu", "ray.enabled": False, "model.checkpoint": None})
+    loaders = create_loaders(cfg)
+    teacher = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
+    log.info("FP teacher: test top-1 %.2f", evaluate(teacher, loaders.test, torch.device("cpu"))["top1"])
+    torch.save(teacher.state_dict(), path)
+    return path
+
+
+@torch.no_grad()
+def weight_code_stats(cfg, best_state: dict) -> tuple[float, float]:
+    """Parameter-weighted entropy (bits / weight) of the eval weight codes, and the share of zero weights."""
+    from gdnsq.quant import functional as F
+    from gdnsq.quant.layers import iter_quantized
+    from gdnsq.quant.zoo.common import code_stats
+    from gdnsq.surgery import build_student
+
+    student = build_student(cfg, num_classes=10, in_chans=1)
+    student.load_state_dict(best_state)
+    student.eval()
+    bits = zeros = total = 0.0
+    for _, layer in iter_quantized(student):
+        w = layer.weight
+        w_hat = layer.weight_quant(w)
+        codes = F.integer_codes(w_hat, *layer.weight_quant.grid(w))  # eval output -> codes, for every method
+        bits += code_stats(codes)["entropy_bits"] * w.numel()
+        zeros += float((w_hat == 0).sum())
+        total += w.numel()
+    return bits / total, zeros / total
+
+
+def run_one(args, recipe: dict, method: str, target: tuple[int, int], teacher: Path) -> dict:
+    from gdnsq.config import ConfigError
+    from gdnsq.pipeline import run_job
+
+    row = {"method": method, "target": f"W{target[0]}A{target[1]}"}
+    try:
+        cfg = job_config(recipe, job_overrides(args, method, target, str(teacher)))
+        holder = {}
+        t0 = time.perf_counter()
+        s = run_job(cfg, on_epoch=lambda metrics, table, ckpt: holder.update(ckpt=ckpt))
+        seconds = time.perf_counter() - t0
+    except ConfigError as e:  # e.g. codeq at 1 bit: the method is not defined there
+        log.warning("%s %s: not run (%s)", method, row["target"], e)
+        return {**row, "status": f"n/a: {e}"}
+    entropy, sparsity = weight_code_stats(cfg, holder["ckpt"]()["best"]["state"])
+    row.update(status="ok", top1=s["top1"], fp_top1=s["fp_top1"], converged=s["converged"], ns_top1=s["ns_top1"],
+               avg_bits_w=s["avg_bits_w"], avg_bits_a=s["avg_bits_a"], entropy_bits_w=round(entropy, 3),
+               sparsity_w=round(sparsity, 3), val_top1=s["val_top1"], best_epoch=s["best_epoch"], steps=s["steps"],
+               seconds=round(seconds, 1))
+    log.info("%-6s %s  top1 %6.2f  converged %-5s  bits W%.2f A%.2f  H_w %.2f  (%.0f s)", method, row["target"],
+             row["top1"], row["converged"], row["avg_bits_w"], row["avg_bits_a"], entropy, seconds)
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| method | target | test top-1 | converged | ns_top1 | true bits W / A | code entropy W | zero weights | s |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['target']} | – | – | – | – | – | – | {r['status']} |")
+            continue
+        lines.append(f"| {r['method']} | {r['target']} | {r['top1']:.2f} | {'yes' if r['converged'] else 'NO'} | "
+                     f"{r['ns_top1']:.2f} | {r['avg_bits_w']:.2f} / {r['avg_bits_a']:.2f} | {r['entropy_bits_w']:.2f} | "
+                     f"{100 * r['sparsity_w']:.1f} % | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [f"W{w}A{a}" for w, a in TARGETS]
+    methods = [m for m in METHODS if any(r["method"] == m and r["status"] == "ok" for r in rows)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(1, len(methods))
+    labelled = set()
+    for i, m in enumerate(methods):
+        for j, t in enumerate(targets):
+            r = next((r for r in rows if r["method"] == m and r["target"] == t and r["status"] == "ok"), None)
+            if r is None:
+                continue
+            x = j + (i - (len(methods) - 1) / 2) * width
+            style = dict(color=f"C{i}", hatch=None if r["converged"] else "//", edgecolor="k", linewidth=0.4)
+            ax.bar(x, r["top1"], width, label=None if m in labelled else m, **style)
+            labelled.add(m)
+            bx.bar(x, r["entropy_bits_w"], width, **style)
+    fp = next((r["fp_top1"] for r in rows if r["status"] == "ok"), None)
+    if fp is not None:
+        ax.axhline(fp, color="k", linestyle="--", linewidth=0.8, label=f"FP {fp:.1f}")
+    for a, title in ((ax, "test top-1 (%)  — hatched: not converged"), (bx, "weight code entropy (bits / weight)")):
+        a.set_xticks(range(len(targets)), targets)
+        a.set_title(title, fontsize=10)
+        a.grid(axis="y", alpha=0.3)
+    ax.set_ylim(0, 100)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(methods) + 1, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], out: Path, protocol: dict) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
+    (out / "results.md").write_text(markdown_table(rows) + "\n")
+    plot(rows, out / "results.png")
+
+
+# ------------------------------------------------------------------------------------ ImageNet job files
+
+IMAGENET_BASE = {
+    "model": {"name": "resnet18", "pretrained": True},
+    "data": {"kind": "ffcv", "train_path": "/data/imagenet/train_500_0.50_90.beton",
+             "val_path": "/data/imagenet/val_500_0.50_90.beton", "batch_size": 250, "num_workers": 8},
+    "quant": {"init_bits": 10, "per_channel": True, "keep_first_conv": True, "keep_classifier": True,
+              "keep_pointwise": False, "batchnorm": "keep", "calib_batches": 4},
+    "objective": {"distill": "jeffreys"},
+    "schedule": {"warmup_steps": 1000, "scale_t": 2.0, "anneal": 0.999},
+    "optim": {"name": "radam", "lr": 3e-4},
+    "train": {"epochs": 30, "patience": 0},
+    "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    "tracking": {"experiment": "compare-imagenet-resnet18"},
+}
+
+
+def imagenet_jobs() -> dict[str, dict]:
+    """One complete job per method x target: the same recipe (the reference ImageNet set-up) for everyone."""
+    import copy
+
+    jobs = {}
+    for method in METHODS:
+        for w, a in TARGETS:
+            if method in ONLY_AT and (w, a) not in ONLY_AT[method]:
+                continue
+            if method == "codeq" and w < 2:
+                continue  # a 1-bit grid has no zero level to prune to
+            job = {"name": f"compare-imagenet-resnet18-{method}-w{w}a{a}", **copy.deepcopy(IMAGENET_BASE)}
+            job["quant"] = {"method": method, "target_w": w, "target_a": a, **job["quant"]}
+            jobs[f"{method}_w{w}a{a}.yaml"] = job
+    return jobs
+
+
+def write_jobs(folder: Path) -> list[Path]:
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    header = ("# Generated by benchmarks/compare_methods.py --write-jobs jobs/compare; edit the generator, not this file.\n"
+              "# ImageNet ResNet-18 comparison: same FP model (timm pretrained), FFCV data, recipe and budget for every\n"
+              "# method; stem conv and classifier FP, per-channel weights. Run: gdnsq train <this file>\n")
+    paths = []
+    for name, job in imagenet_jobs().items():
+        path = folder / name
+        path.write_text(header + yaml.safe_dump(job, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="out/compare", help="output folder (teacher.pt, results.*)")
+    p.add_argument("--epochs", type=int, default=8, help="QAT epochs of every run (the quick start's 8)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (same for every run)")
+    p.add_argument("--quick", action="store_true", help="reduced budget for 2 CPU cores: 3 epochs of 30 steps")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
+    p.add_argument("--targets", default="W4A4,W2A2,W1A1", help="comma-separated subset of targets")
+    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--retrain-teacher", action="store_true", help="train a new teacher even if out/teacher.pt exists")
+    p.add_argument("--anneal", type=float, default=None, help="override schedule.anneal for every run")
+    p.add_argument("--recipe", default=None, help="job YAML shared by every run (default: the packaged quick start)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides of the recipe for every run, e.g. schedule.scale_t=50")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--write-jobs", default=None, metavar="DIR", help="only write the ImageNet job files to DIR")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.max_steps = 3, args.max_steps or 30
+    return args
+
+
+def cache_bundled_data() -> None:
+    """Decode the bundled digits once per process, not twice per run (the split is fixed and seeded)."""
+    import functools
+
+    from gdnsq.data import bundled
+
+    if not hasattr(bundled.load_bundled, "cache_info"):
+        bundled.load_bundled = functools.lru_cache(maxsize=1)(bundled.load_bundled)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from gdnsq.config import to_dict
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.write_jobs:
+        for path in write_jobs(Path(args.write_jobs)):
+            print(path)
+        return 0
+    torch.set_num_threads(args.threads)
+    cache_bundled_data()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    targets = [tuple(int(v) for v in t.upper().lstrip("W").split("A")) for t in args.targets.split(",")]
+    recipe = load_recipe(args)
+    teacher = train_teacher(args, recipe, out)
+    shared = to_dict(job_config(recipe, job_overrides(args, "gdnsq", (2, 2), str(teacher))))
+    protocol = {"data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)", "model": "gdnsq_smallcnn",
+                "teacher": str(teacher), "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
+                "max_steps_per_epoch": args.max_steps, "recipe_file": str(args.recipe or quickstart_path()),
+                "overrides": args.set, "selection": "val ns_top1", "reported": "test top-1",
+                "recipe": {k: shared[k] for k in ("quant", "objective", "schedule", "optim", "train")}}
+    rows = []
+    for target in targets:
+        for method in methods:
+            if method in ONLY_AT and target not in ONLY_AT[method]:
+                continue
+            rows.append(run_one(args, recipe, method, target, teacher))
+            write_results(rows, out, protocol)  # partial results survive an interrupted run
+    print(markdown_table(rows))
+    print(f"\nwritten: {out / 'results.csv'}, {out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
