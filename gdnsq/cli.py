@@ -14,6 +14,8 @@ from pathlib import Path
 from .config import ConfigError, JobConfig, load_config, parse_cli_overrides
 
 EXIT_USAGE = 2
+# Errors about the user's input, raised by the edges (matched by name so the CLI imports none of them).
+USER_ERRORS = ("DataError", "SurgeryError", "RegistryError", "ExportError", "SweepError", "ClusterError")
 
 
 def _job_config(path: str | None, extra: list[str], **fixed) -> JobConfig:
@@ -59,7 +61,9 @@ def cmd_train(args, extra) -> int:
             fixed["ray.enabled"] = "false"
         cfg = _job_config(str(_quickstart_config()), extra, **fixed)
     else:
-        cfg = _job_config(args.config, extra, **({"ray.enabled": "false"} if args.no_ray else {}))
+        # The job file is the first bare word; argparse cannot tell it from an override's value.
+        config = extra.pop(0) if extra and not extra[0].startswith("-") and "=" not in extra[0] else None
+        cfg = _job_config(config, extra, **({"ray.enabled": "false"} if args.no_ray else {}))
     summary = run(cfg)
     print_summary(summary)
     if args.summary_json:
@@ -99,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="quantize the bundled-data CNN (trains its FP teacher first)",
                        epilog="Any setting can be overridden as --section.key value (e.g. --train.epochs 4).")
     q.add_argument("--target", default=None, help="bit target like W2A2 (default from the embedded job: W2A2)")
-    t = sub.add_parser("train", help="run a job file (any setting overridable as --section.key value)")
-    t.add_argument("config", nargs="?", default=None, help="job YAML (default: built-in defaults)")
+    t = sub.add_parser("train", help="run a job file (any setting overridable as --section.key value)",
+                       usage="gdnsq train [JOB.yaml] [--summary-json P] [--no-ray] [--section.key value ...]")
     for sp in (q, t):
         sp.add_argument("--summary-json", default=None, help="write the run summary as JSON here")
         sp.add_argument("--no-ray", action="store_true", help="run in-process without Ray Train")
@@ -141,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"gdnsq: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as e:
-        if type(e).__name__ in ("DataError", "SurgeryError", "RegistryError", "ExportError", "SweepError"):
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
+        if isinstance(e, (ConfigError, FileNotFoundError)) or type(e).__name__ in USER_ERRORS:
             print(f"gdnsq: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise

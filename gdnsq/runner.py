@@ -28,7 +28,24 @@ def run_local(cfg: JobConfig) -> dict:
     return run_job(cfg, resume=resume, on_epoch=on_epoch)
 
 
+def preflight(cfg: JobConfig) -> None:
+    """Checks that need no data loading or Ray, so bad input fails in one line before anything starts."""
+    import timm
+
+    from . import models  # noqa: F401 - registers gdnsq's own timm models
+    from .config import ConfigError
+
+    if not timm.is_model(cfg.model.name):
+        raise ConfigError(f"model.name: unknown timm model {cfg.model.name!r}")
+    if cfg.data.kind != "bundled":
+        for key in ("train_path", "val_path"):
+            path = getattr(cfg.data, key)
+            if "://" not in path and not Path(path).exists():
+                raise ConfigError(f"data.{key}: no such file or directory {path!r}")
+
+
 def run(cfg: JobConfig) -> dict:
+    preflight(cfg)
     if cfg.ray.enabled:
         from .train import fit
 
