@@ -8,7 +8,8 @@ latest checkpoint, and run :func:`gdnsq.pipeline.run_job`, the same code path as
 Per epoch every rank calls ``ray.train.report`` once (a barrier); rank 0 alone attaches
 ``checkpoint.pt`` and logs to MLflow. The MLflow run id travels in the checkpoint, so a restarted
 worker group reattaches to its run. Each report also carries a DDP replica check: every rank's hash
-of its student state (``dist/checksum/r<rank>``), ``dist/replicas_equal`` and ``dist/num_nodes``.
+of its student state (``dist/checksum/r<rank>``), ``dist/replicas_equal`` and ``dist/num_nodes``;
+and ``sys/cpu_s`` / ``sys/wall_s`` (all workers' CPU seconds, rank 0's wall seconds per epoch).
 """
 from __future__ import annotations
 
@@ -112,13 +113,19 @@ def _driver_config(cfg: JobConfig) -> JobConfig:
     return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage), tracking=tracking)
 
 
-def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = None):
-    """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes."""
+def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = None, callbacks: list | None = None,
+                   parent_run_id: str | None = None, controller_failure_limit: int = -1):
+    """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
+
+    For a Tune trial (gdnsq.sweep): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
+    rank 0's MLflow run is nested under ``parent_run_id``, and ``controller_failure_limit`` caps the
+    controller's retries (-1 = Ray's default, unlimited).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     loop_config = to_dict(cfg)
-    loop_config[WORKER_OPTIONS] = {"kill": dataclasses.asdict(kill) if kill else None}
+    loop_config[WORKER_OPTIONS] = {"kill": dataclasses.asdict(kill) if kill else None, "parent_run_id": parent_run_id}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -126,16 +133,20 @@ def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = N
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.ray.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
+                                                          controller_failure_limit=controller_failure_limit),
+                             callbacks=list(callbacks or []),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
     )
 
 
-def fit(cfg: JobConfig, *, kill: KillWorker | None = None) -> dict:
+def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | None = None,
+        parent_run_id: str | None = None, controller_failure_limit: int = -1) -> dict:
     """Run (or resume, same name + storage) a job on Ray Train; returns the job summary.
 
     The summary is :func:`gdnsq.pipeline.run_job`'s, plus ``checkpoint`` (the final checkpoint's
-    path), ``mlflow_run_id`` and ``registered_model`` when tracking is on.
+    path), ``mlflow_run_id`` and ``registered_model`` when tracking is on. The other keywords are
+    :func:`create_trainer`'s (a Tune trial's hooks).
     """
     import ray
 
@@ -143,7 +154,8 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None) -> dict:
     use_gpu = resolve_use_gpu(cfg, ray.cluster_resources())
     check_resources(cfg, use_gpu, ray.nodes())
     cfg = _driver_config(cfg)
-    result = create_trainer(cfg, use_gpu=use_gpu, kill=kill).fit()
+    result = create_trainer(cfg, use_gpu=use_gpu, kill=kill, callbacks=callbacks, parent_run_id=parent_run_id,
+                            controller_failure_limit=controller_failure_limit).fit()
     if result.error:  # Train V2 raises from fit() already; kept for a result that carries it
         raise result.error
     out = result.return_value
@@ -201,18 +213,23 @@ def state_checksum(state: dict[str, torch.Tensor]) -> float:
     return float(int.from_bytes(h.digest()[:6], "big"))
 
 
-def replica_metrics(model_state: dict, node_id: str, world_size: int) -> dict[str, float]:
-    """Every rank's state checksum and node, gathered: equal checksums mean identical DDP replicas."""
+def rank_metrics(model_state: dict, node_id: str, cpu_s: float, world_size: int) -> dict[str, float]:
+    """Gathered from every rank: state checksums (equal = identical DDP replicas), nodes, CPU time.
+
+    ``sys/cpu_s`` is the CPU time all workers spent since the previous report: samples per CPU
+    second compare runs fairly on a machine that other work keeps busy.
+    """
     import torch.distributed as dist
 
-    mine = (state_checksum(model_state), node_id)
+    mine = (state_checksum(model_state), node_id, cpu_s)
     gathered = [mine]
     if world_size > 1 and dist.is_initialized():
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
-    out = {f"dist/checksum/r{r}": c for r, (c, _) in enumerate(gathered)}
-    out["dist/replicas_equal"] = float(len({c for c, _ in gathered}) == 1)
-    out["dist/num_nodes"] = float(len({n for _, n in gathered}))
+    out = {f"dist/checksum/r{r}": c for r, (c, _, _) in enumerate(gathered)}
+    out["dist/replicas_equal"] = float(len({c for c, _, _ in gathered}) == 1)
+    out["dist/num_nodes"] = float(len({n for _, n, _ in gathered}))
+    out["sys/cpu_s"] = float(sum(t for _, _, t in gathered))
     return out
 
 
@@ -250,8 +267,9 @@ class _LazyTracker:
     """Rank 0's MLflow run, started at its first use (so a worker that dies before its first
     checkpoint leaves no run behind), or reattached to the run named in the resumed checkpoint."""
 
-    def __init__(self, cfg: JobConfig, resume: dict | None):
+    def __init__(self, cfg: JobConfig, resume: dict | None, parent_run_id: str | None = None):
         self.cfg, self.resume, self.tracker = cfg, resume or {}, None
+        self.parent_run_id = parent_run_id
         self.reachable = True
 
     def get(self):
@@ -259,7 +277,8 @@ class _LazyTracker:
             from .tracking import create_tracker
 
             run_id = self.resume.get("mlflow_run_id")
-            self.tracker = create_tracker(self.cfg, run_id=run_id, state=self.resume.get("tracker"))
+            self.tracker = create_tracker(self.cfg, run_id=run_id, parent_run_id=self.parent_run_id,
+                                          state=self.resume.get("tracker"))
             if run_id is None:
                 self.tracker.log_config(self.cfg)
         return self.tracker
@@ -314,19 +333,25 @@ def train_loop_per_worker(config: dict) -> dict | None:
     start_epoch = float(resume["engine"]["epoch"]) if resume else 0.0
     if resume and rank == 0:
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, int(start_epoch))
-    mlflow_run = _LazyTracker(cfg, resume) if rank == 0 and cfg.tracking.enabled else None
+    mlflow_run = (_LazyTracker(cfg, resume, options.get("parent_run_id"))
+                  if rank == 0 and cfg.tracking.enabled else None)
     wrap = _DDPWrap(world_size, device)
     if resume is not None:
         wrap.io = resume.get("io", {})
+
+    clock = {"cpu": time.process_time(), "wall": time.perf_counter()}
 
     def on_epoch(metrics: dict, table: list[dict], get_checkpoint) -> None:
         state = get_checkpoint()
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["run/resumed_from_epoch"] = start_epoch
-        metrics.update(replica_metrics(state["engine"]["model"], node_id, world_size))
+        cpu_s = time.process_time() - clock["cpu"]
+        metrics["sys/wall_s"] = time.perf_counter() - clock["wall"]
+        metrics.update(rank_metrics(state["engine"]["model"], node_id, cpu_s, world_size))
         if rank != 0:
             ray.train.report(metrics)  # a barrier: every rank reports once per epoch
             _wait_report_taken()
+            clock.update(cpu=time.process_time(), wall=time.perf_counter())
             return
         if mlflow_run is not None:
             tracker = mlflow_run.get()
@@ -338,6 +363,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             torch.save(state, Path(d) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         _wait_report_taken()
+        clock.update(cpu=time.process_time(), wall=time.perf_counter())
 
     on_step = None
     kill = options.get("kill")
