@@ -1,0 +1,45 @@
+"""GDNSQ on the bundled digits: from ~8 bits down to the target with every layer converged."""
+import pytest
+import torch
+
+from gdnsq.cli import _quickstart_config
+from gdnsq.config import load_config
+from gdnsq.models import create_model
+from gdnsq.pipeline import create_loaders, prepare_teacher
+
+# Two full quick-start runs (~20 epochs each): the accuracy thresholds of the issue. Marked slow, so the
+# default (CI) command skips them; run with `pytest -m slow tests/test_quickstart_integration.py`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    cfg = load_config(_quickstart_config(), {"ray.enabled": False, "tracking.enabled": False})
+    loaders = create_loaders(cfg)
+    teacher = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    return str(path)
+
+
+def _quantize(ckpt, target):
+    from gdnsq.pipeline import run_job
+
+    cfg = load_config(_quickstart_config(), {"ray.enabled": False, "tracking.enabled": False,
+                                             "model.checkpoint": ckpt, "quant.target_w": target,
+                                             "quant.target_a": target})
+    return run_job(cfg)
+
+
+@pytest.mark.timeout(1800)
+def test_w2a2_converges_within_2_points(teacher_ckpt):
+    s = _quantize(teacher_ckpt, 2)
+    assert s["converged"] and all(r["true_bits_w"] <= 2 and r["true_bits_a"] <= 2 for r in s["layers"])
+    assert s["fp_top1"] - s["top1"] <= 2.0, s
+
+
+@pytest.mark.timeout(1800)
+def test_w4a4_within_half_a_point(teacher_ckpt):
+    s = _quantize(teacher_ckpt, 4)
+    assert s["converged"] and all(r["true_bits_w"] <= 4 and r["true_bits_a"] <= 4 for r in s["layers"])
+    assert s["fp_top1"] - s["top1"] <= 0.5, s
