@@ -491,9 +491,14 @@ def test_bits_table_shows_method_stats():
     assert row["true_bits_w"] == 4 and 0 <= row["w_sparsity"] < 1
 
 
-def test_pipeline_runs_a_zoo_method_end_to_end(tmp_path):
+def test_pipeline_runs_a_zoo_method_end_to_end(tmp_path, monkeypatch):
+    import functools
+
+    from gdnsq.data import bundled
     from gdnsq.pipeline import run_job
 
+    # the pipeline builds its loaders twice; decode the bundled digits once
+    monkeypatch.setattr(bundled, "load_bundled", functools.lru_cache(maxsize=1)(bundled.load_bundled))
     teacher = tmp_path / "teacher.pt"
     torch.save(SmallCNN().state_dict(), teacher)
     cfg = load_config(ROOT / "gdnsq" / "configs" / "quickstart.yaml",

@@ -29,16 +29,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..functional import _sum_to
 from ..methods import register_method
 from .common import FixedBitWeightQuantizer, code_stats, int_bits, method_args
 from .lsq import LSQActQuantizer, lsq_init_step
 
 DEFAULTS = {"sparsity_weight": 0.001, "init_dead_zone": 0.5}
-
-
-def _sum_to(t: Tensor, shape) -> Tensor:
-    dims = [i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1]
-    return t.sum(dim=dims, keepdim=True) if dims else t
 
 
 class _DeadZoneQuantize(torch.autograd.Function):
