@@ -1,6 +1,8 @@
 """Every shipped job file parses and validates; broken ones fail with one line naming the field."""
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +42,7 @@ def test_every_job_file_validates(path):
 @pytest.mark.parametrize("path", IMAGENET, ids=_id)
 def test_imagenet_jobs_follow_the_paper_protocol(path):
     cfg = load_config(path)
-    bits = int(path.stem[-1])
+    bits = int(re.search(r"_w(\d+)a\1", path.stem).group(1))  # imagenet_resnet18_w2a2[_sweep]
     assert (cfg.quant.target_w, cfg.quant.target_a) == (bits, bits)
     assert cfg.model.name.startswith("resnet18") and cfg.model.pretrained
     q = cfg.quant
