@@ -16,7 +16,7 @@ from gdnsq.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 JOB_FILES = sorted(p for p in JOBS.rglob("*") if p.suffix in (".yaml", ".yml"))
-IMAGENET = sorted(JOBS.glob("imagenet_resnet18_w*a*.yaml"))
+IMAGENET = [p for p in sorted(JOBS.glob("imagenet_resnet18_w*a*.yaml")) if "sweep" not in p.stem]  # a sweep sizes its trials differently
 
 
 def _id(path: Path) -> str:
