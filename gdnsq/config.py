@@ -399,18 +399,23 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     return data
 
 
+def read_yaml(path: str | Path, label: str = "config", error: type[Exception] = ConfigError) -> Any:
+    """A YAML file's content; a missing file or bad YAML raises ``error`` with one line led by ``label``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{label}: no such file {str(path)!r}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{label}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """YAML file (or defaults) + dotted overrides -> validated JobConfig."""
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {str(path)!r}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"config: {path} is not valid YAML ({first})") from None
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping at the top level")
         data.pop("sweep", None)  # sweep files carry a base job plus a search space

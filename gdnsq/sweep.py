@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, JobConfig, apply_overrides, from_dict, known_keys, to_dict
+from .config import ConfigError, JobConfig, apply_overrides, from_dict, known_keys, read_yaml, to_dict
 
 log = logging.getLogger("gdnsq")
 
@@ -220,12 +220,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     Raises :class:`SweepError` without starting (or importing) Ray.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep: no such file {str(path)!r}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "sweep", SweepError)
     if not isinstance(data, dict) or not isinstance(data.get("sweep"), dict) or not data["sweep"]:
         raise SweepError(f"sweep: {path} needs a non-empty `sweep:` section next to the base job")
     sweep_data = dict(data.pop("sweep"))

@@ -104,6 +104,11 @@ class WeightQuantizer(_Quantizer):
         return lo, hi, lo, torch.exp2(self.log_s)
 
 
+def decide_signed(signed_mode: str, observed_min: Tensor) -> bool:
+    """``signed``/``unsigned`` as configured; ``auto`` = signed iff calibration saw a negative input."""
+    return {"signed": True, "unsigned": False}.get(signed_mode, bool(observed_min < 0))
+
+
 class ActivationQuantizer(_Quantizer):
     """Activations: per-tensor step s, clamp [lo, lo + 2**log_q - s], z = lo.
 
@@ -133,7 +138,7 @@ class ActivationQuantizer(_Quantizer):
     def calibrate_(self, init_bits: float) -> None:
         if not torch.isfinite(self.obs_min):
             raise RuntimeError("activation quantizer saw no calibration data")
-        signed = {"signed": True, "unsigned": False}.get(self.signed_mode, bool(self.obs_min < 0))
+        signed = decide_signed(self.signed_mode, self.obs_min)
         self.signed.fill_(signed)
         lo = self.obs_min if signed else torch.zeros_like(self.obs_min)
         span = (self.obs_max - lo).clamp_min(1e-6)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..quantizer import decide_signed
 
 
 # ------------------------------------------------------------------------------------ STE pieces
@@ -219,7 +220,7 @@ class FixedBitActQuantizer(FixedBitQuantizer):
         """Signedness from the observers, then the method's own range / step initialisation."""
         if not torch.isfinite(self.obs_min):
             raise RuntimeError("activation quantizer saw no calibration data")
-        signed = {"signed": True, "unsigned": False}.get(self.signed_mode, bool(self.obs_min < 0))
+        signed = decide_signed(self.signed_mode, self.obs_min)
         self.is_signed.fill_(signed)
         self._init_from_observers(signed)
         self.calibrated.fill_(True)
