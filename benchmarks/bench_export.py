@@ -19,7 +19,7 @@ import torch
 
 from gdnsq.config import QuantConfig
 from gdnsq.export import export_onnx, export_packed, load_packed, run_onnx
-from gdnsq.surgery import calibrate_model, quantize_model
+from gdnsq.training.surgery import calibrate_model, quantize_model
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def throughput(workers: int, args, storage: Path, teacher: Path) -> tuple[float,
     from ray.train import Result
 
     from gdnsq.config import load_config
-    from gdnsq.train import fit
+    from gdnsq.launch.ray_train import fit
 
     name = f"scaling-{workers}w-{uuid.uuid4().hex[:6]}"
     cfg = load_config(args.config, {
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     import torch
 
     from gdnsq.config import load_config
-    from gdnsq.models import create_model
+    from gdnsq.training.models import create_model
 
     # A private instance with this machine's 2 CPUs; worker logs stay out of the numbers printed here.
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

@@ -19,13 +19,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.quantization import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+from torch.ao.quantization import (
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+)
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
 from gdnsq.config import ObjectiveConfig, QuantConfig
-from gdnsq.engine import resolve_device
-from gdnsq.objective import bit_penalties
-from gdnsq.surgery import _set_submodule, calibrate_model, plan, quantize_model
+from gdnsq.training.objective import bit_penalties
+from gdnsq.training.runtime import resolve_device
+from gdnsq.training.surgery import _set_submodule, calibrate_model, plan, quantize_model
 
 
 class AOFakeQuantLayer(nn.Module):

@@ -6,7 +6,7 @@ passed to every run as ``model.checkpoint``, and one recipe for everyone: the qu
 (``gdnsq/configs/quickstart.yaml``, read once at start; ``--recipe`` / ``--set key=value`` change it for
 every run alike) with the same epochs and steps. GDNSQ starts at ``quant.init_bits`` and its penalty must
 bring every layer to the target within the budget; fixed-bit methods sit at the target from the start.
-Each run is ``gdnsq.pipeline.run_job`` in this process (no Ray, no MLflow): checkpoint selection on the
+Each run is ``gdnsq.training.job.run_job`` in this process (no Ray, no MLflow): checkpoint selection on the
 validation split (``ns_top1``), top-1 reported on the test split. Effective bits: the true bits of the
 grids (mean over quantized layers) and the parameter-weighted entropy of the integer weight codes (bits
 per weight after ideal entropy coding).
@@ -76,8 +76,9 @@ def job_overrides(args, method: str, target: tuple[int, int], teacher: str | Non
 
 def train_teacher(args, recipe: dict, out: Path) -> Path:
     """The one FP teacher of every run: the pipeline's own recipe, trained once and saved."""
-    from gdnsq.engine import evaluate
-    from gdnsq.pipeline import create_loaders, prepare_teacher
+    from gdnsq.data.loaders import create_loaders
+    from gdnsq.training.engine import evaluate
+    from gdnsq.training.job import prepare_teacher
 
     path = out / "teacher.pt"
     if path.is_file() and not args.retrain_teacher:
@@ -98,7 +99,7 @@ def weight_code_stats(cfg, best_state: dict) -> tuple[float, float]:
     from gdnsq.quant import functional as F
     from gdnsq.quant.layers import iter_quantized
     from gdnsq.quant.zoo.common import code_stats
-    from gdnsq.surgery import build_student
+    from gdnsq.training.surgery import build_student
 
     student = build_student(cfg, num_classes=10, in_chans=1)
     student.load_state_dict(best_state)
@@ -115,8 +116,8 @@ def weight_code_stats(cfg, best_state: dict) -> tuple[float, float]:
 
 
 def run_one(args, recipe: dict, method: str, target: tuple[int, int], teacher: Path) -> dict:
-    from gdnsq.config import ConfigError
-    from gdnsq.pipeline import run_job
+    from gdnsq.errors import ConfigError
+    from gdnsq.training.job import run_job
 
     row = {"method": method, "target": f"W{target[0]}A{target[1]}"}
     try:

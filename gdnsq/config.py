@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad setting; the message is one line and names the dotted field."""
+from .errors import ConfigError
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -123,7 +123,9 @@ class LocalCluster:
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> "LocalCluster":
-        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token,
+        )
 
         self.token_path.write_text(generate_new_authentication_token())
         self.token_path.chmod(0o600)
@@ -188,7 +190,9 @@ class LocalCluster:
     def connect(self, **init_kwargs):
         """``ray.init`` this process to the cluster (the token env is set until ``stop``)."""
         import ray
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+        from ray._private.authentication.authentication_token_setup import (
+            _enable_token_auth,
+        )
         from ray._raylet import AuthenticationTokenLoader
 
         for k, v in self.env.items():

@@ -17,10 +17,20 @@ import torch
 pytest.importorskip("ffcv")
 
 from gdnsq.config import DataConfig  # noqa: E402
-from gdnsq.data.errors import DataError  # noqa: E402
-from gdnsq.data.ffcv_io import beton_num_classes, create_ffcv_loaders, open_beton, write_beton, write_imagenet  # noqa: E402
-from gdnsq.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, create_imagefolder_loaders  # noqa: E402
+from gdnsq.data.ffcv_io import (  # noqa: E402
+    beton_num_classes,
+    create_ffcv_loaders,
+    open_beton,
+    write_beton,
+    write_imagenet,
+)
+from gdnsq.data.imagefolder import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    create_imagefolder_loaders,
+)
 from gdnsq.data.synthetic import make_jpeg_imagefolder  # noqa: E402
+from gdnsq.errors import DataError  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gdnsq.config import load_config
-from gdnsq.pipeline import run_job
+from gdnsq.training.job import run_job
 
 OVERRIDES = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "data.batch_size": 128, "train.teacher_epochs": 1,
              "schedule.warmup_steps": 2, "ray.enabled": False, "tracking.enabled": False,

@@ -11,12 +11,19 @@ import timm
 import torch
 
 from gdnsq.config import JobConfig, ModelConfig, QuantConfig, to_dict
-from gdnsq.export import (ExportError, code_flips, export_onnx, export_packed, load_packed, read_manifest,
-                          run_onnx)
+from gdnsq.errors import ExportError
+from gdnsq.export import (
+    code_flips,
+    export_onnx,
+    export_packed,
+    load_packed,
+    read_manifest,
+    run_onnx,
+)
 from gdnsq.export.container import pack_bits, unpack_bits
 from gdnsq.export.grids import container_dtype
 from gdnsq.quant.layers import iter_quantized
-from gdnsq.surgery import build_student, calibrate_model, quantize_model
+from gdnsq.training.surgery import build_student, calibrate_model, quantize_model
 
 PACKED_TOL = 1e-5
 ONNX_TOL = 1e-4

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import re
-
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
 from gdnsq.cli import main
-from gdnsq.config import ConfigError, load_config
+
+from gdnsq.config import load_config
+from gdnsq.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"

@@ -8,11 +8,12 @@ import torch.nn.functional as tF
 from torch import nn
 
 from gdnsq.config import QuantConfig, QuantRuleConfig
+from gdnsq.errors import SurgeryError
 from gdnsq.quant import QConv2d, QLinear, QuantSpec, iter_quantized
 from gdnsq.quant.functional import exact_quantize, integer_codes
 from gdnsq.quant.quantizer import ActivationQuantizer, WeightQuantizer
-from gdnsq.stats import bits_table
-from gdnsq.surgery import SurgeryError, calibrate_model, fold_batchnorm, plan, quantize_model
+from gdnsq.training.bits import bits_table
+from gdnsq.training.surgery import calibrate_model, fold_batchnorm, plan, quantize_model
 
 
 def test_weight_calibration_sets_init_bits_per_channel():

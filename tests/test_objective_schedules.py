@@ -5,9 +5,20 @@ import pytest
 import torch
 
 from gdnsq.config import ObjectiveConfig, ScheduleConfig
-from gdnsq.objective import (GDNSQObjective, exterior_penalty, jeffreys_divergence, kl_divergence, ns_top1,
-                             task_loss)
-from gdnsq.schedules import ScheduleState, lr_factor, next_noise_ratio, temperature_increment
+from gdnsq.training.objective import (
+    GDNSQObjective,
+    exterior_penalty,
+    jeffreys_divergence,
+    kl_divergence,
+    ns_top1,
+    task_loss,
+)
+from gdnsq.training.schedules import (
+    ScheduleState,
+    lr_factor,
+    next_noise_ratio,
+    temperature_increment,
+)
 
 
 def test_jeffreys_zero_on_equal_and_symmetric():
@@ -42,8 +53,8 @@ def test_penalty_zero_inside_positive_outside():
 
 def _tiny_quantized(target=2.0, bits=8.0):
     from gdnsq.config import QuantConfig
-    from gdnsq.models import SmallCNN
-    from gdnsq.surgery import calibrate_model, quantize_model
+    from gdnsq.training.models import SmallCNN
+    from gdnsq.training.surgery import calibrate_model, quantize_model
 
     m = SmallCNN(width=4)
     quantize_model(m, QuantConfig(target_w=target, target_a=target))

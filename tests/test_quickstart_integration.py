@@ -1,11 +1,11 @@
 """GDNSQ on the bundled digits: from ~8 bits down to the target with every layer converged."""
 import pytest
 import torch
+from gdnsq.cli.main import _quickstart_config
 
-from gdnsq.cli import _quickstart_config
 from gdnsq.config import load_config
-from gdnsq.models import create_model
-from gdnsq.pipeline import create_loaders, prepare_teacher
+from gdnsq.data.loaders import create_loaders
+from gdnsq.training.job import prepare_teacher
 
 # Two full quick-start runs (20 epochs each, ~1 min each on 2 idle cores) against the issue's thresholds.
 # Measured here with this config: W2A2 95.1 % vs FP 95.8 % (test), W4A4 96.9 %; every layer converged.
@@ -23,7 +23,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def _quantize(ckpt, target):
-    from gdnsq.pipeline import run_job
+    from gdnsq.training.job import run_job
 
     cfg = load_config(_quickstart_config(), {"ray.enabled": False, "tracking.enabled": False,
                                              "model.checkpoint": ckpt, "quant.target_w": target,

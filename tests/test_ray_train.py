@@ -15,8 +15,9 @@ pytest.importorskip("ray.train")
 
 from ray_cluster import LocalCluster  # noqa: E402
 
-from gdnsq.config import ConfigError, JobConfig, load_config  # noqa: E402
-from gdnsq.train import KillWorker, fit  # noqa: E402
+from gdnsq.config import JobConfig, load_config  # noqa: E402
+from gdnsq.errors import ConfigError
+from gdnsq.launch.ray_train import KillWorker, fit  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,

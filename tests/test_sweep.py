@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (gdnsq.sweep) on a real local Ray cluster and a throwaway sqlite MLflow store.
+"""Ray Tune sweeps (gdnsq.launch.sweep) on a real local Ray cluster and a throwaway sqlite MLflow store.
 
 One single-node cluster (3 logical CPUs: two 1-worker trials plus their drivers, with headroom)
 serves the module. Trials are kept tiny: an FP teacher trained once in a fixture and passed as
@@ -23,7 +23,8 @@ pytest.importorskip("ray.tune")
 
 from ray_cluster import LocalCluster  # noqa: E402
 
-from gdnsq.sweep import SweepError, load_sweep  # noqa: E402
+from gdnsq.errors import SweepError
+from gdnsq.launch.sweep import load_sweep  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,
@@ -52,7 +53,7 @@ def teacher(tmp_path_factory) -> str:
 
     from gdnsq.config import ModelConfig
     from gdnsq.data.bundled import create_bundled_loaders
-    from gdnsq.models import create_model
+    from gdnsq.training.models import create_model
 
     torch.manual_seed(0)
     train, _, _, nc, ch = create_bundled_loaders(64, seed=0)
@@ -96,7 +97,7 @@ def live_placement_groups() -> list[dict]:
 def test_asha_sweep_stops_weak_trials_and_registers_the_best(cluster, teacher, tmp_path, caplog):
     from mlflow import MlflowClient
 
-    from gdnsq.sweep import run_sweep
+    from gdnsq.launch.sweep import run_sweep
 
     space = {"quant.init_bits": {"grid": [5, 12]}, "optim.lr": {"grid": [0.002, 0.001]}}
     over = settings(cluster, tmp_path, teacher, "asha", space, **{
@@ -304,7 +305,7 @@ def test_overrides_reach_the_base_job_and_the_sweep_section():
 
 def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
     """Exit status 2, one line on stderr, in a fresh process that never imports Ray."""
-    code = ("import sys\nfrom gdnsq.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import sys\nfrom gdnsq.cli.main import main\nrc = main(sys.argv[1:])\n"
             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\nsys.exit(rc)\n")
     for space, message in (BAD_SPACES["unknown_key"], BAD_SPACES["empty"]):
         path = write_sweep(tmp_path, space)

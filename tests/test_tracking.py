@@ -17,13 +17,19 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from gdnsq.tracking.registry import parse_ref
+from gdnsq.tracking.run import (
+    create_tracker,
+    is_secret_key,
+    metric_key,
+    scrub_value,
+)
 
 from gdnsq.config import JobConfig
-from gdnsq.stats import bits_table
-from gdnsq.surgery import build_student, calibrate_model
-from gdnsq.tracking import create_tracker, is_secret_key, metric_key, scrub_value
-from gdnsq import registry
-from gdnsq.registry import RegistryError, parse_ref
+from gdnsq.errors import RegistryError
+from gdnsq.tracking.run import registry
+from gdnsq.training.bits import bits_table
+from gdnsq.training.surgery import build_student, calibrate_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

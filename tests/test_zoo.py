@@ -8,14 +8,20 @@ import torch
 import yaml
 from torch import nn
 
-from gdnsq.config import ConfigError, ObjectiveConfig, QuantConfig, load_config
-from gdnsq.models import SmallCNN
-from gdnsq.objective import GDNSQObjective, bit_penalties, converged, extra_losses
+from gdnsq.config import ObjectiveConfig, QuantConfig, load_config
+from gdnsq.errors import ConfigError
 from gdnsq.quant import QConv2d, QuantSpec, available_methods, iter_quantized
 from gdnsq.quant import functional as F
 from gdnsq.quant.zoo import bnnpp, codeq, common, dorefa, lsq, pact, pege
-from gdnsq.stats import bits_table
-from gdnsq.surgery import calibrate_model, quantize_model
+from gdnsq.training.bits import bits_table
+from gdnsq.training.models import SmallCNN
+from gdnsq.training.objective import (
+    GDNSQObjective,
+    bit_penalties,
+    converged,
+    extra_losses,
+)
+from gdnsq.training.surgery import calibrate_model, quantize_model
 
 D = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -462,7 +468,7 @@ def test_objective_adds_the_extra_loss_terms():
 
 
 def test_engine_drives_set_progress_through_the_run():
-    from gdnsq.engine import Engine
+    from gdnsq.training.engine import Engine
 
     cfg = load_config(None, {"quant.method": "pege", "train.epochs": 2, "objective.distill": "ce",
                              "schedule.warmup_steps": 1, "optim.name": "adamw"})
@@ -495,7 +501,7 @@ def test_pipeline_runs_a_zoo_method_end_to_end(tmp_path, monkeypatch):
     import functools
 
     from gdnsq.data import bundled
-    from gdnsq.pipeline import run_job
+    from gdnsq.training.job import run_job
 
     # the pipeline builds its loaders twice; decode the bundled digits once
     monkeypatch.setattr(bundled, "load_bundled", functools.lru_cache(maxsize=1)(bundled.load_bundled))

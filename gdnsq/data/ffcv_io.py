@@ -27,8 +27,13 @@ import numpy as np
 import torch
 
 from gdnsq.config import DataConfig
-from gdnsq.data.errors import DataError
-from gdnsq.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, open_imagefolder, world_and_rank
+from gdnsq.data.imagefolder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    open_imagefolder,
+    world_and_rank,
+)
+from gdnsq.errors import DataError
 
 # FFCV normalises uint8 pixels, so the ImageNet statistics are scaled to [0, 255].
 _MEAN_255 = np.array(IMAGENET_MEAN) * 255
@@ -210,9 +215,20 @@ def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.dev
     int64 ``(B,)``, both on ``device``. With ``distributed`` (torch.distributed initialised)
     each rank reads its own share. Train drops the last partial batch; val keeps it.
     """
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.decoders import (
+        CenterCropRGBImageDecoder,
+        IntDecoder,
+        RandomResizedCropRGBImageDecoder,
+    )
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import (
+        NormalizeImage,
+        RandomHorizontalFlip,
+        Squeeze,
+        ToDevice,
+        ToTensor,
+        ToTorchImage,
+    )
 
     if cfg.img_size > cfg.val_resize:
         raise DataError(f"data.img_size ({cfg.img_size}) must be <= data.val_resize ({cfg.val_resize})")

@@ -10,7 +10,7 @@ The ONNX side imports onnxscript/onnxruntime only when called.
 """
 from __future__ import annotations
 
-from .container import ExportError
+from ..errors import ExportError
 from .packed import FORMAT, export_packed, load_packed, read_manifest
 from .recipe import build_from_recipe, infer_recipe, recipe_from_config
 from .report import format_report, measure_macs

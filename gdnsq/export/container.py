@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ExportError
+
 MAGIC = b"GDNSQPK1"
 _PREAMBLE = struct.Struct("<8sQQ32s")  # magic, manifest length, data length, manifest sha256
 _CHUNK = 1 << 20  # elements per pack/unpack chunk (a multiple of 8, so chunks stay byte-aligned)
 
-
-class ExportError(ValueError):
-    """A file that cannot be written or read back; the message is one line naming the file."""
 
 
 def sha256(data: bytes | memoryview) -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import ExportError
 from ..quant import functional as F
-from .container import ExportError
 
 
 @dataclass

@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
 
+from ..errors import ExportError
 from ..quant import functional as F
 from ..quant.layers import QConv2d, iter_quantized
 from . import report as rep
-from .container import ExportError, f32
+from .container import f32
 from .grids import act_grid, container_dtype, weight_grid
 
 FORMAT = "gdnsq-onnx-qdq/1"

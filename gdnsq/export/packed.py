@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from ..quant.layers import iter_quantized
 from . import report as rep
-from .container import ExportError, f32, pack_bits, read_container, unpack_bits, write_container
+from .container import f32, pack_bits, read_container, unpack_bits, write_container
 from .grids import WeightGrid, act_grid, weight_grid
 from .recipe import build_from_recipe, check_recipe, infer_recipe, plan_of
 
@@ -118,7 +119,7 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, fp_dtype: str = 
         raise ExportError(f"{path}: fp_dtype must be one of {', '.join(FP_DTYPES)}, got {fp_dtype!r}")
     layers = list(iter_quantized(model))
     if not layers:
-        raise ExportError(f"{path}: the model has no quantized layer (run gdnsq.surgery.quantize_model first)")
+        raise ExportError(f"{path}: the model has no quantized layer (run gdnsq.training.surgery.quantize_model first)")
     if recipe is None:
         recipe = infer_recipe(model)
     else:

@@ -3,7 +3,7 @@
 Two builders:
 
 * ``{"builder": "gdnsq", "config": <JobConfig dict>, "num_classes": N, "in_chans": C}`` —
-  :func:`gdnsq.surgery.build_student`, for models trained by a gdnsq job (what the CLI writes);
+  :func:`gdnsq.training.surgery.build_student`, for models trained by a gdnsq job (what the CLI writes);
 * ``{"builder": "timm", "name": <timm name>, "kwargs": {...}, "batchnorm": "keep"|"freeze"|"fold",
   "plan": [{"name", "kind", "spec"}, ...]}`` — ``timm.create_model`` then the surgery plan replayed
   layer by layer (each entry's ``spec`` is a :class:`QuantSpec` dict), for any quantized timm model.
@@ -19,8 +19,8 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from ..quant.layers import QConv2d, QLinear, QuantSpec, iter_quantized
-from .container import ExportError
 
 
 def plan_of(model: nn.Module) -> list[dict]:
@@ -139,7 +139,7 @@ def build_from_recipe(recipe: dict) -> nn.Module:
     try:
         if builder == "gdnsq":
             from ..config import config_from_dict
-            from ..surgery import build_student
+            from ..training.surgery import build_student
 
             data = copy.deepcopy(recipe["config"])
             # Weights come from the packed file: the FP checkpoint and pretrained downloads are not needed.
@@ -148,8 +148,8 @@ def build_from_recipe(recipe: dict) -> nn.Module:
         elif builder == "timm":
             import timm
 
-            from .. import models  # noqa: F401 - registers gdnsq's own timm models
-            from ..surgery import fold_batchnorm, freeze_batchnorm
+            from ..training import models  # noqa: F401 - registers gdnsq's own timm models
+            from ..training.surgery import fold_batchnorm, freeze_batchnorm
 
             model = timm.create_model(recipe["name"], pretrained=False, **recipe.get("kwargs", {}))
             if recipe.get("batchnorm") == "fold":

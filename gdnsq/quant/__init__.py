@@ -2,8 +2,15 @@
 
 Importing this package never imports Ray, MLflow or FFCV.
 """
-from .layers import (QConv2d, QLinear, QuantSpec, iter_quantized, iter_quantizers, quantizer_parameters,
-                     set_noise_ratio)
+from .layers import (
+           QConv2d,
+           QLinear,
+           QuantSpec,
+           iter_quantized,
+           iter_quantizers,
+           quantizer_parameters,
+           set_noise_ratio,
+)
 from .methods import available_methods, register_method
 from .quantizer import ActivationQuantizer, WeightQuantizer
 

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
 
-from .quantizer import ActivationQuantizer, WeightQuantizer
-
 
 class QuantSpec:
     """Per-layer settings decided by surgery: targets, granularity, estimator, method."""
@@ -30,7 +28,9 @@ class QuantSpec:
 
 def create_quantizers(weight_shape: torch.Size, spec: QuantSpec) -> tuple[nn.Module, nn.Module | None]:
     """Weight and activation quantizers for a method name (the method zoo registers more)."""
-    from .methods import create_method_quantizers  # late import: zoo modules import this file
+    from .methods import (
+        create_method_quantizers,  # late import: zoo modules import this file
+    )
 
     return create_method_quantizers(weight_shape, spec)
 

@@ -103,7 +103,7 @@ class BNNppActQuantizer(_Annealed, FixedBitActQuantizer):
 
 @register_method("bnnpp")
 def create_bnnpp(weight_shape, spec):
-    from ...config import ConfigError
+    from ...errors import ConfigError
 
     args = method_args(spec, "bnnpp", DEFAULTS)
     if int_bits(spec.target_w) != 1 or int_bits(spec.target_a) != 1:

@@ -71,7 +71,7 @@ class CoDeQWeightQuantizer(FixedBitWeightQuantizer):
                  sparsity_weight: float = 0.001, init_dead_zone: float = 0.5):
         super().__init__(weight_shape, bits, per_channel=per_channel)
         if self.n_bits < 2:
-            from ...config import ConfigError
+            from ...errors import ConfigError
 
             raise ConfigError("quant.target_w: codeq needs at least 2 bits (a 1-bit grid has no zero level to prune to)")
         self.qmax = 2 ** (self.n_bits - 1) - 1

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..quantizer import decide_signed
 
-
 # ------------------------------------------------------------------------------------ STE pieces
 
 
@@ -254,7 +253,7 @@ def method_args(spec, method: str, defaults: dict[str, float]) -> dict[str, floa
     given = dict(getattr(spec, "method_args", None) or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        from ...config import ConfigError
+        from ...errors import ConfigError
 
         raise ConfigError(f"quant.method_args.{unknown[0]}: not a setting of method {method!r} "
                           f"(known: {', '.join(sorted(defaults)) or 'none'})")

@@ -21,8 +21,15 @@ import torch
 from torch import Tensor
 
 from ..methods import register_method
-from .common import (FixedBitActQuantizer, FixedBitWeightQuantizer, fake_quant_ste, int_bits, method_args,
-                     range_grid, round_ste)
+from .common import (
+    FixedBitActQuantizer,
+    FixedBitWeightQuantizer,
+    fake_quant_ste,
+    int_bits,
+    method_args,
+    range_grid,
+    round_ste,
+)
 
 
 class DoReFaWeightQuantizer(FixedBitWeightQuantizer):

@@ -22,8 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import register_method
-from .common import (FixedBitActQuantizer, FixedBitWeightQuantizer, int_bits, lsq_grid, lsq_levels, lsq_quantize,
-                     method_args)
+from .common import (
+    FixedBitActQuantizer,
+    FixedBitWeightQuantizer,
+    int_bits,
+    lsq_grid,
+    lsq_levels,
+    lsq_quantize,
+    method_args,
+)
 
 
 def lsq_init_step(abs_mean: Tensor, qp: int) -> Tensor:

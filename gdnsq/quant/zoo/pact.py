@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import register_method
-from .common import FixedBitActQuantizer, fake_quant_ste, int_bits, method_args, range_grid
+from .common import (
+    FixedBitActQuantizer,
+    fake_quant_ste,
+    int_bits,
+    method_args,
+    range_grid,
+)
 from .dorefa import DoReFaWeightQuantizer
 
 DEFAULTS = {"alpha_l2": 0.0}

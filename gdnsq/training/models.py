@@ -8,7 +8,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..errors import ConfigError
 
 
 class SmallCNN(nn.Module):

@@ -14,22 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import JobConfig, OptimConfig
+from ..config import JobConfig, OptimConfig
+from ..quant.layers import iter_quantizers, quantizer_parameters, set_noise_ratio
 from .objective import GDNSQObjective, converged
-from .quant.layers import iter_quantizers, quantizer_parameters, set_noise_ratio
+from .runtime import all_reduce_sum, unwrap
 from .schedules import ScheduleState
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("train.device: cuda requested but no GPU is visible")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -65,18 +54,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[s
         total += y.numel()
     model.train(was_training)
     counts = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=device)
-    _all_reduce_sum(counts)  # sharded val loaders: every rank must see the same metrics (early stopping)
+    all_reduce_sum(counts)  # sharded val loaders: every rank must see the same metrics (early stopping)
     correct1, correct5, total, loss_sum = counts.tolist()
     if total == 0:
         raise ValueError("evaluation loader yielded no samples")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
-
-
-def _all_reduce_sum(t: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
 
 
 def train_fp(model: nn.Module, loader: Iterable, epochs: int, lr: float, device: torch.device,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 
 def cmd_sweep(args, extra) -> int:
-    from .config import parse_cli_overrides
-    from .runner import write_json_atomic
-    from .sweep import format_table, run_sweep
+    from ..config import parse_cli_overrides
+    from ..launch.storage import write_json_atomic
+    from ..launch.sweep import format_table, run_sweep
 
     summary = run_sweep(args.config, parse_cli_overrides(extra), resume=args.resume)
     print()

@@ -1,13 +1,13 @@
 """``gdnsq submit`` and ``gdnsq jobs``: run job files on a Ray cluster through its job server.
 
-The logic, and how the cluster token reaches this machine, is in :mod:`gdnsq.submit`.
+The logic, and how the cluster token reaches this machine, is in :mod:`gdnsq.launch.submit`.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from .config import parse_cli_overrides
+from ..config import parse_cli_overrides
 
 ADDRESS_HELP = "job server URL, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
 TOKEN_HELP = ("Token auth: the cluster token is read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or "
@@ -52,7 +52,7 @@ def _fail(e: Exception) -> int:
 
 
 def cmd_submit(args, extra) -> int:
-    from . import submit as sm
+    from ..launch import submit as sm
 
     sub = sm.build_submission(args.job, parse_cli_overrides(extra), name=args.name,
                               submission_id=args.submission_id, working_dir=args.working_dir,
@@ -76,7 +76,7 @@ def cmd_submit(args, extra) -> int:
 
 
 def cmd_jobs(args, extra) -> int:
-    from . import submit as sm
+    from ..launch import submit as sm
 
     try:
         if args.action == "list":

@@ -1,7 +1,7 @@
 """MLflow run tracking: config, per-layer bit-widths, plots; robust to a tracking server that is down.
 
 Edge module: the training driver, the sweep and the CLI import it; the core (quant, objective,
-engine) never does, and MLflow itself is imported lazily so ``import gdnsq.tracking`` stays cheap.
+engine) never does, and MLflow itself is imported lazily so ``import gdnsq.tracking.run`` stays cheap.
 
 Every MLflow call goes through an *outbox*: the training thread appends one JSON line to a journal
 on disk and returns at once; a daemon thread delivers the lines in order (metric lines merged into
@@ -9,7 +9,7 @@ on disk and returns at once; a daemon thread delivers the lines in order (metric
 down or slow server never blocks a training step, memory stays bounded (the backlog is on disk),
 and a retried metric is harmless (the store deduplicates identical key/step/timestamp/value rows).
 ``finish`` waits a bounded time; anything still undelivered stays in the outbox folder, which
-``replay(folder)`` (``python -m gdnsq.tracking replay FOLDER``) delivers later.
+``replay(folder)`` (``python -m gdnsq.tracking.run replay FOLDER``) delivers later.
 
 Store: ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/.gdnsq/mlflow.db``. Experiments
 in a non-server store get an explicit artifact location next to the database (without one, a run
@@ -35,7 +35,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .config import flatten, to_dict
+from ..config import flatten, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _param_str(value: Any) -> str:
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str]:
     """Tags naming the code: package version, git commit (and '.dirty') when run from a checkout."""
-    from . import __version__
+    from .. import __version__
 
     tags = {"gdnsq.version": __version__, "gdnsq.code_version": __version__}
     here = Path(__file__).resolve().parent
@@ -795,7 +795,7 @@ class RunTracker:
             shutil.rmtree(self.outbox.folder, ignore_errors=True)
         else:
             log.warning("MLflow store unreachable: %d calls kept in %s; deliver them with "
-                        "`python -m gdnsq.tracking replay %s`", self.outbox.pending(), self.outbox.folder,
+                        "`python -m gdnsq.tracking.run replay %s`", self.outbox.pending(), self.outbox.folder,
                         self.outbox.folder)
         if self.outbox.dropped:
             log.warning("MLflow refused %d calls of run %s (see warnings above)", self.outbox.dropped, self.run_id)
@@ -877,7 +877,7 @@ def _finish_leftovers() -> None:
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m gdnsq.tracking", description="Deliver a leftover MLflow outbox.")
+    p = argparse.ArgumentParser(prog="python -m gdnsq.tracking.run", description="Deliver a leftover MLflow outbox.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("replay")
     r.add_argument("folder")

@@ -46,7 +46,8 @@ from typing import Any, Iterator, TextIO
 
 import yaml
 
-from .config import ConfigError, JobConfig, load_config
+from ..config import JobConfig, load_config
+from ..errors import ClusterError, ConfigError
 
 DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 # gitignore-style patterns relative to the working dir; "/gdnsq" only at its top (see the module docstring).
@@ -54,9 +55,6 @@ EXCLUDES = [".venv", ".git", "runs", "out", ".gdnsq", "mlruns", "__pycache__", "
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _CHECKPOINT_MISSING = "model.checkpoint: no such file"
 
-
-class ClusterError(RuntimeError):
-    """The job server could not be reached or refused a request; the message is one line."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ A sweep file is a job file (the base job) plus a ``sweep:`` section::
 
 Everything is validated before Ray starts (:func:`load_sweep`, one-line :class:`SweepError`).
 :func:`run_sweep` is the driver: Tune runs :func:`run_trial` per trial, which builds the trial's
-JobConfig from base + sampled params and fits it with :func:`gdnsq.train.fit` (Train V2's
+JobConfig from base + sampled params and fits it with :func:`gdnsq.launch.ray_train.fit` (Train V2's
 driver-function pattern; per-epoch metrics reach Tune through ``TuneReportCallback``). Trial runs
 are named ``<sweep>-<trial_id>`` (no timestamps) and live in ``<storage>/<sweep>/trials``, so a
 restored sweep (``resume=True``) finds and resumes them from their own checkpoints.
@@ -43,7 +43,16 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, JobConfig, apply_overrides, from_dict, known_keys, read_yaml, to_dict
+from ..config import (
+    JobConfig,
+    apply_overrides,
+    from_dict,
+    known_keys,
+    read_yaml,
+    to_dict,
+)
+from ..errors import ConfigError, SweepError
+from .storage import exists, read_json, storage_root, write_bytes
 
 log = logging.getLogger("gdnsq")
 
@@ -56,9 +65,6 @@ STATE_FILE = "gdnsq_sweep.json"
 SUMMARY_STEM = "sweep_summary"
 TRIALS_DIR = "trials"
 
-
-class SweepError(ValueError):
-    """A bad sweep definition or sweep state; the message is one line and names the key."""
 
 
 @dataclass(kw_only=True)
@@ -283,8 +289,8 @@ def run_trial(params: dict, *, base: dict, sweep_name: str, trials_dir: str, par
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .ray_train import fit
     from .sweep import PlacementGroupRecorder
-    from .train import fit
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, sweep_name, trial_id, trials_dir)
@@ -367,7 +373,11 @@ def _define_ray_classes() -> None:
             try:
                 from ray._raylet import PlacementGroupID
                 from ray.experimental.internal_kv import _internal_kv_get
-                from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+                from ray.util.placement_group import (
+                    PlacementGroup,
+                    placement_group_table,
+                    remove_placement_group,
+                )
 
                 table = placement_group_table()
                 for trial_id, tries in list(self.pending.items()):
@@ -430,34 +440,6 @@ def plan_concurrency(plan: SweepPlan, use_gpu: bool, cluster: dict[str, float]) 
     return n
 
 
-def _fs(uri: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def _exists(uri: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = _fs(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def _read_json(uri: str) -> dict | None:
-    if not _exists(uri):
-        return None
-    fs, path = _fs(uri)
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    fs, path = _fs(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
 def _create_tuner(plan: SweepPlan, trainable, storage: str, concurrency: int):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -497,21 +479,19 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
     reported and ignored): its finished trials are kept, and unfinished ones resume their runs.
     """
     plan = load_sweep(path, overrides)  # before anything imports or starts Ray
-    storage = plan.job.ray.storage_path or "runs"
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
+    storage = storage_root(plan.job)
     experiment = f"{storage.rstrip('/')}/{plan.sweep.name}"
     trials_dir = f"{experiment}/{TRIALS_DIR}"
     state_uri = f"{experiment}/{STATE_FILE}"
-    state = _read_json(state_uri)
-    if not resume and (state is not None or _exists(experiment)):
+    state = read_json(state_uri)
+    if not resume and (state is not None or exists(experiment)):
         raise SweepError(f"sweep.name: {plan.sweep.name!r} already exists at {experiment}; pass --resume to "
                          "continue it, or choose another sweep.name")
 
     import ray
     from ray import tune
 
-    from .train import check_resources, connect, resolve_use_gpu
+    from .ray_train import check_resources, connect, resolve_use_gpu
 
     if resume and (state is None or not tune.Tuner.can_restore(experiment)):
         raise SweepError(f"--resume: no sweep {plan.sweep.name!r} to resume at {experiment}")
@@ -523,7 +503,7 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
     base = _abs_paths(plan.base)
     base.setdefault("ray", {})["use_gpu"] = use_gpu
     if plan.job.tracking.enabled:
-        from .tracking import resolve_tracking_uri
+        from ..tracking.run import resolve_tracking_uri
 
         base.setdefault("tracking", {})["uri"] = resolve_tracking_uri(plan.job.tracking.uri)
     if resume:
@@ -536,7 +516,7 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
     parent = _parent_tracker(job, plan, (state or {}).get("parent_run_id"))
     parent_run_id = parent.run_id if parent is not None else None
     if not resume:
-        _write_bytes(state_uri, json.dumps({"name": plan.sweep.name, "parent_run_id": parent_run_id,
+        write_bytes(state_uri, json.dumps({"name": plan.sweep.name, "parent_run_id": parent_run_id,
                                             "base": base, "sweep": to_dict(plan.sweep)}, indent=1).encode())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep_name=plan.sweep.name, trials_dir=trials_dir,
@@ -598,7 +578,7 @@ def summarize(results, plan: SweepPlan, trials_dir: str) -> tuple[dict, dict[str
         if has_rows and "checkpoint_path" in df:
             paths = df["checkpoint_path"].dropna()
             ckpt = str(paths.iloc[-1]) if len(paths) else None
-        run_summary = _read_json(f"{trials_dir}/{name}/summary.json")
+        run_summary = read_json(f"{trials_dir}/{name}/summary.json")
         if run_summary is not None:
             run_summaries[trial_id] = run_summary
         status = "error" if result.error else ("completed" if run_summary is not None else "stopped")
@@ -639,9 +619,10 @@ def register_best(best: dict, run_summary: dict | None, base: dict, sweep_name: 
     import torch
     from ray.train import Checkpoint
 
-    from .registry import RegistryError, register_model
-    from .surgery import build_student
-    from .train import CHECKPOINT_FILE
+    from ..errors import RegistryError
+    from ..tracking.registry import register_model
+    from ..training.surgery import build_student
+    from .ray_train import CHECKPOINT_FILE
 
     if not (best.get("ns_top1") or 0) > 0:
         log.info("not registering: the best trial %s did not converge to its bit targets", best["trial_id"])
@@ -674,8 +655,8 @@ def _parent_tracker(job: JobConfig, plan: SweepPlan, run_id: str | None):
     """The sweep's MLflow run (reattached on resume); None when tracking is off."""
     if not job.tracking.enabled:
         return None
-    from .config import flatten
-    from .tracking import RunTracker, scrub_tree
+    from ..config import flatten
+    from ..tracking.run import RunTracker, scrub_tree
 
     # A longer first wait than a trial's: the trials need the parent's run id before they start.
     tracker = RunTracker(job.tracking.uri, job.tracking.experiment, run_id=run_id, run_name=plan.sweep.name,
@@ -819,7 +800,7 @@ def _save_summary(summary: dict, experiment: str, parent) -> None:
         files[f"{SUMMARY_STEM}.png"] = png
     summary["files"] = {}
     for name, data in files.items():
-        _write_bytes(f"{experiment}/{name}", data)
+        write_bytes(f"{experiment}/{name}", data)
         summary["files"][name.rsplit(".", 1)[-1]] = f"{experiment}/{name}"
     if parent is None:
         return

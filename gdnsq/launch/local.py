@@ -1,21 +1,20 @@
 """Run a job where the config says: through Ray Train (default) or in-process (``ray.enabled: false``)."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-from .config import JobConfig
+from ..config import JobConfig
+from .storage import storage_root
 
 
 def run_local(cfg: JobConfig) -> dict:
     """In-process run, no Ray: checkpoints to runs/<name>/checkpoint.pt, resumed if present."""
     import torch
 
-    from .pipeline import run_job
+    from ..training.job import run_job
 
-    run_dir = Path(cfg.ray.storage_path or "runs") / cfg.name
+    run_dir = Path(storage_root(cfg)) / cfg.name
     ckpt_path = run_dir / "checkpoint.pt"
     resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
 
@@ -32,8 +31,8 @@ def preflight(cfg: JobConfig) -> None:
     """Checks that need no data loading or Ray, so bad input fails in one line before anything starts."""
     import timm
 
-    from . import models  # noqa: F401 - registers gdnsq's own timm models
-    from .config import ConfigError
+    from ..errors import ConfigError
+    from ..training import models  # noqa: F401 - registers gdnsq's own timm models
 
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name: unknown timm model {cfg.model.name!r}")
@@ -47,16 +46,7 @@ def preflight(cfg: JobConfig) -> None:
 def run(cfg: JobConfig) -> dict:
     preflight(cfg)
     if cfg.ray.enabled:
-        from .train import fit
+        from .ray_train import fit
 
         return fit(cfg)
     return run_local(cfg)
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

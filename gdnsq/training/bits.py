@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .quant.layers import iter_quantized
+from ..quant.layers import iter_quantized
 
 
 def bits_table(model: nn.Module) -> list[dict]:

@@ -7,7 +7,7 @@ A registered version is one MLflow model directory holding two views of the same
   without unpickling code, and needs neither gdnsq nor timm.
 * ``extra_files/`` — gdnsq-native files: ``state_dict.safetensors``, ``config.json``, ``manifest.json``
   (per-layer bits, accuracy, bytes, BOPs). :func:`load_model` rebuilds the real student class from
-  them with :func:`gdnsq.surgery.build_student`, so it can be trained on, exported, or inspected.
+  them with :func:`gdnsq.training.surgery.build_student`, so it can be trained on, exported, or inspected.
 
 The ``champion`` alias moves to a new version only when its ``ns_top1`` tag beats the champion's.
 Functions return plain data and print nothing (the CLI formats).
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import config_from_dict, to_dict
-from .tracking import metric_key, resolve_tracking_uri, scrub_tree, scrub_value
+from ..config import config_from_dict, to_dict
+from ..errors import RegistryError
+from .run import metric_key, resolve_tracking_uri, scrub_tree, scrub_value
 
 CHAMPION = "champion"
 NATIVE_DIR = "extra_files"  # where mlflow.pytorch puts ``extra_files`` inside the model directory
@@ -41,9 +42,6 @@ MANIFEST_FORMAT = "gdnsq-model/1"
 FP_BITS = 32
 MAX_DESCRIPTION = 5000  # model version descriptions are VARCHAR(5000) in MLflow's SQL schema
 
-
-class RegistryError(LookupError):
-    """A bad model reference or an unusable registry; the message is one line."""
 
 
 # ------------------------------------------------------------------------------------ names, refs
@@ -300,7 +298,7 @@ def _model_card(name: str, manifest: dict) -> str:
         f"| size FP32 / packed | {m['bytes_fp32']:,} B / {m['bytes_packed']:,} B (x{m['compression']}) |",
         f"| BOPs | {m['bops'] / 1e9:.4g} G (FP32: {m['bops_fp32'] / 1e9:.4g} G) |",
         f"| converged | {m.get('converged')} |", "",
-        "Load: `gdnsq.registry.load_model(\"NAME@champion\")` (the gdnsq student) or "
+        "Load: `gdnsq.tracking.registry.load_model(\"NAME@champion\")` (the gdnsq student) or "
         "`mlflow.pytorch.load_model(\"models:/NAME@champion\")` (exported graph).".replace("NAME", name), "",
         "| layer | kind | W bits | A bits | params | MACs |", "|---|---|---|---|---|---|",
     ]
@@ -334,7 +332,7 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
                    name: str | None = None, tracking_uri: str | None = None, alias: str = CHAMPION) -> dict:
     """Log the eval-mode student (pt2 + native files) to the run, register a version, maybe promote.
 
-    ``tracker_or_run_id``: a :class:`gdnsq.tracking.RunTracker` (flushed first; its store is used) or a
+    ``tracker_or_run_id``: a :class:`gdnsq.tracking.run.RunTracker` (flushed first; its store is used) or a
     run id in ``tracking_uri`` / ``cfg.tracking.uri``. ``summary``: the end-of-training summary
     (``ns_top1`` decides the ``champion`` alias; ``layers`` = bits table, recomputed if absent).
     Returns ``{name, version, model_uri, model_id, run_id, champion, champion_version, ns_top1, manifest}``.
@@ -342,8 +340,8 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
     import mlflow
     from mlflow.models import infer_signature
 
-    from . import __version__
-    from .stats import bits_table
+    from .. import __version__
+    from ..training.bits import bits_table
 
     if isinstance(tracker_or_run_id, str):
         run_id, uri = tracker_or_run_id, resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
@@ -443,7 +441,7 @@ def load_model(ref: str, device: str | torch.device = "cpu", *, allow_pickle: bo
     ``ref``: ``NAME@ALIAS``, ``NAME/VERSION``, ``NAME`` (latest), ``models:/...``, or a folder written
     by :func:`pull_model`. Weights come from safetensors / ``torch.load(weights_only=True)``; nothing
     is unpickled unless ``allow_pickle=True``. ``builder(cfg, num_classes, in_chans)`` replaces
-    ``gdnsq.surgery.build_student`` (tests, custom architectures).
+    ``gdnsq.training.surgery.build_student`` (tests, custom architectures).
     """
     if os.path.isdir(ref):
         return _load_native(Path(ref), device, allow_pickle, builder)
@@ -465,7 +463,7 @@ def _load_native(folder: Path, device, allow_pickle: bool, builder) -> nn.Module
     data.setdefault("model", {}).update(checkpoint=None, pretrained=False)
     cfg = config_from_dict(data)
     if builder is None:
-        from .surgery import build_student as builder
+        from ..training.surgery import build_student as builder
     model = builder(cfg, manifest["num_classes"], manifest["in_chans"])
     model.load_state_dict(_read_weights(folder, allow_pickle))
     return model.eval().to(device)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ObjectiveConfig
-from .quant.layers import iter_quantized, iter_quantizers
+from ..config import ObjectiveConfig
+from ..quant.layers import iter_quantized, iter_quantizers
 
 
 def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import ScheduleConfig
+from ..config import ScheduleConfig
 
 
 def lr_factor(step: int, warmup_steps: int, converged_step: int | None, anneal: float,

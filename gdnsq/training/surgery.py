@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ConfigError, JobConfig, QuantConfig
-from .quant.layers import QConv2d, QLinear, QuantSpec, iter_quantized, iter_quantizers
-
+from ..config import JobConfig, QuantConfig
+from ..errors import SurgeryError
+from ..quant.layers import QConv2d, QLinear, QuantSpec, iter_quantized, iter_quantizers
 
 log = logging.getLogger("gdnsq")
 
-
-class SurgeryError(ConfigError):
-    """Nothing to quantize, or a rule that matches nothing."""
 
 
 @dataclass

@@ -8,73 +8,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import JobConfig, to_dict
-from .engine import Engine, evaluate, resolve_device, train_fp
+from ..config import JobConfig, to_dict
+from ..data.loaders import Loaders, create_loaders
+from .bits import average_bits, bits_table
+from .engine import Engine, evaluate, train_fp
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
-from .stats import average_bits, bits_table
+from .runtime import broadcast_module, resolve_device, seed_everything
 from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
 
 log = logging.getLogger("gdnsq")
-
-
-@dataclass
-class Loaders:
-    train: Any
-    val: Any
-    test: Any | None
-    num_classes: int
-    in_chans: int
-    calib: Any = None  # rank-independent batches for calibration / teacher training
-    set_epoch: Callable[[int], None] = field(default=lambda epoch: None)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                   epoch: int = 0) -> Loaders:
-    """Dispatch on ``data.kind``; FFCV and torchvision are imported only when asked for."""
-    d = cfg.data
-    if d.kind == "bundled":
-        from .data.bundled import create_bundled_loaders
-
-        train, val, test, nc, ch = create_bundled_loaders(d.batch_size, rank=rank, world_size=world_size,
-                                                          seed=cfg.train.seed)
-        full, _, _, _, _ = create_bundled_loaders(d.batch_size, seed=cfg.train.seed)
-
-        def set_epoch(e, sampler=getattr(train, "sampler", None)):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(e)
-
-        return Loaders(train, val, test, nc, ch, calib=full, set_epoch=set_epoch)
-    distributed = world_size > 1
-    if d.kind == "ffcv":
-        from .data.ffcv_io import create_ffcv_loaders as factory
-    else:
-        from .data.imagefolder import create_imagefolder_loaders as factory
-    train, val, nc = factory(d, distributed=distributed, device=device or torch.device("cpu"),
-                             seed=cfg.train.seed, epoch=epoch)
-
-    def set_epoch(e):
-        sampler = getattr(train, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(e)
-        elif hasattr(train, "next_epoch"):  # FFCV loaders keep their own epoch counter
-            train.next_epoch = e
-
-    return Loaders(train, val, None, nc, 3, calib=train, set_epoch=set_epoch)
 
 
 def _take(loader, n: int, device) -> list[torch.Tensor]:
@@ -86,14 +34,6 @@ def _take(loader, n: int, device) -> list[torch.Tensor]:
     return out
 
 
-def _broadcast_module(module: nn.Module) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, 0)
-
-
 def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device, resume: dict | None) -> nn.Module:
     teacher = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans,
                            load_weights=resume is None).to(device)
@@ -103,7 +43,7 @@ def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device, resu
         log.info("no FP weights given: training the FP teacher for %d epochs", cfg.train.teacher_epochs)
         seed_everything(cfg.train.seed)
         train_fp(teacher, loaders.calib, cfg.train.teacher_epochs, lr=1e-2, device=device, log=log.info)
-        _broadcast_module(teacher)  # every rank distils from the same teacher
+        broadcast_module(teacher)  # every rank distils from the same teacher
     return teacher.eval().requires_grad_(False)
 
 

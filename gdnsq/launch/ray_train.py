@@ -3,7 +3,7 @@
 Driver (:func:`fit`): connect to Ray, check that the cluster can place the workers, run the trainer,
 write ``summary.json`` next to the checkpoints, register the best converged student in MLflow.
 Workers (:func:`train_loop_per_worker`): rebuild the config from a plain dict, resume from Ray's
-latest checkpoint, and run :func:`gdnsq.pipeline.run_job`, the same code path as a run without Ray.
+latest checkpoint, and run :func:`gdnsq.training.job.run_job`, the same code path as a run without Ray.
 
 Per epoch every rank calls ``ray.train.report`` once (a barrier); rank 0 alone attaches
 ``checkpoint.pt`` and logs to MLflow. The MLflow run id travels in the checkpoint, so a restarted
@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, JobConfig, config_from_dict, to_dict
+from ..config import JobConfig, config_from_dict, to_dict
+from ..errors import ConfigError
+from .storage import storage_root
 
 log = logging.getLogger("gdnsq")
 
@@ -102,12 +104,10 @@ def check_resources(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> None:
 
 def _driver_config(cfg: JobConfig) -> JobConfig:
     """Paths the workers must see as the driver means them (their cwd is elsewhere)."""
-    storage = cfg.ray.storage_path or "runs"
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
+    storage = storage_root(cfg)
     tracking = cfg.tracking
     if tracking.enabled:
-        from .tracking import resolve_tracking_uri
+        from ..tracking.run import resolve_tracking_uri
 
         tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri))
     return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage), tracking=tracking)
@@ -117,7 +117,7 @@ def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = N
                    parent_run_id: str | None = None, controller_failure_limit: int = -1):
     """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
 
-    For a Tune trial (gdnsq.sweep): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
+    For a Tune trial (gdnsq.launch.sweep): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
     rank 0's MLflow run is nested under ``parent_run_id``, and ``controller_failure_limit`` caps the
     controller's retries (-1 = Ray's default, unlimited).
     """
@@ -144,7 +144,7 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
         parent_run_id: str | None = None, controller_failure_limit: int = -1) -> dict:
     """Run (or resume, same name + storage) a job on Ray Train; returns the job summary.
 
-    The summary is :func:`gdnsq.pipeline.run_job`'s, plus ``checkpoint`` (the final checkpoint's
+    The summary is :func:`gdnsq.training.job.run_job`'s, plus ``checkpoint`` (the final checkpoint's
     path), ``mlflow_run_id`` and ``registered_model`` when tracking is on. The other keywords are
     :func:`create_trainer`'s (a Tune trial's hooks).
     """
@@ -182,8 +182,9 @@ def _register(cfg: JobConfig, summary: dict, checkpoint, run_id: str) -> str | N
     if not summary.get("converged"):
         log.info("not registering %s: the quantized model did not converge to its bit targets", cfg.name)
         return None
-    from .registry import RegistryError, register_model
-    from .surgery import build_student
+    from ..errors import RegistryError
+    from ..tracking.registry import register_model
+    from ..training.surgery import build_student
 
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
@@ -274,7 +275,7 @@ class _LazyTracker:
 
     def get(self):
         if self.tracker is None:
-            from .tracking import create_tracker
+            from ..tracking.run import create_tracker
 
             run_id = self.resume.get("mlflow_run_id")
             self.tracker = create_tracker(self.cfg, run_id=run_id, parent_run_id=self.parent_run_id,
@@ -318,7 +319,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
-    from .pipeline import run_job
+    from ..training.job import run_job
 
     config = dict(config)
     options = config.pop(WORKER_OPTIONS, None) or {}

@@ -1,0 +1,56 @@
+"""``gdnsq export``: a trained student -> packed integer file (+ ONNX) and its size / BOPs report.
+
+The source is a gdnsq checkpoint file (``runs/<name>/checkpoint.pt``: the job config, the engine's
+student state and the best converged state), a folder written by ``gdnsq models pull``, or a registry
+reference ``NAME@ALIAS`` / ``NAME/VERSION``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a trained student as a packed integer file (and ONNX)",
+                              description="Packed file (model.gdnsq), optional ONNX with QDQ nodes (model.onnx) "
+                                          "and report.json (size and BOPs per layer) in --out.")
+    p.add_argument("source", metavar="CHECKPOINT_OR_REF",
+                   help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or NAME@ALIAS / NAME/VERSION")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")
+    p.add_argument("--fp16", action="store_true",
+                   help="store FP tensors (FP layers, BN, biases) in float16: smaller, no longer bit-exact")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="square input side for BOPs and ONNX (default: 28 for bundled data, else data.img_size)")
+    p.add_argument("--batch", type=int, default=2, help="batch of the random example input (ONNX check)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21 for codes wider than 8 bits)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args, extra) -> int:
+    import torch
+
+    from ..export import export_onnx, export_packed, format_report
+    from ..export.sources import load_student
+
+    model, recipe, cfg, meta = load_student(args.source)
+    size = args.input_size or (28 if cfg.data.kind == "bundled" else cfg.data.img_size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, recipe["in_chans"], size, size, generator=gen)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    packed = export_packed(model, out / "model.gdnsq", fp_dtype="float16" if args.fp16 else "float32",
+                           example_input=x, meta=meta, recipe=recipe)
+    print(format_report(packed))
+    print(f"wrote {packed['path']}  sha256 {packed['sha256']}")
+    report = {"packed": packed}
+    if args.onnx:
+        onnx = export_onnx(model, out / "model.onnx", x, opset=args.opset)
+        report["onnx"] = {k: v for k, v in onnx.items() if k != "layers"}
+        ok = onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agree"]
+        print(f"wrote {onnx['path']}  ({onnx['bytes_file']:,} B, opset {args.opset}); onnxruntime vs fake-quant "
+              f"eval: max |diff| {onnx['max_abs_diff']:.3g}, top-1 {'agrees' if onnx['top1_agree'] else 'DIFFERS'}"
+              + ("" if ok else "  (codes at a rounding boundary flip under float noise; see gdnsq.export docs)"))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return 0

@@ -1,0 +1,57 @@
+"""The data-kind dispatch: ``data.kind`` -> train / val (/ test) loaders for one rank.
+
+FFCV and torchvision are imported only when their kind is asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..config import JobConfig
+
+
+@dataclass
+class Loaders:
+    train: Any
+    val: Any
+    test: Any | None
+    num_classes: int
+    in_chans: int
+    calib: Any = None  # rank-independent batches for calibration / teacher training
+    set_epoch: Callable[[int], None] = field(default=lambda epoch: None)
+
+
+def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                   epoch: int = 0) -> Loaders:
+    """Dispatch on ``data.kind``; FFCV and torchvision are imported only when asked for."""
+    d = cfg.data
+    if d.kind == "bundled":
+        from .bundled import create_bundled_loaders
+
+        train, val, test, nc, ch = create_bundled_loaders(d.batch_size, rank=rank, world_size=world_size,
+                                                          seed=cfg.train.seed)
+        full, _, _, _, _ = create_bundled_loaders(d.batch_size, seed=cfg.train.seed)
+
+        def set_epoch(e, sampler=getattr(train, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(e)
+
+        return Loaders(train, val, test, nc, ch, calib=full, set_epoch=set_epoch)
+    distributed = world_size > 1
+    if d.kind == "ffcv":
+        from .ffcv_io import create_ffcv_loaders as factory
+    else:
+        from .imagefolder import create_imagefolder_loaders as factory
+    train, val, nc = factory(d, distributed=distributed, device=device or torch.device("cpu"),
+                             seed=cfg.train.seed, epoch=epoch)
+
+    def set_epoch(e):
+        sampler = getattr(train, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(e)
+        elif hasattr(train, "next_epoch"):  # FFCV loaders keep their own epoch counter
+            train.next_epoch = e
+
+    return Loaders(train, val, None, nc, 3, calib=train, set_epoch=set_epoch)
