@@ -1,5 +1,6 @@
 """Bad input stops with one line naming the field, exit status 2, before anything runs or is written."""
 import pytest
+
 from gdnsq.cli import main
 
 

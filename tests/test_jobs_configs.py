@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gdnsq.cli import main
 
+from gdnsq.cli import main
 from gdnsq.config import load_config
 from gdnsq.errors import ConfigError
 

@@ -1,8 +1,8 @@
 """GDNSQ on the bundled digits: from ~8 bits down to the target with every layer converged."""
 import pytest
 import torch
-from gdnsq.cli.main import _quickstart_config
 
+from gdnsq.cli.main import _quickstart_config
 from gdnsq.config import load_config
 from gdnsq.data.loaders import create_loaders
 from gdnsq.training.job import prepare_teacher

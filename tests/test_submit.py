@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("ray.job_submission")
 
-from gdnsq.cli import main  # noqa: E402
 from ray._private.utils import get_dashboard_dependency_error  # noqa: E402
 from ray_cluster import LocalCluster  # noqa: E402
 
+from gdnsq.cli import main  # noqa: E402
 from gdnsq.errors import ConfigError  # noqa: E402
 from gdnsq.launch import submit as sm  # noqa: E402
 

@@ -30,11 +30,16 @@ def plan_of(model: nn.Module) -> list[dict]:
 
 
 def recipe_from_config(config, num_classes: int, in_chans: int, plan: list[dict] | None = None) -> dict:
-    """A gdnsq-builder recipe from a JobConfig (or its dict)."""
+    """A gdnsq-builder recipe from a JobConfig (or its dict).
+
+    The recipe rebuilds the structure only (the packed file holds every weight), so the FP checkpoint
+    and pretrained downloads are dropped from its config.
+    """
     from ..config import to_dict
 
-    data = config if isinstance(config, dict) else to_dict(config)
-    return {"builder": "gdnsq", "config": copy.deepcopy(data), "num_classes": int(num_classes),
+    data = copy.deepcopy(config if isinstance(config, dict) else to_dict(config))
+    data.setdefault("model", {}).update(checkpoint=None, pretrained=False)
+    return {"builder": "gdnsq", "config": data, "num_classes": int(num_classes),
             "in_chans": int(in_chans), "plan": plan or []}
 
 
@@ -138,13 +143,11 @@ def build_from_recipe(recipe: dict) -> nn.Module:
     builder = recipe.get("builder")
     try:
         if builder == "gdnsq":
-            from ..config import config_from_dict
+            from ..training.checkpoint import structure_config
             from ..training.surgery import build_student
 
-            data = copy.deepcopy(recipe["config"])
-            # Weights come from the packed file: the FP checkpoint and pretrained downloads are not needed.
-            data.setdefault("model", {}).update(checkpoint=None, pretrained=False)
-            model = build_student(config_from_dict(data), recipe["num_classes"], recipe["in_chans"])
+            # Weights come from the packed file: only the structure of the stored config is needed.
+            model = build_student(structure_config(recipe["config"]), recipe["num_classes"], recipe["in_chans"])
         elif builder == "timm":
             import timm
 

@@ -1,7 +1,6 @@
 """Run a job where the config says: through Ray Train (default) or in-process (``ray.enabled: false``)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..config import JobConfig
@@ -10,19 +9,14 @@ from .storage import storage_root
 
 def run_local(cfg: JobConfig) -> dict:
     """In-process run, no Ray: checkpoints to runs/<name>/checkpoint.pt, resumed if present."""
-    import torch
-
+    from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
     from ..training.job import run_job
 
-    run_dir = Path(storage_root(cfg)) / cfg.name
-    ckpt_path = run_dir / "checkpoint.pt"
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+    ckpt_path = Path(storage_root(cfg)) / cfg.name / CHECKPOINT_FILE
+    resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
 
     def on_epoch(metrics, table, get_checkpoint):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(get_checkpoint(), tmp)
-        os.replace(tmp, ckpt_path)  # never leave a half-written checkpoint
+        save_checkpoint(get_checkpoint(), ckpt_path)
 
     return run_job(cfg, resume=resume, on_epoch=on_epoch)
 

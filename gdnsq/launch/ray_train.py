@@ -30,11 +30,11 @@ from torch import nn
 
 from ..config import JobConfig, config_from_dict, to_dict
 from ..errors import ConfigError
+from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .storage import storage_root
 
 log = logging.getLogger("gdnsq")
 
-CHECKPOINT_FILE = "checkpoint.pt"
 SUMMARY_FILE = "summary.json"
 WORKER_OPTIONS = "_worker"  # train_loop_config key for worker-only options (not part of the JobConfig)
 
@@ -184,13 +184,12 @@ def _register(cfg: JobConfig, summary: dict, checkpoint, run_id: str) -> str | N
         return None
     from ..errors import RegistryError
     from ..tracking.registry import register_model
-    from ..training.surgery import build_student
+    from ..training.checkpoint import student_from_checkpoint
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
     io = state["io"]
-    student = build_student(cfg, io["num_classes"], io["input_shape"][0])
-    student.load_state_dict(state["best"]["state"] or state["engine"]["model"])
+    student, _, _ = student_from_checkpoint(state)
     try:
         res = register_model(student, cfg, summary, torch.zeros(1, *io["input_shape"]), tracker_or_run_id=run_id,
                              name=cfg.tracking.registered_name, tracking_uri=cfg.tracking.uri)
@@ -241,7 +240,7 @@ def _load_resume() -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
 
 
 def _wait_report_taken(timeout: float = 60.0) -> None:

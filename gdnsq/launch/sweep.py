@@ -621,18 +621,20 @@ def register_best(best: dict, run_summary: dict | None, base: dict, sweep_name: 
 
     from ..errors import RegistryError
     from ..tracking.registry import register_model
-    from ..training.surgery import build_student
-    from .ray_train import CHECKPOINT_FILE
+    from ..training.checkpoint import (
+        CHECKPOINT_FILE,
+        load_checkpoint,
+        student_from_checkpoint,
+    )
 
     if not (best.get("ns_top1") or 0) > 0:
         log.info("not registering: the best trial %s did not converge to its bit targets", best["trial_id"])
         return None
     cfg = trial_config(base, best["params"], sweep_name, best["trial_id"], trials_dir)
     with Checkpoint(best["checkpoint"]).as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
     shape = state["io"]["input_shape"]
-    student = build_student(cfg, state["io"]["num_classes"], shape[0])
-    student.load_state_dict(state["best"]["state"] or state["engine"]["model"])
+    student, _, _ = student_from_checkpoint(state)
     if not state.get("mlflow_run_id"):
         log.warning("not registering the best trial %s: its run never reached MLflow", best["trial_id"])
         return None

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import config_from_dict, to_dict
+from ..config import to_dict
 from ..errors import RegistryError
+from ..training.checkpoint import structure_config
 from .run import metric_key, resolve_tracking_uri, scrub_tree, scrub_value
 
 CHAMPION = "champion"
@@ -457,11 +458,7 @@ def _load_native(folder: Path, device, allow_pickle: bool, builder) -> nn.Module
         if not (folder / f).is_file():
             raise RegistryError(f"{folder}: not a gdnsq model folder (no {f})")
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    data = json.loads((folder / CONFIG_FILE).read_text())
-    # The weights come from the state dict: the FP checkpoint (maybe absent on this machine) and
-    # pretrained downloads are not needed to rebuild the structure.
-    data.setdefault("model", {}).update(checkpoint=None, pretrained=False)
-    cfg = config_from_dict(data)
+    cfg = structure_config(json.loads((folder / CONFIG_FILE).read_text()))
     if builder is None:
         from ..training.surgery import build_student as builder
     model = builder(cfg, manifest["num_classes"], manifest["in_chans"])

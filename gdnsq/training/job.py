@@ -16,6 +16,7 @@ from torch import nn
 from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .bits import average_bits, bits_table
+from .checkpoint import make_checkpoint
 from .engine import Engine, evaluate, train_fp
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
@@ -96,8 +97,7 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
     stale = 0 if resume is None else resume.get("stale", 0)
 
     def checkpoint() -> dict:
-        return {"config": to_dict(cfg), "teacher": teacher.state_dict(), "engine": engine.state_dict(),
-                "best": best, "fp_val": fp_val, "stale": stale}
+        return make_checkpoint(to_dict(cfg), teacher, engine.state_dict(), best, fp_val, stale)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)

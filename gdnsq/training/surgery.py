@@ -124,7 +124,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     """
     folded = 0
     for parent in model.modules():
-        prev_name, prev = None, None
+        prev = None
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) \
                     and prev.out_channels == child.num_features and child.track_running_stats:
@@ -135,7 +135,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                 prev.bias = nn.Parameter(new_bias)
                 setattr(parent, name, nn.Identity())
                 folded += 1
-            prev_name, prev = name, child
+            prev = child
     return folded
 
 
