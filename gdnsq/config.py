@@ -1,4 +1,4 @@
-"""The job config tree: small dataclasses, YAML files and dotted overrides.
+"""The whole config tree: the job's small dataclasses, the sweep schema, YAML files and dotted overrides.
 
 Every setting has exactly one dotted name (``quant.target_w``), the same in YAML, on the CLI
 (``--quant.target_w 2``), in a Tune search space and in MLflow params. Validation lives in
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SweepError
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -123,16 +123,16 @@ class QuantConfig:
 class ObjectiveConfig:
     distill: str = "jeffreys"
     """Task term: jeffreys (symmetric KL to the teacher), kl (KL(teacher||student)) or ce (labels)."""
-    l1: float = 1.0
-    """Penalty weight."""
-    l2: float = 1.0
-    """Distillation / task loss weight."""
+    penalty_weight: float = 1.0
+    """Weight of the bit-width penalty term (l1 in the paper's objective)."""
+    task_weight: float = 1.0
+    """Weight of the distillation / task loss term (l2 in the paper's objective)."""
     p: float = 1.0
     """Exponent of the exterior-point penalty."""
     eps: float = 1e-3
     """Margin below the bit target that counts as feasible."""
     lossless: bool = False
-    """Swap l1/l2 roles: penalty weight 1, loss weight grows with the temperature."""
+    """Move the temperature from the penalty term to the task term (the objective's lossless form)."""
     loss_ema: float = 0.99
     """Decay of the running mean of the task loss that scales the penalty."""
 
@@ -287,6 +287,76 @@ class JobConfig:
         _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
 
 
+# ------------------------------------------------------------------------------------------ sweep
+# The ``sweep:`` section of a sweep file (a job file plus a search space); gdnsq.launch.sweep_plan reads it.
+
+SWEEP_SEARCHES = ("grid", "random", "optuna")
+SWEEP_SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    type: str = "asha"
+    """asha (early-stops trials below the rung quantile) or fifo (every trial runs to the end)."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    max_t: int | None = None
+    """ASHA: the epoch budget; None = train.epochs (a trial that reaches train.epochs always finishes its run)."""
+
+    def __post_init__(self):
+        if self.type not in SWEEP_SCHEDULERS:
+            raise SweepError(f"sweep.scheduler.type: must be one of {', '.join(SWEEP_SCHEDULERS)}, got {self.type!r}")
+        if self.grace_period < 1:
+            raise SweepError("sweep.scheduler.grace_period: must be >= 1")
+        if self.reduction_factor <= 1:
+            raise SweepError("sweep.scheduler.reduction_factor: must be > 1")
+        if self.max_t is not None and self.max_t < self.grace_period:
+            raise SweepError("sweep.scheduler.max_t: must be >= sweep.scheduler.grace_period")
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    name: str
+    """Tune experiment name (<storage>/<name>); also the prefix of every trial's run name."""
+    metric: str = "val/ns_top1"
+    """Reported metric that ranks trials (the scheduler's and the registry's)."""
+    mode: str = "max"
+    """max or min."""
+    search: str = "grid"
+    """grid (only {grid: [...]} specs), random (Tune's variant generator) or optuna (TPE)."""
+    num_samples: int = 1
+    """grid/random: repeats of the grid (each repeat samples the other specs afresh); optuna: trials."""
+    seed: int = 0
+    """Seed of the random / optuna searcher."""
+    max_concurrent_trials: int = 1
+    """Upper bound on trials running at once (lowered to what the cluster can place)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.1})
+    """Resources of a trial's driver function only; its Train workers take ray.num_workers x ray.cpus_per_worker."""
+    max_failures: int = 1
+    """Tune retries of a failed trial (its Train run resumes from its latest checkpoint)."""
+    controller_failure_limit: int = 2
+    """Train controller failures (e.g. a worker group that cannot be placed) before the trial fails."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted job setting -> {grid|choice: [...]} or {uniform|loguniform|randint: [lo, hi]}."""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise SweepError(f"sweep.name: must be a non-empty name without '/', got {self.name!r}")
+        if self.mode not in ("max", "min"):
+            raise SweepError(f"sweep.mode: must be max or min, got {self.mode!r}")
+        if self.search not in SWEEP_SEARCHES:
+            raise SweepError(f"sweep.search: must be one of {', '.join(SWEEP_SEARCHES)}, got {self.search!r}")
+        for key in ("num_samples", "max_concurrent_trials"):
+            if getattr(self, key) < 1:
+                raise SweepError(f"sweep.{key}: must be >= 1")
+        amounts = self.trial_resources.values()
+        if not any(v > 0 for v in amounts) or any(v < 0 for v in amounts):
+            raise SweepError("sweep.trial_resources: needs a positive amount of some resource, e.g. {CPU: 0.1}")
+
+
 # --------------------------------------------------------------------------------------------- io
 
 
@@ -342,11 +412,18 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+# Renamed settings, {section: {old key: new key}}: configs stored before the rename (in checkpoints and
+# registered models) carry the old keys and must still load.
+_LEGACY_KEYS = {"objective": {"l1": "penalty_weight", "l2": "task_weight"}}
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the dotted key."""
     fields = _field_types(cls)
     kwargs = {}
+    legacy = _LEGACY_KEYS.get(prefix, {})
     for key, value in (data or {}).items():
+        key = legacy.get(key, key)
         name = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             raise ConfigError(f"{name}: unknown setting (known: {', '.join(fields)})")
@@ -380,6 +457,14 @@ def known_keys() -> set[str]:
     return set(flatten(to_dict(JobConfig())))
 
 
+def setting_type(key: str):
+    """The annotated type of a dotted JobConfig setting (Optional unwrapped), e.g. float for ``optim.lr``."""
+    tp = JobConfig
+    for part in key.split("."):
+        tp, _ = _unwrap_optional(_field_types(tp)[part])
+    return tp
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """Set dotted keys in a nested dict (copying); unknown keys raise ConfigError."""
     import copy
@@ -389,12 +474,17 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     for key, value in overrides.items():
         if key not in valid:
             raise ConfigError(f"{key}: unknown setting")
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_dotted(data, key, value)
     return data
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``key`` ``a.b.c``, creating the sections on the way (in place)."""
+    node = data
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
 
 
 def read_yaml(path: str | Path, label: str = "config", error: type[Exception] = ConfigError) -> Any:

@@ -21,3 +21,27 @@ def test_bad_input_is_one_line_exit_2(argv, field, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"gdnsq: error: {field}") and "\n" not in err
     assert not summary.exists() and not summary.parent.exists()
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["quickstart", "--quant.method", "lsqq"], "quant.method"),
+    (["quickstart", "--no-ray", "--quant.method", "lsqq"], "quant.method"),
+    (["quickstart", "--quant.method", "bnnpp"], "quant.method"),  # bnnpp is W1A1 only
+    (["quickstart", "--quant.method", "codeq", "--target", "W1A2"], "quant.target_w"),
+    (["train", "{job}"], "quant.method_args.errr_weight"),
+])
+def test_bad_quant_method_fails_in_preflight_before_anything_trains(argv, field, tmp_path, capsys, monkeypatch):
+    import gdnsq.launch.local
+    import gdnsq.launch.ray_train
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(gdnsq.launch.local, "run_local", must_not_run)
+    monkeypatch.setattr(gdnsq.launch.ray_train, "fit", must_not_run)
+    job = tmp_path / "job.yaml"
+    job.write_text("ray: {enabled: false}\nquant: {method: pege, method_args: {errr_weight: 0.1}}\n")
+    assert main([a.format(job=job) for a in argv] + ["--ray.storage_path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gdnsq: error: {field}") and "\n" not in err
+    assert not (tmp_path / "runs").exists()

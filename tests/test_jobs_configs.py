@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gdnsq.cli import main
-from gdnsq.config import load_config
+from gdnsq.config import config_from_dict, load_config
 from gdnsq.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,14 @@ def test_every_job_file_validates(path):
     assert cfg.model.checkpoint is None, "shipped jobs must not depend on a local checkpoint file"
     if "sweep" in data:
         assert data["sweep"], "a sweep file needs a non-empty sweep: section"
+
+
+def test_configs_stored_with_the_old_objective_keys_still_load():
+    # Checkpoints and registered models written before the rename carry objective: {l1, l2}.
+    cfg = config_from_dict({"objective": {"l1": 2.0, "l2": 3.0}})
+    assert (cfg.objective.penalty_weight, cfg.objective.task_weight) == (2.0, 3.0)
+    with pytest.raises(ConfigError, match="objective.l3: unknown setting"):
+        config_from_dict({"objective": {"l3": 1.0}})
 
 
 @pytest.mark.parametrize("path", IMAGENET, ids=_id)

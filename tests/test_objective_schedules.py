@@ -66,13 +66,13 @@ def test_objective_combines_terms_and_lossless_swaps_weights():
     m = _tiny_quantized()
     s, te, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     d = jeffreys_divergence(s, te).item()
-    obj = GDNSQObjective(ObjectiveConfig(l1=2.0, l2=3.0))
+    obj = GDNSQObjective(ObjectiveConfig(penalty_weight=2.0, task_weight=3.0))
     loss, parts = obj(m, s, te, y, temperature=0.5)
     pw, pa = parts["train/penalty_w"], parts["train/penalty_a"]
     assert parts["train/active_w"] == 4 and parts["train/active_a"] == 4
     w = (4 + 1e-3) / (8 + 1e-3)
     assert loss.item() == pytest.approx(3.0 * d + 2.0 * 0.5 * d * (w * pw + w * pa), rel=1e-5)
-    lossless = GDNSQObjective(ObjectiveConfig(l1=2.0, l2=3.0, lossless=True))
+    lossless = GDNSQObjective(ObjectiveConfig(penalty_weight=2.0, task_weight=3.0, lossless=True))
     loss2, _ = lossless(m, s, te, y, temperature=0.5)
     assert loss2.item() == pytest.approx(3.0 * 0.5 * d + 2.0 * d * (w * pw + w * pa), rel=1e-5)
 

@@ -21,8 +21,9 @@ import torch
 from gdnsq.config import JobConfig
 from gdnsq.errors import RegistryError
 from gdnsq.tracking import registry
+from gdnsq.tracking.names import is_secret_key, metric_key, scrub_value
 from gdnsq.tracking.registry import parse_ref
-from gdnsq.tracking.run import create_tracker, is_secret_key, metric_key, scrub_value
+from gdnsq.tracking.run import create_tracker
 from gdnsq.training.bits import bits_table
 from gdnsq.training.surgery import build_student, calibrate_model
 

@@ -146,11 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
-        if isinstance(e, (GdnsqError, FileNotFoundError)):
-            print(f"gdnsq: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+    except (GdnsqError, FileNotFoundError) as e:  # user errors: one line; anything else keeps its traceback
+        print(f"gdnsq: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

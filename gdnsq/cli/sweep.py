@@ -8,8 +8,9 @@ from __future__ import annotations
 
 def cmd_sweep(args, extra) -> int:
     from ..config import parse_cli_overrides
+    from ..launch.ray_tune import run_sweep
     from ..launch.storage import write_json_atomic
-    from ..launch.sweep import format_table, run_sweep
+    from ..launch.sweep_report import format_table
 
     summary = run_sweep(args.config, parse_cli_overrides(extra), resume=args.resume)
     print()

@@ -1,7 +1,7 @@
 """The eval grids of a quantized layer, read once and checked against the layer's own eval forward.
 
 A quantized tensor is ``x̂ = q·s + z`` with integer codes ``q = round((clamp(x, lo, hi) - z) / s)``
-(METHOD.md section 1). Weights: per output channel (``s``, ``z``, ``lo``, ``hi`` of shape (C, 1, ...))
+(docs/method.md, "Quantizer"). Weights: per output channel (``s``, ``z``, ``lo``, ``hi`` of shape (C, 1, ...))
 or per tensor (all of shape (1, ..., 1)); activations: per tensor, Python floats (exact float32 values).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ExportError
 from ..quant import functional as F
+from ..quant.quantizer import Quantizer
 
 
 @dataclass
@@ -30,10 +31,6 @@ class WeightGrid:
     @property
     def per_channel(self) -> bool:
         return self.s.numel() > 1
-
-    def dequantize(self) -> Tensor:
-        """x̂ = q·s + z with the same float32 operations as the fake-quant eval forward."""
-        return (self.codes + self.code_offset).to(torch.float32) * self.s + self.z
 
 
 @dataclass
@@ -53,8 +50,9 @@ def _bits_for(levels: int) -> int:
 
 
 def _quantizer_grid(name: str, quantizer: nn.Module, *args) -> tuple[Tensor, ...]:
-    if not hasattr(quantizer, "grid"):
-        raise ExportError(f"layer {name}: quantizer {type(quantizer).__name__} has no grid(); cannot export it")
+    if not isinstance(quantizer, Quantizer):
+        raise ExportError(f"layer {name}: quantizer {type(quantizer).__name__} is not a gdnsq Quantizer (no grid()); "
+                          "cannot export it")
     return tuple(t.detach().to(torch.float32) for t in quantizer.grid(*args))
 
 
@@ -70,7 +68,7 @@ def _eval_forward(quantizer: nn.Module, x: Tensor) -> Tensor:
 def weight_grid(name: str, layer: nn.Module) -> WeightGrid | None:
     """The weight grid of a quantized layer, or None when its weight quantizer is disabled (FP weight)."""
     wq = layer.weight_quant
-    if not getattr(wq, "enabled", True):
+    if not wq.enabled:
         return None
     w = layer.weight.detach().to(torch.float32)
     lo, hi, z, s = _quantizer_grid(name, wq, w)
@@ -91,8 +89,8 @@ def weight_grid(name: str, layer: nn.Module) -> WeightGrid | None:
 @torch.no_grad()
 def act_grid(name: str, layer: nn.Module) -> ActGrid | None:
     """The input-activation grid of a quantized layer, or None when its input stays FP."""
-    aq = getattr(layer, "act_quant", None)
-    if aq is None or not getattr(aq, "enabled", True) or getattr(aq, "observing", False):
+    aq = layer.act_quant
+    if aq is None or not aq.enabled or aq.observing:
         return None
     lo, hi, z, s = (t.reshape(()) for t in _quantizer_grid(name, aq))
     if not (torch.isfinite(torch.stack([lo, hi, z, s])).all() and s > 0 and hi >= lo):

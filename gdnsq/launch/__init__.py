@@ -1,2 +1,4 @@
-"""Where a job runs: in-process (``local``), on Ray Train (``ray_train``), as a Ray Tune sweep, or submitted
-to a cluster's job server. The only layer that imports Ray."""
+"""Where a job runs, and the only layer that imports Ray: in-process or on Ray Train (``local``: pre-flight
+and dispatch; ``ray_train``), as a Ray Tune sweep (``sweep_plan`` validates without Ray, ``ray_tune`` drives,
+``ray_workarounds`` patches Ray internals, ``sweep_report`` tabulates), ``register`` (a finished run's student
+to the registry), ``storage`` (where runs live), or submitted to a cluster's job server (``submit``)."""

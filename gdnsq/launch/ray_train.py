@@ -31,11 +31,10 @@ from torch import nn
 from ..config import JobConfig, config_from_dict, to_dict
 from ..errors import ConfigError
 from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from .storage import storage_root
+from .storage import SUMMARY_FILE, storage_root
 
 log = logging.getLogger("gdnsq")
 
-SUMMARY_FILE = "summary.json"
 WORKER_OPTIONS = "_worker"  # train_loop_config key for worker-only options (not part of the JobConfig)
 
 
@@ -63,6 +62,16 @@ def connect(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
     ray.init(address=cfg.ray.address, logging_level="WARNING")
+
+
+def place(cfg: JobConfig) -> bool:
+    """Connect, resolve ``ray.use_gpu`` and check that the cluster can place the workers; returns use_gpu."""
+    import ray
+
+    connect(cfg)
+    use_gpu = resolve_use_gpu(cfg, ray.cluster_resources())
+    check_resources(cfg, use_gpu, ray.nodes())
+    return use_gpu
 
 
 def resolve_use_gpu(cfg: JobConfig, cluster: dict[str, float]) -> bool:
@@ -107,7 +116,7 @@ def _driver_config(cfg: JobConfig) -> JobConfig:
     storage = storage_root(cfg)
     tracking = cfg.tracking
     if tracking.enabled:
-        from ..tracking.run import resolve_tracking_uri
+        from ..tracking.store import resolve_tracking_uri
 
         tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri))
     return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage), tracking=tracking)
@@ -117,7 +126,7 @@ def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = N
                    parent_run_id: str | None = None, controller_failure_limit: int = -1):
     """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
 
-    For a Tune trial (gdnsq.launch.sweep): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
+    For a Tune trial (gdnsq.launch.ray_tune): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
     rank 0's MLflow run is nested under ``parent_run_id``, and ``controller_failure_limit`` caps the
     controller's retries (-1 = Ray's default, unlimited).
     """
@@ -148,11 +157,7 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     path), ``mlflow_run_id`` and ``registered_model`` when tracking is on. The other keywords are
     :func:`create_trainer`'s (a Tune trial's hooks).
     """
-    import ray
-
-    connect(cfg)
-    use_gpu = resolve_use_gpu(cfg, ray.cluster_resources())
-    check_resources(cfg, use_gpu, ray.nodes())
+    use_gpu = place(cfg)
     cfg = _driver_config(cfg)
     result = create_trainer(cfg, use_gpu=use_gpu, kill=kill, callbacks=callbacks, parent_run_id=parent_run_id,
                             controller_failure_limit=controller_failure_limit).fit()
@@ -165,8 +170,12 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     if out.get("mlflow_run_id"):
         summary["mlflow_run_id"] = out["mlflow_run_id"]
-        if cfg.tracking.register:
-            summary["registered_model"] = _register(cfg, summary, result.checkpoint, out["mlflow_run_id"])
+        from .register import register_checkpoint, registrable
+
+        if cfg.tracking.register and registrable(summary, cfg.name):
+            summary["registered_model"] = register_checkpoint(
+                cfg, load_ray_checkpoint(result.checkpoint), summary, out["mlflow_run_id"], what=cfg.name,
+                checkpoint_path=result.checkpoint.path)
     _write_summary(result, summary)
     return summary
 
@@ -177,26 +186,10 @@ def _write_summary(result, summary: dict) -> None:
         f.write(json.dumps(summary, indent=1, default=str).encode())
 
 
-def _register(cfg: JobConfig, summary: dict, checkpoint, run_id: str) -> str | None:
-    """Register the best student of a converged run; a registry failure is logged, not raised."""
-    if not summary.get("converged"):
-        log.info("not registering %s: the quantized model did not converge to its bit targets", cfg.name)
-        return None
-    from ..errors import RegistryError
-    from ..tracking.registry import register_model
-    from ..training.checkpoint import student_from_checkpoint
-
+def load_ray_checkpoint(checkpoint) -> dict:
+    """The gdnsq checkpoint dict inside a Ray Train ``Checkpoint`` (local or remote storage)."""
     with checkpoint.as_directory() as d:
-        state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    io = state["io"]
-    student, _, _ = student_from_checkpoint(state)
-    try:
-        res = register_model(student, cfg, summary, torch.zeros(1, *io["input_shape"]), tracker_or_run_id=run_id,
-                             name=cfg.tracking.registered_name, tracking_uri=cfg.tracking.uri)
-    except RegistryError as e:  # the trained run stands; register its checkpoint later
-        log.warning("registering %s failed (%s); the checkpoint %s is kept", cfg.name, e, checkpoint.path)
-        return None
-    return f"{res['name']}/{res['version']}" + (" (champion)" if res["champion"] else "")
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -237,10 +230,7 @@ def _load_resume() -> dict | None:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    return None if checkpoint is None else load_ray_checkpoint(checkpoint)
 
 
 def _wait_report_taken(timeout: float = 60.0) -> None:

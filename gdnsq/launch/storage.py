@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import JobConfig
 
 DEFAULT_ROOT = "runs"
+SUMMARY_FILE = "summary.json"  # a Ray Train run's summary, next to its checkpoints: <root>/<name>/summary.json
 
 
 def storage_root(cfg: JobConfig) -> str:

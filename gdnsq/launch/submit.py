@@ -40,9 +40,10 @@ import os
 import re
 import shlex
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -116,7 +117,7 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": list(EXCLUDES),
                                    "env_vars": {"PYTHONUNBUFFERED": "1"}}  # logs stream while the job runs
     if ship_code:
-        runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
+        runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]  # the gdnsq package
     # Without Ray Train the driver itself trains: reserve its worker's resources for it. With Ray Train
     # (or Tune) the driver only coordinates, and must not hold a slot its workers need.
     in_driver = command == "train" and not cfg.ray.enabled

@@ -72,7 +72,7 @@ def _sign_table(device, dtype) -> Tensor:
 def dither_signs(like: Tensor) -> Tensor:
     """Random ±1/2 per element of ``like``, read from a table of fair coin flips at random offsets.
 
-    Per-element RNG (bernoulli_) cost ~10% of a ResNet-18 step on CPU. A window at a uniformly
+    Per-element RNG (bernoulli_) is slow (docs/results.md, "Figures formerly in docstrings"). A window at a uniformly
     random offset into an i.i.d. ±1/2 table gives each element a fair sign (mean 0, variance 1/4)
     independent of the gradient, for the price of a view; tensors larger than one window are
     covered by several windows at independent offsets. Offsets come from torch's global RNG, so

@@ -6,9 +6,14 @@ quantized weight baked in).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
+
+from .methods import create_method_quantizers
+from .quantizer import Quantizer
 
 
 class QuantSpec:
@@ -26,23 +31,14 @@ class QuantSpec:
         return dict(vars(self))
 
 
-def create_quantizers(weight_shape: torch.Size, spec: QuantSpec) -> tuple[nn.Module, nn.Module | None]:
-    """Weight and activation quantizers for a method name (the method zoo registers more)."""
-    from .methods import (
-        create_method_quantizers,  # late import: zoo modules import this file
-    )
-
-    return create_method_quantizers(weight_shape, spec)
-
-
 class _QuantMixin:
-    weight_quant: nn.Module
-    act_quant: nn.Module | None
+    weight_quant: Quantizer
+    act_quant: Quantizer | None
     spec: QuantSpec
 
     def _init_quant(self, spec: QuantSpec) -> None:
         self.spec = spec
-        self.weight_quant, act = create_quantizers(self.weight.shape, spec)
+        self.weight_quant, act = create_method_quantizers(self.weight.shape, spec)
         self.act_quant = act if spec.quantize_act else None
         self.register_buffer("target_w", torch.tensor(spec.target_w))
         self.register_buffer("target_a", torch.tensor(spec.target_a))
@@ -67,7 +63,7 @@ class _QuantMixin:
 
 
 class QConv2d(_QuantMixin, nn.Conv2d):
-    """Conv2d whose weight and input go through learnable-bit-width quantizers.
+    """Conv2d whose weight and input go through the method's quantizers (learnable bit-widths for GDNSQ).
 
     ``same_pad`` reproduces timm's ``Conv2dSame`` (TF-style dynamic padding).
     """
@@ -110,7 +106,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
 
 
 class QLinear(_QuantMixin, nn.Linear):
-    """Linear whose weight and input go through learnable-bit-width quantizers."""
+    """Linear whose weight and input go through the method's quantizers."""
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> "QLinear":
@@ -146,7 +142,7 @@ def iter_quantized(model: nn.Module):
             yield name, m
 
 
-def iter_quantizers(model: nn.Module):
+def iter_quantizers(model: nn.Module) -> Iterator[Quantizer]:
     """Every weight / activation quantizer module inside ``model``."""
     for _, layer in iter_quantized(model):
         yield layer.weight_quant

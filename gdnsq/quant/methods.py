@@ -1,22 +1,29 @@
 """Method registry: a method name -> factory of (weight quantizer, activation quantizer).
 
-GDNSQ is the default; the method zoo (LSQ, DoReFa, PACT, ...) registers its own factories here,
-and every method shares surgery, objective, schedules, training, tracking and export.
+A plain registry that imports no method: each method module registers its factory here on import
+(GDNSQ, the default, in ``quantizer``; the zoo's in ``zoo/``), and ``gdnsq.quant`` imports them all
+once, so importing any part of ``gdnsq.quant`` makes every method selectable. Every method shares
+surgery, objective, schedules, training, tracking and export.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from .quantizer import ActivationQuantizer, WeightQuantizer
+from ..errors import ConfigError
 
-MethodFactory = Callable[[torch.Size, "QuantSpec"], tuple[nn.Module, nn.Module]]  # noqa: F821
+if TYPE_CHECKING:
+    from .layers import QuantSpec
+    from .quantizer import Quantizer
+
+MethodFactory = Callable[[torch.Size, "QuantSpec"], "tuple[Quantizer, Quantizer]"]
 _METHODS: dict[str, MethodFactory] = {}
 
 
-def register_method(name: str):
+def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: ``@register_method("lsq")`` makes ``quant.method: lsq`` build quantizers with the factory."""
     def deco(fn: MethodFactory) -> MethodFactory:
         _METHODS[name] = fn
         return fn
@@ -25,26 +32,10 @@ def register_method(name: str):
 
 
 def available_methods() -> list[str]:
-    _load_zoo()
     return sorted(_METHODS)
 
 
-def create_method_quantizers(weight_shape: torch.Size, spec) -> tuple[nn.Module, nn.Module]:
-    _load_zoo()
+def create_method_quantizers(weight_shape: torch.Size, spec: QuantSpec) -> tuple[Quantizer, Quantizer]:
     if spec.method not in _METHODS:
-        raise ValueError(f"quant.method: unknown method {spec.method!r}; choose one of {', '.join(sorted(_METHODS))}")
+        raise ConfigError(f"quant.method: unknown method {spec.method!r}; choose one of {', '.join(sorted(_METHODS))}")
     return _METHODS[spec.method](weight_shape, spec)
-
-
-def _load_zoo() -> None:
-    try:  # the zoo is optional: GDNSQ alone must work without it
-        from . import zoo  # noqa: F401
-    except ImportError:
-        pass
-
-
-@register_method("gdnsq")
-def _gdnsq(weight_shape, spec):
-    kw = dict(estimator=spec.estimator, delta=spec.delta)
-    return (WeightQuantizer(weight_shape, per_channel=spec.per_channel, **kw),
-            ActivationQuantizer(signed=spec.act_signed, **kw))

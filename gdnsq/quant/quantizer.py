@@ -1,12 +1,8 @@
-"""Quantizer modules holding GDNSQ's learnable state (log-step, clamps) and calibration.
+"""Quantizer modules: the one interface every quantizer speaks, and GDNSQ's learnable-bit quantizers.
 
-Both quantizers share one interface, which the quantized layers and the objective rely on:
-
-* ``forward(x)``: fake-quantized x (noisy channel in training, exact grid in eval);
-* ``bits(...)``: continuous, differentiable bit-width (per channel or scalar);
-* ``true_bits(...)``: the storage bit-width, ceil(log2(levels)), an int;
-* ``grid(...)``: (lo, hi, z, s) of the eval grid, for export and integer inference;
-* observing / ``calibrate_(init_bits)``: min/max observers, then steps for ~``init_bits`` bits.
+``Quantizer`` declares what quantized layers, surgery, the objective, the engine and export rely on;
+GDNSQ's ``WeightQuantizer`` / ``ActivationQuantizer`` (learnable log-step, clamps) and every zoo
+quantizer (``zoo.common``) derive from it.
 """
 from __future__ import annotations
 
@@ -16,25 +12,76 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .methods import register_method
 
 
-class _Quantizer(nn.Module):
+class Quantizer(nn.Module):
+    """What every quantizer provides. Weight quantizers take the weight ``w`` as the first argument of
+    ``bits`` / ``true_bits`` / ``grid`` / ``calibrate_`` / ``extra_stats``; activation quantizers take none.
+
+    * ``forward(x)``: fake-quantized x (training forward in train mode, the exact grid in eval);
+    * ``bits(...)``: the bit-width as a tensor (per channel or scalar); differentiable iff ``learnable_bits``;
+    * ``true_bits(...)``: the storage bit-width, an int;
+    * ``grid(...)``: (lo, hi, z, s) of the eval grid, for export and integer inference;
+    * ``observing`` (activation quantizers record min/max while set) then ``calibrate_(..., init_bits)``;
+    * ``enabled`` (False: identity), ``noise_ratio`` (set by the engine; GDNSQ's noisy channel only);
+    * optional hooks with no-op defaults: ``extra_loss()``, ``set_progress(fraction)``, ``extra_stats(...)``.
+    """
+
+    learnable_bits: bool = False
+    """True when ``bits()`` is learned, so the objective's exterior-point penalty constrains it (GDNSQ)."""
+    grid_domain: str = "input"
+    """``input``: ``grid()`` applies to the raw input; ``output``: to the eval output (a non-affine map first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise_ratio = 0.0
+        self.observing = False
+        self.enabled = True
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bits(self, *w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def true_bits(self, *w: Tensor) -> int:
+        raise NotImplementedError
+
+    def grid(self, *w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def calibrate_(self, *args) -> None:
+        raise NotImplementedError
+
+    def extra_loss(self) -> Tensor | None:
+        """A scalar added to the training loss (e.g. PACT's L2 on α), or None for no term."""
+        return None
+
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1], for curricula and annealing (PEGE, BNN++)."""
+
+    def extra_stats(self, *w: Tensor) -> dict[str, float]:
+        """Method-specific figures for the bits table (e.g. CoDeQ's sparsity)."""
+        return {}
+
+
+class _GDNSQQuantizer(Quantizer):
+    """GDNSQ's learnable-bit quantizers: the noisy channel's estimator and delta."""
+
     learnable_bits = True
 
     def __init__(self, *, estimator: str = "ste", delta: float = 1e-2):
         super().__init__()
         self.estimator = estimator
         self.delta = delta
-        self.noise_ratio = 0.0
-        self.observing = False
-        self.enabled = True
-        self.register_buffer("calibrated", torch.tensor(False))
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator}"
 
 
-class WeightQuantizer(_Quantizer):
+class WeightQuantizer(_GDNSQQuantizer):
     """Weights: range from the weights themselves, z = min(w), learnable step per channel or tensor.
 
     ``log_s`` has shape (C_out, 1, ..., 1) per channel or (1,) * w.dim() per tensor.
@@ -109,7 +156,7 @@ def decide_signed(signed_mode: str, observed_min: Tensor) -> bool:
     return {"signed": True, "unsigned": False}.get(signed_mode, bool(observed_min < 0))
 
 
-class ActivationQuantizer(_Quantizer):
+class ActivationQuantizer(_GDNSQQuantizer):
     """Activations: per-tensor step s, clamp [lo, lo + 2**log_q - s], z = lo.
 
     ``lo`` is learnable for signed inputs and fixed at 0 for non-negative ones (after a ReLU);
@@ -183,3 +230,10 @@ class ActivationQuantizer(_Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The lower bound only trains for signed inputs; restore that after loading a checkpoint.
         self.lo.requires_grad_(bool(self.signed))
+
+
+@register_method("gdnsq")
+def create_gdnsq(weight_shape: torch.Size, spec) -> tuple[WeightQuantizer, ActivationQuantizer]:
+    kw = {"estimator": spec.estimator, "delta": spec.delta}
+    return (WeightQuantizer(weight_shape, per_channel=spec.per_channel, **kw),
+            ActivationQuantizer(signed=spec.act_signed, **kw))

@@ -6,7 +6,8 @@ A registered version is one MLflow model directory holding two views of the same
   format): ``mlflow.pytorch.load_model("models:/NAME@champion")`` returns a runnable GraphModule
   without unpickling code, and needs neither gdnsq nor timm.
 * ``extra_files/`` — gdnsq-native files: ``state_dict.safetensors``, ``config.json``, ``manifest.json``
-  (per-layer bits, accuracy, bytes, BOPs). :func:`load_model` rebuilds the real student class from
+  (per-layer bits, accuracy, bytes, BOPs; the size figures are the caller's export report, see
+  :func:`register_model`). :func:`load_model` rebuilds the real student class from
   them with :func:`gdnsq.training.surgery.build_student`, so it can be trained on, exported, or inspected.
 
 The ``champion`` alias moves to a new version only when its ``ns_top1`` tag beats the champion's.
@@ -18,7 +19,6 @@ import contextlib
 import copy
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -30,19 +30,17 @@ from torch import nn
 
 from ..config import to_dict
 from ..errors import RegistryError
+from ..training.bits import FP_BITS, bits_table
 from ..training.checkpoint import structure_config
-from .run import metric_key, resolve_tracking_uri, scrub_tree, scrub_value
+from .manifest import MANIFEST_FILE, MANIFEST_FORMAT, estimate_stats, manifest_stats, model_card, version_tags
+from .names import as_float, scrub_tree, scrub_value
+from .store import resolve_tracking_uri
 
 CHAMPION = "champion"
 NATIVE_DIR = "extra_files"  # where mlflow.pytorch puts ``extra_files`` inside the model directory
 WEIGHTS_SAFETENSORS = "state_dict.safetensors"
 WEIGHTS_TORCH = "state_dict.pt"
 CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "gdnsq-model/1"
-FP_BITS = 32
-MAX_DESCRIPTION = 5000  # model version descriptions are VARCHAR(5000) in MLflow's SQL schema
-
 
 
 # ------------------------------------------------------------------------------------ names, refs
@@ -76,72 +74,6 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     if not name or "/" in name or (alias is not None and not alias):
         raise RegistryError(f"bad model reference {ref!r}: expected NAME, NAME/VERSION, NAME@ALIAS or models:/...")
     return name, version, alias
-
-
-# --------------------------------------------------------------------------------------- stats
-
-
-def _compute_layers(model: nn.Module, quantized: set[str]) -> list[str]:
-    """Quantized layers plus the FP Conv/Linear layers outside them (each counted once)."""
-    names = []
-    for name, m in model.named_modules():
-        inside = any(name == q or name.startswith(q + ".") for q in quantized)
-        if name in quantized or (not inside and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))):
-            names.append(name)
-    return names
-
-
-@torch.no_grad()
-def model_stats(model: nn.Module, example_input: torch.Tensor, table: list[dict]) -> dict:
-    """Per-layer MACs and BOPs (MACs x bits_w x bits_a; FP layers 32 x 32) and model bytes.
-
-    MACs per sample of a Conv/Linear = output elements per sample x weight elements per output
-    channel, measured with forward hooks on one input. Bytes: FP32 = 4 x all parameters; packed =
-    quantized weights at their learned integer bits + every other parameter in FP32.
-    """
-    rows = {r["name"]: r for r in table}
-    macs: dict[str, int] = {}
-    hooks = []
-    modules = dict(model.named_modules())
-    for name in _compute_layers(model, set(rows)):
-        weight = getattr(modules[name], "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-            continue
-
-        def hook(mod, inp, out, name=name, per_out=weight[0].numel()):
-            macs[name] = macs.get(name, 0) + (out.numel() // out.shape[0]) * per_out
-
-        hooks.append(modules[name].register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example_input[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-
-    layers, fp_layers = [], []
-    for name, n in macs.items():
-        if name in rows:
-            r = rows[name]
-            ba = int(r["true_bits_a"]) if r.get("true_bits_a") is not None else FP_BITS
-            layers.append({**r, "macs": n, "bops": n * int(r["true_bits_w"]) * ba})
-        else:
-            kind = "linear" if isinstance(modules[name], nn.Linear) else "conv"
-            fp_layers.append({"name": name, "kind": kind, "params": int(modules[name].weight.numel()),
-                              "macs": n, "bops": n * FP_BITS * FP_BITS})
-    total_bops = sum(r["bops"] for r in layers + fp_layers)
-    layers += [{**r, "macs": None, "bops": None} for name, r in rows.items() if name not in macs]
-    total_macs = sum(macs.values())
-    n_params = sum(p.numel() for p in model.parameters())
-    q_params = sum(int(r["params"]) for r in table)
-    packed = (n_params - q_params) * 4 + sum(math.ceil(int(r["params"]) * int(r["true_bits_w"]) / 8) for r in table)
-    return {
-        "layers": layers, "fp_layers": fp_layers, "params": n_params, "macs": total_macs, "bops": total_bops,
-        "bops_fp32": total_macs * FP_BITS * FP_BITS, "bytes_fp32": n_params * 4, "bytes_packed": packed,
-        "compression": round(n_params * 4 / packed, 3) if packed else None,
-    }
 
 
 # ------------------------------------------------------------------------------- mlflow plumbing
@@ -272,77 +204,31 @@ def _bake_flags(model: nn.Module) -> None:
                 setattr(m, name, bool(buf))
 
 
-# ---------------------------------------------------------------------------------------- cards
-
-
-def _fmt_pct(v) -> str:
-    f = _num(v)
-    return "-" if f is None else (f"{100 * f:.2f} %" if f <= 1.0 else f"{f:.2f}")
-
-
-def _num(v) -> float | None:
-    try:
-        return None if v is None else float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _model_card(name: str, manifest: dict) -> str:
-    """Markdown description of a version: headline numbers and the per-layer bit table."""
-    m = manifest
-    lines = [
-        f"# {name}: {m['model']} quantized with GDNSQ (target W{m['target_w']:g}A{m['target_a']:g})", "",
-        "| | |", "|---|---|",
-        f"| top-1 | {_fmt_pct(m.get('top1'))} (FP {_fmt_pct(m.get('fp_top1'))}) |",
-        f"| ns_top1 (champion metric) | {_fmt_pct(m.get('ns_top1'))} |",
-        f"| mean bits W / A | {m.get('avg_bits_w')} / {m.get('avg_bits_a')} |",
-        f"| size FP32 / packed | {m['bytes_fp32']:,} B / {m['bytes_packed']:,} B (x{m['compression']}) |",
-        f"| BOPs | {m['bops'] / 1e9:.4g} G (FP32: {m['bops_fp32'] / 1e9:.4g} G) |",
-        f"| converged | {m.get('converged')} |", "",
-        "Load: `gdnsq.tracking.registry.load_model(\"NAME@champion\")` (the gdnsq student) or "
-        "`mlflow.pytorch.load_model(\"models:/NAME@champion\")` (exported graph).".replace("NAME", name), "",
-        "| layer | kind | W bits | A bits | params | MACs |", "|---|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(m["layers"]):
-        row = (f"| {r['name']} | {r['kind']} | {r['true_bits_w']} | {r.get('true_bits_a') or 'FP'} | "
-               f"{r['params']:,} | {r['macs'] if r.get('macs') is not None else '-'} |")
-        if sum(map(len, lines)) + len(row) + 80 > MAX_DESCRIPTION:
-            lines.append(f"| ... {len(m['layers']) - i} more layers: see {MANIFEST_FILE} | | | | | |")
-            break
-        lines.append(row)
-    return "\n".join(lines)[:MAX_DESCRIPTION]
-
-
-def _version_tags(manifest: dict) -> dict[str, str]:
-    m = manifest
-    tags = {k: str(m[k]) for k in ("ns_top1", "top1", "top5", "fp_top1", "avg_bits_w", "avg_bits_a", "converged",
-                                   "bytes_fp32", "bytes_packed", "compression", "bops", "macs", "model")
-            if m.get(k) is not None}
-    tags.update({"target_w": f"{m['target_w']:g}", "target_a": f"{m['target_a']:g}",
-                 "gbops": f"{m['bops'] / 1e9:.6g}", "gdnsq_version": m["gdnsq_version"]})
-    for r in m["layers"]:
-        ta = r.get("true_bits_a")
-        tags[metric_key(f"bits.{r['name']}")] = f"w{r['true_bits_w']}a{ta if ta is not None else 'FP'}"
-    return tags
-
-
 # ------------------------------------------------------------------------------------- register
 
 
 def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Tensor, *, tracker_or_run_id,
-                   name: str | None = None, tracking_uri: str | None = None, alias: str = CHAMPION) -> dict:
+                   stats: dict | None = None, name: str | None = None, tracking_uri: str | None = None,
+                   alias: str = CHAMPION) -> dict:
     """Log the eval-mode student (pt2 + native files) to the run, register a version, maybe promote.
 
     ``tracker_or_run_id``: a :class:`gdnsq.tracking.run.RunTracker` (flushed first; its store is used) or a
     run id in ``tracking_uri`` / ``cfg.tracking.uri``. ``summary``: the end-of-training summary
     (``ns_top1`` decides the ``champion`` alias; ``layers`` = bits table, recomputed if absent).
+
+    ``stats``: the size/BOPs figures of this student, as the report that
+    ``gdnsq.export.export_packed(model, path, example_input=x)`` returns (the packed file's size is the
+    truth for the card). Read: ``bytes_file`` (recorded as ``bytes_packed``), ``bytes_fp32``,
+    ``compression``, ``macs``, ``bops``, ``bops_fp32`` and ``layers``, one row per Conv/Linear with
+    ``name``, ``kind``, ``params``, ``macs``, ``bops``: the rows of layers in the bits table give them
+    their MACs/BOPs, the others become ``fp_layers``. Other keys are ignored. ``None``: estimated with
+    :func:`estimate_stats` (no grids or header in the size, so a larger compression than the file's).
     Returns ``{name, version, model_uri, model_id, run_id, champion, champion_version, ns_top1, manifest}``.
     """
     import mlflow
     from mlflow.models import infer_signature
 
     from .. import __version__
-    from ..training.bits import bits_table
 
     if isinstance(tracker_or_run_id, str):
         run_id, uri = tracker_or_run_id, resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
@@ -363,14 +249,16 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
     with torch.no_grad():
         out = student(x)
     table = summary.get("layers") or bits_table(student)
-    stats = model_stats(student, x, table)
+    if stats is None:
+        stats = estimate_stats(student, x, table)
+    sizes = manifest_stats(stats, table, student)
 
     manifest = {
         "format": MANIFEST_FORMAT, "gdnsq_version": __version__, "registered_name": name, "model": cfg.model.name,
         "num_classes": int(out.shape[-1]), "in_chans": int(x.shape[1]), "input_shape": list(x.shape[1:]),
         "target_w": float(cfg.quant.target_w), "target_a": float(cfg.quant.target_a),
         **{k: summary.get(k) for k in ("top1", "top5", "fp_top1", "ns_top1", "avg_bits_w", "avg_bits_a", "converged")},
-        **stats, "run_id": run_id, "fp_checkpoint": cfg.model.checkpoint,
+        **sizes, "run_id": run_id, "fp_checkpoint": cfg.model.checkpoint,
     }
     client = _client(uri)
     with tempfile.TemporaryDirectory(prefix="gdnsq-register-") as tmp:
@@ -415,11 +303,11 @@ def _create_version(client, uri, name, model_id, run_id, manifest, alias) -> dic
                                 f"W{manifest['target_w']:g}A{manifest['target_a']:g}. The `{alias}` alias "
                                 "is the version with the best ns_top1.")
         mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                         tags=_version_tags(manifest), description=_model_card(name, manifest),
+                                         tags=version_tags(manifest), description=model_card(name, manifest),
                                          model_id=model_id)
         champion = client.get_registered_model(name).aliases.get(alias)
-        new = _num(manifest.get("ns_top1"))
-        old = _num(client.get_model_version(name, champion).tags.get("ns_top1")) if champion else None
+        new = as_float(manifest.get("ns_top1"))
+        old = as_float(client.get_model_version(name, champion).tags.get("ns_top1")) if champion else None
         promote = new is not None and (champion is None or old is None or new > old)
         if promote:
             client.set_registered_model_alias(name, alias, mv.version)

@@ -1,9 +1,20 @@
-"""Per-layer bit-width reports of a quantized model."""
+"""Per-layer bit tables of a quantized model, and the one MAC/BOP counter (used by export and the registry).
+
+MACs per sample of a Conv/Linear = output elements per sample x weight elements per output channel
+(``weight[0].numel()``, so grouped convs count right), measured with forward hooks on one sample of
+the example input. BOPs = MACs x b_w x b_a, with the true (storage) bits of a quantized layer's
+weights and input, and 32 x 32 for FP layers and FP inputs. Matrix products that are not modules
+(attention scores in a ViT) are not counted.
+"""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ..quant.layers import iter_quantized
+from ..quant.layers import QUANT_LAYERS, iter_quantized, iter_quantizers
+
+FP_BITS = 32
+_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def bits_table(model: nn.Module) -> list[dict]:
@@ -30,10 +41,8 @@ def bits_table(model: nn.Module) -> list[dict]:
 
 def extra_stats(layer) -> dict:
     """Method-specific figures of a layer's quantizers (``extra_stats()``, e.g. CoDeQ's sparsity), keys w_/a_."""
-    out = {}
-    if hasattr(layer.weight_quant, "extra_stats"):
-        out.update({f"w_{k}": v for k, v in layer.weight_quant.extra_stats(layer.weight).items()})
-    if layer.act_quant is not None and hasattr(layer.act_quant, "extra_stats"):
+    out = {f"w_{k}": v for k, v in layer.weight_quant.extra_stats(layer.weight).items()}
+    if layer.act_quant is not None:
         out.update({f"a_{k}": v for k, v in layer.act_quant.extra_stats().items()})
     return out
 
@@ -53,3 +62,76 @@ def format_table(table: list[dict]) -> str:
         lines.append(f"{r['name']:<28} {r['true_bits_w']:>7} {ta:>7} "
                      f"{'W%gA%g' % (r['target_w'], r['target_a']):>8} {r['bits_w']:>7.2f} {ba:>7}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ MACs and BOPs
+
+
+def compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Conv/Linear (quantized or FP) that owns a weight, in module order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, _COMPUTE) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+@torch.no_grad()
+def measure_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """{layer name: MACs for one sample}, from forward hooks on ``example_input[:1]`` in eval mode."""
+    macs: dict[str, int] = {}
+    hooks = []
+    # MACs depend on shapes only: skip the quantizers' arithmetic (restored below).
+    switched = [q for q in iter_quantizers(model) if q.enabled]
+    for name, m in compute_layers(model):
+        def hook(mod, inp, out, name=name, per_out=m.weight[0].numel()):
+            macs[name] = macs.get(name, 0) + (out.numel() // out.shape[0]) * per_out
+
+        hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        for q in switched:
+            q.enabled = False
+        model.eval()
+        param = next(model.parameters(), None)
+        model(example_input[:1].to(param.device if param is not None else "cpu"))
+    finally:
+        for q in switched:
+            q.enabled = True
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return macs
+
+
+def layer_rows(model: nn.Module, bits: dict[str, tuple[int, int]], example_input: torch.Tensor | None,
+               export_bytes: dict[str, int]) -> list[dict]:
+    """One row per Conv/Linear: params, bits, MACs, BOPs, FP32 bytes (weight + bias) and exported bytes.
+
+    ``bits``: {quantized layer: (b_w, b_a)}; other layers count as FP (32, 32).
+    ``export_bytes``: {layer: bytes its weight, bias and grid take in the exported file}.
+    """
+    macs = measure_macs(model, example_input) if example_input is not None else {}
+    rows = []
+    for name, m in compute_layers(model):
+        bw, ba = bits.get(name, (FP_BITS, FP_BITS))
+        n_params = m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+        n_macs = macs.get(name)
+        rows.append({
+            "name": name, "kind": "linear" if isinstance(m, nn.Linear) else "conv",
+            "quantized": isinstance(m, QUANT_LAYERS) and name in bits, "params": int(n_params),
+            "bits_w": int(bw), "bits_a": int(ba),
+            "macs": n_macs, "bops": None if n_macs is None else n_macs * int(bw) * int(ba),
+            "bytes_fp32": int(n_params) * 4, "bytes_export": export_bytes.get(name),
+        })
+    return rows
+
+
+def totals(rows: list[dict], bytes_fp32: int, bytes_file: int) -> dict:
+    """Model totals of ``rows``: bytes and their ratio, MACs, BOPs (None when a layer's MACs are unknown)."""
+    have_macs = all(r["macs"] is not None for r in rows)
+    macs = sum(r["macs"] for r in rows) if have_macs else None
+    bops = sum(r["bops"] for r in rows) if have_macs else None
+    return {
+        "bytes_fp32": bytes_fp32, "bytes_file": bytes_file,
+        "compression": round(bytes_fp32 / bytes_file, 3) if bytes_file else None,
+        "macs": macs, "bops": bops, "bops_fp32": None if macs is None else macs * FP_BITS * FP_BITS,
+        "bops_reduction": round(macs * FP_BITS * FP_BITS / bops, 3) if bops else None,
+    }

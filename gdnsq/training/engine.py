@@ -83,19 +83,18 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int, lr: float, device:
 class Engine:
     """One GDNSQ fine-tuning run's moving parts, stepping and checkpointable."""
 
-    def __init__(self, cfg: JobConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device,
-                 optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, cfg: JobConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device):
         self.cfg = cfg
         self.model = student  # may be DDP-wrapped; quantizer maths read the unwrapped core
         self.core = unwrap(student)
         self.teacher = teacher
         self.device = device
-        self.optimizer = optimizer or create_optimizer(self.core, cfg.optim)
+        self.optimizer = create_optimizer(self.core, cfg.optim)
         self.objective = GDNSQObjective(cfg.objective)
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         set_noise_ratio(self.core, self.sched.noise_ratio)
-        # Zoo quantizers with a curriculum or annealing (PEGE, BNN++) are told the training progress.
-        self._progress_hooks = [q for q in iter_quantizers(self.core) if hasattr(q, "set_progress")]
+        # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
+        self._progress_hooks = list(iter_quantizers(self.core))
         self.epoch = 0
         if teacher is not None:
             teacher.eval().requires_grad_(False)

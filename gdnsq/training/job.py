@@ -68,10 +68,7 @@ def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[
     avg_w, avg_a = average_bits(table)
     metrics = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
                "val/converged": float(conv), "val/ns_top1": ns_top1(val["top1"], conv),
-               "bits/avg_w": avg_w, "bits/avg_a": avg_a,
-               "bits/avg_w_cont": sum(r["bits_w"] for r in table) / len(table),
-               "bits/avg_a_cont": (sum(r["bits_a"] for r in table if r["bits_a"] is not None)
-                                   / max(1, sum(r["bits_a"] is not None for r in table)))}
+               "bits/avg_w": avg_w, "bits/avg_a": avg_a}
     return metrics, table
 
 

@@ -59,11 +59,11 @@ def bit_penalties(model: nn.Module, eps: float, p: float) -> BitTerms:
     pw, pa = [], []
     active_w = active_a = 0
     for _, layer in iter_quantized(model):
-        if getattr(layer.weight_quant, "learnable_bits", False):
+        if layer.weight_quant.learnable_bits:
             term = exterior_penalty(layer.weight_bits(), layer.target_w, eps, p)
             pw.append(term)
             active_w += int(term.detach() > 0)
-        if layer.act_quant is not None and getattr(layer.act_quant, "learnable_bits", False):
+        if layer.act_quant is not None and layer.act_quant.learnable_bits:
             term = exterior_penalty(layer.act_bits(), layer.target_a, eps, p)
             pa.append(term)
             active_a += int(term.detach() > 0)
@@ -73,8 +73,8 @@ def bit_penalties(model: nn.Module, eps: float, p: float) -> BitTerms:
 
 
 def extra_losses(model: nn.Module) -> Tensor | None:
-    """Sum of ``extra_loss()`` over the quantizers that define one (zoo methods: PEGE, PACT, CoDeQ), or None."""
-    terms = [q.extra_loss() for q in iter_quantizers(model) if hasattr(q, "extra_loss")]
+    """Sum of the quantizers' ``extra_loss()`` terms (zoo methods: PEGE, PACT, CoDeQ), or None when none has one."""
+    terms = [t for q in iter_quantizers(model) if (t := q.extra_loss()) is not None]
     return torch.stack(terms).sum() if terms else None
 
 
@@ -103,9 +103,9 @@ class GDNSQObjective:
         w_a = (terms.active_a + c.eps) / (total_active + c.eps)
         penalty = self.loss_mean * (w_w * terms.p_w + w_a * terms.p_a)
         if c.lossless:
-            loss = c.l2 * temperature * d + c.l1 * penalty
+            loss = c.task_weight * temperature * d + c.penalty_weight * penalty
         else:
-            loss = c.l2 * d + c.l1 * temperature * penalty
+            loss = c.task_weight * d + c.penalty_weight * temperature * penalty
         parts = {"train/task": d_val, "train/penalty_w": float(terms.p_w.detach()),
                  "train/penalty_a": float(terms.p_a.detach()), "train/active_w": terms.active_w,
                  "train/active_a": terms.active_a, "train/loss_mean": self.loss_mean}

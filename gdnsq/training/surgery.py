@@ -16,6 +16,7 @@ from torch import nn
 from ..config import JobConfig, QuantConfig
 from ..errors import SurgeryError
 from ..quant.layers import QConv2d, QLinear, QuantSpec, iter_quantized, iter_quantizers
+from ..quant.quantizer import ActivationQuantizer
 
 log = logging.getLogger("gdnsq")
 
@@ -170,7 +171,9 @@ def calibrate_model(model: nn.Module, batches, init_bits: float) -> None:
     quantizers = list(iter_quantizers(model))
     for q in quantizers:
         q.enabled = False
-        q.observing = hasattr(q, "obs_min")
+    for _, layer in iter_quantized(model):  # activation quantizers observe; weight ones read the weight itself
+        if layer.act_quant is not None:
+            layer.act_quant.observing = True
     seen = 0
     for x in batches:
         model(x)
@@ -196,7 +199,7 @@ def broadcast_quantizer_state(model: nn.Module, src: int = 0) -> None:
         for t in list(q.parameters()) + list(q.buffers()):
             dist.broadcast(t.data, src)
     for q in iter_quantizers(model):
-        if hasattr(q, "signed"):
+        if isinstance(q, ActivationQuantizer):  # GDNSQ's lower bound trains only for rank 0's signedness
             q.lo.requires_grad_(bool(q.signed))
 
 

@@ -1,7 +1,7 @@
 """The method zoo: the field's quantizers behind ``quant.method``, sharing GDNSQ's whole harness.
 
-Each module registers one method with ``gdnsq.quant.methods.register_method``; importing this package
-(``methods`` does it on first use) makes them selectable. See ``common`` for the shared interface.
+Each module registers one method with ``gdnsq.quant.methods.register_method``; ``gdnsq.quant`` imports
+this package once, so every method is selectable. See ``common`` for what the zoo's quantizers share.
 
 =========  =====================================================================================
 lsq        LSQ: learned step, gradient scale 1/sqrt(N·Q_p)

@@ -21,15 +21,15 @@ Annealing (our schedule; the paper's exact one is not reproduced): β(p) = β0·
 geometric from β0 = 1 (≈ identity near 0: training starts from the FP model) to β1 = 200 (≈ sign: within
 1 % of it for |u| > 0.025) at half the budget, with p the training progress from ``set_progress``;
 ``quant.method_args``: beta_start, beta_end, ramp_end. The gap between the soft training forward and
-the hard eval forward is what costs accuracy: in short runs on the bundled digits (90 steps, val top-1)
-β1 = 50 over 80 % of the budget gave 20 %, β1 = 200 over 50 % gave 63 % (β1 = 1000: 62 %), hence the
-defaults. Without a driver β = β1. Only 1-bit targets: other targets are a configuration error.
+the hard eval forward is what costs accuracy; the defaults were set in short runs on the bundled digits
+(docs/results.md, "Figures formerly in docstrings"). Without a driver β = β1. Only 1-bit targets: other targets are a configuration error.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from ...errors import ConfigError
 from ..methods import register_method
 from .common import FixedBitActQuantizer, FixedBitWeightQuantizer, int_bits, method_args
 
@@ -103,8 +103,6 @@ class BNNppActQuantizer(_Annealed, FixedBitActQuantizer):
 
 @register_method("bnnpp")
 def create_bnnpp(weight_shape, spec):
-    from ...errors import ConfigError
-
     args = method_args(spec, "bnnpp", DEFAULTS)
     if int_bits(spec.target_w) != 1 or int_bits(spec.target_a) != 1:
         raise ConfigError(f"quant.method: bnnpp binarises weights and activations (W1A1); got target "

@@ -14,8 +14,7 @@ Backward (straight-through, LSQ-style; g = 1/sqrt(N·Q) scales the s and δ grad
     dŵ/dδ = -sign(w)·s on live weights, 0 elsewhere.
 Sparsity pressure: ``extra_loss()`` = λ·mean|k| (an L1 rate proxy on the codes; λ =
 ``quant.method_args.sparsity_weight``, default 0.001); it shrinks live weights and widens the dead zone.
-λ trades accuracy for sparsity: W2A2 on the bundled digits, 90 steps, test top-1 70.1 / 50.0 / 41.8 %
-at λ = 0 / 0.001 / 0.01 (79 % zero weights at 0.01; single short runs, noisy).
+λ trades accuracy for sparsity (figures: docs/results.md, "Figures formerly in docstrings").
 Stats: ``extra_stats(w)`` gives the share of zero codes (sparsity), the entropy of the codes in bits (an
 effective bit-width after entropy coding) and log2 of the levels used.
 Activations: LSQ (``lsq.LSQActQuantizer``); the dead zone is a weight-pruning device. Grids:
@@ -29,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ...errors import ConfigError
 from ..functional import _sum_to
 from ..methods import register_method
 from .common import FixedBitWeightQuantizer, code_stats, int_bits, method_args
@@ -71,8 +71,6 @@ class CoDeQWeightQuantizer(FixedBitWeightQuantizer):
                  sparsity_weight: float = 0.001, init_dead_zone: float = 0.5):
         super().__init__(weight_shape, bits, per_channel=per_channel)
         if self.n_bits < 2:
-            from ...errors import ConfigError
-
             raise ConfigError("quant.target_w: codeq needs at least 2 bits (a 1-bit grid has no zero level to prune to)")
         self.qmax = 2 ** (self.n_bits - 1) - 1
         self.sparsity_weight, self.init_dead_zone = float(sparsity_weight), float(init_dead_zone)

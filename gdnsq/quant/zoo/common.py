@@ -1,9 +1,9 @@
 """What the zoo's fixed-bit methods share: STE pieces, uniform grids, base modules, code statistics.
 
-Every zoo quantizer speaks the quantizer interface of ``gdnsq.quant.quantizer`` (``forward``, ``bits``,
-``true_bits``, ``grid``, ``calibrate_``, ``observing`` / ``enabled``) with ``learnable_bits = False``: its
-bit-width is the layer's target, ceil'd to an integer, so the exterior-point penalty ignores it and
-``bits()`` / ``true_bits()`` only report it.
+Every zoo quantizer derives from ``gdnsq.quant.quantizer.Quantizer`` (``forward``, ``bits``, ``true_bits``,
+``grid``, ``calibrate_``, ``observing`` / ``enabled``) with ``learnable_bits = False``: its bit-width is the
+layer's target, ceil'd to an integer, so the exterior-point penalty ignores it and ``bits()`` /
+``true_bits()`` only report it.
 
 Grids. In eval every zoo quantizer outputs ``x̂ = q·s + z`` with integer codes
 ``q = round((clamp(x, lo, hi) - z) / s)`` and ``(lo, hi, z, s) = grid(...)``, computed by
@@ -12,19 +12,20 @@ to the quantizer's *input* (``grid_domain = "input"``: export can pack raw weigh
 maps the weight non-affinely first (DoReFa's tanh, CoDeQ's dead zone; ``grid_domain = "output"``): there
 the grid describes the eval output, and ``integer_codes(eval_forward(w), *grid(w))`` gives the codes.
 
-Optional hooks the engine and objective call when a quantizer defines them (all zoo-only):
-``extra_loss()`` (a scalar added to the training loss), ``set_progress(fraction)`` (training progress in
-[0, 1], for curricula and annealing) and ``extra_stats(...)`` (a dict shown in the bits table).
+The base's optional hooks (no-op by default) are what some zoo methods add: ``extra_loss()`` (a scalar added
+to the training loss), ``set_progress(fraction)`` (training progress in [0, 1], for curricula and
+annealing) and ``extra_stats(...)`` (a dict shown in the bits table).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ...errors import ConfigError
 from .. import functional as F
-from ..quantizer import decide_signed
+from ..quantizer import Quantizer, decide_signed
 
 # ------------------------------------------------------------------------------------ STE pieces
 
@@ -129,19 +130,12 @@ def code_stats(codes: Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ base modules
 
 
-class FixedBitQuantizer(nn.Module):
-    """State every zoo quantizer carries: fixed bits, the observing / enabled flags, hooks' defaults."""
-
-    learnable_bits = False
-    grid_domain = "input"
+class FixedBitQuantizer(Quantizer):
+    """What every zoo quantizer adds to the base: its fixed bit-width (``learnable_bits`` stays False)."""
 
     def __init__(self, bits: int):
         super().__init__()
         self.n_bits = int(bits)
-        self.noise_ratio = 0.0  # set by the engine for every quantizer; GDNSQ-only, unused here
-        self.observing = False
-        self.enabled = True
-        self.register_buffer("calibrated", torch.tensor(False))
 
     def bits(self, w: Tensor | None = None) -> Tensor:
         """The fixed bit-width as a (scalar) tensor, for the bits table; not a penalty term."""
@@ -253,8 +247,6 @@ def method_args(spec, method: str, defaults: dict[str, float]) -> dict[str, floa
     given = dict(getattr(spec, "method_args", None) or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        from ...errors import ConfigError
-
         raise ConfigError(f"quant.method_args.{unknown[0]}: not a setting of method {method!r} "
                           f"(known: {', '.join(sorted(defaults)) or 'none'})")
     return {k: float(given.get(k, v)) for k, v in defaults.items()}

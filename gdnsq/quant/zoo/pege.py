@@ -24,10 +24,9 @@ The abstract states two things; each is implemented here, every detail beyond it
    the whole discretization error (rounding and clipping) relative to the tensor's power, over all
    elements (not only the replaced ones; sg = stop-gradient): it pulls x towards its level and fits the
    step s to x (an MSE-optimal step). Relative, so one λ fits every layer and bit-width; clipping is
-   included because without it shrinking s until everything clips is a zero-error optimum (checked: with
-   only a rounding-error term driving a 2-bit step on ReLU data, 60 Adam steps shrank s until 39 % of the
-   inputs clipped; a first benchmark run of that version trailed LSQ at W4A4, 77.3 vs 93.2 %). Applied to weights and activations
-   alike; λ = ``quant.method_args.error_weight`` (0.1).
+   included because without it shrinking s until everything clips is a zero-error optimum (a rounding-only
+   version did exactly that; docs/results.md, "Figures formerly in docstrings"). Applied to weights and
+   activations alike; λ = ``quant.method_args.error_weight`` (0.1).
 
 The forward quantizer Q: the abstract says PEGE works with any forward method; we use LSQ's
 (``lsq.py``: learned step, gradient scale, same grids), so ``pege`` vs ``lsq`` isolates PEGE's part.

@@ -1,0 +1,90 @@
+"""The PNGs a run ends with: per-layer bit-widths over the epochs, and accuracy against the mean bits.
+
+matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, thread-safe.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ACCURACY_KEYS = ("val/top1", "top1", "val/ns_top1", "test/top1")
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def draw_bits_evolution(history: list[dict], path: Path) -> bool:
+    """Two panels (weights, activations): one line per layer of continuous bits vs epoch, targets dashed."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    names = list(dict.fromkeys(r["name"] for h in history for r in h["layers"]))
+    if not names:
+        return False
+    fig = _figure(11, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, side in zip(axes, ("w", "a")):
+        for name in names:
+            ys = [next((r.get(f"bits_{side}") for r in h["layers"] if r["name"] == name), None) for h in history]
+            pts = [(e, y) for e, y in zip(epochs, ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", lw=1.2, label=name)
+        targets = {r.get(f"target_{side}") for h in history for r in h["layers"]} - {None}
+        for t in sorted(targets):
+            ax.axhline(t, ls="--", color="k", lw=0.8)
+        ax.set_title("weights" if side == "w" else "activations")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("bits (continuous)")
+    if len(names) <= 24:
+        axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def draw_accuracy_vs_bits(history: list[dict], path: Path, fp_top1: float | None = None) -> bool:
+    """Validation accuracy against the mean weight / activation bits, one point per epoch."""
+    key = next((k for k in ACCURACY_KEYS if any(k in h["metrics"] for h in history)), None)
+    key = key or next((k for h in history for k in h["metrics"] if k.endswith("top1")), None)
+    if key is None:
+        return False
+    fig = _figure(6.5, 4.5)
+    ax = fig.subplots()
+    for side, marker in (("w", "o"), ("a", "s")):
+        pts = []
+        for h in history:
+            bits = [r[f"bits_{side}"] for r in h["layers"] if r.get(f"bits_{side}") is not None]
+            if bits and key in h["metrics"]:
+                pts.append((sum(bits) / len(bits), h["metrics"][key], h["epoch"]))
+        if pts:
+            xs, ys, es = zip(*pts)
+            ax.plot(xs, ys, marker=marker, lw=1, label=f"mean {'weight' if side == 'w' else 'activation'} bits")
+            for x, y, e in pts:
+                ax.annotate(str(e), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if fp_top1 is not None:
+        ax.axhline(fp_top1, ls="--", color="k", lw=0.8, label="FP top-1")
+    ax.set_xlabel("mean bits (labels: epoch)")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+
+def draw_run_plots(history: list[dict], folder: Path, fp_top1: float | None = None) -> list[str]:
+    """Every plot of a run's ``history`` (``[{epoch, metrics, layers}]``) into ``folder``; the file names drawn."""
+    drawn = []
+    for name, draw in (("bits_evolution.png", draw_bits_evolution),
+                       ("accuracy_vs_bits.png", lambda h, p: draw_accuracy_vs_bits(h, p, fp_top1=fp_top1))):
+        if draw(history, folder / name):
+            drawn.append(name)
+    return drawn

@@ -1,0 +1,73 @@
+"""Where runs are stored: tracking-URI resolution, experiments with explicit artifact locations, HTTP defaults.
+
+Store: ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/.gdnsq/mlflow.db``. Experiments
+in a non-server store get an explicit artifact location next to the database (without one, a run
+started inside a Ray worker put its artifacts in Ray's temporary session folder). With a server
+URI the server's proxied artifact store is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .names import safe_name
+
+log = logging.getLogger(__name__)
+
+
+def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
+    """``sqlite:///<root>/.gdnsq/mlflow.db`` (root = cwd); the folder is created."""
+    folder = Path(root or os.getcwd()).resolve() / ".gdnsq"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store.
+
+    Call this in the driver and pass the result to workers: a Ray worker's cwd is not the driver's.
+    """
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def is_server_uri(uri: str) -> bool:
+    """True for a tracking server (HTTP, Databricks); False for a database or file store used directly."""
+    return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Explicit artifact root for a new experiment in a non-server store; None = server default."""
+    if is_server_uri(uri):
+        return None
+    if uri.startswith("sqlite:///"):
+        base = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+    else:  # postgresql://, mysql://, file:// used directly: keep artifacts beside the working dir
+        base = Path(os.getcwd()).resolve() / ".gdnsq" / "mlartifacts"
+    return (base / safe_name(experiment)).as_uri()
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """Experiment id by name, created (with an explicit artifact location) or restored if deleted."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException:  # created concurrently by another sweep trial
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        log.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def set_http_defaults() -> None:
+    # MLflow's defaults (120 s timeout, 7 retries with backoff) can hold one call for minutes; the
+    # outbox retries on its own, so each attempt should fail fast. User settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
