@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..quant.layers import QConv2d, QLinear, QuantSpec, iter_quantized
+from ..quant.layers import QConv2d, QLinear, iter_quantized
+from ..quant.spec import QuantSpec
 
 
 def plan_of(model: nn.Module) -> list[dict]:

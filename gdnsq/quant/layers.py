@@ -14,21 +14,7 @@ from torch import Tensor, nn
 
 from .methods import create_method_quantizers
 from .quantizer import Quantizer
-
-
-class QuantSpec:
-    """Per-layer settings decided by surgery: targets, granularity, estimator, method."""
-
-    def __init__(self, *, target_w: float, target_a: float, per_channel: bool = True, estimator: str = "ste",
-                 delta: float = 1e-2, act_signed: str = "auto", quantize_act: bool = True, method: str = "gdnsq",
-                 method_args: dict | None = None):
-        self.target_w, self.target_a = float(target_w), float(target_a)
-        self.per_channel, self.estimator, self.delta = per_channel, estimator, delta
-        self.act_signed, self.quantize_act, self.method = act_signed, quantize_act, method
-        self.method_args = dict(method_args or {})
-
-    def as_dict(self) -> dict:
-        return dict(vars(self))
+from .spec import QuantSpec
 
 
 class _QuantMixin:

@@ -8,17 +8,15 @@ surgery, objective, schedules, training, tracking and export.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
+from .spec import QuantSpec
 
-if TYPE_CHECKING:
-    from .layers import QuantSpec
-    from .quantizer import Quantizer
-
-MethodFactory = Callable[[torch.Size, "QuantSpec"], "tuple[Quantizer, Quantizer]"]
+# A factory returns (weight quantizer, activation quantizer or None), both gdnsq.quant.quantizer.Quantizer.
+MethodFactory = Callable[[torch.Size, QuantSpec], tuple[nn.Module, nn.Module | None]]
 _METHODS: dict[str, MethodFactory] = {}
 
 
@@ -35,7 +33,7 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create_method_quantizers(weight_shape: torch.Size, spec: QuantSpec) -> tuple[Quantizer, Quantizer]:
+def create_method_quantizers(weight_shape: torch.Size, spec: QuantSpec) -> tuple[nn.Module, nn.Module | None]:
     if spec.method not in _METHODS:
         raise ConfigError(f"quant.method: unknown method {spec.method!r}; choose one of {', '.join(sorted(_METHODS))}")
     return _METHODS[spec.method](weight_shape, spec)

@@ -228,7 +228,7 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
     import mlflow
     from mlflow.models import infer_signature
 
-    from .. import __version__
+    from .._version import __version__
 
     if isinstance(tracker_or_run_id, str):
         run_id, uri = tracker_or_run_id, resolve_tracking_uri(tracking_uri or cfg.tracking.uri)

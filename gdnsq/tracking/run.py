@@ -39,7 +39,7 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str]:
     """Tags naming the code: package version, git commit (and '.dirty') when run from a checkout."""
-    from .. import __version__
+    from .._version import __version__
 
     tags = {"gdnsq.version": __version__, "gdnsq.code_version": __version__}
     here = Path(__file__).resolve().parents[1]  # the gdnsq package: "dirty" means any of its files changed

@@ -15,8 +15,9 @@ from torch import nn
 
 from ..config import JobConfig, QuantConfig
 from ..errors import SurgeryError
-from ..quant.layers import QConv2d, QLinear, QuantSpec, iter_quantized, iter_quantizers
+from ..quant.layers import QConv2d, QLinear, iter_quantized, iter_quantizers
 from ..quant.quantizer import ActivationQuantizer
+from ..quant.spec import QuantSpec
 
 log = logging.getLogger("gdnsq")
 

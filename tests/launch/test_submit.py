@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning"),  # inside Ray's log tail
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_JOB = ROOT / "jobs" / "cpu_smallcnn_w2a2.yaml"
 QUICK = ["--train.epochs", "1", "--train.max_steps_per_epoch", "3", "--train.teacher_epochs", "1",
          "--ray.enabled", "false", "--tracking.enabled", "false"]

@@ -24,7 +24,7 @@ from gdnsq.training.objective import (
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 D = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ZOO = ("lsq", "dorefa", "pact", "pege", "bnnpp", "codeq")
 
 

@@ -13,7 +13,7 @@ from gdnsq.cli import main
 from gdnsq.config import config_from_dict, load_config
 from gdnsq.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "jobs"
 JOB_FILES = sorted(p for p in JOBS.rglob("*") if p.suffix in (".yaml", ".yml"))
 IMAGENET = [p for p in sorted(JOBS.glob("imagenet_resnet18_w*a*.yaml")) if "sweep" not in p.stem]  # a sweep sizes its trials differently

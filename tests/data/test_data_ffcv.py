@@ -271,5 +271,5 @@ def test_config_mistakes_are_named(betons, jpegs):
 def test_data_modules_import_without_loading_ffcv():
     code = ("import sys, gdnsq.data.ffcv_io, gdnsq.data.imagefolder, gdnsq.data.synthetic; "
             "assert 'ffcv' not in sys.modules, 'ffcv imported at module import'")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -33,7 +33,7 @@ pytestmark = [
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SWEEP_FILE = ROOT / "jobs" / "cpu_smallcnn_sweep.yaml"
 EPOCHS = 3
 
