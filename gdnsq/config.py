@@ -56,10 +56,10 @@ class QuantRuleConfig:
     """Regular expression matched (re.search) against the module's dotted name."""
     skip: bool | None = None
     """Keep matching layers in floating point."""
-    target_w: float | None = None
-    """Weight bit target for matching layers."""
-    target_a: float | None = None
-    """Activation bit target for matching layers."""
+    target_w: int | None = None
+    """Weight bit target (an integer) for matching layers."""
+    target_a: int | None = None
+    """Activation bit target (an integer) for matching layers."""
     per_channel: bool | None = None
     """Per-output-channel weight steps for matching layers."""
     quantize_act: bool | None = None
@@ -72,10 +72,10 @@ class QuantConfig:
     """Quantization method: gdnsq (learnable bit-width) or a zoo method (lsq, dorefa, pact, ...)."""
     method_args: dict[str, float] = field(default_factory=dict)
     """Hyper-parameters of a zoo method (e.g. {error_weight: 0.1} for pege); each method checks its keys."""
-    target_w: float = 2.0
-    """Weight bit-width target per layer (the constraint bits <= target)."""
-    target_a: float = 2.0
-    """Activation bit-width target per layer."""
+    target_w: int = 2
+    """Weight bit-width target per layer, an integer (the constraint bits <= target)."""
+    target_a: int = 2
+    """Activation bit-width target per layer, an integer."""
     init_bits: float = 10.0
     """Bit-width that calibration starts every quantizer at (near-lossless)."""
     per_channel: bool = True
@@ -96,13 +96,18 @@ class QuantConfig:
     """BatchNorm handling: keep (trained), freeze (eval stats, no grad) or fold into the conv."""
     calib_batches: int = 4
     """Batches seen by the min/max observers before training."""
+    level_guard: bool = True
+    """Project log s after every step so no learnable grid has fewer than 2**target levels."""
+    level_margin: float = 0.1
+    """Level guard's margin, in grid levels: it keeps 2**b >= 2**T - 1/2 + margin (T = the layer's target)."""
     rules: list[QuantRuleConfig] = field(default_factory=list)
     """Ordered (regex -> override) rules; first match wins; each must match at least one layer."""
 
     def __post_init__(self):
         for name in ("target_w", "target_a"):
             v = getattr(self, name)
-            _check(0 < v <= 16, f"quant.{name}", f"must be in (0, 16] bits, got {v}")
+            _check(float(v).is_integer() and 1 <= v <= 16, f"quant.{name}",
+                   f"must be an integer in [1, 16] bits, got {v}")
         _check(1 < self.init_bits <= 24, "quant.init_bits", f"must be in (1, 24], got {self.init_bits}")
         _check(self.estimator in ESTIMATORS, "quant.estimator",
                f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -111,12 +116,14 @@ class QuantConfig:
         _check(self.batchnorm in BATCHNORM_MODES, "quant.batchnorm",
                f"must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
         _check(self.calib_batches >= 1, "quant.calib_batches", "must be >= 1")
+        _check(0 < self.level_margin < 0.45, "quant.level_margin", f"must be in (0, 0.45) levels, got {self.level_margin}")
         self.rules = [r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, "quant.rules")
                       for r in self.rules]
         for i, r in enumerate(self.rules):
             for name in ("target_w", "target_a"):
                 v = getattr(r, name)
-                _check(v is None or 0 < v <= 16, f"quant.rules[{i}].{name}", f"must be in (0, 16] bits, got {v}")
+                _check(v is None or (float(v).is_integer() and 1 <= v <= 16), f"quant.rules[{i}].{name}",
+                       f"must be an integer in [1, 16] bits, got {v}")
 
 
 @dataclass(kw_only=True)
@@ -133,24 +140,45 @@ class ObjectiveConfig:
     """Margin below the bit target that counts as feasible."""
     lossless: bool = False
     """Move the temperature from the penalty term to the task term (the objective's lossless form)."""
+    loss_scale: str = "ema"
+    """Running mean m̄ of the task loss that scales the penalty: ema, or cumulative (since step 0, the reference's)."""
     loss_ema: float = 0.99
-    """Decay of the running mean of the task loss that scales the penalty."""
+    """Decay of the EMA m̄ (loss_scale: ema)."""
+    count_active: str = "layers"
+    """Active-constraint weights ω: count violated layers, or weight channels (the reference's)."""
 
     def __post_init__(self):
         _check(self.distill in DISTILL_LOSSES, "objective.distill",
                f"must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
         _check(self.p > 0, "objective.p", "must be > 0")
         _check(0 <= self.loss_ema < 1, "objective.loss_ema", "must be in [0, 1)")
+        _check(self.loss_scale in ("ema", "cumulative"), "objective.loss_scale",
+               f"must be ema or cumulative, got {self.loss_scale!r}")
+        _check(self.count_active in ("layers", "channels"), "objective.count_active",
+               f"must be layers or channels, got {self.count_active!r}")
+
+
+SCHEDULE_MODES = ("planned", "absolute")
 
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
+    mode: str = "planned"
+    """planned: derive warm-up, descent, quantizer LR and anneal from the planned steps; absolute: the paper's knobs."""
+    descent_end: float = 0.5
+    """planned: fraction of the planned steps by which every layer should reach its bit target."""
+    warmup: float = 0.05
+    """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
+    final_lr_ratio: float = 0.05
+    """planned: LR at the end of the run (as a fraction of the base LR), reached by the anneal after descent_end."""
     warmup_steps: int = 100
-    """Steps with temperature 0 and linear LR warm-up."""
+    """absolute: steps with temperature 0 and linear LR warm-up."""
     scale_t: float = 2.0
-    """Temperature growth per step, in units of the base LR."""
+    """absolute: temperature growth per step, in units of the base LR."""
     anneal: float = 0.9985
-    """Per-step LR factor once every layer meets its target."""
+    """absolute: per-step LR factor while every layer meets its target."""
+    check_every: int = 10
+    """Steps between true-bit convergence checks; the LR anneal runs only while the last check passed."""
     min_lr_ratio: float = 0.0
     """Floor of the annealed LR as a fraction of the base LR."""
     noise_ratio: float = 0.0
@@ -159,9 +187,16 @@ class ScheduleConfig:
     """Decrease of the noise ratio whenever the penalty is ~0."""
 
     def __post_init__(self):
+        _check(self.mode in SCHEDULE_MODES, "schedule.mode",
+               f"must be one of {', '.join(SCHEDULE_MODES)}, got {self.mode!r}")
+        _check(0 <= self.warmup < 1, "schedule.warmup", f"must be in [0, 1), got {self.warmup}")
+        _check(self.warmup < self.descent_end <= 1, "schedule.descent_end",
+               f"must be in (schedule.warmup, 1], got {self.descent_end}")
+        _check(0 < self.final_lr_ratio <= 1, "schedule.final_lr_ratio", "must be in (0, 1]")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
         _check(self.scale_t >= 0, "schedule.scale_t", "must be >= 0")
         _check(0 < self.anneal <= 1, "schedule.anneal", "must be in (0, 1]")
+        _check(self.check_every >= 1, "schedule.check_every", "must be >= 1")
         _check(0 <= self.noise_ratio <= 1, "schedule.noise_ratio", "must be in [0, 1]")
 
 
@@ -172,7 +207,9 @@ class OptimConfig:
     lr: float = 2e-3
     """Learning rate of the network weights (base LR of the schedules)."""
     quant_lr: float | None = None
-    """Learning rate of quantizer parameters (steps, clamps); None means ``lr``."""
+    """Learning rate of quantizer parameters; None = derived from the plan (planned mode) or ``lr`` (absolute)."""
+    quant_grad_clip: float | None = 10.0
+    """Gradient-norm cap of the quantizer parameter group (a spike must not freeze Adam's state); None = off."""
     weight_decay: float = 0.0
     """Weight decay of network weights (quantizer parameters never decay)."""
 
@@ -180,6 +217,7 @@ class OptimConfig:
         _check(self.name in ("radam", "adamw", "sgd"), "optim.name", f"unknown optimizer {self.name!r}")
         _check(self.lr > 0, "optim.lr", "must be > 0")
         _check(self.quant_lr is None or self.quant_lr > 0, "optim.quant_lr", "must be > 0")
+        _check(self.quant_grad_clip is None or self.quant_grad_clip > 0, "optim.quant_grad_clip", "must be > 0")
 
 
 @dataclass(kw_only=True)

@@ -7,12 +7,14 @@ A tensor x is mapped to an integer grid and back (METHOD.md section 1)::
     q  = v + n,   n = round(v) - v         forward: q == round(v), an exact integer
     x̂  = q * s + z  ==  xc + s * n
 
-The rounding error n is modelled as *noise*, independent of x:
+The rounding error n is modelled as *noise*: autograd sees every factor of x̂ = (v + n)·s + z, and only
+n gets a custom backward, d n / d v = 0 and d n / d s = r / sqrt(3) with r = ±1/2 drawn per element
+(a dither of variance 1/12, the variance of uniform rounding noise). By the product rule:
 
 * d x̂ / d xc = 1 (straight-through), optionally rescaled element-wise (EWGS, adaptive EWGS);
-* d x̂ / d s  = n. The true n is one choice (``lsq``); the default replaces it by an independent
-  draw with the same variance, r / sqrt(3) with r = ±1/2 (dithering; Var = 1/12), so the step
-  gradient has mean 0 and variance g²/12 per element;
+* d x̂ / d s  = n + s·r/sqrt(3) (``ste``, ``ewgs``, ``aewgs``): the rounding residual n = round(v) - v
+  on the clamped v, which makes a coarser step cost accuracy, plus an s-scaled zero-mean dither.
+  ``lsq`` keeps the residual alone, d x̂ / d s = n (an ablation, not the method);
 * d x̂ / d z = 0 (z cancels in xc + s·n).
 
 Gradients to the clamp bounds: d x̂ / d lo = 1 for x < lo, d x̂ / d hi = 1 for x > hi.
@@ -94,7 +96,7 @@ class _NoisyRound(torch.autograd.Function):
 
     Cost matters (weights of a ResNet are touched every step): the forward works in place on one
     buffer, and nothing of input size is saved beyond x itself (already alive for the previous op);
-    the rounding error and the clamp masks are recomputed in backward only when the estimator needs them.
+    the rounding error and the clamp masks are recomputed in backward when they were not kept.
     """
 
     @staticmethod
@@ -148,11 +150,16 @@ class _NoisyRound(torch.autograd.Function):
             grad_hi = _sum_to(g * above, hi.shape)
 
         if ctx.needs_input_grad[4]:
-            if est == "lsq":
-                grad_s = _sum_to(g * e, s.shape)
-            else:
-                # Dither: r = ±1/2 with equal probability, times 1/sqrt(3) -> variance 1/12 per element.
-                grad_s = _sum_to(g * dither_signs(g), s.shape) * _INV_SQRT3
+            if e is None:  # ste keeps nothing input-sized: recompute n on the clamped v
+                v = torch.sub(x, z).div_(s)
+                if lo is not None:
+                    v = v.clamp_((lo - z) / s, (hi - z) / s)
+                e = torch.round(v).sub_(v)
+            # Residual: what a coarser step costs. lsq stops there; the method adds s·r/sqrt(3),
+            # r = ±1/2 with equal probability (variance 1/12 per element, mean 0).
+            grad_s = _sum_to(g * e, s.shape)
+            if est != "lsq":
+                grad_s = grad_s + s * _sum_to(g * dither_signs(g), s.shape) * _INV_SQRT3
 
         if ctx.needs_input_grad[3]:
             grad_z = torch.zeros_like(z)
@@ -202,5 +209,19 @@ def grid_levels(span: Tensor, s: Tensor) -> Tensor:
 
 
 def true_bits(levels: Tensor) -> Tensor:
-    """True (storage) bit-width ceil(log2(levels)), at least 1 for a single level."""
-    return torch.ceil(torch.log2(levels.clamp_min(2)))
+    """True (storage) bit-width ceil(log2(levels)): 0 for a single level (a constant, i.e. a dead grid).
+
+    A grid with fewer than 2 levels carries no information and is never converged (see ``min_bits``).
+    """
+    return torch.ceil(torch.log2(levels.clamp_min(1)))
+
+
+def min_bits(target: float, margin: float = 0.0) -> float:
+    """Smallest continuous bit-width whose grid keeps all 2**target levels, ``margin`` levels inside.
+
+    levels = round(2**b - 1) + 1 >= 2**T  <=>  2**b - 1 >= 2**T - 3/2, i.e. b >= log2(2**T - 1/2); the
+    margin (in levels, > 0 because round-half-to-even sits on that boundary) keeps the guard clear of it:
+    b_min = log2(2**T - 1/2 + margin). It is capped at T - 2e-3 so it stays below the penalty's aim T - ε
+    (ε = 1e-3): from T = 9 on a level is too thin for both, and there the cap, not the levels, decides.
+    """
+    return min(math.log2(2.0 ** target - 0.5 + margin), target - 2e-3)

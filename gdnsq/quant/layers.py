@@ -47,6 +47,23 @@ class _QuantMixin:
     def true_act_bits(self) -> int | None:
         return None if self.act_quant is None else self.act_quant.true_bits()
 
+    def has_dead_grid(self) -> bool:
+        """A learnable-bit grid with fewer than 2 levels (a constant layer or channel)."""
+        if self.weight_quant.learnable_bits and self.weight_quant.min_levels(self.weight) < 2:
+            return True
+        act = self.act_quant
+        return act is not None and act.learnable_bits and act.min_levels() < 2
+
+    @torch.no_grad()
+    def keep_levels_(self, margin: float) -> None:
+        """Level guard: learnable-bit grids keep all 2**target levels (b >= log2(2**T - 1/2 + margin))."""
+        from .functional import min_bits
+
+        if self.weight_quant.learnable_bits:
+            self.weight_quant.keep_levels_(min_bits(float(self.target_w), margin), self.weight)
+        if self.act_quant is not None and self.act_quant.learnable_bits:
+            self.act_quant.keep_levels_(min_bits(float(self.target_a), margin))
+
 
 class QConv2d(_QuantMixin, nn.Conv2d):
     """Conv2d whose weight and input go through the method's quantizers (learnable bit-widths for GDNSQ).
@@ -139,6 +156,12 @@ def iter_quantizers(model: nn.Module) -> Iterator[Quantizer]:
 def set_noise_ratio(model: nn.Module, ratio: float) -> None:
     for q in iter_quantizers(model):
         q.noise_ratio = float(ratio)
+
+
+def keep_levels_(model: nn.Module, margin: float) -> None:
+    """Apply the level guard to every quantized layer (after each optimizer step)."""
+    for _, layer in iter_quantized(model):
+        layer.keep_levels_(margin)
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

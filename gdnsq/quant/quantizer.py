@@ -3,6 +3,9 @@
 ``Quantizer`` declares what quantized layers, surgery, the objective, the engine and export rely on;
 GDNSQ's ``WeightQuantizer`` / ``ActivationQuantizer`` (learnable log-step, clamps) and every zoo
 quantizer (``zoo.common``) derive from it.
+GDNSQ's quantizers also report ``min_levels(...)`` (the fewest levels of any channel; < 2 is a dead,
+constant grid, whose ``true_bits`` reads 0) and apply the level guard ``keep_levels_(min_bits, ...)``
+(a projection of log_s so that b >= min_bits).
 """
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .methods import register_method
+
+# Floor of log2 of a grid step or clip width kept by the level guard: below float32's resolution at unit
+# scale a grid is numerically meaningless (2**-149 underflows, and the level count turns into NaN).
+LOG2_FLOOR = -24.0
 
 
 class Quantizer(nn.Module):
@@ -146,6 +153,17 @@ class WeightQuantizer(_GDNSQQuantizer):
         return int(F.true_bits(self.levels(w)).max().item())
 
     @torch.no_grad()
+    def min_levels(self, w: Tensor) -> int:
+        return int(self.levels(w).min().item())
+
+    @torch.no_grad()
+    def keep_levels_(self, min_bits: float, w: Tensor) -> None:
+        """Project log_s so every channel keeps b_w >= min_bits: s <= range / (2**min_bits - 1)."""
+        lo, hi = self._range(w)
+        cap = torch.log2((hi - lo).clamp_min(1e-12)) - math.log2(2.0 ** min_bits - 1.0)
+        self.log_s.copy_(torch.minimum(self.log_s, cap).clamp_min(LOG2_FLOOR))
+
+    @torch.no_grad()
     def grid(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lo, hi = self._range(w)
         return lo, hi, lo, torch.exp2(self.log_s)
@@ -220,6 +238,16 @@ class ActivationQuantizer(_GDNSQQuantizer):
     @torch.no_grad()
     def true_bits(self) -> int:
         return int(F.true_bits(self.levels()).item())
+
+    @torch.no_grad()
+    def min_levels(self) -> int:
+        return int(self.levels().item())
+
+    @torch.no_grad()
+    def keep_levels_(self, min_bits: float) -> None:
+        """Project log_s so that b_a = log_q - log_s >= min_bits (hence also hi > lo)."""
+        self.log_q.clamp_(min=LOG2_FLOOR + min_bits)
+        self.log_s.copy_(torch.minimum(self.log_s, self.log_q - min_bits).clamp_min(LOG2_FLOOR))
 
     @torch.no_grad()
     def grid(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

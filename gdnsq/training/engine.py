@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JobConfig, OptimConfig
-from ..quant.layers import iter_quantizers, quantizer_parameters, set_noise_ratio
+from ..quant.layers import iter_quantized, iter_quantizers, keep_levels_, quantizer_parameters, set_noise_ratio
 from .objective import GDNSQObjective, converged
 from .runtime import all_reduce_sum, unwrap
-from .schedules import ScheduleState
+from .schedules import DescentPlan, ScheduleState, plan_descent
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -90,8 +90,9 @@ class Engine:
         self.teacher = teacher
         self.device = device
         self.optimizer = create_optimizer(self.core, cfg.optim)
-        self.objective = GDNSQObjective(cfg.objective)
+        self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
+        self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         set_noise_ratio(self.core, self.sched.noise_ratio)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
         self._progress_hooks = list(iter_quantizers(self.core))
@@ -108,12 +109,14 @@ class Engine:
         steps = 0
         t0 = time.perf_counter()
         samples = 0
-        total = self._planned_steps(loader, max_steps) if self._progress_hooks else 1
+        total = self._planned_steps(loader, max_steps)
+        plan = self._ensure_plan(total)
+        quant_params = quantizer_parameters(self.core)
         for x, y in loader:
             if max_steps is not None and steps >= max_steps:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            factor = self.sched.lr_factor(cfg.schedule)
+            factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
             for g in opt.param_groups:
@@ -123,19 +126,28 @@ class Engine:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
             logits = self.model(x)
-            loss, parts = self.objective(self.core, logits, teacher_logits, y, self.sched.temperature)
+            loss, parts = self.objective(self.core, logits, teacher_logits, y, self.sched.temperature,
+                                         level_fraction=self.sched.level_fraction(plan))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.optim.quant_grad_clip and quant_params:
+                # Second line behind the level guard: one spike (a dead layer before a train-mode BatchNorm
+                # sends ~1e7) would otherwise sit in Adam's second moment and freeze that quantizer.
+                parts["train/quant_grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip))
             opt.step()
+            if cfg.quant.level_guard:
+                keep_levels_(self.core, cfg.quant.level_margin)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
-            self.sched.advance(cfg.schedule, lr=cfg.optim.lr * factor, penalty=penalty)
+            self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
+                               lag_bits=self.objective.last_terms.lag, check=self.is_converged)
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
             parts.update({"train/loss": loss.item(), "train/temperature": self.sched.temperature,
-                          "train/lr": cfg.optim.lr * factor})
+                          "train/lr": cfg.optim.lr * factor, "train/lag_bits": max(-99.0, self.objective.last_terms.lag)})
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             steps += 1
@@ -156,6 +168,20 @@ class Engine:
         """Optimizer steps of the whole run (train.epochs epochs of this loader), for ``set_progress``."""
         per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
         return max(1, per_epoch * self.cfg.train.epochs)
+
+    def _ensure_plan(self, planned_steps: int) -> DescentPlan:
+        """The run's schedule constants; planned mode also sets the quantizer group's LR unless configured."""
+        if self.plan is None:
+            targets = [float(t) for _, layer in iter_quantized(self.core) for t in (layer.target_w, layer.target_a)]
+            self.plan = plan_descent(self.cfg.schedule, planned_steps, self.cfg.quant.init_bits,
+                                     min(targets) if targets else self.cfg.quant.init_bits)
+            # Only learnable bits descend; fixed-bit (zoo) quantizers keep the configured LR.
+            descends = any(q.learnable_bits for q in iter_quantizers(self.core))
+            if self.plan.quant_lr is not None and self.cfg.optim.quant_lr is None and descends:
+                for g in self.optimizer.param_groups:
+                    if g.get("name") == "quantizers":
+                        g["base_lr"] = self.plan.quant_lr
+        return self.plan
 
     def is_converged(self) -> bool:
         return converged(self.core)

@@ -3,12 +3,16 @@
     L = l2 · D(student, teacher) + l1 · t · m̄ · (ω_w · P_w + ω_a · P_a)        (standard)
     L = l2 · t · D(student, teacher) + l1 · m̄ · (ω_w · P_w + ω_a · P_a)        (lossless)
 
-P_w = mean over weight-quantized layers of mean_c max(0, b_c - (T_w - ε))^p (per-channel b_c);
-P_a likewise over activation quantizers. m̄ is a running mean of D (so the penalty has the loss's
-scale); ω_w, ω_a weigh the two families by their share of active (violated) constraints.
+P_w = mean over weight-quantized layers of mean_c max(0, b_c - (L_w - ε))^p (per-channel b_c);
+P_a likewise over activation quantizers. The level L is the layer's target T in the paper protocol; the
+planned schedule moves it from init_bits down to T along the run (L = T + (init_bits - T)·f, f: 1 → 0).
+m̄ is a running mean of D (so the penalty has the loss's scale): an EMA, or the reference's cumulative mean
+since step 0; ω_w, ω_a weigh the two families by their share of active (violated) constraints, counted
+per layer, or as in the reference per weight channel (activations then descend after the weights).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,24 +56,42 @@ class BitTerms:
     active_a: int
     n_w: int
     n_a: int
+    lag: float  # max over layers of (bits - level), the largest channel's bits for weights; -inf if none
 
 
-def bit_penalties(model: nn.Module, eps: float, p: float) -> BitTerms:
-    """P_w, P_a and the number of active (violated) constraints over every learnable-bit quantizer."""
+def _level(target: Tensor, level_fraction: float, init_bits: float | None) -> Tensor | float:
+    """The bit level a layer's penalty aims at: its target, raised toward init_bits by ``level_fraction``."""
+    if not level_fraction or init_bits is None:
+        return target
+    return target + (init_bits - target).clamp_min(0) * level_fraction
+
+
+def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: float = 0.0,
+                  init_bits: float | None = None, count: str = "layers") -> BitTerms:
+    """P_w, P_a, the number of active (violated) constraints (``count``: per layer, or per weight channel)
+    and the largest lag behind the levels, over every learnable-bit quantizer."""
     pw, pa = [], []
     active_w = active_a = 0
+    lag = -math.inf
     for _, layer in iter_quantized(model):
         if layer.weight_quant.learnable_bits:
-            term = exterior_penalty(layer.weight_bits(), layer.target_w, eps, p)
+            bits, level = layer.weight_bits(), _level(layer.target_w, level_fraction, init_bits)
+            term = exterior_penalty(bits, level, eps, p)
             pw.append(term)
-            active_w += int(term.detach() > 0)
+            if count == "channels":
+                active_w += int((bits.detach() > level - eps).sum())
+            else:
+                active_w += int(term.detach() > 0)
+            lag = max(lag, float((bits.detach().max() - level)))
         if layer.act_quant is not None and layer.act_quant.learnable_bits:
-            term = exterior_penalty(layer.act_bits(), layer.target_a, eps, p)
+            bits, level = layer.act_bits(), _level(layer.target_a, level_fraction, init_bits)
+            term = exterior_penalty(bits, level, eps, p)
             pa.append(term)
             active_a += int(term.detach() > 0)
+            lag = max(lag, float(bits.detach() - level))
     zero = next(model.parameters()).new_zeros(())
     return BitTerms(torch.stack(pw).mean() if pw else zero, torch.stack(pa).mean() if pa else zero,
-                    active_w, active_a, len(pw), len(pa))
+                    active_w, active_a, len(pw), len(pa), lag)
 
 
 def extra_losses(model: nn.Module) -> Tensor | None:
@@ -81,23 +103,38 @@ def extra_losses(model: nn.Module) -> Tensor | None:
 class GDNSQObjective:
     """Stateful only in the running loss mean m̄ (part of checkpoints via state_dict)."""
 
-    def __init__(self, cfg: ObjectiveConfig):
+    def __init__(self, cfg: ObjectiveConfig, init_bits: float | None = None):
         self.cfg = cfg
+        self.init_bits = init_bits
         self.loss_mean: float | None = None
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.last_terms: BitTerms | None = None
 
     def state_dict(self) -> dict:
-        return {"loss_mean": self.loss_mean}
+        return {"loss_mean": self.loss_mean, "loss_sum": self.loss_sum, "loss_count": self.loss_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_mean = state["loss_mean"]
+        self.loss_sum, self.loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+
+    def _update_loss_mean(self, d_val: float) -> float:
+        c = self.cfg
+        self.loss_sum, self.loss_count = self.loss_sum + d_val, self.loss_count + 1
+        if c.loss_scale == "cumulative":
+            self.loss_mean = self.loss_sum / self.loss_count
+        else:
+            self.loss_mean = d_val if self.loss_mean is None else c.loss_ema * self.loss_mean + (1 - c.loss_ema) * d_val
+        return self.loss_mean
 
     def __call__(self, model: nn.Module, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
-                 temperature: float) -> tuple[Tensor, dict[str, float]]:
+                 temperature: float, level_fraction: float = 0.0) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
         d = task_loss(c.distill, student_logits, teacher_logits, targets)
         d_val = float(d.detach())
-        self.loss_mean = d_val if self.loss_mean is None else c.loss_ema * self.loss_mean + (1 - c.loss_ema) * d_val
-        terms = bit_penalties(model, c.eps, c.p)
+        self._update_loss_mean(d_val)
+        terms = bit_penalties(model, c.eps, c.p, level_fraction=level_fraction, init_bits=self.init_bits,
+                              count=c.count_active)
+        self.last_terms = terms
         total_active = terms.active_w + terms.active_a
         w_w = (terms.active_w + c.eps) / (total_active + c.eps)
         w_a = (terms.active_a + c.eps) / (total_active + c.eps)
@@ -117,8 +154,11 @@ class GDNSQObjective:
 
 
 def converged(model: nn.Module) -> bool:
-    """Every quantized layer's true bit-width is at most its target (weights and activations)."""
+    """Every quantized layer's true bit-width is at most its target (weights and activations), and no
+    grid is dead (fewer than 2 levels, which includes a clamp with hi < lo): a constant layer never counts."""
     for _, layer in iter_quantized(model):
+        if layer.has_dead_grid():
+            return False
         if layer.true_weight_bits() > float(layer.target_w):
             return False
         ta = layer.true_act_bits()

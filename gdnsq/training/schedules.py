@@ -1,30 +1,89 @@
 """Schedules as pure functions of the step, plus the small state the engine carries between steps.
 
-* LR: linear warm-up over ``warmup_steps``, constant until the model converges, then an exponential
-  anneal per step (floored at ``min_lr_ratio``).
-* Temperature t: 0 during warm-up, then grows each step by (current LR) · scale_t.
-* Noise ratio: lowered by ``noise_step`` whenever the penalty is ~0, down to 0.
+Two modes (``schedule.mode``, METHOD.md section 2):
+
+* ``planned`` (default): the user says where in the run the descent should end (``descent_end``, a fraction
+  of the planned steps) and how long the warm-up is (``warmup``, a fraction too); :func:`plan_descent`
+  derives the rest from the planned steps, ``quant.init_bits`` and the targets, independent of ``optim.lr``.
+  Each layer's penalty aims at a level that moves linearly from init_bits (end of warm-up) to its target
+  T - ε (at ``descent_end``), so every channel descends gradually; the temperature t is a multiplier
+  raised (dual-ascent style) while some layer lags its planned level and lowered slowly while none does.
+  The quantizer LR is sized so that Adam's per-step cap on a log-parameter (≈ its LR) is twice the planned
+  descent rate; the LR anneal after convergence reaches ``final_lr_ratio`` at the end of the run.
+* ``absolute`` (the paper protocol): warm-up of ``warmup_steps``; the penalty aims at T - ε from the start;
+  t grows each step by (base LR) · ``scale_t``; the anneal factor is ``anneal`` per step.
+
+In both modes the LR follows a linear warm-up, is constant until every layer's *true* bit-width meets
+its target (checked every ``check_every`` steps), and then anneals by one factor per step *while* the
+model stays converged: the anneal pauses when the model falls out of the feasible set.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ..config import ScheduleConfig
 
+# Adam moves a log-parameter by about its LR per step when one gradient sign dominates; twice the planned
+# rate leaves room for the task gradient pulling back and for weight bits' weaker response at low bits.
+_QUANT_LR_HEADROOM = 2.0
 
-def lr_factor(step: int, warmup_steps: int, converged_step: int | None, anneal: float,
-              min_ratio: float = 0.0) -> float:
-    """Multiplier of the base LR at ``step`` (0-based)."""
+
+@dataclass(frozen=True)
+class DescentPlan:
+    """Concrete schedule constants of one run (derived in planned mode, copied in absolute mode)."""
+
+    planned_steps: int
+    warmup_steps: int
+    end_step: int  # planned: the step at which every layer's penalty level reaches its target
+    anneal: float
+    quant_lr: float | None  # None: keep the configured optimizer LR
+    planned: bool
+
+    def level_fraction(self, step: int) -> float:
+        """Share of the way from the target (0) to init_bits (1) at which the penalty aims at ``step``."""
+        if not self.planned:
+            return 0.0
+        if step <= self.warmup_steps:
+            return 1.0
+        return max(0.0, 1.0 - (step - self.warmup_steps) / max(1, self.end_step - self.warmup_steps))
+
+
+def plan_descent(cfg: ScheduleConfig, planned_steps: int, init_bits: float, min_target: float) -> DescentPlan:
+    """The run's schedule constants from its planned optimizer steps (epochs × steps per epoch)."""
+    n = max(1, int(planned_steps))
+    if cfg.mode == "absolute":
+        return DescentPlan(n, cfg.warmup_steps, cfg.warmup_steps, cfg.anneal, None, planned=False)
+    warmup = int(round(cfg.warmup * n))
+    end = max(warmup + 1, int(round(cfg.descent_end * n)))
+    rate = max(init_bits - min_target, 0.0) / (end - warmup)  # planned bits per step
+    anneal = cfg.final_lr_ratio ** (1.0 / max(1, n - end))
+    return DescentPlan(n, warmup, end, anneal, _QUANT_LR_HEADROOM * rate if rate > 0 else None, planned=True)
+
+
+def lr_factor(step: int, warmup_steps: int, annealed_steps: int, anneal: float, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at ``step`` (0-based) after ``annealed_steps`` converged steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if converged_step is None or step <= converged_step:
-        return 1.0
-    return max(anneal ** (step - converged_step), min_ratio)
+    return max(anneal ** annealed_steps, min_ratio)
 
 
-def temperature_increment(step: int, warmup_steps: int, lr: float, scale_t: float) -> float:
-    """How much t grows after ``step``: 0 in warm-up, lr · scale_t afterwards."""
-    return 0.0 if step < warmup_steps else lr * scale_t
+def temperature_increment(step: int, warmup_steps: int, base_lr: float, scale_t: float) -> float:
+    """Absolute mode: how much t grows after ``step``: 0 in warm-up, base LR · scale_t afterwards."""
+    return 0.0 if step < warmup_steps else base_lr * scale_t
+
+
+# Planned mode's multiplier: t starts at 1 (penalty on the loss's scale) after warm-up and moves by up
+# to this many doublings over the descent window per bit of lag (a quarter of it downwards when no layer lags).
+_T_DOUBLINGS_PER_WINDOW = 32.0
+_T_RANGE = (1e-3, 1e6)
+
+
+def temperature_update(t: float, lag_bits: float, window: int) -> float:
+    """Dual-ascent step of the planned mode's multiplier: up while some layer lags its plan, slowly down otherwise."""
+    gain = _T_DOUBLINGS_PER_WINDOW / max(1, window)
+    t = t * 2.0 ** (gain * min(max(lag_bits, -0.25), 1.0))
+    return min(max(t, _T_RANGE[0]), _T_RANGE[1])
 
 
 def next_noise_ratio(ratio: float, penalty: float, step: float, tol: float = 1e-12) -> float:
@@ -38,18 +97,33 @@ def next_noise_ratio(ratio: float, penalty: float, step: float, tol: float = 1e-
 class ScheduleState:
     step: int = 0
     temperature: float = 0.0
-    converged_step: int | None = None
+    converged: bool = False  # the latest true-bit check (every check_every steps)
+    converged_step: int | None = None  # first step at which the true-bit check passed
+    annealed_steps: int = 0  # steps taken while converged (the anneal's exponent)
     noise_ratio: float = 0.0
 
-    def lr_factor(self, cfg: ScheduleConfig) -> float:
-        return lr_factor(self.step, cfg.warmup_steps, self.converged_step, cfg.anneal, cfg.min_lr_ratio)
+    def lr_factor(self, cfg: ScheduleConfig, plan: DescentPlan) -> float:
+        return lr_factor(self.step, plan.warmup_steps, self.annealed_steps, plan.anneal, cfg.min_lr_ratio)
 
-    def advance(self, cfg: ScheduleConfig, lr: float, penalty: float) -> None:
-        """After an optimizer step taken at LR ``lr`` with penalty value ``penalty``."""
-        self.temperature += temperature_increment(self.step, cfg.warmup_steps, lr, cfg.scale_t)
-        if penalty <= 0.0 and self.converged_step is None and self.step >= cfg.warmup_steps:
-            # P = 0 means every continuous bit-width <= target - eps, hence true bits <= target.
-            self.converged_step = self.step
+    def level_fraction(self, plan: DescentPlan) -> float:
+        return plan.level_fraction(self.step)
+
+    def advance(self, cfg: ScheduleConfig, plan: DescentPlan, base_lr: float, penalty: float, lag_bits: float,
+                check: "callable[[], bool] | None" = None) -> None:
+        """After an optimizer step with penalty value ``penalty``; ``lag_bits`` = max over layers of
+        (bits - planned level); ``check()`` = the true-bit convergence test, called every check_every steps."""
+        if self.step >= plan.warmup_steps:
+            if plan.planned:
+                self.temperature = temperature_update(self.temperature or 1.0, lag_bits,
+                                                      plan.end_step - plan.warmup_steps)
+            else:
+                self.temperature += temperature_increment(self.step, plan.warmup_steps, base_lr, cfg.scale_t)
+        if check is not None and self.step >= plan.warmup_steps and (self.step + 1) % cfg.check_every == 0:
+            self.converged = bool(check())
+            if self.converged and self.converged_step is None:
+                self.converged_step = self.step + 1
+        if self.converged:
+            self.annealed_steps += 1
         self.noise_ratio = next_noise_ratio(self.noise_ratio, penalty, cfg.noise_step)
         self.step += 1
 

@@ -55,10 +55,11 @@ def test_imagenet_jobs_follow_the_paper_protocol(path):
     assert cfg.model.name.startswith("resnet18") and cfg.model.pretrained
     q = cfg.quant
     assert q.keep_first_conv and q.keep_classifier and q.per_channel and q.init_bits == 10
+    assert q.keep_pointwise  # the reference code kept 1x1 shortcut convs FP
     assert q.estimator == ("aewgs" if bits == 1 else "ste")
     assert cfg.objective.distill == "jeffreys"
     s = cfg.schedule
-    assert (s.warmup_steps, s.scale_t, s.anneal) == (1000, 2.0, 0.9995)
+    assert s.mode == "absolute" and (s.warmup_steps, s.scale_t, s.anneal) == (1000, 2.0, 0.9995)
     assert cfg.optim.name == "radam" and cfg.optim.weight_decay == 0 and cfg.optim.quant_lr is None
     # The paper's lr 5e-4 belongs to a global batch of 1000: per-worker batch x world size.
     assert cfg.optim.lr == 5e-4 and cfg.data.batch_size * cfg.ray.num_workers == 1000
@@ -80,8 +81,9 @@ def test_cpu_job_is_small():
 BROKEN = {
     "unknown_key": ("quant:\n  target_bits: 2\n", "quant.target_bits: unknown setting"),
     "bad_yaml": ("quant: [1, 2\n", "config: "),
-    "target_0": ("quant:\n  target_w: 0\n", "quant.target_w: must be in (0, 16]"),
-    "target_17": ("quant:\n  target_a: 17\n", "quant.target_a: must be in (0, 16]"),
+    "target_0": ("quant:\n  target_w: 0\n", "quant.target_w: must be an integer in [1, 16]"),
+    "target_17": ("quant:\n  target_a: 17\n", "quant.target_a: must be an integer in [1, 16]"),
+    "target_fraction": ("quant:\n  target_w: 2.5\n", "quant.target_w: must be an integer, got 2.5"),
     "estimator": ("quant:\n  estimator: magic\n", "quant.estimator: unknown estimator 'magic'"),
 }
 
@@ -126,5 +128,5 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gdnsq.cli", "train", str(bad), "--summary-json", str(summary)],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["gdnsq: error: quant.target_w: must be in (0, 16] bits, got 17.0"]
+    assert r.stderr.strip().splitlines() == ["gdnsq: error: quant.target_w: must be an integer in [1, 16] bits, got 17"]
     assert not summary.exists() and r.stdout == ""

@@ -116,7 +116,7 @@ def test_a_broken_job_never_reaches_the_cluster(cluster, laptop_env, tmp_path, c
     assert r.stdout == ""
     # A bad override is refused the same way.
     assert main(["submit", str(CPU_JOB), "--address", url, "--quant.target_w", "17"]) == 2
-    assert capsys.readouterr().err.startswith("gdnsq: error: quant.target_w: must be in (0, 16]")
+    assert capsys.readouterr().err.startswith("gdnsq: error: quant.target_w: must be an integer in [1, 16]")
     assert len(sm.list_jobs(url)) == len(before)
 
 

@@ -93,24 +93,100 @@ def test_aewgs_gradient_keeps_sign_and_matches_formula():
     assert (torch.sign(gx) == torch.sign(g)).all()
 
 
-def test_dithered_step_gradient_has_mean_zero_and_variance_g2_over_12():
+class _ReferenceNoise(torch.autograd.Function):
+    """n = round(v) - v with the method's custom backward: dn/dv = 0, dn/ds = r / sqrt(3) (r injected)."""
+
+    @staticmethod
+    def forward(ctx, v, s, r):
+        ctx.save_for_backward(r)
+        ctx.s_shape = s.shape
+        return torch.round(v) - v
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return torch.zeros_like(g), F._sum_to(g * r / math.sqrt(3.0), ctx.s_shape), None
+
+
+def _reference_quantize(x, lo, hi, z, s, r):
+    """The reference graph: v = (clamp(x) - z)/s; x̂ = (v + n)·s + z, autograd through every factor."""
+    xc = x if lo is None else torch.clamp(x, lo, hi)
+    v = (xc - z) / s
+    return (v + _ReferenceNoise.apply(v, s, r)) * s + z
+
+
+@pytest.mark.parametrize("estimator", ["ste", "ewgs", "aewgs"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_step_gradient_equals_autograd_through_the_reference_graph(estimator, per_channel):
+    """The custom backward's step gradient is Σ g·(n + s·r/√3), exactly as autograd gives it (float64)."""
+    torch.manual_seed(5)
+    x = torch.randn(6, 16, dtype=D) * 0.8
+    g = torch.randn(6, 16, dtype=D)
+    log_s = (torch.full((6, 1), -2.3, dtype=D) + 0.1 * torch.arange(6, dtype=D)[:, None]) if per_channel \
+        else t([[-2.0]])
+    log_s.requires_grad_(True)
+    lo, hi = t(-0.9, True), t(1.1, True)
+    seed = 99
+    torch.manual_seed(seed)
+    s = torch.exp2(log_s)
+    ours = torch.autograd.grad(F.noisy_quantize(x, lo, hi, lo, s, estimator=estimator), (log_s, lo, hi), g)
+    torch.manual_seed(seed)
+    r = F.dither_signs(g)  # the very draws the backward used: same RNG state, shape and dtype
+    s = torch.exp2(log_s)
+    theirs = torch.autograd.grad(_reference_quantize(x, lo, hi, lo, s, r), (log_s, lo, hi), g)
+    assert torch.allclose(ours[0], theirs[0], atol=1e-12, rtol=0)
+    if estimator == "ste":  # the clamp gradients agree too (EWGS rescales only the input gradient)
+        assert torch.allclose(ours[1], theirs[1], atol=1e-12) and torch.allclose(ours[2], theirs[2], atol=1e-12)
+    assert set(r.unique().tolist()) == {-0.5, 0.5}
+    # the dither must matter: without it (r = 0) the gradient differs
+    s = torch.exp2(log_s)
+    no_dither = torch.autograd.grad(_reference_quantize(x, lo, hi, lo, s, torch.zeros_like(r)), log_s, g)[0]
+    assert not torch.allclose(ours[0], no_dither)
+
+
+def test_step_gradient_expectation_is_the_rounding_residual():
+    """Averaged over dither draws, Σ g·(n + s·r/√3) -> Σ g·n (the lsq ablation's gradient)."""
+    torch.manual_seed(11)
+    x = torch.rand(512, dtype=D) * 3 - 1
+    g = torch.randn(512, dtype=D)
+    s = t(0.37, True)
+    lo, hi = t(-0.5), t(1.5)
+    residual = torch.autograd.grad(F.noisy_quantize(x, lo, hi, lo, s, estimator="lsq"), s, g)[0]
+    v = (torch.clamp(x, lo, hi) - lo) / s.detach()
+    assert float(residual) == pytest.approx(float((g * (v.round() - v)).sum()), abs=1e-12)
+    draws = torch.stack([torch.autograd.grad(F.noisy_quantize(x, lo, hi, lo, s), s, g)[0] for _ in range(4000)])
+    sd_one = 0.37 * float(g.pow(2).sum().sqrt()) / (2 * math.sqrt(3))  # s·sqrt(Σ g²/12)
+    assert float(draws.std()) == pytest.approx(sd_one, rel=0.05)
+    assert abs(float(draws.mean() - residual)) < 4 * sd_one / math.sqrt(len(draws))
+    assert abs(float(residual)) > 10 * sd_one / math.sqrt(len(draws))  # the residual is not ~0 here
+
+
+def test_shared_step_gradient_is_the_sum_of_per_element_gradients():
     torch.manual_seed(1234)
-    n = 200_000
-    x = torch.rand(n, dtype=D)
-    g = torch.full((n,), 0.7, dtype=D)
-    # a per-element step exposes each element's draw: g · (±1/2) / sqrt(3)
-    s_vec = torch.full((n,), 0.1, dtype=D, requires_grad=True)
-    (per_el,) = torch.autograd.grad(F.noisy_quantize(x, None, None, t(0.0), s_vec), s_vec, g)
-    assert torch.allclose(per_el.abs(), torch.full_like(per_el, 0.7 / (2 * math.sqrt(3))))
-    assert abs(float(per_el.mean())) < 4 * 0.7 / math.sqrt(12 * n)
-    assert float(per_el.var()) == pytest.approx(0.7 ** 2 / 12, rel=0.01)
-    # a shared step receives the sum of the per-element draws
+    x = torch.rand(1000, dtype=D)
+    g = torch.full((1000,), 0.7, dtype=D)
     s = t(0.1, True)
+    s_vec = torch.full((1000,), 0.1, dtype=D, requires_grad=True)
     torch.manual_seed(7)
     (g_shared,) = torch.autograd.grad(F.noisy_quantize(x, None, None, t(0.0), s), s, g)
     torch.manual_seed(7)
     (g_vec,) = torch.autograd.grad(F.noisy_quantize(x, None, None, t(0.0), s_vec), s_vec, g)
     assert float(g_shared) == pytest.approx(float(g_vec.sum()), abs=1e-9)
+    # per element: g·n ± s·g/(2·sqrt(3))
+    v = x / 0.1
+    dither = (g_vec - g * (v.round() - v)) / 0.1
+    assert torch.allclose(dither.abs(), torch.full_like(dither, 0.7 / (2 * math.sqrt(3))))
+
+
+def test_min_bits_keeps_every_level():
+    for target in range(1, 17):
+        b = F.min_bits(target, 0.1)
+        assert b < target - 1e-3  # below the penalty's aim, so the two never fight
+        levels = F.grid_levels(torch.tensor(2.0 ** b - 1.0, dtype=D), t(1.0))
+        # all levels wherever half a level is wider than the penalty's eps (every practical target)
+        assert levels.item() == 2 ** target or target >= 9
+        below = F.grid_levels(torch.tensor(2.0 ** (math.log2(2 ** target - 0.5) - 1e-6) - 1.0, dtype=D), t(1.0))
+        assert below.item() < 2 ** target  # the boundary is tight: a hair lower loses a level
 
 
 def test_bit_width_gradients_gradcheck():
@@ -130,4 +206,5 @@ def test_weight_bits_counts_levels():
     # range 3, s 1 -> levels {0,1,2,3}: exactly 2 bits, and the grid agrees
     assert F.weight_bits(t(3.0), t(0.0)).item() == 2.0
     assert F.grid_levels(t(3.0), t(1.0)).item() == 4
-    assert F.true_bits(t(4.0)).item() == 2 and F.true_bits(t(5.0)).item() == 3 and F.true_bits(t(1.0)).item() == 1
+    assert F.true_bits(t(4.0)).item() == 2 and F.true_bits(t(5.0)).item() == 3 and F.true_bits(t(2.0)).item() == 1
+    assert F.true_bits(t(1.0)).item() == 0  # one level: a constant, no information

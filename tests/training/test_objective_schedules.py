@@ -14,9 +14,11 @@ from gdnsq.training.objective import (
     task_loss,
 )
 from gdnsq.training.schedules import (
+    DescentPlan,
     ScheduleState,
     lr_factor,
     next_noise_ratio,
+    plan_descent,
     temperature_increment,
 )
 
@@ -93,9 +95,9 @@ def test_ns_top1():
 
 
 def test_lr_schedule_exact():
-    assert [lr_factor(s, 4, None, 0.5) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert [lr_factor(s, 0, 3, 0.5) for s in (3, 4, 5, 6)] == [1.0, 0.5, 0.25, 0.125]
-    assert lr_factor(100, 0, 0, 0.5, min_ratio=0.01) == 0.01
+    assert [lr_factor(s, 4, 0, 0.5) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(6, 0, k, 0.5) for k in (0, 1, 2, 3)] == [1.0, 0.5, 0.25, 0.125]
+    assert lr_factor(100, 0, 100, 0.5, min_ratio=0.01) == 0.01
 
 
 def test_temperature_and_noise_schedules_exact():
@@ -106,13 +108,88 @@ def test_temperature_and_noise_schedules_exact():
     assert next_noise_ratio(0.005, 0.0, 0.01) == 0.0
 
 
-def test_schedule_state_warmup_growth_and_convergence():
-    cfg = ScheduleConfig(warmup_steps=2, scale_t=10.0, anneal=0.5, noise_ratio=0.02, noise_step=0.01)
+def _absolute(**kw):
+    cfg = ScheduleConfig(mode="absolute", **kw)
+    return cfg, plan_descent(cfg, 1000, 8.0, 2.0)
+
+
+def test_absolute_schedule_state_warmup_growth_and_convergence():
+    cfg, plan = _absolute(warmup_steps=2, scale_t=10.0, anneal=0.5, noise_ratio=0.02, noise_step=0.01,
+                          check_every=1)
     st = ScheduleState(noise_ratio=cfg.noise_ratio)
-    for penalty in (1.0, 1.0, 1.0, 0.0, 0.0):
-        st.advance(cfg, lr=0.01, penalty=penalty)
-    # t grows by lr·scale_t = 0.1 from step 2 on: steps 2, 3, 4
+    for penalty, conv in ((1.0, False), (1.0, False), (1.0, False), (0.0, True), (0.0, True)):
+        st.advance(cfg, plan, base_lr=0.01, penalty=penalty, lag_bits=0.0, check=lambda c=conv: c)
+    # t grows by base_lr·scale_t = 0.1 from step 2 on: steps 2, 3, 4
     assert st.temperature == pytest.approx(0.3)
-    assert st.converged_step == 3 and st.step == 5
+    assert st.converged_step == 4 and st.step == 5
     assert st.noise_ratio == 0.0
-    assert st.lr_factor(cfg) == 0.25  # step 5, converged at 3 -> 0.5**2
+    assert st.lr_factor(cfg, plan) == 0.25  # two converged steps -> 0.5**2
+
+
+def test_anneal_pauses_while_not_converged_and_resumes():
+    cfg, plan = _absolute(warmup_steps=0, scale_t=1.0, anneal=0.5, check_every=2)
+    st = ScheduleState()
+    verdicts = iter([True, False, True])  # checks after steps 2, 4, 6
+    factors = []
+    for _ in range(6):
+        st.advance(cfg, plan, base_lr=0.01, penalty=0.0, lag_bits=0.0, check=lambda: next(verdicts))
+        factors.append(st.lr_factor(cfg, plan))
+    # converged from the check after step 2; out after step 4 (paused); back after step 6
+    assert factors == [1.0, 0.5, 0.25, 0.25, 0.25, 0.125]
+    assert st.converged_step == 2
+    # the temperature grows with the base LR, whatever the annealed LR is
+    assert st.temperature == pytest.approx(6 * 0.01)
+
+
+def test_planned_descent_is_derived_from_the_planned_steps():
+    cfg = ScheduleConfig(descent_end=0.5, warmup=0.1, final_lr_ratio=0.01)
+    for n in (90, 5000):
+        plan = plan_descent(cfg, n, init_bits=8.0, min_target=2.0)
+        assert plan.warmup_steps == round(0.1 * n) and plan.end_step == round(0.5 * n)
+        # Adam's per-step cap (≈ quant LR) is twice the planned rate of (8 - 2) bits over the window
+        assert plan.quant_lr == pytest.approx(2 * 6.0 / (plan.end_step - plan.warmup_steps))
+        assert plan.anneal ** (n - plan.end_step) == pytest.approx(0.01)
+        assert plan.level_fraction(0) == 1.0 and plan.level_fraction(plan.end_step) == 0.0
+        mid = (plan.warmup_steps + plan.end_step) // 2
+        assert plan.level_fraction(mid) == pytest.approx(0.5, abs=2 / n)
+    # independent of the optimizer's LR: nothing of optim enters the plan
+    assert plan_descent(cfg, 400, 8.0, 1.0) == plan_descent(cfg, 400, 8.0, 1.0)
+
+
+def test_planned_temperature_rises_while_lagging_and_falls_slowly_otherwise():
+    cfg = ScheduleConfig(warmup=0.1, descent_end=0.5)
+    plan = plan_descent(cfg, 100, 8.0, 2.0)
+    st = ScheduleState(step=plan.warmup_steps)
+    st.advance(cfg, plan, base_lr=1.0, penalty=1.0, lag_bits=1.0)
+    up = st.temperature
+    assert up == pytest.approx(2.0 ** (32 / 40))  # one full-lag step: 32 doublings per 40-step window / 40
+    st.advance(cfg, plan, base_lr=1.0, penalty=0.0, lag_bits=-5.0)
+    assert st.temperature == pytest.approx(up * 2.0 ** (-0.25 * 32 / 40))
+
+
+def test_objective_level_moves_from_init_bits_to_the_target():
+    m = _tiny_quantized(target=2, bits=8.0)  # every quantizer calibrated at exactly 8 bits
+    obj = GDNSQObjective(ObjectiveConfig(), init_bits=8.0)
+    s, te, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    _, at_start = obj(m, s, te, y, temperature=1.0, level_fraction=1.0)
+    assert at_start["train/penalty_w"] == pytest.approx(1e-3, abs=1e-4) and at_start["train/penalty_a"] == pytest.approx(1e-3, abs=1e-4)
+    _, half = obj(m, s, te, y, temperature=1.0, level_fraction=0.5)  # level 2 + 6·0.5 = 5 -> 3 bits above
+    assert half["train/penalty_a"] == pytest.approx(3.001, abs=1e-4)
+    assert obj.last_terms.lag == pytest.approx(3.0, abs=1e-3)
+    _, end = obj(m, s, te, y, temperature=1.0, level_fraction=0.0)
+    assert end["train/penalty_a"] == pytest.approx(6.001, abs=1e-4)
+
+
+def test_objective_cumulative_loss_scale_and_channel_counts():
+    m = _tiny_quantized(target=2, bits=8.0)
+    y = torch.zeros(2, dtype=torch.long)
+    a, b = torch.zeros(2, 3), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    obj = GDNSQObjective(ObjectiveConfig(loss_scale="cumulative", count_active="channels"))
+    obj(m, b, a, y, 0.0)
+    obj(m, a, a, y, 0.0)
+    obj(m, a, a, y, 0.0)
+    assert obj.loss_mean == pytest.approx(jeffreys_divergence(b, a).item() / 3)
+    from gdnsq.quant.layers import iter_quantized
+
+    channels = sum(layer.weight.shape[0] for _, layer in iter_quantized(m))
+    assert obj.last_terms.active_w == channels and obj.last_terms.active_a == 4
