@@ -11,11 +11,14 @@ validation split (``ns_top1``), top-1 reported on the test split. Effective bits
 grids (mean over quantized layers) and the parameter-weighted entropy of the integer weight codes (bits
 per weight after ideal entropy coding).
 
-    # the reduced comparison of docs/results.md (about 10 minutes on 2 busy cores)
-    python benchmarks/compare_methods.py --out out/compare --quick --set optim.name=adamw optim.lr=0.002 \
-        optim.quant_lr=0.05 schedule.warmup_steps=20 schedule.scale_t=50 schedule.anneal=0.99 quant.init_bits=8
-    python benchmarks/compare_methods.py --out out/compare --epochs 8        # a longer budget, same recipe
+    # the tables of docs/results.md: shipped defaults, three budgets (90, 432, 1080 steps), 3 seeds each
+    python benchmarks/compare_methods.py --out out/compare-90 --quick --seeds 3
+    python benchmarks/compare_methods.py --out out/compare-432 --epochs 8 --seeds 3
+    python benchmarks/compare_methods.py --out out/compare-1080 --epochs 20 --seeds 3
     python benchmarks/compare_methods.py --write-jobs jobs/compare           # regenerate the ImageNet job files
+
+``--seeds N`` runs every cell with seeds seed .. seed+N-1 against the ONE teacher (trained with ``--seed``) and
+reports mean ± sd per cell; ``--model`` swaps the student/teacher architecture (e.g. ``resnet10t``).
 
 Writes ``teacher.pt``, ``results.csv``, ``results.json`` (rows + protocol + resolved recipe), ``results.md``
 and ``results.png`` in the output folder, after every run (an interrupted run keeps what it finished).
@@ -33,10 +36,10 @@ from pathlib import Path
 import torch
 
 METHODS = ("gdnsq", "lsq", "dorefa", "pact", "pege", "bnnpp", "codeq")
-TARGETS = ((4, 4), (2, 2), (1, 1))
+TARGETS = ((4, 4), (3, 3), (2, 2), (1, 1))
 ONLY_AT = {"bnnpp": {(1, 1)}}  # methods defined for some targets only
-COLUMNS = ("method", "target", "status", "top1", "fp_top1", "converged", "ns_top1", "avg_bits_w", "avg_bits_a",
-           "entropy_bits_w", "sparsity_w", "val_top1", "best_epoch", "steps", "seconds")
+COLUMNS = ("method", "target", "seed", "status", "top1", "fp_top1", "converged", "ns_top1", "avg_bits_w", "avg_bits_a",
+           "entropy_bits_w", "sparsity_w", "full_levels", "descent_end", "val_top1", "best_epoch", "steps", "seconds")
 
 log = logging.getLogger("compare")
 
@@ -61,10 +64,13 @@ def job_config(recipe: dict, overrides: dict):
     return config_from_dict(apply_overrides(recipe, overrides))
 
 
-def job_overrides(args, method: str, target: tuple[int, int], teacher: str | None) -> dict:
+def job_overrides(args, method: str, target: tuple[int, int], teacher: str | None, seed: int | None = None) -> dict:
     o = {"name": f"compare-{method}-w{target[0]}a{target[1]}", "quant.method": method,
          "quant.target_w": target[0], "quant.target_a": target[1], "train.epochs": args.epochs,
-         "train.seed": args.seed, "train.device": "cpu", "ray.enabled": False, "tracking.enabled": False}
+         "train.seed": args.seed if seed is None else seed, "train.device": "cpu", "ray.enabled": False,
+         "tracking.enabled": False}
+    if args.model:
+        o["model.name"] = args.model
     if teacher:
         o["model.checkpoint"] = teacher
     if args.max_steps:
@@ -84,11 +90,15 @@ def train_teacher(args, recipe: dict, out: Path) -> Path:
     if path.is_file() and not args.retrain_teacher:
         log.info("reusing the FP teacher %s", path)
         return path
-    cfg = job_config(recipe, {"train.teacher_epochs": args.teacher_epochs, "train.seed": args.seed,
-                              "train.device": "cpu", "ray.enabled": False, "model.checkpoint": None})
+    over = {"train.seed": args.seed, "train.device": "cpu", "ray.enabled": False, "model.checkpoint": None}
+    if args.teacher_epochs is not None:
+        over["train.teacher_epochs"] = args.teacher_epochs
+    if args.model:
+        over["model.name"] = args.model
+    cfg = job_config(recipe, over)
     loaders = create_loaders(cfg)
-    teacher = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
-    log.info("FP teacher: test top-1 %.2f", evaluate(teacher, loaders.test, torch.device("cpu"))["top1"])
+    teacher, report = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
+    log.info("FP teacher: test top-1 %.2f (%s)", evaluate(teacher, loaders.test, torch.device("cpu"))["top1"], report)
     torch.save(teacher.state_dict(), path)
     return path
 
@@ -115,13 +125,28 @@ def weight_code_stats(cfg, best_state: dict) -> tuple[float, float]:
     return bits / total, zeros / total
 
 
-def run_one(args, recipe: dict, method: str, target: tuple[int, int], teacher: Path) -> dict:
+def full_levels(best_state: dict, cfg) -> bool:
+    """Every learnable grid of the selected model keeps all 2**target levels (fixed-bit grids have them by design)."""
+    from gdnsq.quant.layers import iter_quantized
+    from gdnsq.training.surgery import build_student
+
+    student = build_student(cfg, num_classes=10, in_chans=1)
+    student.load_state_dict(best_state)
+    for _, layer in iter_quantized(student):
+        for q, args_, t in ((layer.weight_quant, (layer.weight,), layer.target_w),
+                            (layer.act_quant, (), layer.target_a)):
+            if q is not None and q.learnable_bits and q.levels(*args_).min() < 2 ** int(t):
+                return False
+    return True
+
+
+def run_one(args, recipe: dict, method: str, target: tuple[int, int], teacher: Path, seed: int | None = None) -> dict:
     from gdnsq.errors import ConfigError
     from gdnsq.training.job import run_job
 
-    row = {"method": method, "target": f"W{target[0]}A{target[1]}"}
+    row = {"method": method, "target": f"W{target[0]}A{target[1]}", "seed": args.seed if seed is None else seed}
     try:
-        cfg = job_config(recipe, job_overrides(args, method, target, str(teacher)))
+        cfg = job_config(recipe, job_overrides(args, method, target, str(teacher), seed))
         holder = {}
         t0 = time.perf_counter()
         s = run_job(cfg, on_epoch=lambda metrics, table, ckpt: holder.update(ckpt=ckpt))
@@ -129,26 +154,69 @@ def run_one(args, recipe: dict, method: str, target: tuple[int, int], teacher: P
     except ConfigError as e:  # e.g. codeq at 1 bit: the method is not defined there
         log.warning("%s %s: not run (%s)", method, row["target"], e)
         return {**row, "status": f"n/a: {e}"}
-    entropy, sparsity = weight_code_stats(cfg, holder["ckpt"]()["best"]["state"])
+    best_state = holder["ckpt"]()["best"]["state"]
+    entropy, sparsity = weight_code_stats(cfg, best_state)
+    end = s.get("descent_end_step")
     row.update(status="ok", top1=s["top1"], fp_top1=s["fp_top1"], converged=s["converged"], ns_top1=s["ns_top1"],
                avg_bits_w=s["avg_bits_w"], avg_bits_a=s["avg_bits_a"], entropy_bits_w=round(entropy, 3),
-               sparsity_w=round(sparsity, 3), val_top1=s["val_top1"], best_epoch=s["best_epoch"], steps=s["steps"],
-               seconds=round(seconds, 1))
+               sparsity_w=round(sparsity, 3), full_levels=full_levels(best_state, cfg),
+               descent_end=None if end is None else round(end / max(1, s["steps"]), 3),
+               val_top1=s["val_top1"], best_epoch=s["best_epoch"], steps=s["steps"], seconds=round(seconds, 1))
     log.info("%-6s %s  top1 %6.2f  converged %-5s  bits W%.2f A%.2f  H_w %.2f  (%.0f s)", method, row["target"],
              row["top1"], row["converged"], row["avg_bits_w"], row["avg_bits_a"], entropy, seconds)
     return row
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| method | target | test top-1 | converged | ns_top1 | true bits W / A | code entropy W | zero weights | s |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| method | target | seed | test top-1 | converged | ns_top1 | true bits W / A | code entropy W | "
+            "zero weights | s |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {r['target']} | – | – | – | – | – | – | {r['status']} |")
+            lines.append(f"| {r['method']} | {r['target']} | {r['seed']} | – | – | – | – | – | – | {r['status']} |")
             continue
-        lines.append(f"| {r['method']} | {r['target']} | {r['top1']:.2f} | {'yes' if r['converged'] else 'NO'} | "
-                     f"{r['ns_top1']:.2f} | {r['avg_bits_w']:.2f} / {r['avg_bits_a']:.2f} | {r['entropy_bits_w']:.2f} | "
-                     f"{100 * r['sparsity_w']:.1f} % | {r['seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {r['target']} | {r['seed']} | {r['top1']:.2f} | "
+                     f"{'yes' if r['converged'] else 'NO'} | {r['ns_top1']:.2f} | {r['avg_bits_w']:.2f} / "
+                     f"{r['avg_bits_a']:.2f} | {r['entropy_bits_w']:.2f} | {100 * r['sparsity_w']:.1f} % | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (method, target): mean ± sd of test top-1 and ns_top1 over seeds, converged count."""
+    import statistics
+
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            cells.setdefault((r["method"], r["target"]), []).append(r)
+    out = []
+    for (method, target), rs in cells.items():
+        top1 = [r["top1"] for r in rs]
+        ns = [r["ns_top1"] for r in rs]
+        out.append({"method": method, "target": target, "n": len(rs), "seeds": [r["seed"] for r in rs],
+                    "top1_mean": statistics.fmean(top1), "top1_sd": statistics.stdev(top1) if len(rs) > 1 else 0.0,
+                    "ns_top1_mean": statistics.fmean(ns), "converged": sum(bool(r["converged"]) for r in rs),
+                    "full_levels": sum(bool(r.get("full_levels")) for r in rs)})
+    return out
+
+
+def summary_table(rows: list[dict]) -> str:
+    """method × target grid of 'mean ± sd' test top-1 (ns_top1: non-converged runs count 0), converged k/n."""
+    summ = {(c["method"], c["target"]): c for c in summarize(rows)}
+    targets = [t for t in (f"W{w}A{a}" for w, a in TARGETS) if any(k[1] == t for k in summ)]
+    methods = [m for m in METHODS if any(k[0] == m for k in summ)]
+    lines = ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            c = summ.get((m, t))
+            if c is None:
+                cells.append("–")
+                continue
+            conv = "" if c["converged"] == c["n"] else f" (converged {c['converged']}/{c['n']})"
+            cells.append(f"{c['top1_mean']:.2f} ± {c['top1_sd']:.2f}{conv}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -193,8 +261,9 @@ def write_results(rows: list[dict], out: Path, protocol: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
-    (out / "results.md").write_text(markdown_table(rows) + "\n")
+    (out / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows, "summary": summarize(rows)},
+                                                 indent=2))
+    (out / "results.md").write_text(summary_table(rows) + "\n\n" + markdown_table(rows) + "\n")
     plot(rows, out / "results.png")
 
 
@@ -205,9 +274,9 @@ IMAGENET_BASE = {
     "data": {"kind": "ffcv", "train_path": "/data/imagenet/train_500_0.50_90.beton",
              "val_path": "/data/imagenet/val_500_0.50_90.beton", "batch_size": 250, "num_workers": 8},
     "quant": {"init_bits": 10, "per_channel": True, "keep_first_conv": True, "keep_classifier": True,
-              "keep_pointwise": False, "batchnorm": "keep", "calib_batches": 4},
+              "keep_pointwise": True, "batchnorm": "keep", "calib_batches": 4},
     "objective": {"distill": "jeffreys"},
-    "schedule": {"warmup_steps": 1000, "scale_t": 2.0, "anneal": 0.999},
+    "schedule": {"mode": "absolute", "warmup_steps": 1000, "scale_t": 2.0, "anneal": 0.999},
     "optim": {"name": "radam", "lr": 3e-4},
     "train": {"epochs": 30, "patience": 0},
     "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
@@ -257,8 +326,11 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (same for every run)")
     p.add_argument("--quick", action="store_true", help="reduced budget for 2 CPU cores: 3 epochs of 30 steps")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
-    p.add_argument("--targets", default="W4A4,W2A2,W1A1", help="comma-separated subset of targets")
-    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--targets", default="W4A4,W3A3,W2A2,W1A1", help="comma-separated subset of targets")
+    p.add_argument("--seeds", type=int, default=1, help="runs per cell, seeds --seed .. --seed+N-1 (one teacher)")
+    p.add_argument("--model", default=None, help="student/teacher model name for every run (default: the recipe's)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="fixed FP teacher epochs (default: the recipe's train.teacher_epochs rule)")
     p.add_argument("--retrain-teacher", action="store_true", help="train a new teacher even if out/teacher.pt exists")
     p.add_argument("--anneal", type=float, default=None, help="override schedule.anneal for every run")
     p.add_argument("--recipe", default=None, help="job YAML shared by every run (default: the packaged quick start)")
@@ -301,7 +373,8 @@ def main(argv=None) -> int:
     recipe = load_recipe(args)
     teacher = train_teacher(args, recipe, out)
     shared = to_dict(job_config(recipe, job_overrides(args, "gdnsq", (2, 2), str(teacher))))
-    protocol = {"data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)", "model": "gdnsq_smallcnn",
+    protocol = {"data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)", "model": shared["model"]["name"],
+                "seeds": list(range(args.seed, args.seed + args.seeds)),
                 "teacher": str(teacher), "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
                 "max_steps_per_epoch": args.max_steps, "recipe_file": str(args.recipe or quickstart_path()),
                 "overrides": args.set, "selection": "val ns_top1", "reported": "test top-1",
@@ -311,9 +384,12 @@ def main(argv=None) -> int:
         for method in methods:
             if method in ONLY_AT and target not in ONLY_AT[method]:
                 continue
-            rows.append(run_one(args, recipe, method, target, teacher))
-            write_results(rows, out, protocol)  # partial results survive an interrupted run
+            for seed in range(args.seed, args.seed + args.seeds):
+                rows.append(run_one(args, recipe, method, target, teacher, seed))
+                write_results(rows, out, protocol)  # partial results survive an interrupted run
     print(markdown_table(rows))
+    print()
+    print(summary_table(rows))
     print(f"\nwritten: {out / 'results.csv'}, {out / 'results.png'}")
     return 0
 

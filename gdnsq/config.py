@@ -253,8 +253,10 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 10
     """Quantization-aware fine-tuning epochs."""
-    teacher_epochs: int = 3
-    """Epochs to train the FP teacher when no pretrained weights or checkpoint are given."""
+    teacher_epochs: int | None = None
+    """FP teacher epochs when no weights are given; None = train to a validation plateau (see teacher_max_epochs)."""
+    teacher_max_epochs: int = 30
+    """Cap on the plateau-trained FP teacher's epochs."""
     seed: int = 0
     """Global seed."""
     device: str = "auto"
@@ -266,6 +268,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "train.teacher_epochs", "must be >= 1")
+        _check(self.teacher_max_epochs >= 1, "train.teacher_max_epochs", "must be >= 1")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
 
 

@@ -7,6 +7,8 @@ A checkpoint is a plain dict of tensors and Python values (loadable with ``weigh
     engine     Engine.state_dict(): student, optimizer, schedule, objective, epoch, RNG
     best       {"ns_top1", "val_top1", "epoch", "state"}: the best converged student (state None if none)
     fp_val     the teacher's validation metrics
+    teacher_report  how the teacher was obtained: {"source", and for one trained in-run "epochs",
+               "val_top1", "plateaued"}
     stale      epochs without a better ns_top1 (early stopping)
     io         (launchers) {"input_shape": [C, H, W], "num_classes": N}, when known
     mlflow_run_id, tracker   (Ray launcher) the MLflow run to reattach to
@@ -29,9 +31,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def make_checkpoint(cfg_dict: dict, teacher: nn.Module, engine_state: dict, best: dict, fp_val: dict,
-                    stale: int) -> dict:
+                    stale: int, teacher_report: dict | None = None) -> dict:
     return {"config": cfg_dict, "teacher": teacher.state_dict(), "engine": engine_state, "best": best,
-            "fp_val": fp_val, "stale": stale}
+            "fp_val": fp_val, "stale": stale, "teacher_report": dict(teacher_report or {})}
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

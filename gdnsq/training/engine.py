@@ -6,6 +6,7 @@ exactly where it stopped.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable, Iterable
@@ -19,6 +20,18 @@ from ..quant.layers import iter_quantized, iter_quantizers, keep_levels_, quanti
 from .objective import GDNSQObjective, converged
 from .runtime import all_reduce_sum, unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
+
+
+def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
+    """Optimizer steps of the whole run: train.epochs epochs of this loader (capped per epoch)."""
+    per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
+    return max(1, per_epoch * cfg.train.epochs)
+
+
+def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
+    """The run's schedule constants (schedules.plan_descent) for a quantized model's smallest target."""
+    targets = [float(t) for _, layer in iter_quantized(unwrap(model)) for t in (layer.target_w, layer.target_a)]
+    return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, min(targets) if targets else cfg.quant.init_bits)
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -61,23 +74,52 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[s
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
 
 
-def train_fp(model: nn.Module, loader: Iterable, epochs: int, lr: float, device: torch.device,
-             log: Callable[[str], None] = print) -> None:
-    """Plain cross-entropy training of the FP teacher (used when no FP weights are given)."""
+def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, device: torch.device,
+             log: Callable[[str], None] = print, val_loader: Iterable | None = None,
+             max_epochs: int = 30) -> dict:
+    """Plain cross-entropy training of the FP teacher (used when no FP weights are given).
+
+    ``epochs`` set: that many epochs under a one-cycle LR. ``epochs`` None: train until the validation
+    top-1 plateaus (the LR drops ×0.3 after 2 epochs without a 0.1-point gain; the third drop ends it),
+    at most ``max_epochs``, and keep the best validation state. Returns {epochs, val_top1, plateaued}.
+    """
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = max(1, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    for epoch in range(epochs):
+    plateau = epochs is None and val_loader is not None
+    n_epochs = max_epochs if plateau else (epochs or 1)
+    sched = None if plateau else torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, n_epochs * len(loader)))
+    best, best_state, stale, drops, done = -1.0, None, 0, 0, 0
+    for epoch in range(n_epochs):
+        model.train()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-        log(f"teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
+            if sched is not None:
+                sched.step()
+        done = epoch + 1
+        if not plateau:
+            log(f"teacher epoch {done}/{n_epochs}: loss {loss.item():.4f}")
+            continue
+        top1 = evaluate(model, val_loader, device)["top1"]
+        log(f"teacher epoch {done} (cap {n_epochs}): loss {loss.item():.4f}, val top-1 {top1:.2f}")
+        if top1 > best + 0.1:
+            best, best_state, stale = top1, copy.deepcopy(model.state_dict()), 0
+            continue
+        stale += 1
+        if stale >= 2:
+            drops, stale = drops + 1, 0
+            if drops == 3:
+                break
+            for g in opt.param_groups:
+                g["lr"] *= 0.3
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
+    return {"epochs": done, "val_top1": best if plateau else None, "plateaued": plateau and drops == 3}
 
 
 class Engine:
@@ -93,6 +135,7 @@ class Engine:
         self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
+        self._planned_quant_lr = False
         set_noise_ratio(self.core, self.sched.noise_ratio)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
         self._progress_hooks = list(iter_quantizers(self.core))
@@ -119,8 +162,9 @@ class Engine:
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
+            quant_factor = plan.quant_lr_factor(self.sched.step) if self._planned_quant_lr else 1.0
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
+                g["lr"] = g["base_lr"] * factor * (quant_factor if g.get("name") == "quantizers" else 1.0)
             teacher_logits = None
             if cfg.objective.distill != "ce":
                 with torch.no_grad():
@@ -165,19 +209,17 @@ class Engine:
         return out
 
     def _planned_steps(self, loader, max_steps: int | None) -> int:
-        """Optimizer steps of the whole run (train.epochs epochs of this loader), for ``set_progress``."""
-        per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
-        return max(1, per_epoch * self.cfg.train.epochs)
+        return planned_steps(self.cfg, loader, max_steps)
 
     def _ensure_plan(self, planned_steps: int) -> DescentPlan:
         """The run's schedule constants; planned mode also sets the quantizer group's LR unless configured."""
         if self.plan is None:
-            targets = [float(t) for _, layer in iter_quantized(self.core) for t in (layer.target_w, layer.target_a)]
-            self.plan = plan_descent(self.cfg.schedule, planned_steps, self.cfg.quant.init_bits,
-                                     min(targets) if targets else self.cfg.quant.init_bits)
+            self.plan = create_plan(self.cfg, self.core, planned_steps)
+            self.objective.init_bits = self.plan.init_bits
             # Only learnable bits descend; fixed-bit (zoo) quantizers keep the configured LR.
             descends = any(q.learnable_bits for q in iter_quantizers(self.core))
             if self.plan.quant_lr is not None and self.cfg.optim.quant_lr is None and descends:
+                self._planned_quant_lr = True
                 for g in self.optimizer.param_groups:
                     if g.get("name") == "quantizers":
                         g["base_lr"] = self.plan.quant_lr

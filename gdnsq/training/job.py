@@ -17,13 +17,16 @@ from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .bits import average_bits, bits_table
 from .checkpoint import make_checkpoint
-from .engine import Engine, evaluate, train_fp
+from .engine import Engine, create_plan, evaluate, planned_steps, train_fp
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
 from .runtime import broadcast_module, resolve_device, seed_everything
 from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
 
 log = logging.getLogger("gdnsq")
+
+# Below this validation top-1 (%) an in-run FP teacher is reported as weak (a warning naming the fix).
+WEAK_TEACHER_TOP1 = 60.0
 
 
 def _take(loader, n: int, device) -> list[torch.Tensor]:
@@ -35,17 +38,29 @@ def _take(loader, n: int, device) -> list[torch.Tensor]:
     return out
 
 
-def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device, resume: dict | None) -> nn.Module:
+def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device,
+                    resume: dict | None) -> tuple[nn.Module, dict]:
+    """The frozen FP teacher and a report of how it was obtained (trained in-run: epochs, val top-1)."""
     teacher = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans,
                            load_weights=resume is None).to(device)
+    report: dict = {"source": "checkpoint" if cfg.model.checkpoint else "pretrained" if cfg.model.pretrained
+                    else "trained-in-run"}
     if resume is not None:
         teacher.load_state_dict(resume["teacher"])
+        report.update(resume.get("teacher_report", {}))
     elif not has_fp_weights(cfg.model):
-        log.info("no FP weights given: training the FP teacher for %d epochs", cfg.train.teacher_epochs)
+        epochs = cfg.train.teacher_epochs
+        log.info("no FP weights given: training the FP teacher %s", f"for {epochs} epochs" if epochs else
+                 f"to a validation plateau (at most {cfg.train.teacher_max_epochs} epochs)")
         seed_everything(cfg.train.seed)
-        train_fp(teacher, loaders.calib, cfg.train.teacher_epochs, lr=1e-2, device=device, log=log.info)
+        report.update(train_fp(teacher, loaders.calib, epochs, lr=1e-2, device=device, log=log.info,
+                               val_loader=loaders.val, max_epochs=cfg.train.teacher_max_epochs))
         broadcast_module(teacher)  # every rank distils from the same teacher
-    return teacher.eval().requires_grad_(False)
+        if epochs is None and not report["plateaued"]:
+            log.warning("the FP teacher was still improving when it hit train.teacher_max_epochs=%d (val top-1 "
+                        "%.2f): raise train.teacher_max_epochs or pass model.checkpoint / model.pretrained",
+                        cfg.train.teacher_max_epochs, report["val_top1"])
+    return teacher.eval().requires_grad_(False), report
 
 
 def prepare_student(cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device,
@@ -56,7 +71,9 @@ def prepare_student(cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device
     if resume is not None:
         student.load_state_dict(resume["engine"]["model"])
     else:
-        calibrate_model(student, _take(loaders.calib, cfg.quant.calib_batches, device), cfg.quant.init_bits)
+        # A planned schedule may start a short budget below quant.init_bits (schedules.plan_descent).
+        plan = create_plan(cfg, student, planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch))
+        calibrate_model(student, _take(loaders.calib, cfg.quant.calib_batches, device), plan.init_bits)
         broadcast_quantizer_state(student)  # calibration before DDP: rank 0's result everywhere
     return student.train(), decisions
 
@@ -82,8 +99,13 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
     seed_everything(cfg.train.seed + rank)
     start_epoch = 0 if resume is None else resume["engine"]["epoch"]
     loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=start_epoch)
-    teacher = prepare_teacher(cfg, loaders, device, resume)
+    teacher, teacher_report = prepare_teacher(cfg, loaders, device, resume)
     fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device)
+    teacher_report["val_top1"] = round(fp_val["top1"], 2)
+    if teacher_report["source"] == "trained-in-run" and fp_val["top1"] < WEAK_TEACHER_TOP1:
+        log.warning("weak FP teacher: %.2f %% validation top-1 (trained in-run for %s epochs); quantized accuracy "
+                    "is bounded by it: pass model.checkpoint or model.pretrained, or raise "
+                    "train.teacher_max_epochs", fp_val["top1"], teacher_report.get("epochs"))
     student, decisions = prepare_student(cfg, teacher, loaders, device, resume)
     model = wrap_ddp(student) if wrap_ddp else student
     engine = Engine(cfg, model, teacher, device)
@@ -94,7 +116,7 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
     stale = 0 if resume is None else resume.get("stale", 0)
 
     def checkpoint() -> dict:
-        return make_checkpoint(to_dict(cfg), teacher, engine.state_dict(), best, fp_val, stale)
+        return make_checkpoint(to_dict(cfg), teacher, engine.state_dict(), best, fp_val, stale, teacher_report)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)
@@ -119,7 +141,9 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
             log.info("early stop: no better ns_top1 for %d converged epochs", stale)
             break
 
-    return finalize(cfg, engine, teacher, loaders, device, best, fp_val, decisions)
+    summary = finalize(cfg, engine, teacher, loaders, device, best, fp_val, decisions)
+    summary["teacher"] = teacher_report
+    return summary
 
 
 def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loaders, device, best: dict,
@@ -142,6 +166,7 @@ def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loader
         "avg_bits_w": round(avg_w, 3), "avg_bits_a": round(avg_a, 3),
         "converged": bool(conv), "ns_top1": round(ns_top1(q["top1"], conv), 2),
         "best_epoch": best["epoch"], "epochs_run": engine.epoch, "steps": engine.sched.step,
+        "descent_end_step": engine.sched.converged_step,  # first step whose true-bit check passed
         "protocol": {"method": cfg.quant.method, "per_channel": cfg.quant.per_channel,
                      "estimator": cfg.quant.estimator, "batchnorm": cfg.quant.batchnorm,
                      "fp_layers": [d.name for d in decisions if not d.quantized],

@@ -24,9 +24,15 @@ from dataclasses import asdict, dataclass
 
 from ..config import ScheduleConfig
 
-# Adam moves a log-parameter by about its LR per step when one gradient sign dominates; twice the planned
-# rate leaves room for the task gradient pulling back and for weight bits' weaker response at low bits.
-_QUANT_LR_HEADROOM = 2.0
+# Adam moves a log-parameter by about its LR per step when one gradient sign dominates; a margin over the
+# planned rate leaves room for the task gradient pulling back and for weight bits' weaker response at low bits.
+_QUANT_LR_HEADROOM = 1.5
+# The quantizer LR falls with the planned rate down to this share of its peak, then stays (clip ranges keep learning).
+_QUANT_LR_FLOOR = 0.25
+# Largest quantizer LR a plan may ask for: a log2-parameter moving more than ~5 % per step jitters the grids
+# more than the network can follow. A budget too short for the full descent starts closer to the target
+# instead (init bits lowered), so at very short budgets GDNSQ starts near its target like a fixed-bit method.
+_QUANT_LR_CAP = 0.05
 
 
 @dataclass(frozen=True)
@@ -34,31 +40,65 @@ class DescentPlan:
     """Concrete schedule constants of one run (derived in planned mode, copied in absolute mode)."""
 
     planned_steps: int
+    init_bits: float  # the bit-width calibration starts at (planned mode may lower it for a short budget)
     warmup_steps: int
     end_step: int  # planned: the step at which every layer's penalty level reaches its target
     anneal: float
     quant_lr: float | None  # None: keep the configured optimizer LR
     planned: bool
+    ease: float = 1.0  # planned: the level's progress rate c (see level_fraction)
+
+    def progress(self, step: int) -> float:
+        """Share of the descent window [warmup_steps, end_step] done at ``step`` (0 before, 1 after)."""
+        return min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.end_step - self.warmup_steps)))
 
     def level_fraction(self, step: int) -> float:
-        """Share of the way from the target (0) to init_bits (1) at which the penalty aims at ``step``."""
+        """Share of the way from the target (0) to init_bits (1) at which the penalty aims at ``step``.
+
+        Ease-out, (1 - c·p)**2 with p the window's progress: the high bits, which cost no accuracy, go fast
+        and the last bits, where the network must adapt, get the most steps. ``c`` < 1 is set so that at
+        p = 1 (``end_step``) the level sits inside the band of bit-widths whose true bits already meet the
+        target, so true-bit convergence, the run's "descent ended", lands on end_step; the level then goes
+        on to T - ε, a few percent of the window later.
+        """
         if not self.planned:
             return 0.0
-        if step <= self.warmup_steps:
+        p = max(0.0, (step - self.warmup_steps) / max(1, self.end_step - self.warmup_steps))
+        return max(0.0, 1.0 - self.ease * p) ** 2
+
+    def quant_lr_factor(self, step: int) -> float:
+        """Planned mode: the quantizer LR follows the planned descent rate, ∝ (1 - progress), floored."""
+        if not self.planned:
             return 1.0
-        return max(0.0, 1.0 - (step - self.warmup_steps) / max(1, self.end_step - self.warmup_steps))
+        return max(1.0 - self.progress(step), _QUANT_LR_FLOOR)
 
 
 def plan_descent(cfg: ScheduleConfig, planned_steps: int, init_bits: float, min_target: float) -> DescentPlan:
     """The run's schedule constants from its planned optimizer steps (epochs × steps per epoch)."""
     n = max(1, int(planned_steps))
     if cfg.mode == "absolute":
-        return DescentPlan(n, cfg.warmup_steps, cfg.warmup_steps, cfg.anneal, None, planned=False)
+        return DescentPlan(n, init_bits, cfg.warmup_steps, cfg.warmup_steps, cfg.anneal, None, planned=False)
     warmup = int(round(cfg.warmup * n))
     end = max(warmup + 1, int(round(cfg.descent_end * n)))
-    rate = max(init_bits - min_target, 0.0) / (end - warmup)  # planned bits per step
+    window = end - warmup
+    # The ease-out level (1 - p)**2 descends fastest at its start: 2·ΔB/window bits per step.
+    feasible = _QUANT_LR_CAP * window / (2.0 * _QUANT_LR_HEADROOM)  # the most bits the window can descend
+    start = min(init_bits, min_target + feasible)
+    rate = 2.0 * max(start - min_target, 0.0) / window
     anneal = cfg.final_lr_ratio ** (1.0 / max(1, n - end))
-    return DescentPlan(n, warmup, end, anneal, _QUANT_LR_HEADROOM * rate if rate > 0 else None, planned=True)
+    quant_lr = _QUANT_LR_HEADROOM * rate if rate > 0 else None
+    return DescentPlan(n, start, warmup, end, anneal, quant_lr, planned=True,
+                       ease=_ease(start, min_target))
+
+
+def _ease(init_bits: float, target: float) -> float:
+    """c of level_fraction: at p = 1 the level is halfway between T and log2(2**T + 1/2), the highest
+    continuous bit-width whose grid still rounds to 2**T levels (so its true bits meet the target)."""
+    span = init_bits - target
+    if span <= 0:
+        return 1.0
+    inside = 0.5 * math.log2(1.0 + 0.5 / 2.0 ** target)
+    return 1.0 - math.sqrt(min(1.0, inside / span))
 
 
 def lr_factor(step: int, warmup_steps: int, annealed_steps: int, anneal: float, min_ratio: float = 0.0) -> float:
@@ -74,7 +114,8 @@ def temperature_increment(step: int, warmup_steps: int, base_lr: float, scale_t:
 
 
 # Planned mode's multiplier: t starts at 1 (penalty on the loss's scale) after warm-up and moves by up
-# to this many doublings over the descent window per bit of lag (a quarter of it downwards when no layer lags).
+# to this many doublings over the descent window per bit of lag, and down by a quarter of that rate when
+# no layer lags, so after the descent it settles where the penalty just holds the bits at the target.
 _T_DOUBLINGS_PER_WINDOW = 32.0
 _T_RANGE = (1e-3, 1e6)
 
@@ -82,7 +123,7 @@ _T_RANGE = (1e-3, 1e6)
 def temperature_update(t: float, lag_bits: float, window: int) -> float:
     """Dual-ascent step of the planned mode's multiplier: up while some layer lags its plan, slowly down otherwise."""
     gain = _T_DOUBLINGS_PER_WINDOW / max(1, window)
-    t = t * 2.0 ** (gain * min(max(lag_bits, -0.25), 1.0))
+    t = t * 2.0 ** (gain * (min(lag_bits, 1.0) if lag_bits > 0 else -0.25))
     return min(max(t, _T_RANGE[0]), _T_RANGE[1])
 
 

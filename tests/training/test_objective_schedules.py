@@ -145,13 +145,19 @@ def test_planned_descent_is_derived_from_the_planned_steps():
     cfg = ScheduleConfig(descent_end=0.5, warmup=0.1, final_lr_ratio=0.01)
     for n in (90, 5000):
         plan = plan_descent(cfg, n, init_bits=8.0, min_target=2.0)
+        window = plan.end_step - plan.warmup_steps
         assert plan.warmup_steps == round(0.1 * n) and plan.end_step == round(0.5 * n)
-        # Adam's per-step cap (≈ quant LR) is twice the planned rate of (8 - 2) bits over the window
-        assert plan.quant_lr == pytest.approx(2 * 6.0 / (plan.end_step - plan.warmup_steps))
+        # the ease-out level starts at 2·ΔB/window bits per step; the quantizer LR is 1.5x that, capped at 0.05
+        assert plan.quant_lr == pytest.approx(min(0.05, 1.5 * 2 * (plan.init_bits - 2.0) / window))
         assert plan.anneal ** (n - plan.end_step) == pytest.approx(0.01)
-        assert plan.level_fraction(0) == 1.0 and plan.level_fraction(plan.end_step) == 0.0
-        mid = (plan.warmup_steps + plan.end_step) // 2
-        assert plan.level_fraction(mid) == pytest.approx(0.5, abs=2 / n)
+        assert plan.level_fraction(0) == 1.0 and plan.level_fraction(plan.warmup_steps) == 1.0
+        # at end_step the level sits halfway into the band whose true bits meet the target
+        level_at_end = 2.0 + (plan.init_bits - 2.0) * plan.level_fraction(plan.end_step)
+        assert level_at_end == pytest.approx(2.0 + 0.5 * math.log2(1 + 0.5 / 4), abs=1e-9)
+        assert plan.level_fraction(plan.end_step + window) == 0.0
+    assert plan.init_bits == 8.0  # the long budget starts where configured ...
+    short = plan_descent(cfg, 90, init_bits=8.0, min_target=2.0)
+    assert short.quant_lr == pytest.approx(0.05) and 2.0 < short.init_bits < 8.0  # ... the short one nearer T
     # independent of the optimizer's LR: nothing of optim enters the plan
     assert plan_descent(cfg, 400, 8.0, 1.0) == plan_descent(cfg, 400, 8.0, 1.0)
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def teacher_ckpt(tmp_path_factory):
     cfg = load_config(_quickstart_config(), {"ray.enabled": False, "tracking.enabled": False})
     loaders = create_loaders(cfg)
-    teacher = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
+    teacher, _ = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save(teacher.state_dict(), path)
     return str(path)
