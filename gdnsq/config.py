@@ -263,6 +263,8 @@ class TrainConfig:
     """auto (CUDA if available), cpu or cuda."""
     patience: int = 0
     """Early stopping: epochs without a better ns_top1 once converged (0 = off)."""
+    sync_batchnorm: bool = True
+    """Under DDP on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm), as the reference did."""
     max_steps_per_epoch: int | None = None
     """Cap on steps per epoch (short test runs)."""
 

@@ -35,12 +35,20 @@ def _parse_target(target: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
+def _teacher_line(t: dict) -> str:
+    if t.get("source") != "trained-in-run":
+        return f"teacher: {t.get('source', 'given')}"
+    how = ("for train.teacher_epochs" if t.get("rule") == "fixed" else "to a validation plateau"
+           if t.get("plateaued") else "until train.teacher_max_epochs")
+    return f"teacher trained in-run {how}, {t.get('epochs')} epochs, val top-1 {t.get('val_top1')} %"
+
+
 def print_summary(s: dict) -> None:
     from ..training.bits import format_table
 
     print()
     print(f"model {s['model']}  target W{s['target_w']:g}A{s['target_a']:g}  ({s['split']} split)")
-    print(f"  FP top-1         {s['fp_top1']:6.2f} %")
+    print(f"  FP top-1         {s['fp_top1']:6.2f} %   ({_teacher_line(s.get('teacher') or {})})")
     print(f"  quantized top-1  {s['top1']:6.2f} %   (ns_top1 {s['ns_top1']:.2f})")
     print(f"  average bits     W {s['avg_bits_w']:.2f}   A {s['avg_bits_a']:.2f}")
     print(f"  converged        {'yes' if s['converged'] else 'NO'}")

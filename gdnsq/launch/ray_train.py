@@ -283,8 +283,8 @@ class _LazyTracker:
 class _DDPWrap:
     """The DDP wrapper for ``run_job``; also notes the student's input shape and class count."""
 
-    def __init__(self, world_size: int, device: torch.device):
-        self.world_size, self.device = world_size, device
+    def __init__(self, world_size: int, device: torch.device, sync_batchnorm: bool = True):
+        self.world_size, self.device, self.sync_batchnorm = world_size, device, sync_batchnorm
         self.io: dict[str, Any] = {}
 
     def __call__(self, student: nn.Module) -> nn.Module:
@@ -298,6 +298,10 @@ class _DDPWrap:
         from torch.nn.parallel import DistributedDataParallel
 
         # The frozen teacher is never wrapped; only the student's gradients are averaged.
+        if self.sync_batchnorm and self.device.type == "cuda":
+            # Batch statistics over the global batch, as the reference trainer does (torch's SyncBatchNorm
+            # runs on GPUs only; CPU ranks keep per-rank statistics).
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(student, device_ids=device_ids)
 
@@ -325,7 +329,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, int(start_epoch))
     mlflow_run = (_LazyTracker(cfg, resume, options.get("parent_run_id"))
                   if rank == 0 and cfg.tracking.enabled else None)
-    wrap = _DDPWrap(world_size, device)
+    wrap = _DDPWrap(world_size, device, cfg.train.sync_batchnorm)
     if resume is not None:
         wrap.io = resume.get("io", {})
 

@@ -81,7 +81,7 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, 
 
     ``epochs`` set: that many epochs under a one-cycle LR. ``epochs`` None: train until the validation
     top-1 plateaus (the LR drops ×0.3 after 2 epochs without a 0.1-point gain; the third drop ends it),
-    at most ``max_epochs``, and keep the best validation state. Returns {epochs, val_top1, plateaued}.
+    at most ``max_epochs``, and keep the best validation state. Returns {rule, epochs, plateaued}.
     """
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -119,7 +119,7 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, 
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return {"epochs": done, "val_top1": best if plateau else None, "plateaued": plateau and drops == 3}
+    return {"rule": "plateau" if plateau else "fixed", "epochs": done, "plateaued": plateau and drops == 3}
 
 
 class Engine:

@@ -56,10 +56,10 @@ def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device,
         report.update(train_fp(teacher, loaders.calib, epochs, lr=1e-2, device=device, log=log.info,
                                val_loader=loaders.val, max_epochs=cfg.train.teacher_max_epochs))
         broadcast_module(teacher)  # every rank distils from the same teacher
-        if epochs is None and not report["plateaued"]:
-            log.warning("the FP teacher was still improving when it hit train.teacher_max_epochs=%d (val top-1 "
-                        "%.2f): raise train.teacher_max_epochs or pass model.checkpoint / model.pretrained",
-                        cfg.train.teacher_max_epochs, report["val_top1"])
+        if report["rule"] == "plateau" and not report["plateaued"]:
+            log.warning("the FP teacher was still improving when it hit train.teacher_max_epochs=%d: raise "
+                        "train.teacher_max_epochs or pass model.checkpoint / model.pretrained",
+                        cfg.train.teacher_max_epochs)
     return teacher.eval().requires_grad_(False), report
 
 
