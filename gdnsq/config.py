@@ -230,8 +230,8 @@ class DataConfig:
     """Validation data, same kind as train_path."""
     img_size: int = 224
     """Training crop size (ffcv / imagefolder)."""
-    val_resize: int = 256
-    """Resize before the validation centre crop."""
+    val_resize: int | None = None
+    """Resize before the validation centre crop; None = img_size · 256/224 (256 for 224-pixel crops)."""
     batch_size: int = 128
     """Per-worker batch size."""
     num_workers: int = 2
@@ -244,6 +244,8 @@ class DataConfig:
     def __post_init__(self):
         _check(self.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        if self.val_resize is None:  # the usual 0.875 crop ratio, whatever the image size
+            self.val_resize = round(self.img_size * 256 / 224)
         if self.kind != "bundled":
             _check(self.train_path is not None, "data.train_path", f"required for data.kind={self.kind}")
             _check(self.val_path is not None, "data.val_path", f"required for data.kind={self.kind}")
