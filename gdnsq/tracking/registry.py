@@ -206,6 +206,11 @@ def _bake_flags(model: nn.Module) -> None:
             if buf is not None and buf.dim() == 0 and buf.dtype == torch.bool:
                 del m._buffers[name]
                 setattr(m, name, bool(buf))
+        # A weight quantizer caches its weight range (plain tensor attributes) from the last forward:
+        # torch.export warned about each as an unregistered tensor constant. The exported graph computes
+        # the range itself, so the stale cache of our example forward is dropped.
+        if getattr(m, "_cache", None) is not None:
+            m._cache = None
 
 
 # ------------------------------------------------------------------------------------- register
