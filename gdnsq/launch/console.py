@@ -227,12 +227,16 @@ def footer(cfg, summary: dict) -> None:
         uri = resolve_tracking_uri(cfg.tracking.uri)
         artifacts = _artifact_uri(uri, summary["mlflow_run_id"])
         if artifacts:
-            rows.append(("plots", f"{artifacts.removeprefix('file://')}  (plots-*/, bits tables)"))
+            local = Path(artifacts.removeprefix("file://"))
+            pngs = sorted(p.name for p in local.glob("*.png")) if local.is_dir() else []
+            rows.append(("plots", f"{local if local.is_dir() else artifacts}" + (f"  ({', '.join(pngs)})" if pngs else "")))
         rows.append(("MLflow run", summary["mlflow_run_id"]))
         rows.append(("MLflow UI", f"open {scrub_value(uri)}" if is_server_uri(uri) else
                      f"mlflow ui --backend-store-uri {uri}   # then http://127.0.0.1:5000"))
     if summary.get("registered_model"):
         ref = summary["registered_model"].split()[0]
+        if "(champion)" in summary["registered_model"]:
+            ref = ref.rsplit("/", 1)[0] + "@champion"
         rows.append(("registered", summary["registered_model"]))
         tracking = "" if uri is None or os.environ.get("MLFLOW_TRACKING_URI") == uri or _is_default(uri) else \
             f", tracking_uri={uri!r}"
