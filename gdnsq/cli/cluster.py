@@ -37,8 +37,9 @@ def register(subparsers, formatter) -> None:
               "[--working-dir DIR] [--section.key value ...]",
         epilog=TOKEN_HELP + " A run with an existing name and storage path resumes: use --name for a fresh one."
                "\n\n" + SUBMIT_EXAMPLES, formatter_class=formatter)
-    s.add_argument("job", nargs="?", metavar="JOB.yaml", help="job YAML (or sweep YAML with a sweep: section)")
-    s.add_argument("-c", "--config", default=None, metavar="JOB.yaml", help="the job file, as an option")
+    # The job file is the first bare word (as for train): a positional would swallow an override's value.
+    s.add_argument("-c", "--config", default=None, metavar="JOB.yaml",
+                   help="job YAML (or sweep YAML with a sweep: section); or give it as the first word")
     s.add_argument("--address", default=None, help=ADDRESS_HELP)
     s.add_argument("--name", default=None, help="run name (overrides the job's name:)")
     s.add_argument("--submission-id", default=None, help="Ray submission id (default: gdnsq-<name>-<random>)")
@@ -83,10 +84,9 @@ def cmd_submit(args, extra) -> int:
     from ..launch import submit as sm
 
     from ..errors import ConfigError
+    from .main import job_path
 
-    job = args.job or args.config
-    if args.job and args.config:
-        raise ConfigError(f"config: two job files given ({args.config!r} and {args.job!r}); give one")
+    job = job_path(args.config, extra)
     if job is None:
         raise ConfigError("config: no job file given (gdnsq submit JOB.yaml or -c JOB.yaml)")
     sub = sm.build_submission(job, parse_cli_overrides(extra), name=args.name,

@@ -14,7 +14,7 @@ def cmd_sweep(args, extra) -> int:
 
     from .main import job_path
 
-    path = job_path(args.config_file or args.config, extra)
+    path = job_path(args.config, extra)
     if path is None:
         from ..errors import SweepError
 
@@ -43,8 +43,9 @@ def register(subparsers, formatter) -> None:
                               epilog="examples:\n  gdnsq sweep jobs/imagenet_resnet18_w2a2_sweep.yaml\n"
                                      "  gdnsq sweep -c jobs/cpu_smallcnn_sweep.yaml --sweep.max_concurrent_trials 1",
                               formatter_class=formatter)
-    p.add_argument("config_file", nargs="?", metavar="SWEEP.yaml", help="sweep YAML (a base job plus a sweep: section)")
-    p.add_argument("-c", "--config", default=None, metavar="SWEEP.yaml", help="the sweep file, as an option")
+    # The sweep file is the first bare word (as for train): a positional would swallow an override's value.
+    p.add_argument("-c", "--config", default=None, metavar="SWEEP.yaml",
+                   help="sweep YAML (a base job plus a sweep: section); or give it as the first word")
     p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped; finished trials "
                                                          "are not run again")
     p.add_argument("--summary-json", default=None, help="also write the sweep summary as JSON here")

@@ -116,10 +116,13 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
         raise ConfigError(f"--working-dir: {str(root)!r} does not contain the job file {str(job)!r}") from None
     command = "sweep" if is_sweep_file(job) else "train"
     entrypoint = shlex.join(["gdnsq", command, rel, *(f"--{k}={v}" for k, v in overrides.items())])
+    from .console import quiet_env
+
     user_env = dict(runtime_env or {})
     runtime_env = {"working_dir": str(root), "excludes": list(EXCLUDES),
-                   # logs stream while the job runs; no colour codes in the job's log file
-                   "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_COLOR_PREFIX": "0"}}
+                   # logs stream while the job runs; the console's switches (no colour codes, no Ray
+                   # result dumps, no doubled worker lines) reach the job's workers too
+                   "env_vars": {"PYTHONUNBUFFERED": "1", **quiet_env(0)}}
     runtime_env["env_vars"].update(user_env.pop("env_vars", None) or {})
     runtime_env["excludes"] += list(user_env.pop("excludes", None) or [])
     runtime_env.update(user_env)

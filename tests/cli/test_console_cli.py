@@ -46,11 +46,21 @@ def test_every_setting_has_a_doc_and_config_show_is_a_job_file(tmp_path, capsys)
     (["config", "show", "--epochs", "1"], "epochs: unknown setting; did you mean train.epochs?"),
     (["quickstart", "--model.name", "resnet81"], "model.name: unknown timm model 'resnet81'; did you mean resnet18"),
     (["train", str(JOB), "-c", str(JOB)], "config: two job files given"),
+    (["submit", "-c", str(JOB), str(JOB), "--dry-run"], "config: two job files given"),
+    (["sweep", "--resume"], "config: no sweep file given"),
 ])
 def test_typos_get_a_suggestion_in_one_line(argv, hint, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"gdnsq: error: {hint}") and "\n" not in err
+
+
+def test_job_file_as_option_or_first_word_with_overrides(capsys):
+    import json
+
+    for argv in (["-c", str(JOB), "--train.epochs", "1"], [str(JOB), "--train.epochs", "1"]):
+        assert main(["submit", *argv, "--dry-run"]) == 0
+        assert json.loads(capsys.readouterr().out)["entrypoint"] == "gdnsq train cpu_smallcnn_w2a2.yaml --train.epochs=1"
 
 
 def test_a_yaml_typo_gets_a_suggestion(tmp_path, capsys):

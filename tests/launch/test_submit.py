@@ -87,6 +87,7 @@ def test_submit_runs_the_job_and_its_logs_have_the_summary(cluster, laptop_env, 
     assert submission_id.startswith("gdnsq-smoke-")
     assert "quantized top-1" in r.stdout and f"{submission_id} SUCCEEDED" in r.stderr
     assert "\x1b[" not in r.stdout  # RAY_COLOR_PREFIX=0 in the job's environment
+    assert "Reporting training result" not in r.stdout and "(RayTrainWorker pid=" not in r.stdout
 
     info = wait_for(url, submission_id, JOB_TIMEOUT)
     assert info["status"] == "SUCCEEDED", f"{info}\n{sm.job_logs(url, submission_id)[-3000:]}"
@@ -180,8 +181,9 @@ def test_addresses_and_runtime_env_as_ray_job_submit_takes_them(tmp_path, monkey
     env = tmp_path / "env.yaml"
     env.write_text("env_vars: {MLFLOW_TRACKING_URI: http://mlflow:5000}\npip: [onnx]\n")
     sub = sm.build_submission(CPU_JOB, runtime_env=sm.read_runtime_env(str(env), None))
-    assert sub.runtime_env["env_vars"] == {"PYTHONUNBUFFERED": "1", "RAY_COLOR_PREFIX": "0",
-                                           "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    env_vars = sub.runtime_env["env_vars"]
+    assert env_vars["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env_vars["RAY_COLOR_PREFIX"] == "0"
+    assert env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env_vars["PYTHONUNBUFFERED"] == "1"
     assert sub.runtime_env["pip"] == ["onnx"] and ".venv" in sub.runtime_env["excludes"]
     with pytest.raises(ConfigError, match="^--runtime-env-json: not valid JSON"):
         sm.read_runtime_env(None, "{nope")
