@@ -472,7 +472,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
         key = legacy.get(key, key)
         name = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            raise ConfigError(f"{name}: unknown setting (known: {', '.join(fields)})")
+            known = [f"{prefix}.{k}" if prefix else k for k in fields]
+            raise ConfigError(f"{name}: unknown setting{did_you_mean(name, known)} (known here: {', '.join(fields)})")
         kwargs[key] = _coerce(value, fields[key], name)
     try:
         return cls(**kwargs)
@@ -503,6 +504,72 @@ def known_keys() -> set[str]:
     return set(flatten(to_dict(JobConfig())))
 
 
+def did_you_mean(word: str, candidates, n: int = 3) -> str:
+    """``"; did you mean a, b?"`` for the candidates closest to ``word`` (difflib), or ``""``.
+
+    A dotted key also matches on its last part, so ``epochs`` or ``optim.epochs`` suggests ``train.epochs``.
+    """
+    import difflib
+
+    candidates = sorted(set(candidates))
+    close = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
+    leaf = word.rsplit(".", 1)[-1]
+    close += [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c not in close]
+    return f"; did you mean {', '.join(close[:n])}?" if close else ""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string right after each field), read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf of the config tree, as ``gdnsq config show`` prints it."""
+
+    key: str
+    """Dotted name (``quant.target_w``)."""
+    type: str
+    """The annotation as written in this file (``float | None``)."""
+    default: Any
+    """The dataclass default."""
+    value: Any
+    """The value in the config being described."""
+    doc: str
+    """The field's one-line docstring."""
+
+
+def describe(cfg=None, prefix: str = "") -> list[Setting]:
+    """Every setting of ``cfg`` (default: a default JobConfig), in declaration order, with type, default and doc."""
+    cfg = JobConfig() if cfg is None else cfg
+    docs = field_docs(type(cfg))
+    out = []
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += describe(value, key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            dflt = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            dflt = f.default_factory()
+        else:  # a required field (QuantRuleConfig.pattern): no default
+            dflt = dataclasses.MISSING
+        out.append(Setting(key, str(f.type), dflt, value, docs.get(f.name, "")))
+    return out
+
+
 def setting_type(key: str):
     """The annotated type of a dotted JobConfig setting (Optional unwrapped), e.g. float for ``optim.lr``."""
     tp = JobConfig
@@ -519,7 +586,7 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     valid = known_keys()
     for key, value in overrides.items():
         if key not in valid:
-            raise ConfigError(f"{key}: unknown setting")
+            raise ConfigError(f"{key}: unknown setting{did_you_mean(key, valid)}; 'gdnsq config keys' lists them all")
         set_dotted(data, key, value)
     return data
 

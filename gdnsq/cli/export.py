@@ -10,12 +10,22 @@ import json
 from pathlib import Path
 
 
-def register(subparsers) -> None:
+EXAMPLES = """examples:
+  gdnsq export runs/quickstart/checkpoint_000019/checkpoint.pt --out out/export --onnx
+  gdnsq export gdnsq_smallcnn-w2a2@champion --out out/export
+  gdnsq export resnet18-w2a2/latest --out out/export --tracking-uri http://localhost:5000"""
+
+
+def register(subparsers, formatter) -> None:
+    from .models import add_tracking_uri
+
     p = subparsers.add_parser("export", help="write a trained student as a packed integer file (and ONNX)",
                               description="Packed file (model.gdnsq), optional ONNX with QDQ nodes (model.onnx) "
-                                          "and report.json (size and BOPs per layer) in --out.")
+                                          "and report.json (size and BOPs per layer) in --out.",
+                              epilog=EXAMPLES, formatter_class=formatter)
     p.add_argument("source", metavar="CHECKPOINT_OR_REF",
-                   help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or NAME@ALIAS / NAME/VERSION")
+                   help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or a registry reference "
+                        "NAME@ALIAS / NAME/VERSION / NAME/latest")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")
     p.add_argument("--fp16", action="store_true",
@@ -24,6 +34,7 @@ def register(subparsers) -> None:
                    help="square input side for BOPs and ONNX (default: 28 for bundled data, else data.img_size)")
     p.add_argument("--batch", type=int, default=2, help="batch of the random example input (ONNX check)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21 for codes wider than 8 bits)")
+    add_tracking_uri(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -33,7 +44,7 @@ def cmd_export(args, extra) -> int:
     from ..export import export_onnx, export_packed, format_report
     from ..export.sources import load_student
 
-    model, recipe, cfg, meta = load_student(args.source)
+    model, recipe, cfg, meta = load_student(args.source, tracking_uri=args.tracking_uri)
     size = args.input_size or (28 if cfg.data.kind == "bundled" else cfg.data.img_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, recipe["in_chans"], size, size, generator=gen)

@@ -12,7 +12,14 @@ def cmd_sweep(args, extra) -> int:
     from ..launch.storage import write_json_atomic
     from ..launch.sweep_report import format_table
 
-    summary = run_sweep(args.config, parse_cli_overrides(extra), resume=args.resume)
+    from .main import job_path
+
+    path = job_path(args.config, extra)
+    if path is None:
+        from ..errors import SweepError
+
+        raise SweepError("config: no sweep file given (gdnsq sweep SWEEP.yaml or -c SWEEP.yaml)")
+    summary = run_sweep(path, parse_cli_overrides(extra), resume=args.resume)
     print()
     print(format_table(summary))
     for key in ("registered_model", "parent_run_id", "experiment"):
@@ -25,12 +32,21 @@ def cmd_sweep(args, extra) -> int:
     return 1 if summary["counts"]["error"] else 0
 
 
-def register(subparsers) -> None:
+def register(subparsers, formatter) -> None:
     p = subparsers.add_parser("sweep", help="hyperparameter sweep: a job file plus a sweep: section (Ray Tune)",
-                              epilog="Any setting can be overridden as --section.key value; sweep settings as "
-                                     "--sweep.key value.")
-    p.add_argument("config", help="sweep YAML (a base job plus a sweep: section)")
+                              description="Runs a Ray Tune sweep: each trial is a Ray Train run of the base job "
+                                          "with settings from sweep.space; the best converged trial is "
+                                          "registered. Any setting can be overridden as --section.key value; "
+                                          "sweep settings as --sweep.key value.",
+                              usage="gdnsq sweep [SWEEP.yaml | -c SWEEP.yaml] [--resume] [--summary-json P] "
+                                    "[--section.key value ...]",
+                              epilog="examples:\n  gdnsq sweep jobs/imagenet_resnet18_w2a2_sweep.yaml\n"
+                                     "  gdnsq sweep -c jobs/cpu_smallcnn_sweep.yaml --sweep.max_concurrent_trials 1",
+                              formatter_class=formatter)
+    # The sweep file is the first bare word (as for train): a positional would swallow an override's value.
+    p.add_argument("-c", "--config", default=None, metavar="SWEEP.yaml",
+                   help="sweep YAML (a base job plus a sweep: section); or give it as the first word")
     p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped; finished trials "
                                                          "are not run again")
     p.add_argument("--summary-json", default=None, help="also write the sweep summary as JSON here")
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep, takes_overrides=True)

@@ -31,7 +31,7 @@ def load_checkpoint_student(path: str | Path) -> tuple[nn.Module, dict, object, 
     return model, recipe_from_config(ckpt["config"], num_classes, in_chans, plan_of(model)), cfg, meta
 
 
-def load_registry_student(ref: str) -> tuple[nn.Module, dict, object, dict]:
+def load_registry_student(ref: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict, object, dict]:
     """The same from a pulled registry folder or a registry reference."""
     from ..tracking import registry
 
@@ -46,20 +46,21 @@ def load_registry_student(ref: str) -> tuple[nn.Module, dict, object, dict]:
         if Path(ref).is_dir():
             return from_folder(Path(ref))
         with tempfile.TemporaryDirectory(prefix="gdnsq-export-") as tmp:
-            registry.pull_model(ref, tmp)
+            registry.pull_model(ref, tmp, tracking_uri=tracking_uri)
             return from_folder(Path(tmp))
     except (LookupError, OSError, KeyError) as e:  # RegistryError is a LookupError: one line, exit 2
         raise ExportError(f"{ref}: {e}") from None
 
 
-_REF = re.compile(r"(models:/)?[A-Za-z0-9._\-]+(@[A-Za-z0-9._\-]+|/\d+)?")
+_REF = re.compile(r"(models:/)?[A-Za-z0-9._\-]+(@[A-Za-z0-9._\-]+|/\d+|/latest)?")
 
 
-def load_student(source: str) -> tuple[nn.Module, dict, object, dict]:
-    """Checkpoint file, pulled registry folder, or registry reference -> (student, recipe, config, meta)."""
+def load_student(source: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict, object, dict]:
+    """Checkpoint file, pulled registry folder, or registry reference (in ``tracking_uri``, default
+    ``$MLFLOW_TRACKING_URI`` / ./.gdnsq) -> (student, recipe, config, meta)."""
     path = Path(source)
     if path.is_file():
         return load_checkpoint_student(path)
     if path.is_dir() or (_REF.fullmatch(source) and path.suffix not in (".pt", ".pth", ".ckpt")):
-        return load_registry_student(source)
+        return load_registry_student(source, tracking_uri)
     raise ExportError(f"{source}: no such checkpoint file")

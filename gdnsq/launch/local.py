@@ -15,14 +15,21 @@ def run_local(cfg: JobConfig) -> dict:
     """In-process run, no Ray: checkpoints to runs/<name>/checkpoint.pt, resumed if present."""
     from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
     from ..training.job import run_job
+    from ..training.runtime import resolve_device
+    from . import console
 
     ckpt_path = Path(storage_root(cfg)) / cfg.name / CHECKPOINT_FILE
+    console.header(cfg, devices=f"in-process (no Ray), {resolve_device(cfg.train.device)}")
     resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    progress = console.Progress(cfg)
 
     def on_epoch(metrics, table, get_checkpoint):
+        progress.epoch_end(metrics)
         save_checkpoint(get_checkpoint(), ckpt_path)
 
-    return run_job(cfg, resume=resume, on_epoch=on_epoch)
+    summary = run_job(cfg, resume=resume, on_epoch=on_epoch, on_step=progress.step,
+                      on_epoch_start=progress.epoch_start)
+    return {**summary, "checkpoint": str(ckpt_path)}
 
 
 def check_structure(cfg: JobConfig) -> None:

@@ -59,9 +59,14 @@ def connect(cfg: JobConfig) -> None:
     """
     import ray
 
+    from .console import worker_env
+
     if ray.is_initialized():
         return
-    ray.init(address=cfg.ray.address, logging_level="WARNING")
+    # Our console settings reach every worker; a submitted job already has its runtime env (and ours in it).
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    ray.init(address=cfg.ray.address, logging_level="WARNING",
+             runtime_env=None if in_job else {"env_vars": worker_env()})
 
 
 def place(cfg: JobConfig) -> bool:
@@ -123,18 +128,22 @@ def _driver_config(cfg: JobConfig) -> JobConfig:
 
 
 def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = None, callbacks: list | None = None,
-                   parent_run_id: str | None = None, controller_failure_limit: int = -1):
+                   parent_run_id: str | None = None, controller_failure_limit: int = -1, console: bool = False):
     """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
 
     For a Tune trial (gdnsq.launch.ray_tune): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
     rank 0's MLflow run is nested under ``parent_run_id``, and ``controller_failure_limit`` caps the
-    controller's retries (-1 = Ray's default, unlimited).
+    controller's retries (-1 = Ray's default, unlimited). ``console``: rank 0 draws progress and epoch lines
+    (a single run's console; a sweep's trials leave the console to Tune).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .console import train_log_level
+
     loop_config = to_dict(cfg)
-    loop_config[WORKER_OPTIONS] = {"kill": dataclasses.asdict(kill) if kill else None, "parent_run_id": parent_run_id}
+    loop_config[WORKER_OPTIONS] = {"kill": dataclasses.asdict(kill) if kill else None, "parent_run_id": parent_run_id,
+                                   "console": console}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -145,6 +154,8 @@ def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = N
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                                           controller_failure_limit=controller_failure_limit),
                              callbacks=list(callbacks or []),
+                             # Ray Train's per-report result and checkpoint lines only with -v
+                             logging_config=LoggingConfig(log_level=train_log_level()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
     )
 
@@ -159,8 +170,13 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     """
     use_gpu = place(cfg)
     cfg = _driver_config(cfg)
+    single = callbacks is None  # a Tune trial passes its callbacks; its console is Tune's
+    if single:
+        from .console import header
+
+        header(cfg, devices=_devices(cfg, use_gpu))
     result = create_trainer(cfg, use_gpu=use_gpu, kill=kill, callbacks=callbacks, parent_run_id=parent_run_id,
-                            controller_failure_limit=controller_failure_limit).fit()
+                            controller_failure_limit=controller_failure_limit, console=single).fit()
     if result.error:  # Train V2 raises from fit() already; kept for a result that carries it
         raise result.error
     out = result.return_value
@@ -178,6 +194,22 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
                 checkpoint_path=result.checkpoint.path)
     _write_summary(result, summary)
     return summary
+
+
+def _devices(cfg: JobConfig, use_gpu: bool) -> str:
+    import ray
+
+    each = f"{cfg.ray.cpus_per_worker} CPU" + (" + 1 GPU" if use_gpu else "")
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    text = (f"Ray Train, {cfg.ray.num_workers} worker(s) x ({each}), {'nccl' if use_gpu else 'gloo'}, "
+            f"{nodes} node(s)")
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:  # noqa: BLE001 - the dashboard is optional (ray[default])
+        url = None
+    return text + (f"; dashboard http://{url.removeprefix('http://')}" if url else "")
 
 
 def _write_summary(result, summary: dict) -> None:
@@ -306,6 +338,16 @@ class _DDPWrap:
         return DistributedDataParallel(student, device_ids=device_ids)
 
 
+def _both(first, second):
+    if second is None:
+        return first
+
+    def hook(step: int, parts: dict) -> None:
+        first(step, parts)
+        second(step, parts)
+    return hook
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
     """One Ray Train worker: ``run_job`` with Ray's rank, device, checkpoint and report hooks."""
     import ray
@@ -313,7 +355,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train.torch
 
     from ..training.job import run_job
+    from .console import Progress, setup_worker_logging
 
+    setup_worker_logging()
     config = dict(config)
     options = config.pop(WORKER_OPTIONS, None) or {}
     cfg = config_from_dict(config)
@@ -334,8 +378,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
         wrap.io = resume.get("io", {})
 
     clock = {"cpu": time.process_time(), "wall": time.perf_counter()}
+    progress = Progress(cfg, world_size=world_size, in_ray=True) if rank == 0 and options.get("console") else None
 
     def on_epoch(metrics: dict, table: list[dict], get_checkpoint) -> None:
+        if progress is not None:
+            progress.epoch_end(metrics)
         state = get_checkpoint()
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["run/resumed_from_epoch"] = start_epoch
@@ -370,9 +417,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
                     return  # killed once already: this is the restarted attempt
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    if progress is not None:
+        on_step = _both(progress.step, on_step)
     try:
         summary = run_job(cfg, rank=rank, world_size=world_size, device=device, resume=resume, wrap_ddp=wrap,
-                          on_epoch=on_epoch, on_step=on_step)
+                          on_epoch=on_epoch, on_step=on_step,
+                          on_epoch_start=progress.epoch_start if progress is not None else None)
     except BaseException:
         if mlflow_run is not None and mlflow_run.tracker is not None:
             mlflow_run.tracker.flush(10.0)  # leave the run RUNNING: a restarted worker group reattaches

@@ -97,9 +97,11 @@ def _submission_id(name: str) -> str:
 
 def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *, name: str | None = None,
                      submission_id: str | None = None, working_dir: str | Path | None = None,
-                     ship_code: bool = False) -> Submission:
+                     ship_code: bool = False, runtime_env: dict[str, Any] | None = None) -> Submission:
     """Validate ``job`` (+ overrides) and describe its submission. Raises ConfigError before any I/O
-    with a cluster. ``name`` sets the run name (a new name = a fresh run; the same name resumes)."""
+    with a cluster. ``name`` sets the run name (a new name = a fresh run; the same name resumes).
+    ``runtime_env`` (``--runtime-env FILE`` / ``--runtime-env-json``, as in ``ray job submit``) is merged
+    over ours: its keys win, its ``env_vars`` and ``excludes`` add to ours."""
     job = Path(job)
     overrides = dict(overrides or {})
     if name is not None:
@@ -114,8 +116,16 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
         raise ConfigError(f"--working-dir: {str(root)!r} does not contain the job file {str(job)!r}") from None
     command = "sweep" if is_sweep_file(job) else "train"
     entrypoint = shlex.join(["gdnsq", command, rel, *(f"--{k}={v}" for k, v in overrides.items())])
-    runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": list(EXCLUDES),
-                                   "env_vars": {"PYTHONUNBUFFERED": "1"}}  # logs stream while the job runs
+    from .console import quiet_env
+
+    user_env = dict(runtime_env or {})
+    runtime_env = {"working_dir": str(root), "excludes": list(EXCLUDES),
+                   # logs stream while the job runs; the console's switches (no colour codes, no Ray
+                   # result dumps, no doubled worker lines) reach the job's workers too
+                   "env_vars": {"PYTHONUNBUFFERED": "1", **quiet_env(0)}}
+    runtime_env["env_vars"].update(user_env.pop("env_vars", None) or {})
+    runtime_env["excludes"] += list(user_env.pop("excludes", None) or [])
+    runtime_env.update(user_env)
     if ship_code:
         runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]  # the gdnsq package
     # Without Ray Train the driver itself trains: reserve its worker's resources for it. With Ray Train
@@ -134,16 +144,44 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
 
 
 def resolve_address(address: str | None) -> str:
-    """The job server URL: ``address``, else RAY_API_SERVER_ADDRESS, else an http(s) RAY_ADDRESS."""
+    """The job server URL: ``address``, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS; as in
+    ``ray job submit``, ``HEAD:8265`` without a scheme means ``http://HEAD:8265``."""
     env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     chosen = address or env
+    source = "--address" if address else "RAY_ADDRESS"
     if not chosen:
-        raise ConfigError("--address: no job server given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        raise ConfigError("--address: no job server given; pass --address HEAD:8265 or set RAY_ADDRESS")
+    if "://" not in chosen:
+        chosen = f"http://{chosen}"
     if not re.match(r"https?://", chosen):
-        source = "--address" if address else "RAY_ADDRESS"
-        raise ConfigError(f"{source}: {chosen!r} is not the job server's URL; use http://HEAD:8265 "
+        raise ConfigError(f"{source}: {chosen!r} is not the job server's URL; use HEAD:8265 or http://HEAD:8265 "
                           "(the dashboard port, not the GCS port)")
+    if chosen.rstrip("/").endswith(":6379"):
+        raise ConfigError(f"{source}: {chosen!r} is the GCS port; the job server listens on the dashboard "
+                          "port (8265 by default)")
     return chosen.rstrip("/")
+
+
+def read_runtime_env(path: str | None, text: str | None) -> dict[str, Any] | None:
+    """``--runtime-env FILE`` (YAML) or ``--runtime-env-json TEXT``, as ``ray job submit`` takes them."""
+    import json
+
+    if path and text:
+        raise ConfigError("--runtime-env: give a file or --runtime-env-json, not both")
+    if path:
+        from ..config import read_yaml
+
+        data = read_yaml(path, "--runtime-env")
+    elif text:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--runtime-env-json: not valid JSON ({e.msg})") from None
+    else:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError("--runtime-env: must hold a mapping (working_dir, env_vars, pip, ...)")
+    return data
 
 
 def auth_token() -> str | None:

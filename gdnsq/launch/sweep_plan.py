@@ -35,6 +35,7 @@ from ..config import (
     JobConfig,
     SweepConfig,
     apply_overrides,
+    did_you_mean,
     from_dict,
     known_keys,
     read_yaml,
@@ -87,7 +88,8 @@ def validate_space(space: Any, base: dict, search: str) -> None:
     for key, spec in space.items():
         name = f"sweep.space.{key}"
         if key not in valid:
-            raise SweepError(f"{name}: unknown setting (expected a dotted job setting such as optim.lr)")
+            raise SweepError(f"{name}: unknown setting{did_you_mean(key, valid)} (expected a dotted job setting "
+                             "such as optim.lr)")
         if key.split(".")[0] in FIXED_SECTIONS:
             raise SweepError(f"{name}: cannot be swept (a trial's name, resources and tracking are the sweep's)")
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):

@@ -34,7 +34,7 @@ from ..training.bits import FP_BITS, bits_table
 from ..training.checkpoint import structure_config
 from .manifest import MANIFEST_FILE, MANIFEST_FORMAT, estimate_stats, manifest_stats, model_card, version_tags
 from .names import as_float, scrub_tree, scrub_value
-from .store import resolve_tracking_uri
+from .store import resolve_read_uri, resolve_tracking_uri
 
 CHAMPION = "champion"
 NATIVE_DIR = "extra_files"  # where mlflow.pytorch puts ``extra_files`` inside the model directory
@@ -61,18 +61,22 @@ def registered_name(cfg) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """``NAME``, ``NAME/VERSION``, ``NAME@ALIAS`` (optionally prefixed ``models:/``) -> (name, version, alias)."""
+    """``NAME``, ``NAME/VERSION``, ``NAME/latest``, ``NAME@ALIAS`` (optionally prefixed ``models:/``) ->
+    (name, version, alias); ``latest`` and a bare NAME give version None (the highest)."""
     body = ref[len("models:/"):] if ref.startswith("models:/") else ref
     name, version, alias = body, None, None
     if "@" in body:
         name, alias = body.rsplit("@", 1)
     elif "/" in body:
         name, version = body.rsplit("/", 1)
-        if not version.isdigit():
+        if version == "latest":
+            version = None
+        elif not version.isdigit():
             raise RegistryError(f"bad model reference {ref!r}: version must be a number (stages are not "
                                 "supported; use NAME@ALIAS)")
     if not name or "/" in name or (alias is not None and not alias):
-        raise RegistryError(f"bad model reference {ref!r}: expected NAME, NAME/VERSION, NAME@ALIAS or models:/...")
+        raise RegistryError(f"bad model reference {ref!r}: expected NAME, NAME/VERSION, NAME/latest, "
+                            "NAME@ALIAS or models:/...")
     return name, version, alias
 
 
@@ -202,6 +206,11 @@ def _bake_flags(model: nn.Module) -> None:
             if buf is not None and buf.dim() == 0 and buf.dtype == torch.bool:
                 del m._buffers[name]
                 setattr(m, name, bool(buf))
+        # A weight quantizer caches its weight range (plain tensor attributes) from the last forward:
+        # torch.export warned about each as an unregistered tensor constant. The exported graph computes
+        # the range itself, so the stale cache of our example forward is dropped.
+        if getattr(m, "_cache", None) is not None:
+            m._cache = None
 
 
 # ------------------------------------------------------------------------------------- register
@@ -334,7 +343,7 @@ def load_model(ref: str, device: str | torch.device = "cpu", *, allow_pickle: bo
     """
     if os.path.isdir(ref):
         return _load_native(Path(ref), device, allow_pickle, builder)
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_read_uri(tracking_uri)
     mv = _resolve(_client(uri), ref, uri)
     with tempfile.TemporaryDirectory(prefix="gdnsq-load-") as tmp:
         folder = _download(uri, mv.name, mv.version, NATIVE_DIR, Path(tmp))
@@ -355,24 +364,28 @@ def _load_native(folder: Path, device, allow_pickle: bool, builder) -> nn.Module
 
 
 def list_models(*, tracking_uri: str | None = None) -> list[dict]:
-    """Every registered model: name, latest version, aliases, and the champion's headline tags."""
-    uri = resolve_tracking_uri(tracking_uri)
+    """Every registered model: name, latest version, aliases, and ``headline``: the champion's tags (else the
+    latest version's) that a listing shows (top-1, FP top-1, bits, the exporter's packed bytes)."""
+    uri = resolve_read_uri(tracking_uri)
     client = _client(uri)
     out, token = [], None
+    keys = ("ns_top1", "top1", "fp_top1", "avg_bits_w", "avg_bits_a", "target_w", "target_a", "bytes_packed",
+            "compression", "gbops")
     try:
         while True:
             page = client.search_registered_models(max_results=1000, page_token=token)
             for rm in page:
                 versions = [int(v.version) for v in (rm.latest_versions or [])]
+                latest = str(max(versions)) if versions else None
                 champ = (rm.aliases or {}).get(CHAMPION)
-                tags = client.get_model_version(rm.name, champ).tags if champ else {}
-                out.append({"name": rm.name, "latest_version": str(max(versions)) if versions else None,
+                shown = str(champ) if champ else latest
+                tags = client.get_model_version(rm.name, shown).tags if shown else {}
+                headline = {"version": shown, **{k: tags.get(k) for k in keys}} if shown else None
+                out.append({"name": rm.name, "latest_version": latest,
                             "aliases": {k: str(v) for k, v in (rm.aliases or {}).items()},
                             "description": rm.description, "tags": dict(rm.tags or {}),
-                            "updated_ms": rm.last_updated_timestamp,
-                            "champion": {"version": str(champ), **{k: tags.get(k) for k in (
-                                "ns_top1", "top1", "fp_top1", "target_w", "target_a", "bytes_packed", "gbops")}}
-                            if champ else None})
+                            "updated_ms": rm.last_updated_timestamp, "headline": headline,
+                            "champion": headline if champ else None})
             token = page.token
             if not token:
                 break
@@ -383,7 +396,7 @@ def list_models(*, tracking_uri: str | None = None) -> list[dict]:
 
 def show_model(ref: str, *, tracking_uri: str | None = None) -> dict:
     """One version: identity, aliases, tags, description, and its manifest (per-layer bits etc.)."""
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_read_uri(tracking_uri)
     client = _client(uri)
     mv = _resolve(client, ref, uri)
     with tempfile.TemporaryDirectory(prefix="gdnsq-show-") as tmp:
@@ -407,9 +420,9 @@ def pull_model(ref: str, out_dir: str | os.PathLike, *, tracking_uri: str | None
     ``load_model(out_dir)`` then works offline. ``include_mlflow_model`` adds the whole MLflow model
     directory (pt2 graph, MLmodel) under ``out_dir/mlflow_model``.
     """
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_read_uri(tracking_uri)
     mv = _resolve(_client(uri), ref, uri)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gdnsq-pull-") as tmp:
         native = _download(uri, mv.name, mv.version, NATIVE_DIR, Path(tmp))

@@ -31,6 +31,25 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def resolve_read_uri(uri: str | None = None) -> str:
+    """:func:`resolve_tracking_uri` for commands that only read: a local store that does not exist is a
+    one-line :class:`RegistryError` naming where it looked, not a new empty database."""
+    from ..errors import RegistryError
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        path = Path(os.getcwd()).resolve() / ".gdnsq" / "mlflow.db"
+        uri = f"sqlite:///{path}"
+        hint = ("run from the folder a run was started in, or pass --tracking-uri URI / set "
+                "MLFLOW_TRACKING_URI (e.g. http://localhost:5000)")
+    else:
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        hint = "check --tracking-uri / MLFLOW_TRACKING_URI"
+    if path is not None and not path.is_file():
+        raise RegistryError(f"no MLflow store at {uri}: {hint}")
+    return uri
+
+
 def is_server_uri(uri: str) -> bool:
     """True for a tracking server (HTTP, Databricks); False for a database or file store used directly."""
     return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")

@@ -78,6 +78,13 @@ def prepare_student(cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device
     return student.train(), decisions
 
 
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[dict]]:
     val = evaluate(engine.model, loaders.val, device)
     conv = engine.is_converged()
@@ -92,9 +99,11 @@ def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[
 def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
             resume: dict | None = None, wrap_ddp: Callable[[nn.Module], nn.Module] | None = None,
             on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None,
-            on_step: Callable[[int, dict], None] | None = None) -> dict:
+            on_step: Callable[[int, dict], None] | None = None,
+            on_epoch_start: Callable[[int, int | None], None] | None = None) -> dict:
     """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``;
-    ``on_step(global_step, loss_parts)`` after every optimizer step (progress, fault injection)."""
+    ``on_step(global_step, loss_parts)`` after every optimizer step (progress, fault injection);
+    ``on_epoch_start(epoch, steps)`` before each epoch (``steps``: the loader's length, None if unknown)."""
     device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
     start_epoch = 0 if resume is None else resume["engine"]["epoch"]
@@ -120,6 +129,8 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
 
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, _length(loaders.train))
         train_m = engine.train_epoch(loaders.train, max_steps=cfg.train.max_steps_per_epoch, on_step=on_step)
         metrics, table = epoch_metrics(engine, loaders, device)
         metrics.update(train_m)
@@ -132,7 +143,7 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
             stale = 0
         elif metrics["val/converged"]:
             stale += 1
-        log.info("epoch %d/%d  val top1 %.2f  bits W%.2f A%.2f  converged %s  t %.3f", epoch + 1,
+        log.debug("epoch %d/%d  val top1 %.2f  bits W%.2f A%.2f  converged %s  t %.3f", epoch + 1,
                  cfg.train.epochs, metrics["val/top1"], metrics["bits/avg_w"], metrics["bits/avg_a"],
                  bool(metrics["val/converged"]), metrics["train/temperature"])
         if on_epoch is not None:

@@ -58,7 +58,10 @@ def load_state_dict_file(path: str | Path) -> dict:
 def create_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, load_weights: bool = True) -> nn.Module:
     """timm.create_model with a clear error for unknown names; FP weights from timm or a file."""
     if not timm.is_model(cfg.name):
-        raise ConfigError(f"model.name: unknown timm model {cfg.name!r}")
+        from ..config import did_you_mean
+
+        hint = did_you_mean(cfg.name, timm.list_models()) or "; 'timm.list_models(\"*pattern*\")' lists them"
+        raise ConfigError(f"model.name: unknown timm model {cfg.name!r}{hint}")
     kwargs = dict(num_classes=cfg.num_classes or num_classes, in_chans=cfg.in_chans or in_chans)
     model = timm.create_model(cfg.name, pretrained=bool(cfg.pretrained and load_weights), **kwargs)
     if load_weights and cfg.checkpoint:

@@ -158,6 +158,22 @@ def test_raycluster_gpu_workers_shared_pvc_and_token_everywhere():
     assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/cluster"] == cluster["metadata"]["name"]
 
 
+def test_job_files_and_cluster_files_agree_on_mounts_and_mlflow(launcher):
+    """Every path a job file names is under the cluster mount, and every cluster gives the job its MLflow
+    server through MLFLOW_TRACKING_URI (job files leave tracking.uri unset); docs cite files that exist."""
+    options = " ".join(launcher["docker"]["run_options"])
+    assert f"--volume {SHARED}:{SHARED}" in options and "--env MLFLOW_TRACKING_URI=http" in options
+    for path in sorted((ROOT / "jobs").glob("imagenet_*.yaml")):
+        text = path.read_text()
+        data = yaml.safe_load(text)
+        paths = [data["ray"]["storage_path"], data["data"]["train_path"], data["data"]["val_path"]]
+        paths += re.findall(r"(/mnt/\S+|/data/\S+)", text)
+        assert all(p.startswith(SHARED + "/") for p in paths), (path.name, paths)
+        assert "uri" not in data["tracking"], path.name
+        for cited in re.findall(r"\b([\w/]+\.md)\b", text):
+            assert (ROOT / cited).is_file(), f"{path.name} cites {cited}, which does not exist"
+
+
 def test_rayjob_runs_gdnsq_with_real_settings():
     from gdnsq.config import apply_overrides, config_from_dict, parse_cli_overrides
 

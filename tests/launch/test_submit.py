@@ -79,10 +79,15 @@ def wait_for(url: str, submission_id: str, timeout: float) -> dict:
 
 def test_submit_runs_the_job_and_its_logs_have_the_summary(cluster, laptop_env, tmp_path, capsys):
     url = cluster.dashboard_url
-    r = gdnsq("submit", str(CPU_JOB), "--address", url, "--name", "smoke", *QUICK, env=laptop_env)
+    # As `ray job submit`: an address without a scheme, and it waits, streaming the job's logs.
+    r = gdnsq("submit", "-c", str(CPU_JOB), "--address", url.removeprefix("http://"), "--name", "smoke", *QUICK,
+              env=laptop_env, timeout=JOB_TIMEOUT)
     assert r.returncode == 0, r.stderr
-    submission_id = r.stdout.strip().splitlines()[-1]
+    submission_id = r.stdout.strip().splitlines()[0]
     assert submission_id.startswith("gdnsq-smoke-")
+    assert "quantized top-1" in r.stdout and f"{submission_id} SUCCEEDED" in r.stderr
+    assert "\x1b[" not in r.stdout  # RAY_COLOR_PREFIX=0 in the job's environment
+    assert "Reporting training result" not in r.stdout and "(RayTrainWorker pid=" not in r.stdout
 
     info = wait_for(url, submission_id, JOB_TIMEOUT)
     assert info["status"] == "SUCCEEDED", f"{info}\n{sm.job_logs(url, submission_id)[-3000:]}"
@@ -111,8 +116,9 @@ def test_a_broken_job_never_reaches_the_cluster(cluster, laptop_env, tmp_path, c
     before = sm.list_jobs(url)
     r = gdnsq("submit", str(bad), "--address", url, env=laptop_env)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["gdnsq: error: quant_typo: unknown setting (known: name, model, "
-                                             "data, quant, objective, schedule, optim, train, ray, tracking)"]
+    assert r.stderr.strip().splitlines() == ["gdnsq: error: quant_typo: unknown setting; did you mean quant? "
+                                             "(known here: name, model, data, quant, objective, schedule, optim, "
+                                             "train, ray, tracking)"]
     assert r.stdout == ""
     # A bad override is refused the same way.
     assert main(["submit", str(CPU_JOB), "--address", url, "--quant.target_w", "17"]) == 2
@@ -160,6 +166,27 @@ def test_submission_layout_resources_and_shipped_code(tmp_path):
     assert sub.entrypoint_num_cpus == 1  # no Ray Train: the driver trains, so it reserves the worker's CPU
     with pytest.raises(ConfigError, match="^--working-dir: .* does not contain the job file"):
         sm.build_submission(CPU_JOB, working_dir=tmp_path)
+
+
+def test_addresses_and_runtime_env_as_ray_job_submit_takes_them(tmp_path, monkeypatch):
+    for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    assert sm.resolve_address("head:8265") == "http://head:8265"
+    assert sm.resolve_address("https://ray.example.org/") == "https://ray.example.org"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
+    assert sm.resolve_address(None) == "http://10.0.0.5:8265"
+    with pytest.raises(ConfigError, match="^RAY_ADDRESS: .* GCS port"):
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+        sm.resolve_address(None)
+    env = tmp_path / "env.yaml"
+    env.write_text("env_vars: {MLFLOW_TRACKING_URI: http://mlflow:5000}\npip: [onnx]\n")
+    sub = sm.build_submission(CPU_JOB, runtime_env=sm.read_runtime_env(str(env), None))
+    env_vars = sub.runtime_env["env_vars"]
+    assert env_vars["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env_vars["RAY_COLOR_PREFIX"] == "0"
+    assert env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env_vars["PYTHONUNBUFFERED"] == "1"
+    assert sub.runtime_env["pip"] == ["onnx"] and ".venv" in sub.runtime_env["excludes"]
+    with pytest.raises(ConfigError, match="^--runtime-env-json: not valid JSON"):
+        sm.read_runtime_env(None, "{nope")
 
 
 def test_a_checkpoint_only_the_cluster_sees_is_left_to_the_cluster(tmp_path):

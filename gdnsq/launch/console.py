@@ -1,0 +1,260 @@
+"""What a run prints: a header, a progress bar (or plain lines) per epoch, one line per epoch, a footer.
+
+Verbosity (``-q`` / ``-v`` on the CLI) and whether the driver's stdout is a terminal travel to Ray
+workers as environment variables (``ray.init(runtime_env=...)``, see :func:`worker_env`), so a worker
+draws a bar only when someone is watching: in a log file it writes a plain line every few minutes.
+
+Ray's and MLflow's own chatter is switched off with their own settings, not by filtering output:
+``RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING"))`` (the per-report
+"Reporting training result" and "Checkpoint successfully created" lines), ``RAY_COLOR_PREFIX=0`` (no
+ANSI codes around worker prefixes), ``RAY_DISABLE_WORKER_LOG_PREFIX=1`` (no "(RayTrainWorker pid=...)"
+before our lines), ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`` and ``MLFLOW_LOGGING_LEVEL=WARNING``.
+``-v`` turns them back on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+VERBOSITY_ENV = "GDNSQ_VERBOSITY"
+TTY_ENV = "GDNSQ_CONSOLE_TTY"
+PLAIN_EVERY_S = float(os.environ.get("GDNSQ_PROGRESS_EVERY_S", "300"))  # plain progress lines, at most this far apart
+
+log = logging.getLogger("gdnsq")
+
+
+def verbosity() -> int:
+    try:
+        return int(os.environ.get(VERBOSITY_ENV, "0"))
+    except ValueError:
+        return 0
+
+
+def quiet_env(level: int) -> dict[str, str]:
+    """Ray's and MLflow's own switches for our console at verbosity ``level``."""
+    env = {"RAY_COLOR_PREFIX": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if level <= 0:
+        env.update(MLFLOW_LOGGING_LEVEL="WARNING", RAY_DISABLE_WORKER_LOG_PREFIX="1",
+                   # Train V2 sends a worker's print() to its logger *and* the original stdout: each line twice
+                   RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+    return env
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for every Ray task and actor of our job (``ray.init(runtime_env={"env_vars": ...})``)."""
+    level = verbosity()
+    return {**quiet_env(level), VERBOSITY_ENV: str(level),
+            TTY_ENV: os.environ.get(TTY_ENV, "1" if sys.stdout.isatty() else "0")}
+
+
+def train_log_level() -> str:
+    """Ray Train's own log level (``ray.train.LoggingConfig``): its per-report lines only with ``-v``."""
+    return "INFO" if verbosity() > 0 else "WARNING"
+
+
+def setup_logging(level: int) -> None:
+    """CLI start: our logger at INFO (DEBUG with -v, WARNING with -q), third parties at WARNING, and the
+    switches above in this process's environment (before Ray or MLflow is imported; user settings win)."""
+    os.environ[VERBOSITY_ENV] = str(level)
+    os.environ.setdefault(TTY_ENV, "1" if sys.stdout.isatty() else "0")
+    for k, v in quiet_env(level).items():
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=logging.DEBUG if level > 1 else logging.WARNING, format="%(message)s")
+    logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
+
+
+def setup_worker_logging() -> None:
+    """In a Ray worker: our logger's level from the driver's verbosity.
+
+    Ray 2.60's ``train/v2/_internal/execution/context.py`` names its logger by ``__file__``, not
+    ``__name__``, so ``LoggingConfig(log_level=...)`` (which filters ``ray.train.*``) does not reach its
+    per-report "Reporting training result ... metrics={...}" line: that logger gets the level here.
+    """
+    level = verbosity()
+    logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
+    if level <= 0:
+        try:
+            from ray.train.v2._internal.execution import context
+
+            logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        except Exception:  # noqa: BLE001 - another Ray layout: its line stays
+            pass
+
+
+def say(line: str = "") -> None:
+    """One console line (stdout, flushed: a worker's stdout reaches the driver line by line)."""
+    if verbosity() >= 0:
+        print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------- header
+
+
+def _run_state(cfg, storage: str) -> str:
+    if "://" in storage:
+        return "new, or resumed if its checkpoints exist there"
+    folder = Path(storage) / cfg.name
+    found = sorted(folder.glob("checkpoint_*")) + sorted(folder.glob("checkpoint.pt"))
+    return f"resumed from {found[-1]}" if found else "new"
+
+
+def header(cfg, *, devices: str) -> None:
+    """Run name, new or resumed, storage, tracking URI, devices and workers."""
+    from .storage import storage_root
+
+    if verbosity() < -1:
+        return
+    storage = storage_root(cfg)
+    tracking = "off"
+    if cfg.tracking.enabled:
+        from ..tracking.names import scrub_value
+        from ..tracking.store import resolve_tracking_uri
+
+        tracking = f"{scrub_value(resolve_tracking_uri(cfg.tracking.uri))}  (experiment {cfg.tracking.experiment})"
+    print(f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
+          f"({cfg.quant.method}), {cfg.train.epochs} epochs, data {cfg.data.kind}", flush=True)
+    for key, value in (("run", _run_state(cfg, storage)), ("storage", f"{storage}/{cfg.name}"),
+                       ("tracking", tracking), ("devices", devices)):
+        print(f"  {key:<9} {value}", flush=True)
+
+
+# --------------------------------------------------------------------------------- progress
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """``run_job`` hooks on rank 0: a bar per epoch with throughput and ETA, one compact line per epoch.
+
+    On a terminal: tqdm (``ray.experimental.tqdm_ray`` inside a Ray worker, which the driver draws).
+    Otherwise plain lines, at 25 / 50 / 75 % of an epoch that takes longer than a minute, and at least
+    every ``GDNSQ_PROGRESS_EVERY_S`` seconds. ``-q``: only the epoch lines' absence and warnings.
+    """
+
+    def __init__(self, cfg, *, world_size: int = 1, in_ray: bool = False):
+        self.epochs = cfg.train.epochs
+        self.cap = cfg.train.max_steps_per_epoch
+        self.images_per_step = cfg.data.batch_size * world_size
+        self.level = verbosity()
+        self.tty = os.environ.get(TTY_ENV, "1" if sys.stdout.isatty() else "0") == "1"
+        self.in_ray = in_ray
+        self.bar = None
+        self.run_t0, self.epochs_here = None, 0  # ETA from the epochs this process ran
+
+    def epoch_start(self, epoch: int, steps: int | None) -> None:
+        self.epoch, self.n = epoch + 1, 0
+        if self.run_t0 is None:
+            self.run_t0 = time.perf_counter()
+        self.total = min(steps, self.cap) if steps and self.cap else (steps or self.cap)
+        self.t0 = self.last = self.step_t = time.perf_counter()
+        self.next_mark = 0.25
+        self.loss = None
+        if self.level < 0 or not self.tty:
+            return
+        desc = f"epoch {self.epoch}/{self.epochs}"
+        try:
+            if self.in_ray:
+                from ray.experimental.tqdm_ray import tqdm
+            else:
+                from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.total, desc=desc, unit="step")
+        except Exception:  # noqa: BLE001 - no tqdm: plain lines
+            self.bar = None
+
+    def step(self, global_step: int, parts: dict) -> None:
+        self.n += 1
+        self.step_t = time.perf_counter()
+        if "train/loss" in parts:
+            self.loss = float(parts["train/loss"])
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        if self.level < 0:
+            return
+        now = time.perf_counter()
+        frac = self.n / self.total if self.total else 0.0
+        due = now - self.last >= PLAIN_EVERY_S or (frac >= self.next_mark and now - self.t0 >= 60)
+        if due and (not self.total or self.n < self.total):
+            while self.total and frac >= self.next_mark:
+                self.next_mark += 0.25
+            self.last = now
+            rate = self.n / (now - self.t0)
+            eta = f"  ETA {_hms((self.total - self.n) / rate)}" if self.total else ""
+            of = f"/{self.total}" if self.total else ""
+            say(f"  epoch {self.epoch}/{self.epochs}  step {self.n}{of}  {rate * self.images_per_step:,.0f} img/s"
+                f"{eta}" + (f"  loss {self.loss:.4f}" if self.loss is not None else ""))
+
+    def epoch_end(self, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        now = time.perf_counter()
+        elapsed, train_s = now - self.t0, self.step_t - self.t0  # with / without validation
+        self.epochs_here += 1
+        total_eta = (now - self.run_t0) / self.epochs_here * (self.epochs - self.epoch)
+        say(f"epoch {self.epoch:>{len(str(self.epochs))}}/{self.epochs}  val top-1 {metrics['val/top1']:6.2f}  "
+            f"bits W{metrics['bits/avg_w']:.2f} A{metrics['bits/avg_a']:.2f}  "
+            f"{'converged' if metrics['val/converged'] else 'not conv.'}  "
+            f"T {metrics.get('train/temperature', 0):.3g}  {self.n * self.images_per_step / max(train_s, 1e-9):,.0f} img/s  "
+            f"{elapsed:.1f} s" + (f"  (ETA {_hms(total_eta)})" if self.epoch < self.epochs else ""))
+
+
+# ----------------------------------------------------------------------------------- footer
+
+
+def footer(cfg, summary: dict) -> None:
+    """Where things are: checkpoint, plots, the MLflow UI command, and how to load the registered model."""
+    if verbosity() < -1:
+        return
+    rows = []
+    ckpt = summary.get("checkpoint")
+    if ckpt:
+        ckpt = str(ckpt)
+        if Path(ckpt).is_dir() and (Path(ckpt) / "checkpoint.pt").is_file():
+            ckpt = str(Path(ckpt) / "checkpoint.pt")
+        rows.append(("checkpoint", ckpt))
+    uri = None
+    if cfg.tracking.enabled and summary.get("mlflow_run_id"):
+        from ..tracking.names import scrub_value
+        from ..tracking.store import is_server_uri, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        artifacts = _artifact_uri(uri, summary["mlflow_run_id"])
+        if artifacts:
+            local = Path(artifacts.removeprefix("file://"))
+            pngs = sorted(p.name for p in local.glob("*.png")) if local.is_dir() else []
+            rows.append(("plots", f"{local if local.is_dir() else artifacts}" + (f"  ({', '.join(pngs)})" if pngs else "")))
+        rows.append(("MLflow run", summary["mlflow_run_id"]))
+        rows.append(("MLflow UI", f"open {scrub_value(uri)}" if is_server_uri(uri) else
+                     f"mlflow ui --backend-store-uri {uri}   # then http://127.0.0.1:5000"))
+    if summary.get("registered_model"):
+        ref = summary["registered_model"].split()[0]
+        if "(champion)" in summary["registered_model"]:
+            ref = ref.rsplit("/", 1)[0] + "@champion"
+        rows.append(("registered", summary["registered_model"]))
+        tracking = "" if uri is None or os.environ.get("MLFLOW_TRACKING_URI") == uri or _is_default(uri) else \
+            f", tracking_uri={uri!r}"
+        rows.append(("load it", f"python -c \"import gdnsq; m = gdnsq.load_model('{ref}'{tracking})\""))
+    elif ckpt and "://" not in ckpt:
+        rows.append(("export it", f"gdnsq export {ckpt} --out out/export"))
+    for key, value in rows:
+        print(f"  {key:<11} {value}")
+
+
+def _is_default(uri: str) -> bool:
+    return uri == f"sqlite:///{Path(os.getcwd()).resolve() / '.gdnsq' / 'mlflow.db'}"
+
+
+def _artifact_uri(uri: str, run_id: str) -> str | None:
+    try:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - the footer never fails a finished run
+        return None
