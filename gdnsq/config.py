@@ -271,8 +271,9 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class JobConfig:
-    name: str = "quickstart"
-    """Run name (a run with an existing name and storage path resumes)."""
+    name: str | None = None
+    """Run name; a run with an existing name and storage path resumes (only with the same defining settings).
+    None = '<model>-w<W>a<A>-<hash of the defining settings>', so jobs with other settings never collide."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -284,7 +285,8 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.name is None or (bool(self.name) and "/" not in self.name), "name",
+               f"must be a non-empty name without '/', got {self.name!r}")
 
 
 # ------------------------------------------------------------------------------------------ sweep

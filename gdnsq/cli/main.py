@@ -54,8 +54,8 @@ def cmd_train(args, extra) -> int:
     from ..launch.local import run
     from ..launch.storage import write_json_atomic
 
+    fixed = {"name": args.resume} if args.resume else {}
     if args.cmd == "quickstart":
-        fixed = {}
         if args.target:
             fixed["quant.target_w"], fixed["quant.target_a"] = _parse_target(args.target)
         if args.no_ray:
@@ -64,8 +64,10 @@ def cmd_train(args, extra) -> int:
     else:
         # The job file is the first bare word; argparse cannot tell it from an override's value.
         config = extra.pop(0) if extra and not extra[0].startswith("-") and "=" not in extra[0] else None
-        cfg = _job_config(config, extra, **({"ray.enabled": "false"} if args.no_ray else {}))
-    summary = run(cfg)
+        if args.no_ray:
+            fixed["ray.enabled"] = "false"
+        cfg = _job_config(config, extra, **fixed)
+    summary = run(cfg, fresh=args.fresh, resume=bool(args.resume))
     print_summary(summary)
     if args.summary_json:
         write_json_atomic(args.summary_json, summary)
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (q, t):
         sp.add_argument("--summary-json", default=None, help="write the run summary as JSON here")
         sp.add_argument("--no-ray", action="store_true", help="run in-process without Ray Train")
+        sp.add_argument("--resume", metavar="NAME", default=None,
+                        help="continue the run NAME (it must exist and have the same defining settings)")
+        sp.add_argument("--fresh", action="store_true",
+                        help="start afresh: an existing run of this name is moved to NAME.old-<time>")
         sp.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="dataset tools")

@@ -5,24 +5,84 @@ before any data is loaded, Ray starts or the FP teacher trains.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import re
+import time
 from pathlib import Path
 
-from ..config import JobConfig
-from .storage import storage_root
+from ..config import JobConfig, to_dict
+from .storage import SUMMARY_FILE, storage_root, write_json_atomic
+
+log = logging.getLogger("gdnsq")
+
+
+def with_run_name(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its run name: the given one, else '<model>-w<W>a<A>-<8 hex digits of the fingerprint>'.
+
+    The same defining settings give the same name (running them again resumes or returns the finished
+    run); any other defining setting gives another name, so default-named runs never collide.
+    """
+    if cfg.name:
+        return cfg
+    from ..training.checkpoint import fingerprint
+
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.name.rsplit("/", 1)[-1])[:40]
+    name = f"{model}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}-{fingerprint(to_dict(cfg))[:8]}"
+    return dataclasses.replace(cfg, name=name)
+
+
+def run_dir(cfg: JobConfig) -> str:
+    return f"{storage_root(cfg).rstrip('/')}/{cfg.name}"
+
+
+def finished(cfg: JobConfig, ckpt: dict) -> bool:
+    """Whether the checkpointed run has nothing left to train under ``cfg`` (epochs done or stopped early)."""
+    done = int(ckpt["engine"]["epoch"]) >= cfg.train.epochs
+    return done or bool(cfg.train.patience and ckpt.get("stale", 0) >= cfg.train.patience)
+
+
+def set_aside(cfg: JobConfig) -> str | None:
+    """``--fresh``: move an existing run folder to '<name>.old-<time>' (nothing trained is deleted)."""
+    from ..errors import RunIdentityError
+
+    folder = run_dir(cfg)
+    if "://" in folder:
+        raise RunIdentityError(f"--fresh: cannot move the remote run {folder}; pass --name NEW instead")
+    if not Path(folder).exists():
+        return None
+    aside = f"{folder}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    Path(folder).rename(aside)
+    log.warning("--fresh: the earlier run %s was moved to %s", cfg.name, aside)
+    return aside
 
 
 def run_local(cfg: JobConfig) -> dict:
-    """In-process run, no Ray: checkpoints to runs/<name>/checkpoint.pt, resumed if present."""
-    from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+    """In-process run, no Ray: checkpoints to <storage>/<name>/checkpoint.pt, resumed if present and trained
+    with the same defining settings; a finished run returns its stored summary without training."""
+    from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint, save_checkpoint
     from ..training.job import run_job
 
-    ckpt_path = Path(storage_root(cfg)) / cfg.name / CHECKPOINT_FILE
+    folder = Path(run_dir(cfg))
+    ckpt_path = folder / CHECKPOINT_FILE
     resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if resume is not None:
+        check_identity(to_dict(cfg), resume, str(folder))
+        stored = folder / SUMMARY_FILE
+        if finished(cfg, resume) and stored.is_file():
+            log.info("run %s already finished (epoch %d): its stored summary, nothing trained",
+                     cfg.name, resume["engine"]["epoch"])
+            return json.loads(stored.read_text())
+        log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, resume["engine"]["epoch"])
 
     def on_epoch(metrics, table, get_checkpoint):
         save_checkpoint(get_checkpoint(), ckpt_path)
 
-    return run_job(cfg, resume=resume, on_epoch=on_epoch)
+    summary = run_job(cfg, resume=resume, on_epoch=on_epoch)
+    summary["checkpoint"] = str(ckpt_path)
+    write_json_atomic(folder / SUMMARY_FILE, summary)
+    return summary
 
 
 def check_structure(cfg: JobConfig) -> None:
@@ -53,8 +113,17 @@ def preflight(cfg: JobConfig) -> None:
                 raise ConfigError(f"data.{key}: no such file or directory {path!r}")
 
 
-def run(cfg: JobConfig) -> dict:
+def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
+    """Pre-flight, then the run. ``resume``: the named run must exist; ``fresh``: an existing one is set aside."""
+    from ..errors import RunIdentityError
+    from .storage import exists
+
+    cfg = with_run_name(cfg)
     preflight(cfg)
+    if resume and not exists(run_dir(cfg)):
+        raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")
+    if fresh:
+        set_aside(cfg)
     if cfg.ray.enabled:
         from .ray_train import fit
 

@@ -30,8 +30,9 @@ from torch import nn
 
 from ..config import JobConfig, config_from_dict, to_dict
 from ..errors import ConfigError
-from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from .storage import SUMMARY_FILE, storage_root
+from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint
+from .local import finished, run_dir, with_run_name
+from .storage import SUMMARY_FILE, read_json, storage_root
 
 log = logging.getLogger("gdnsq")
 
@@ -157,6 +158,10 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     path), ``mlflow_run_id`` and ``registered_model`` when tracking is on. The other keywords are
     :func:`create_trainer`'s (a Tune trial's hooks).
     """
+    cfg = with_run_name(cfg)
+    stored = check_existing_run(cfg)
+    if stored is not None:
+        return stored
     use_gpu = place(cfg)
     cfg = _driver_config(cfg)
     result = create_trainer(cfg, use_gpu=use_gpu, kill=kill, callbacks=callbacks, parent_run_id=parent_run_id,
@@ -178,6 +183,37 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
                 checkpoint_path=result.checkpoint.path)
     _write_summary(result, summary)
     return summary
+
+
+def latest_checkpoint(folder: str):
+    """The Ray Train checkpoint that a run in ``folder`` resumes from (Ray's own snapshot), or None."""
+    from ray.train import Result
+
+    from .storage import exists
+
+    if not exists(folder):
+        return None
+    try:
+        return Result.from_path(folder).checkpoint
+    except RuntimeError:  # a folder without Ray's checkpoint snapshot: Ray starts the run afresh
+        return None
+
+
+def check_existing_run(cfg: JobConfig) -> dict | None:
+    """On the driver, before Ray starts: refuse (one line) to resume a run trained with other defining
+    settings; return the stored summary of a finished run with the same ones (nothing is trained)."""
+    folder = run_dir(cfg)
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        return None
+    ckpt = load_ray_checkpoint(checkpoint)
+    check_identity(to_dict(cfg), ckpt, folder)
+    summary = read_json(f"{folder}/{SUMMARY_FILE}")
+    if finished(cfg, ckpt) and summary is not None:
+        log.info("run %s already finished (epoch %d): its stored summary, nothing trained",
+                 cfg.name, ckpt["engine"]["epoch"])
+        return summary
+    return None
 
 
 def _write_summary(result, summary: dict) -> None:
@@ -320,6 +356,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     node_id = ray.get_runtime_context().get_node_id()
     resume = _load_resume()
+    if resume is not None:  # the driver checked already; this guards a checkpoint that changed since
+        check_identity(config, resume, cfg.name)
     start_epoch = float(resume["engine"]["epoch"]) if resume else 0.0
     if resume and rank == 0:
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, int(start_epoch))
