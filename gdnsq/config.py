@@ -402,12 +402,17 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
         return value
     if tp in (int, float):
+        kind = "an integer" if tp is int else "a number"
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: must be {kind}, got {value!r}")
         try:
-            out = tp(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}: must be a number, got {value!r}") from None
-        _check(tp is float or float(value) == out, name, f"must be an integer, got {value!r}")
-        return out
+            raise ConfigError(f"{name}: must be {kind}, got {value!r}") from None
+        if tp is float:
+            return number
+        _check(number.is_integer(), name, f"must be an integer, got {value!r}")
+        return int(number)
     if tp is str:
         _check(isinstance(value, (str, int, float)), name, f"must be a string, got {value!r}")
         return str(value)
@@ -497,7 +502,10 @@ def read_yaml(path: str | Path, label: str = "config", error: type[Exception] = 
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{label}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{label}: {path}{where} is not valid YAML ({problem})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

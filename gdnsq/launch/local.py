@@ -101,11 +101,54 @@ def check_structure(cfg: JobConfig) -> None:
         build_student(cfg, num_classes=10, in_chans=3)
 
 
+GCS_PORT = 6379
+PROBE_TIMEOUT_S = 10.0
+
+
+def ray_address(cfg: JobConfig) -> str | None:
+    """The Ray address training connects to (``ray.address``, else $RAY_ADDRESS), checked without Ray.
+
+    A job-server URL (``http://HEAD:8265``, what ``gdnsq submit`` takes) in ``ray.address`` is refused in one
+    line; in $RAY_ADDRESS (where our submit hint puts it) it is dropped with a warning, since ``ray.init``
+    would read it. A host:port that nothing answers on fails within PROBE_TIMEOUT_S instead of Ray's
+    minutes-long retries.
+    """
+    import os
+    import socket
+
+    from ..errors import ClusterError
+
+    field, address = "ray.address", cfg.ray.address
+    if address is None:
+        field, address = "RAY_ADDRESS", os.environ.get("RAY_ADDRESS") or None
+    if address is None or address in ("auto", "local"):
+        return cfg.ray.address
+    if address.startswith(("http://", "https://")):
+        if field == "ray.address":
+            raise ClusterError(f"ray.address: {address!r} is a job-server URL (for gdnsq submit); training needs "
+                               f"the cluster's GCS address HOST:{GCS_PORT}")
+        log.warning("RAY_ADDRESS=%s is a job-server URL (for gdnsq submit); training ignores it", address)
+        os.environ.pop("RAY_ADDRESS")
+        return None
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", str(GCS_PORT))
+    if not port.isdigit():
+        raise ClusterError(f"{field}: expected HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise ClusterError(f"{field}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+                           "start the Ray head there or fix the address") from None
+    return address
+
+
 def preflight(cfg: JobConfig) -> None:
     """Checks that need no data loading or Ray, so bad input fails in one line before anything starts."""
     from ..errors import ConfigError
 
     check_structure(cfg)
+    if cfg.ray.enabled:
+        ray_address(cfg)
     if cfg.data.kind != "bundled":
         for key in ("train_path", "val_path"):
             path = getattr(cfg.data, key)

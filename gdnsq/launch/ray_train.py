@@ -31,7 +31,7 @@ from torch import nn
 from ..config import JobConfig, config_from_dict, to_dict
 from ..errors import ConfigError
 from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint
-from .local import finished, run_dir, with_run_name
+from .local import finished, ray_address, run_dir, with_run_name
 from .storage import SUMMARY_FILE, read_json, storage_root
 
 log = logging.getLogger("gdnsq")
@@ -62,7 +62,14 @@ def connect(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=cfg.ray.address, logging_level="WARNING")
+    address = ray_address(cfg)
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except ConnectionError as e:  # something answers there, but not a Ray GCS (Ray gives up after ~20 s)
+        from ..errors import ClusterError
+
+        raise ClusterError(f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: no Ray cluster at {address} "
+                           f"({str(e).splitlines()[-1]})") from None
 
 
 def place(cfg: JobConfig) -> bool:
