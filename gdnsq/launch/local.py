@@ -149,11 +149,34 @@ def preflight(cfg: JobConfig) -> None:
     check_structure(cfg)
     if cfg.ray.enabled:
         ray_address(cfg)
-    if cfg.data.kind != "bundled":
-        for key in ("train_path", "val_path"):
-            path = getattr(cfg.data, key)
-            if "://" not in path and not Path(path).exists():
-                raise ConfigError(f"data.{key}: no such file or directory {path!r}")
+    check_data(cfg)
+
+
+def check_data(cfg: JobConfig) -> None:
+    """Local data opened here as the loaders will open it (a .beton's header and sizes, an ImageFolder's
+    class folders), so a corrupt file or a folder of the wrong shape fails in one line on the driver,
+    not inside a Ray worker after the cluster started."""
+    from ..errors import ConfigError, DataError
+
+    if cfg.data.kind == "bundled":
+        return
+    for key in ("train_path", "val_path"):
+        path = getattr(cfg.data, key)
+        if "://" in path:
+            continue
+        if not Path(path).exists():
+            raise ConfigError(f"data.{key}: no such file or directory {path!r}")
+        try:
+            if cfg.data.kind == "ffcv":
+                from ..data.ffcv_io import open_beton
+
+                open_beton(path)
+            else:
+                from ..data.imagefolder import open_imagefolder
+
+                open_imagefolder(path)
+        except DataError as e:
+            raise DataError(f"data.{key}: {e}") from None
 
 
 def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:

@@ -197,6 +197,8 @@ def check_identity(cfg_dict: dict, ckpt: dict, where: str) -> None:
     if not diff:
         return
     mine, theirs = defining_settings(cfg_dict), defining_settings(ckpt.get("config") or {})
+    order = ("model", "quant", "data", "train", "objective", "schedule", "optim")  # what users change most
+    diff.sort(key=lambda k: (order.index(k.split(".")[0]) if k.split(".")[0] in order else len(order), k))
     shown = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff[:4])
     more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
     raise RunIdentityError(
