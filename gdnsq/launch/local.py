@@ -76,13 +76,76 @@ def run_local(cfg: JobConfig) -> dict:
             return json.loads(stored.read_text())
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, resume["engine"]["epoch"])
 
-    def on_epoch(metrics, table, get_checkpoint):
-        save_checkpoint(get_checkpoint(), ckpt_path)
+    tracking = LocalTracking(cfg, resume)
+    io = dict((resume or {}).get("io") or {})
 
-    summary = run_job(cfg, resume=resume, on_epoch=on_epoch)
+    def note_io(student):  # the input shape and class count, for registration (as the Ray path records)
+        def note(module, args, output):
+            io.update(input_shape=list(args[0].shape[1:]), num_classes=int(output.shape[-1]))
+            handle.remove()
+
+        handle = student.register_forward_hook(note)
+        return student
+
+    def on_epoch(metrics, table, get_checkpoint):
+        state = get_checkpoint()
+        state["io"] = dict(io)
+        state.update(tracking.log_epoch(metrics, table))
+        save_checkpoint(state, ckpt_path)
+
+    summary = run_job(cfg, resume=resume, on_epoch=on_epoch, wrap_ddp=note_io)
     summary["checkpoint"] = str(ckpt_path)
+    summary.update(tracking.finish(summary, ckpt_path))
     write_json_atomic(folder / SUMMARY_FILE, summary)
     return summary
+
+
+class LocalTracking:
+    """MLflow for an in-process run, as rank 0 does on Ray: the run starts at the first epoch (or reattaches
+    to the one named in the resumed checkpoint), gets every epoch, the summary, and the registration."""
+
+    def __init__(self, cfg: JobConfig, resume: dict | None):
+        self.cfg, self.resume, self.tracker, self.reachable = cfg, resume or {}, None, True
+        if cfg.tracking.enabled:
+            from ..tracking.store import resolve_tracking_uri
+
+            self.cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+                cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri)))
+
+    def _get(self):
+        if self.tracker is None:
+            from ..tracking.run import create_tracker
+
+            run_id = self.resume.get("mlflow_run_id")
+            self.tracker = create_tracker(self.cfg, run_id=run_id, state=self.resume.get("tracker"))
+            if run_id is None:
+                self.tracker.log_config(self.cfg)
+        return self.tracker
+
+    def log_epoch(self, metrics: dict, table: list[dict]) -> dict:
+        """Log one epoch; returns what the checkpoint keeps to reattach (nothing when tracking is off)."""
+        if not self.cfg.tracking.enabled:
+            return {}
+        tracker = self._get()
+        tracker.log_epoch(int(metrics["epoch"]), {k: float(v) for k, v in metrics.items()}, table)
+        self.reachable = tracker.flush(30.0 if self.reachable else 0.0)
+        return {"mlflow_run_id": tracker.run_id, "tracker": tracker.state_dict()}
+
+    def finish(self, summary: dict, ckpt_path: Path) -> dict:
+        if not self.cfg.tracking.enabled:
+            return {}
+        from ..training.checkpoint import load_checkpoint
+        from .register import register_checkpoint, registrable
+
+        tracker = self._get()
+        tracker.log_summary(summary)
+        run_id = tracker.run_id
+        tracker.finish("FINISHED")
+        out = {"mlflow_run_id": run_id} if run_id else {}
+        if run_id and self.cfg.tracking.register and registrable(summary, self.cfg.name):
+            out["registered_model"] = register_checkpoint(self.cfg, load_checkpoint(ckpt_path), summary, run_id,
+                                                          what=self.cfg.name, checkpoint_path=str(ckpt_path))
+        return out
 
 
 def check_structure(cfg: JobConfig) -> None:

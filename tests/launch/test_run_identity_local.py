@@ -16,6 +16,8 @@ SHORT = ["--no-ray", "--train.epochs", "1", "--train.max_steps_per_epoch", "3", 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     return tmp_path
 
 
@@ -30,6 +32,14 @@ def test_second_target_in_the_same_folder_trains_its_own_run_or_refuses(in_tmp, 
     w1, w3 = (json.loads((in_tmp / f).read_text()) for f in ("w1.json", "w3.json"))
     assert (w3["target_w"], w3["target_a"]) == (3.0, 3.0) and all(r["target_w"] == 3.0 for r in w3["layers"])
     assert w1["checkpoint"] != w3["checkpoint"] and len(os.listdir(in_tmp / "runs")) == 2
+    # --no-ray tracks too: each run is its own finished MLflow run in the default local store
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{in_tmp / '.gdnsq' / 'mlflow.db'}")
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("gdnsq").experiment_id])}
+    assert set(runs) == {w1["mlflow_run_id"], w3["mlflow_run_id"]}
+    assert all(r.info.status == "FINISHED" and r.data.metrics["epoch"] == 1 for r in runs.values())
+    assert runs[w3["mlflow_run_id"]].data.params["quant.target_w"] == "3.0"
     capsys.readouterr()
 
     # one shared name: the W1A1 run is not resumed as a W3A3 one
