@@ -176,6 +176,7 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     if result.error:  # Train V2 raises from fit() already; kept for a result that carries it
         raise result.error
     out = result.return_value
+    raise_user_error(out)
     if not isinstance(out, dict) or "summary" not in out:
         raise RuntimeError(f"Ray Train run {cfg.name}: rank 0 returned no summary (got {type(out).__name__})")
     summary = dict(out["summary"])
@@ -345,7 +346,33 @@ class _DDPWrap:
         return DistributedDataParallel(student, device_ids=device_ids)
 
 
+USER_ERROR = "user_error"  # a worker's return key: [GdnsqError class name, its one line]
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
+    """One Ray Train worker; a user error (GdnsqError: bad data, a checkpoint that does not fit) is
+    returned instead of raised. Train V2 retries every worker-group error ``ray.max_failures`` times
+    (its DefaultFailurePolicy has no non-retryable class for user code), and the same bad input fails
+    the same way each time; returned, it ends the run at once and the driver raises it as one line."""
+    from ..errors import GdnsqError
+
+    try:
+        return _train_loop(config)
+    except GdnsqError as e:
+        return {USER_ERROR: [type(e).__name__, str(e)]}
+
+
+def raise_user_error(out) -> None:
+    """On the driver: raise the GdnsqError a worker returned (same class and line), if it did."""
+    from .. import errors
+
+    if isinstance(out, dict) and out.get(USER_ERROR):
+        name, message = out[USER_ERROR]
+        cls = getattr(errors, name, errors.GdnsqError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, errors.GdnsqError) else errors.GdnsqError)(message)
+
+
+def _train_loop(config: dict) -> dict | None:
     """One Ray Train worker: ``run_job`` with Ray's rank, device, checkpoint and report hooks."""
     import ray
     import ray.train

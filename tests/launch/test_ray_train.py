@@ -182,6 +182,22 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path, bundled_run, m
 # ----------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.timeout(300)
+def test_user_error_in_a_worker_is_one_line_and_not_retried(cluster, tmp_path):
+    """A teacher file that exists (the driver's check passes) but is not a state dict fails inside the
+    workers: it comes back as the worker's one-line ConfigError, not as a WorkerGroupError after
+    ray.max_failures identical retries."""
+    import time
+
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(b"not a state dict")
+    cfg = job(cluster, tmp_path / "runs", "bad-teacher", **{"model.checkpoint": str(bad), "ray.max_failures": 3})
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^model\.checkpoint: cannot read .*teacher\.pt") as e:
+        fit(cfg)
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 120
+
+
 @pytest.mark.timeout(180)
 def test_more_workers_than_cluster_fails_before_training(cluster, tmp_path):
     cfg = job(cluster, tmp_path / "runs", "too-big", **{"ray.num_workers": 3})
