@@ -317,8 +317,9 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class JobConfig:
-    name: str = "quickstart"
-    """Run name (a run with an existing name and storage path resumes)."""
+    name: str | None = None
+    """Run name; a run with an existing name and storage path resumes (only with the same defining settings).
+    None = '<model>-w<W>a<A>-<hash of the defining settings>', so jobs with other settings never collide."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -330,7 +331,8 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.name is None or (bool(self.name) and "/" not in self.name), "name",
+               f"must be a non-empty name without '/', got {self.name!r}")
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -446,12 +448,17 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
         return value
     if tp in (int, float):
+        kind = "an integer" if tp is int else "a number"
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: must be {kind}, got {value!r}")
         try:
-            out = tp(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}: must be a number, got {value!r}") from None
-        _check(tp is float or float(value) == out, name, f"must be an integer, got {value!r}")
-        return out
+            raise ConfigError(f"{name}: must be {kind}, got {value!r}") from None
+        if tp is float:
+            return number
+        _check(number.is_integer(), name, f"must be an integer, got {value!r}")
+        return int(number)
     if tp is str:
         _check(isinstance(value, (str, int, float)), name, f"must be a string, got {value!r}")
         return str(value)
@@ -608,7 +615,10 @@ def read_yaml(path: str | Path, label: str = "config", error: type[Exception] = 
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{label}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{label}: {path}{where} is not valid YAML ({problem})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

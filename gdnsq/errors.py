@@ -37,3 +37,7 @@ class ExportError(GdnsqError, ValueError):
 
 class ClusterError(GdnsqError, RuntimeError):
     """A Ray cluster or job server that cannot be reached or refuses a request."""
+
+
+class RunIdentityError(ConfigError):
+    """A run name whose stored checkpoint was trained with other defining settings (or no such run)."""

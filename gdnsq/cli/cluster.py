@@ -81,9 +81,8 @@ def _fail(e: Exception) -> int:
 
 
 def cmd_submit(args, extra) -> int:
-    from ..launch import submit as sm
-
     from ..errors import ConfigError
+    from ..launch import submit as sm
     from .main import job_path
 
     job = job_path(args.config, extra)

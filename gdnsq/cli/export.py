@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 EXAMPLES = """examples:
   gdnsq export runs/quickstart/checkpoint_000019/checkpoint.pt --out out/export --onnx
   gdnsq export gdnsq_smallcnn-w2a2@champion --out out/export

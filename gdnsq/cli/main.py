@@ -5,7 +5,6 @@ Errors in user input (config, data, model names, references) print one line and 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from importlib import resources
@@ -72,18 +71,20 @@ def cmd_train(args, extra) -> int:
     from ..launch.local import run
     from ..launch.storage import write_json_atomic
 
+    fixed = {"name": args.resume} if args.resume else {}
     if args.cmd == "quickstart":
-        fixed = {}
         if args.target:
             fixed["quant.target_w"], fixed["quant.target_a"] = _parse_target(args.target)
         if args.no_ray:
             fixed["ray.enabled"] = "false"
         cfg = job_config(str(_quickstart_config()), extra, **fixed)
     else:
-        cfg = job_config(args.config, extra, **({"ray.enabled": "false"} if args.no_ray else {}))
+        if args.no_ray:
+            fixed["ray.enabled"] = "false"
+        cfg = job_config(args.config, extra, **fixed)
     from ..launch.console import footer
 
-    summary = run(cfg)
+    summary = run(cfg, fresh=args.fresh, resume=bool(args.resume))
     print_summary(summary)
     footer(cfg, summary)
     if args.summary_json:
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (q, t):
         sp.add_argument("--summary-json", default=None, help="write the run summary as JSON here")
         sp.add_argument("--no-ray", action="store_true", help="run in-process without Ray Train")
+        sp.add_argument("--resume", metavar="NAME", default=None,
+                        help="continue the run NAME (it must exist and have the same defining settings)")
+        sp.add_argument("--fresh", action="store_true",
+                        help="start afresh: an existing run of this name is moved to NAME.old-<time>")
         sp.set_defaults(func=cmd_train, takes_overrides=True)
 
     d = sub.add_parser("data", help="dataset tools: ImageFolder -> FFCV .beton",

@@ -11,7 +11,6 @@ def cmd_sweep(args, extra) -> int:
     from ..launch.ray_tune import run_sweep
     from ..launch.storage import write_json_atomic
     from ..launch.sweep_report import format_table
-
     from .main import job_path
 
     path = job_path(args.config, extra)

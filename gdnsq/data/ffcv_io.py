@@ -133,11 +133,22 @@ def write_imagenet(src_root: str | Path, out_dir: str | Path, **opts) -> tuple[P
         # ImageFolder numbers classes by sorted folder name: different sets would shift labels.
         missing = sorted(set(train.classes) ^ set(val.classes))[:3]
         raise DataError(f"{src_root}: train/ and val/ class folders differ (e.g. {', '.join(missing)})")
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     out = []
-    for name in ("train", "val"):
-        path = out_dir / f"{name}.beton"
-        write_beton(src_root / name, path, **opts)
-        out.append(path)
+    try:
+        for name in ("train", "val"):
+            path = out_dir / f"{name}.beton"
+            write_beton(src_root / name, path, **opts)
+            out.append(path)
+    except BaseException:  # a failed write leaves nothing: no lone train.beton, no empty folders
+        for path in out:
+            path.unlink(missing_ok=True)
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return out[0], out[1]
 
 

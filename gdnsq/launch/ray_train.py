@@ -30,8 +30,9 @@ from torch import nn
 
 from ..config import JobConfig, config_from_dict, to_dict
 from ..errors import ConfigError
-from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from .storage import SUMMARY_FILE, storage_root
+from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint
+from .local import finished, ray_address, run_dir, with_run_name
+from .storage import SUMMARY_FILE, read_json, storage_root
 
 log = logging.getLogger("gdnsq")
 
@@ -63,10 +64,17 @@ def connect(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    address = ray_address(cfg)
     # Our console settings reach every worker; a submitted job already has its runtime env (and ours in it).
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    ray.init(address=cfg.ray.address, logging_level="WARNING",
-             runtime_env=None if in_job else {"env_vars": worker_env()})
+    try:
+        ray.init(address=address, logging_level="WARNING",
+                 runtime_env=None if in_job else {"env_vars": worker_env()})
+    except ConnectionError as e:  # something answers there, but not a Ray GCS (Ray gives up after ~20 s)
+        from ..errors import ClusterError
+
+        raise ClusterError(f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: no Ray cluster at {address} "
+                           f"({str(e).splitlines()[-1]})") from None
 
 
 def place(cfg: JobConfig) -> bool:
@@ -168,6 +176,10 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     path), ``mlflow_run_id`` and ``registered_model`` when tracking is on. The other keywords are
     :func:`create_trainer`'s (a Tune trial's hooks).
     """
+    cfg = with_run_name(cfg)
+    stored = check_existing_run(cfg)
+    if stored is not None:
+        return stored
     use_gpu = place(cfg)
     cfg = _driver_config(cfg)
     single = callbacks is None  # a Tune trial passes its callbacks; its console is Tune's
@@ -180,6 +192,7 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     if result.error:  # Train V2 raises from fit() already; kept for a result that carries it
         raise result.error
     out = result.return_value
+    raise_user_error(out)
     if not isinstance(out, dict) or "summary" not in out:
         raise RuntimeError(f"Ray Train run {cfg.name}: rank 0 returned no summary (got {type(out).__name__})")
     summary = dict(out["summary"])
@@ -210,6 +223,35 @@ def _devices(cfg: JobConfig, use_gpu: bool) -> str:
     except Exception:  # noqa: BLE001 - the dashboard is optional (ray[default])
         url = None
     return text + (f"; dashboard http://{url.removeprefix('http://')}" if url else "")
+def latest_checkpoint(folder: str):
+    """The Ray Train checkpoint that a run in ``folder`` resumes from (Ray's own snapshot), or None."""
+    from ray.train import Result
+
+    from .storage import exists
+
+    if not exists(folder):
+        return None
+    try:
+        return Result.from_path(folder).checkpoint
+    except RuntimeError:  # a folder without Ray's checkpoint snapshot: Ray starts the run afresh
+        return None
+
+
+def check_existing_run(cfg: JobConfig) -> dict | None:
+    """On the driver, before Ray starts: refuse (one line) to resume a run trained with other defining
+    settings; return the stored summary of a finished run with the same ones (nothing is trained)."""
+    folder = run_dir(cfg)
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        return None
+    ckpt = load_ray_checkpoint(checkpoint)
+    check_identity(to_dict(cfg), ckpt, folder)
+    summary = read_json(f"{folder}/{SUMMARY_FILE}")
+    if finished(cfg, ckpt) and summary is not None:
+        log.info("run %s already finished (epoch %d): its stored summary, nothing trained",
+                 cfg.name, ckpt["engine"]["epoch"])
+        return summary
+    return None
 
 
 def _write_summary(result, summary: dict) -> None:
@@ -346,9 +388,33 @@ def _both(first, second):
         first(step, parts)
         second(step, parts)
     return hook
+USER_ERROR = "user_error"  # a worker's return key: [GdnsqError class name, its one line]
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
+    """One Ray Train worker; a user error (GdnsqError: bad data, a checkpoint that does not fit) is
+    returned instead of raised. Train V2 retries every worker-group error ``ray.max_failures`` times
+    (its DefaultFailurePolicy has no non-retryable class for user code), and the same bad input fails
+    the same way each time; returned, it ends the run at once and the driver raises it as one line."""
+    from ..errors import GdnsqError
+
+    try:
+        return _train_loop(config)
+    except GdnsqError as e:
+        return {USER_ERROR: [type(e).__name__, str(e)]}
+
+
+def raise_user_error(out) -> None:
+    """On the driver: raise the GdnsqError a worker returned (same class and line), if it did."""
+    from .. import errors
+
+    if isinstance(out, dict) and out.get(USER_ERROR):
+        name, message = out[USER_ERROR]
+        cls = getattr(errors, name, errors.GdnsqError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, errors.GdnsqError) else errors.GdnsqError)(message)
+
+
+def _train_loop(config: dict) -> dict | None:
     """One Ray Train worker: ``run_job`` with Ray's rank, device, checkpoint and report hooks."""
     import ray
     import ray.train
@@ -368,6 +434,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     node_id = ray.get_runtime_context().get_node_id()
     resume = _load_resume()
+    if resume is not None:  # the driver checked already; this guards a checkpoint that changed since
+        check_identity(config, resume, cfg.name)
     start_epoch = float(resume["engine"]["epoch"]) if resume else 0.0
     if resume and rank == 0:
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, int(start_epoch))

@@ -132,9 +132,9 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
     # (or Tune) the driver only coordinates, and must not hold a slot its workers need.
     in_driver = command == "train" and not cfg.ray.enabled
     return Submission(
-        submission_id=submission_id or _submission_id(cfg.name),
+        submission_id=submission_id or _submission_id(cfg.name or job.stem),
         entrypoint=entrypoint, runtime_env=runtime_env,
-        metadata={"gdnsq_name": cfg.name, "gdnsq_file": rel, "gdnsq_command": command},
+        metadata={"gdnsq_name": cfg.name or "", "gdnsq_file": rel, "gdnsq_command": command},
         entrypoint_num_cpus=cfg.ray.cpus_per_worker if in_driver else 0,
         entrypoint_num_gpus=1 if in_driver and cfg.ray.use_gpu else 0,
         warnings=warnings)

@@ -130,6 +130,25 @@ def validate_space(space: Any, base: dict, search: str) -> None:
             _check_value(base, key, value)
 
 
+# What ray_train adds to every epoch's report (next to run_job's EPOCH_METRICS); dist/checksum/r<rank> too.
+RAY_METRICS = ("run/resumed_from_epoch", "sys/wall_s", "sys/cpu_s", "dist/replicas_equal", "dist/num_nodes")
+
+
+def check_metric(metric: str) -> None:
+    """The sweep metric must be a key the trials report, else every trial would score nothing."""
+    import difflib
+    import re
+
+    from ..training.job import EPOCH_METRICS
+
+    known = EPOCH_METRICS + RAY_METRICS
+    if metric in known or re.fullmatch(r"dist/checksum/r\d+", metric):
+        return
+    close = difflib.get_close_matches(metric, known, n=1)
+    hint = f"did you mean {close[0]}?" if close else "e.g. val/ns_top1, val/top1, bits/avg_w"
+    raise SweepError(f"sweep.metric: trials do not report {metric!r}; {hint}")
+
+
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict]:
     job = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
     sweep = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
@@ -165,6 +184,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         sweep = from_dict(SweepConfig, sweep_data, "sweep")
     except ConfigError as e:
         raise SweepError(str(e)) from None
+    check_metric(sweep.metric)
     validate_space(sweep.space, base, sweep.search)
     if sweep.scheduler.type == "asha" and "train.epochs" in sweep.space:
         raise SweepError("sweep.space.train.epochs: cannot be swept with ASHA (its budget is the base job's epochs)")

@@ -3,6 +3,7 @@
 A checkpoint is a plain dict of tensors and Python values (loadable with ``weights_only=True``)::
 
     config     the JobConfig as a dict (the run can be rebuilt from the file alone)
+    fingerprint  hash of the settings that define the run (:func:`fingerprint`); resume checks them
     teacher    the frozen FP teacher's state dict
     engine     Engine.state_dict(): student, optimizer, schedule, objective, epoch, RNG
     best       {"ns_top1", "val_top1", "epoch", "state"}: the best converged student (state None if none)
@@ -32,8 +33,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def make_checkpoint(cfg_dict: dict, teacher: nn.Module, engine_state: dict, best: dict, fp_val: dict,
                     stale: int, teacher_report: dict | None = None) -> dict:
-    return {"config": cfg_dict, "teacher": teacher.state_dict(), "engine": engine_state, "best": best,
-            "fp_val": fp_val, "stale": stale, "teacher_report": dict(teacher_report or {})}
+    return {"config": cfg_dict, "fingerprint": fingerprint(cfg_dict), "teacher": teacher.state_dict(),
+            "engine": engine_state, "best": best, "fp_val": fp_val, "stale": stale,
+            "teacher_report": dict(teacher_report or {})}
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -132,3 +134,76 @@ def student_from_checkpoint(ckpt: dict, *, source: str = "checkpoint") -> tuple[
         raise ExportError(f"{source}: student state does not fit {cfg.model.name} "
                           f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from None
     return model.eval(), cfg, which
+
+
+# ------------------------------------------------------------------------------------ run identity
+# A run is resumed only by a job with the same *defining* settings: those that change what the run
+# computes. Resuming under other ones would hand back a model trained with different settings (a W1A1
+# checkpoint answering a W3A3 job). Every setting defines the run except these harmless ones, which
+# only say how long, where, or with what resources it runs, or where it is reported:
+HARMLESS_SETTINGS = (
+    "name",                      # the run's identity itself
+    "train.epochs",              # more epochs continue the same run; fewer end it at its checkpoint
+    "train.patience",            # early stopping decides when to stop, not what an epoch computes
+    "train.device",              # a checkpoint moves between CPU and GPU
+    "data.num_workers",          # loader processes: throughput only
+    "data.os_cache",             # page cache vs. quasi-random reads: memory use (the shuffle stays seeded)
+    "ray",                       # worker count, resources, address, storage path, retries, checkpoints kept
+    "tracking",                  # MLflow URI, experiment, registration
+)
+# Everything else defines the run: model.* (the architecture and FP weights), data.kind / paths / sizes /
+# batch_size / val_fraction, quant.*, objective.*, schedule.*, optim.*, train.seed, train.teacher_epochs
+# and train.max_steps_per_epoch (a capped run is another run than an uncapped one).
+
+
+def _harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in HARMLESS_SETTINGS)
+
+
+def defining_settings(cfg_dict: dict) -> dict:
+    """The dotted settings of a stored or current config that define its run (see HARMLESS_SETTINGS).
+
+    A stored config may predate a setting (filled with its default) or carry a renamed key (mapped).
+    """
+    from ..config import _LEGACY_KEYS, flatten, to_dict
+
+    stored = {}
+    for section, value in (cfg_dict or {}).items():
+        if isinstance(value, dict):
+            legacy = _LEGACY_KEYS.get(section, {})
+            value = {legacy.get(k, k): v for k, v in value.items()}
+        stored[section] = value
+    flat = {**flatten(to_dict(JobConfig(name="x"))), **flatten(stored)}
+    return {k: v for k, v in sorted(flat.items()) if not _harmless(k)}
+
+
+def fingerprint(cfg_dict: dict) -> str:
+    """A short stable hash of a config's defining settings (16 hex digits)."""
+    import hashlib
+    import json
+
+    blob = json.dumps(defining_settings(cfg_dict), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def identity_mismatch(cfg_dict: dict, ckpt: dict) -> list[str]:
+    """The defining settings on which ``cfg_dict`` and the checkpoint's stored config differ."""
+    mine, theirs = defining_settings(cfg_dict), defining_settings(ckpt.get("config") or {})
+    return [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+
+
+def check_identity(cfg_dict: dict, ckpt: dict, where: str) -> None:
+    """Refuse, in one line, to resume the run at ``where`` with settings that define another run."""
+    from ..errors import RunIdentityError
+
+    diff = identity_mismatch(cfg_dict, ckpt)
+    if not diff:
+        return
+    mine, theirs = defining_settings(cfg_dict), defining_settings(ckpt.get("config") or {})
+    order = ("model", "quant", "data", "train", "objective", "schedule", "optim")  # what users change most
+    diff.sort(key=lambda k: (order.index(k.split(".")[0]) if k.split(".")[0] in order else len(order), k))
+    shown = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff[:4])
+    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+    raise RunIdentityError(
+        f"name: run {cfg_dict.get('name')!r} at {where} was trained with other settings ({shown}{more}); "
+        f"pass --name NEW for a new run, or --fresh to set the old one aside and start this one there")

@@ -83,6 +83,15 @@ def _length(loader) -> int | None:
         return len(loader)
     except TypeError:
         return None
+# The metric keys every epoch reports (run_job's on_epoch metrics: validation, bits, the engine's and the
+# objective's train/* means); a sweep's metric must be one of these or of the Ray launcher's additions.
+# tests/launch/test_sweep_metrics.py checks this list against a real epoch's keys.
+EPOCH_METRICS = (
+    "epoch", "fp/val_top1", "val/top1", "val/top5", "val/loss", "val/converged", "val/ns_top1",
+    "bits/avg_w", "bits/avg_a", "train/task", "train/penalty_w", "train/penalty_a", "train/active_w",
+    "train/active_a", "train/loss_mean", "train/extra_loss", "train/loss", "train/temperature", "train/lr",
+    "train/steps", "train/samples_per_s", "train/noise_ratio", "train/global_step",
+)
 
 
 def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[dict]]:

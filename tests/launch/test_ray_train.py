@@ -123,6 +123,24 @@ def test_two_nodes_ddp_ffcv(cluster, tmp_path):
     assert_replicas(reports)
 
 
+@pytest.mark.timeout(300)
+def test_same_name_other_settings_refuses_on_the_driver_and_same_settings_return_the_run(bundled_run, cluster):
+    """Issue 12: a W1A1 job under the name of the finished W8A8 run is refused before Ray trains anything
+    (never registered as a W1A1 champion); the same job again returns the stored summary."""
+    from gdnsq.errors import RunIdentityError
+
+    summary, storage = bundled_run
+    folders = sorted(p.name for p in (storage / "ddp").iterdir())
+    other = job(cluster, storage, "ddp", **{"quant.target_w": 1, "quant.target_a": 1, "quant.init_bits": 8})
+    with pytest.raises(RunIdentityError, match=r"^name: run 'ddp' .*quant\.target_w 8\.0 -> 1\.0.*--name NEW"):
+        fit(other)
+    same = job(cluster, storage, "ddp", **{"quant.target_w": 8, "quant.target_a": 8, "quant.init_bits": 8,
+                                            "ray.num_workers": 1})  # worker count is harmless
+    again = fit(same)
+    assert again["checkpoint"] == summary["checkpoint"] and again["top1"] == summary["top1"]
+    assert sorted(p.name for p in (storage / "ddp").iterdir()) == folders, "nothing may have trained"
+
+
 # ------------------------------------------------------------------------------------ recovery
 
 
@@ -162,6 +180,22 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path, bundled_run, m
 
 
 # ----------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.timeout(300)
+def test_user_error_in_a_worker_is_one_line_and_not_retried(cluster, tmp_path):
+    """A teacher file that exists (the driver's check passes) but is not a state dict fails inside the
+    workers: it comes back as the worker's one-line ConfigError, not as a WorkerGroupError after
+    ray.max_failures identical retries."""
+    import time
+
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(b"not a state dict")
+    cfg = job(cluster, tmp_path / "runs", "bad-teacher", **{"model.checkpoint": str(bad), "ray.max_failures": 3})
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^model\.checkpoint: cannot read .*teacher\.pt") as e:
+        fit(cfg)
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 120
 
 
 @pytest.mark.timeout(180)

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from gdnsq.config import ConfigError, JobConfig, QuantConfig, load_config
+from gdnsq.quant import functional as F
+from gdnsq.quant.layers import iter_quantized, keep_levels_
 from gdnsq.training.engine import Engine
 from gdnsq.training.models import SmallCNN
 from gdnsq.training.objective import converged
-from gdnsq.quant import functional as F
-from gdnsq.quant.layers import iter_quantized, keep_levels_
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 

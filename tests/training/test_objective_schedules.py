@@ -14,7 +14,6 @@ from gdnsq.training.objective import (
     task_loss,
 )
 from gdnsq.training.schedules import (
-    DescentPlan,
     ScheduleState,
     lr_factor,
     next_noise_ratio,

@@ -1,0 +1,161 @@
+"""docs/errors.md, as a test: every bad input tried exits 2 with one stderr line naming the field or file,
+before anything trains, and writes nothing (neither in the working folder nor next to its inputs).
+
+Each row runs in-process (``gdnsq.cli.main``) in an empty working folder; its inputs live in another
+folder, which must be unchanged afterwards. Regenerate the doc after changing a row or a message::
+
+    PYTHONPATH=. python tests/cli/test_errors_table.py > docs/errors.md
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = str(ROOT / "jobs" / "cpu_smallcnn_sweep.yaml")
+JOB = str(ROOT / "jobs" / "cpu_smallcnn_w2a2.yaml")
+QS = ["quickstart", "--no-ray"]
+
+# (command, what the one line must name). {in} is the inputs folder (see make_inputs).
+ROWS = [
+    (QS + ["--target", "W0A2"], "quant.target_w"),
+    (QS + ["--target", "banana"], "--target"),
+    (QS + ["--quant.target_a", "17"], "quant.target_a"),
+    (QS + ["--quant.estimator", "magic"], "quant.estimator"),
+    (QS + ["--quant.batchnorm", "melt"], "quant.batchnorm"),
+    (QS + ["--quant.act_signed", "maybe"], "quant.act_signed"),
+    (QS + ["--quant.init_bits", "1"], "quant.init_bits"),
+    (QS + ["--quant.nosuchkey", "1"], "quant.nosuchkey"),
+    (QS + ["--quant.method", "lsqq"], "quant.method"),
+    (QS + ["--quant.method", "bnnpp"], "quant.method"),
+    (QS + ["--quant.method", "codeq", "--target", "W1A2"], "quant.target_w"),
+    (QS + ["--quant.rules", "[{pattern: nosuchlayer, skip: true}]"], "quant.rules"),
+    (QS + ["--model.name", "no_such_net"], "model.name"),
+    (QS + ["--model.checkpoint", "/no/such/teacher.pt"], "model.checkpoint"),
+    (QS + ["--train.epochs", "2.5"], "train.epochs: must be an integer"),
+    (QS + ["--train.epochs", "0"], "train.epochs"),
+    (QS + ["--train.epochs"], "train.epochs: missing value"),
+    (QS + ["--train.device", "tpu"], "train.device"),
+    (QS + ["--optim.lr", "-1"], "optim.lr"),
+    (QS + ["--optim.lr", "fast"], "optim.lr: must be a number"),
+    (QS + ["--optim.name", "lion"], "optim.name"),
+    (QS + ["--objective.distill", "mse"], "objective.distill"),
+    (QS + ["--schedule.anneal", "2"], "schedule.anneal"),
+    (QS + ["--data.kind", "parquet"], "data.kind"),
+    (QS + ["--data.batch_size", "0"], "data.batch_size"),
+    (QS + ["--name", "a/b"], "name"),
+    (QS + ["--resume", "nosuch", "--ray.storage_path", "{in}/runs"], "--resume"),
+    (QS + ["--target", "W3A3", "--name", "w1a1run", "--ray.storage_path", "{in}/runs"], "quant.target_w 1.0 -> 3.0"),
+    (["quickstart", "--ray.num_workers", "0"], "ray.num_workers"),
+    (["quickstart", "--ray.address", "http://127.0.0.1:8265"], "ray.address"),
+    (["quickstart", "--ray.address", "127.0.0.1:1"], "ray.address"),
+    (["train", "/no/such/job.yaml"], "config"),
+    (["train", "{in}/bad.yaml"], "bad.yaml:3:2"),
+    (["train", "{in}/list.yaml"], "config"),
+    (["train", "{in}/pege.yaml"], "quant.method_args.errr_weight"),
+    (["train", "--no-ray", "--data.kind", "ffcv", "--data.train_path", "/no/t.beton", "--data.val_path", "/no/v.beton"],
+     "data.train_path"),
+    (["train", "--no-ray", "--data.kind", "ffcv", "--data.train_path", "{in}/corrupt.beton",
+      "--data.val_path", "{in}/corrupt.beton"], "data.train_path"),
+    (["train", "--data.kind", "ffcv", "--data.train_path", "{in}/corrupt.beton",
+      "--data.val_path", "{in}/corrupt.beton"], "data.train_path"),
+    (["train", "--data.kind", "imagefolder", "--data.train_path", "{in}/notimages",
+      "--data.val_path", "{in}/notimages"], "data.train_path"),
+    (["sweep", SWEEP, "--sweep.metric", "val/ns_top"], "sweep.metric"),
+    (["sweep", SWEEP, "--sweep.space.optim.lrr", "{grid: [0.1]}"], "sweep.space.optim.lrr"),
+    (["sweep", SWEEP, "--ray.enabled", "false"], "ray.enabled"),
+    (["sweep", JOB], "sweep"),
+    (["data", "write", "{in}/nosuchsrc", "out"], "nosuchsrc"),
+    (["data", "write", "{in}/notimages", "out"], "notimages"),
+    (["export", "{in}/corrupt.pt", "--out", "out"], "corrupt.pt"),
+    (["export", "/no/such/checkpoint.pt", "--out", "out"], "checkpoint.pt"),
+    (["submit", JOB, "--working-dir", "/no/such/dir", "--dry-run"], "--working-dir"),
+]
+
+
+def make_inputs(folder: Path) -> None:
+    from gdnsq.config import load_config, to_dict
+    from gdnsq.training.checkpoint import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bad.yaml").write_text("train:\n  epochs: 3\n bad: [1\n")
+    (folder / "list.yaml").write_text("- 1\n- 2\n")
+    (folder / "pege.yaml").write_text("ray: {enabled: false}\nquant: {method: pege, method_args: {errr_weight: 0.1}}\n")
+    (folder / "corrupt.beton").write_bytes(b"\0" * 4096)
+    (folder / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (folder / "notimages").mkdir()
+    (folder / "notimages" / "readme.txt").write_text("no class folders here")
+    stored = to_dict(load_config(None, {"name": "w1a1run", "quant.target_w": 1, "quant.target_a": 1}))
+    save_checkpoint({"config": stored, "engine": {"epoch": 1, "model": {}}}, folder / "runs" / "w1a1run" / "checkpoint.pt")
+
+
+def tree(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def run_row(argv: list[str], inputs: Path, work: Path) -> tuple[int, str]:
+    from gdnsq.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        return main([a.replace("{in}", str(inputs)) for a in argv]), ""
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    make_inputs(folder)
+    return folder
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("argv, names", ROWS, ids=[" ".join(r[0][:4]) for r in ROWS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, names, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = tree(inputs)
+    rc, _ = run_row(argv, inputs, tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("gdnsq: error: ") and "\n" not in err, err
+    assert names in err, err
+    assert list(tmp_path.iterdir()) == [], "a failed command left files in the working folder"
+    assert tree(inputs) == before, "a failed command changed its inputs' folder"
+
+
+def test_docs_list_every_row():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    for argv, _ in ROWS:
+        assert f"`gdnsq {' '.join(argv)}`".replace(str(ROOT) + "/", "") in doc, argv
+
+
+if __name__ == "__main__":  # regenerate docs/errors.md
+    import contextlib
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        inputs = Path(d) / "in"
+        make_inputs(inputs)
+        print("# Bad input: one line, exit 2, nothing written\n")
+        print("Every row is run by `tests/cli/test_errors_table.py` in an empty folder; `{in}` is a folder of bad")
+        print("inputs (an invalid YAML file, a zeroed `.beton`, a folder without class folders, a checkpoint of a")
+        print("W1A1 run named `w1a1run`, ...). Each exits with status 2, prints one line naming the field or file,")
+        print("and writes nothing. Regenerate with `PYTHONPATH=. python tests/cli/test_errors_table.py > docs/errors.md`.\n")
+        print("| command | exit | message |\n|---|---|---|")
+        for argv, _ in ROWS:
+            work = Path(d) / "work"
+            work.mkdir()
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                rc, _ = run_row(argv, inputs, work)
+            line = err.getvalue().strip().splitlines()[-1].replace(str(inputs), "{in}").replace(str(ROOT) + "/", "")
+            cmd = " ".join(argv).replace(str(ROOT) + "/", "")
+            print(f"| `gdnsq {cmd}` | {rc} | {line.replace('|', '/')} |")
+            os.rmdir(work)
+        sys.stdout.flush()
