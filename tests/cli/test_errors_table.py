@@ -48,7 +48,7 @@ ROWS = [
     (QS + ["--data.batch_size", "0"], "data.batch_size"),
     (QS + ["--name", "a/b"], "name"),
     (QS + ["--resume", "nosuch", "--ray.storage_path", "{in}/runs"], "--resume"),
-    (QS + ["--target", "W3A3", "--name", "w1a1run", "--ray.storage_path", "{in}/runs"], "quant.target_w 1.0 -> 3.0"),
+    (QS + ["--target", "W3A3", "--name", "w1a1run", "--ray.storage_path", "{in}/runs"], "quant.target_w 1 -> 3"),
     (["quickstart", "--ray.num_workers", "0"], "ray.num_workers"),
     (["quickstart", "--ray.address", "http://127.0.0.1:8265"], "ray.address"),
     (["quickstart", "--ray.address", "127.0.0.1:1"], "ray.address"),

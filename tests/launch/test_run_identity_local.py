@@ -48,7 +48,7 @@ def test_second_target_in_the_same_folder_trains_its_own_run_or_refuses(in_tmp, 
     assert quickstart("W3A3", "--name", "shared", "--summary-json", "bad.json") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("gdnsq: error: name: run 'shared'")
-    assert "quant.target_w 1.0 -> 3.0" in err and "--name NEW" in err and "--fresh" in err
+    assert "quant.target_w 1 -> 3" in err and "--name NEW" in err and "--fresh" in err
     assert not (in_tmp / "bad.json").exists() and os.path.getmtime(w1["checkpoint"]) == before
 
     # the same settings again: the finished run says so and returns its summary, nothing trained
