@@ -33,7 +33,7 @@ def throughput(workers: int, args, storage: Path, teacher: Path) -> tuple[float,
     name = f"scaling-{workers}w-{uuid.uuid4().hex[:6]}"
     cfg = load_config(args.config, {
         "name": name, "ray.address": "local", "ray.storage_path": str(storage), "ray.num_workers": workers,
-        "ray.cpus_per_worker": 1, "ray.checkpoints_to_keep": args.epochs, "model.checkpoint": str(teacher),
+        "ray.cpus_per_worker": 1, "ray.checkpoints_to_keep": max(2, args.epochs), "model.checkpoint": str(teacher),
         "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps, "data.batch_size": args.batch,
         "tracking.enabled": False})
     t0 = time.perf_counter()

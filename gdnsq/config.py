@@ -299,6 +299,8 @@ class RayConfig:
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
         _check(self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
+        _check(self.checkpoints_to_keep >= 2, "ray.checkpoints_to_keep",
+               "must be >= 2 (a torn latest checkpoint falls back to the one before it)")
 
 
 @dataclass(kw_only=True)

@@ -41,3 +41,7 @@ class ClusterError(GdnsqError, RuntimeError):
 
 class RunIdentityError(ConfigError):
     """A run name whose stored checkpoint was trained with other defining settings (or no such run)."""
+
+
+class StorageError(GdnsqError, OSError):
+    """A storage path that cannot be written (read-only, full, not a folder); names the path."""

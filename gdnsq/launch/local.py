@@ -61,14 +61,14 @@ def set_aside(cfg: JobConfig) -> str | None:
 def run_local(cfg: JobConfig) -> dict:
     """In-process run, no Ray: checkpoints to <storage>/<name>/checkpoint.pt, resumed if present and trained
     with the same defining settings; a finished run returns its stored summary without training."""
-    from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint, save_checkpoint
+    from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_latest, save_checkpoint
     from ..training.job import run_job
     from ..training.runtime import resolve_device
     from . import console
 
     folder = Path(run_dir(cfg))
     ckpt_path = folder / CHECKPOINT_FILE
-    resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    resume = load_latest(ckpt_path)
     if resume is not None:
         check_identity(to_dict(cfg), resume, str(folder))
         stored = folder / SUMMARY_FILE
@@ -96,7 +96,7 @@ def run_local(cfg: JobConfig) -> dict:
         state = get_checkpoint()
         state["io"] = dict(io)
         state.update(tracking.log_epoch(metrics, table))
-        save_checkpoint(state, ckpt_path)
+        save_checkpoint(state, ckpt_path, keep_previous=True)
 
     summary = run_job(cfg, resume=resume, on_epoch=on_epoch, wrap_ddp=note_io, on_step=progress.step,
                       on_epoch_start=progress.epoch_start)
@@ -220,6 +220,30 @@ def preflight(cfg: JobConfig) -> None:
     check_data(cfg)
 
 
+def check_storage(cfg: JobConfig) -> None:
+    """A local storage path must take a file (probed, then removed with any folder made for it)."""
+    import tempfile
+
+    from ..errors import StorageError
+
+    root = Path(storage_root(cfg))
+    if "://" in str(cfg.ray.storage_path or ""):
+        return
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".gdnsq-probe-"):
+            pass
+    except OSError as e:
+        raise StorageError(f"ray.storage_path: cannot write to {root} ({e.strerror or type(e).__name__})") from None
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 def check_data(cfg: JobConfig) -> None:
     """Local data opened here as the loaders will open it (a .beton's header and sizes, an ImageFolder's
     class folders), so a corrupt file or a folder of the wrong shape fails in one line on the driver,
@@ -254,6 +278,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
 
     cfg = with_run_name(cfg)
     preflight(cfg)
+    check_storage(cfg)
     if resume and not exists(run_dir(cfg)):
         raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")
     if fresh:

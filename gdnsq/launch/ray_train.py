@@ -244,7 +244,7 @@ def check_existing_run(cfg: JobConfig) -> dict | None:
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         return None
-    ckpt = load_ray_checkpoint(checkpoint)
+    ckpt = load_resume_checkpoint(checkpoint)
     check_identity(to_dict(cfg), ckpt, folder)
     summary = read_json(f"{folder}/{SUMMARY_FILE}")
     if finished(cfg, ckpt) and summary is not None:
@@ -264,6 +264,36 @@ def load_ray_checkpoint(checkpoint) -> dict:
     """The gdnsq checkpoint dict inside a Ray Train ``Checkpoint`` (local or remote storage)."""
     with checkpoint.as_directory() as d:
         return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+def load_resume_checkpoint(checkpoint) -> dict:
+    """:func:`load_ray_checkpoint` of the checkpoint a run resumes from; when that one is torn or
+    unreadable, the newest readable one before it in the run folder (``ray.checkpoints_to_keep`` >= 2
+    keeps one), with a warning. Only when none is readable is it an error (one line)."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from ..errors import ExportError
+
+    try:
+        return load_ray_checkpoint(checkpoint)
+    except Exception as e:  # noqa: BLE001 - torn, truncated, missing file: all mean "not usable"
+        first = e
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = latest.rsplit("/", 1)[0]
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") < latest), reverse=True)
+    for path in older:
+        try:
+            state = load_ray_checkpoint(Checkpoint(path, filesystem=fs))
+        except Exception:  # noqa: BLE001
+            continue
+        log.warning("checkpoint %s is unreadable (%s): resuming from the one before it, %s (epoch %d)",
+                    latest, type(first).__name__, path, state["engine"]["epoch"])
+        return state
+    raise ExportError(f"{latest}: the run's latest checkpoint is unreadable ({type(first).__name__}) and no "
+                      "earlier one is; pass --fresh to set the run aside") from None
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -304,7 +334,7 @@ def _load_resume() -> dict | None:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    return None if checkpoint is None else load_ray_checkpoint(checkpoint)
+    return None if checkpoint is None else load_resume_checkpoint(checkpoint)
 
 
 def _wait_report_taken(timeout: float = 60.0) -> None:

@@ -19,6 +19,7 @@ Everything that reads one goes through this module, so the schema has one owner.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -26,9 +27,12 @@ import torch
 from torch import nn
 
 from ..config import JobConfig, config_from_dict
-from ..errors import ExportError
+from ..errors import ExportError, StorageError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_FILE = "checkpoint.prev.pt"  # the local run's checkpoint before the latest: a torn latest falls back to it
+
+log = logging.getLogger("gdnsq")
 
 
 def make_checkpoint(cfg_dict: dict, teacher: nn.Module, engine_state: dict, best: dict, fp_val: dict,
@@ -38,13 +42,50 @@ def make_checkpoint(cfg_dict: dict, teacher: nn.Module, engine_state: dict, best
             "teacher_report": dict(teacher_report or {})}
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write through a temporary file and a rename: a crash never leaves half a checkpoint."""
+def save_checkpoint(state: dict, path: str | Path, *, keep_previous: bool = False) -> None:
+    """Write through a temporary file and a rename: a crash never leaves half a checkpoint.
+
+    ``keep_previous``: the file it replaces becomes PREVIOUS_FILE beside it (a torn latest falls back to
+    it, :func:`load_latest`). A write that fails (unwritable, disk full) removes its temporary file and
+    raises one StorageError line; the checkpoints already there are untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a Python file: a full disk is an OSError (ENOSPC), not torch's C++ stream error
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, path.with_name(PREVIOUS_FILE))
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise StorageError(f"ray.storage_path: cannot write checkpoint {path} ({e.strerror or type(e).__name__}); "
+                           "the earlier checkpoints are kept") from None
+
+
+def load_latest(path: str | Path) -> dict | None:
+    """A local run's checkpoint to resume from: ``path``, or PREVIOUS_FILE beside it (with a warning) when
+    ``path`` is torn, unreadable or missing after a crash between the two renames; None when neither is there."""
+    path = Path(path)
+    previous = path.with_name(PREVIOUS_FILE)
+    if path.is_file():
+        try:
+            return load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - torn, truncated, not a zip: any of them means "not usable"
+            if not previous.is_file():
+                raise ExportError(f"{path}: the run's checkpoint is unreadable ({type(e).__name__}) and there is "
+                                  "no earlier one; pass --fresh to set it aside") from None
+            log.warning("%s is unreadable (%s): resuming from the checkpoint before it, %s",
+                        path, type(e).__name__, previous.name)
+    if previous.is_file():
+        return load_checkpoint(previous)
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -49,6 +49,8 @@ ROWS = [
     (QS + ["--name", "a/b"], "name"),
     (QS + ["--resume", "nosuch", "--ray.storage_path", "{in}/runs"], "--resume"),
     (QS + ["--target", "W3A3", "--name", "w1a1run", "--ray.storage_path", "{in}/runs"], "quant.target_w 1 -> 3"),
+    (QS + ["--ray.storage_path", "{in}/corrupt.pt/runs"], "ray.storage_path: cannot write"),
+    (["quickstart", "--ray.checkpoints_to_keep", "1"], "ray.checkpoints_to_keep"),
     (["quickstart", "--ray.num_workers", "0"], "ray.num_workers"),
     (["quickstart", "--ray.address", "http://127.0.0.1:8265"], "ray.address"),
     (["quickstart", "--ray.address", "127.0.0.1:1"], "ray.address"),
@@ -92,8 +94,10 @@ def make_inputs(folder: Path) -> None:
     save_checkpoint({"config": stored, "engine": {"epoch": 1, "model": {}}}, folder / "runs" / "w1a1run" / "checkpoint.pt")
 
 
-def tree(folder: Path) -> dict[str, float]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+def tree(folder: Path) -> dict[str, float | None]:
+    """Every path under ``folder``, with its mtime for files (a probe file made and removed again
+    changes its folder's mtime, not what the folder holds)."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime if p.is_file() else None) for p in folder.rglob("*")}
 
 
 def run_row(argv: list[str], inputs: Path, work: Path) -> tuple[int, str]:

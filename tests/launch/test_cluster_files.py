@@ -199,6 +199,26 @@ def test_rayjob_runs_gdnsq_with_real_settings():
     config_from_dict(apply_overrides(yaml.safe_load((ROOT / job_file).read_text()), overrides))
 
 
+def test_rayjob_pods_run_locked_down_inside_a_network_policy():
+    """Every pod of the RayJob (submitter, head, workers) drops privileges and is selected by a
+    NetworkPolicy that admits only this namespace (its generated cluster name escapes raycluster.yaml's)."""
+    docs = load_docs(CLUSTER / "kuberay" / "rayjob.yaml")
+    job = one(CLUSTER / "kuberay" / "rayjob.yaml", "RayJob")
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    assert policies, "rayjob.yaml needs its own NetworkPolicy"
+    spec = job["spec"]["rayClusterSpec"]
+    templates = [job["spec"]["submitterPodTemplate"], spec["headGroupSpec"]["template"],
+                 *(g["template"] for g in spec["workerGroupSpecs"])]
+    for t in templates:
+        labels = (t.get("metadata") or {}).get("labels") or {}
+        assert any(p["metadata"]["namespace"] == job["metadata"]["namespace"]
+                   and set(p["spec"]["podSelector"]["matchLabels"].items()) <= set(labels.items())
+                   and p["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}] for p in policies), labels
+        for c in t["spec"]["containers"]:
+            sc = c.get("securityContext") or {}
+            assert sc.get("allowPrivilegeEscalation") is False and "ALL" in sc.get("capabilities", {}).get("drop", []), c["name"]
+
+
 # ------------------------------------------------------------------------------------------- MLflow
 
 

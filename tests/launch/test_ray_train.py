@@ -179,6 +179,26 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path, bundled_run, m
     assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "epoch")) == [1, 2, 3]
 
 
+@pytest.mark.timeout(600)
+def test_torn_latest_checkpoint_resumes_from_the_one_before(cluster, tmp_path, caplog):
+    """The latest Ray checkpoint cut in half: the driver's identity check and the workers' resume both fall
+    back to the checkpoint before it (kept: ray.checkpoints_to_keep >= 2), losing only the torn epoch."""
+    import logging
+
+    runs = tmp_path / "runs"
+    fit(job(cluster, runs, "torn", **{"train.epochs": 2}))
+    latest = max((p for p in (runs / "torn").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    ckpt = latest / "checkpoint.pt"
+    with open(ckpt, "r+b") as f:
+        f.truncate(os.path.getsize(ckpt) // 2)
+    with caplog.at_level(logging.WARNING, logger="gdnsq"):
+        summary = fit(job(cluster, runs, "torn", **{"train.epochs": 3}))
+    assert "unreadable" in caplog.text
+    assert summary["epochs_run"] == 3 and summary["steps"] == 3 * STEPS
+    newest = max(epoch_reports(runs, "torn"), key=lambda m: (m["epoch"], m["run/resumed_from_epoch"]))
+    assert newest["epoch"] == 3.0 and newest["run/resumed_from_epoch"] == 1.0  # epoch 2 redone from epoch 1
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 

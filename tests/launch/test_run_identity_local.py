@@ -9,6 +9,9 @@ import pytest
 
 from gdnsq.cli import main
 
+SECRET_ENV = {"MLFLOW_TRACKING_PASSWORD": "mlflowPw-7f3Kq9Zr", "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+              "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}
+CONFIG_TOKEN = "rayTok-9d8e7f6a5b"  # a token inside a config value (a harmless setting for --no-ray)
 SHORT = ["--no-ray", "--train.epochs", "1", "--train.max_steps_per_epoch", "3", "--train.teacher_epochs", "1",
          "--quant.calib_batches", "1"]
 
@@ -18,6 +21,8 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in SECRET_ENV.items():  # real-looking credentials in the environment: never logged
+        monkeypatch.setenv(key, value)
     return tmp_path
 
 
@@ -27,7 +32,9 @@ def quickstart(target, *extra):
 
 @pytest.mark.timeout(600)
 def test_second_target_in_the_same_folder_trains_its_own_run_or_refuses(in_tmp, capsys, caplog):
-    assert quickstart("W1A1", "--summary-json", "w1.json") == 0
+    caplog.set_level(logging.INFO, logger="gdnsq")
+    assert quickstart("W1A1", "--summary-json", "w1.json",
+                      "--ray.address", f"ray://alice:{CONFIG_TOKEN}@10.0.0.1:10001") == 0
     assert quickstart("W3A3", "--summary-json", "w3.json") == 0
     w1, w3 = (json.loads((in_tmp / f).read_text()) for f in ("w1.json", "w3.json"))
     assert (w3["target_w"], w3["target_a"]) == (3.0, 3.0) and all(r["target_w"] == 3.0 for r in w3["layers"])
@@ -40,6 +47,12 @@ def test_second_target_in_the_same_folder_trains_its_own_run_or_refuses(in_tmp, 
     assert set(runs) == {w1["mlflow_run_id"], w3["mlflow_run_id"]}
     assert all(r.info.status == "FINISHED" and r.data.metrics["epoch"] == 1 for r in runs.values())
     assert runs[w3["mlflow_run_id"]].data.params["quant.target_w"] == "3.0"
+    # no secret in the store (params, tags, artifacts: every byte under .gdnsq/), the logs or the output
+    assert runs[w1["mlflow_run_id"]].data.params["ray.address"] == "ray://alice:***@10.0.0.1:10001"
+    stored = b"".join(p.read_bytes() for p in (in_tmp / ".gdnsq").rglob("*") if p.is_file())
+    out = capsys.readouterr()
+    for secret in [*SECRET_ENV.values(), CONFIG_TOKEN]:
+        assert secret.encode() not in stored and secret not in caplog.text + out.out + out.err, secret
     capsys.readouterr()
 
     # one shared name: the W1A1 run is not resumed as a W3A3 one
