@@ -1,8 +1,10 @@
 """What a run prints: a header, a progress bar (or plain lines) per epoch, one line per epoch, a footer.
 
 Verbosity (``-q`` / ``-v`` on the CLI) and whether the driver's stdout is a terminal travel to Ray
-workers as environment variables (``ray.init(runtime_env=...)``, see :func:`worker_env`), so a worker
-draws a bar only when someone is watching: in a log file it writes a plain line every few minutes.
+workers as environment variables (``ray.init(runtime_env=...)``, see :func:`worker_env`). An in-process
+run draws a tqdm bar on a terminal; a Ray worker, and any run whose stdout is a file, writes plain
+progress lines instead (``ray.experimental.tqdm_ray`` drew nothing here, Ray 2.60, even for a bare
+Ray task on a pseudo-terminal).
 
 Ray's and MLflow's own chatter is switched off with their own settings, not by filtering output:
 ``RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING"))`` (the per-report
@@ -113,7 +115,10 @@ def header(cfg, *, devices: str) -> None:
         from ..tracking.names import scrub_value
         from ..tracking.store import resolve_tracking_uri
 
-        tracking = f"{scrub_value(resolve_tracking_uri(cfg.tracking.uri))}  (experiment {cfg.tracking.experiment})"
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        tracking = f"{scrub_value(uri)}  (experiment {cfg.tracking.experiment})"
+        if uri.startswith("sqlite:") and cfg.ray.enabled and (cfg.ray.address or cfg.ray.num_workers > 1):
+            tracking += "  -- a store on this machine: a cluster wants MLFLOW_TRACKING_URI=http://..."
     print(f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
           f"({cfg.quant.method}), {cfg.train.epochs} epochs, data {cfg.data.kind}", flush=True)
     for key, value in (("run", _run_state(cfg, storage)), ("storage", f"{storage}/{cfg.name}"),
@@ -132,9 +137,9 @@ def _hms(seconds: float) -> str:
 class Progress:
     """``run_job`` hooks on rank 0: a bar per epoch with throughput and ETA, one compact line per epoch.
 
-    On a terminal: tqdm (``ray.experimental.tqdm_ray`` inside a Ray worker, which the driver draws).
-    Otherwise plain lines, at 25 / 50 / 75 % of an epoch that takes longer than a minute, and at least
-    every ``GDNSQ_PROGRESS_EVERY_S`` seconds. ``-q``: only the epoch lines' absence and warnings.
+    In-process on a terminal: a tqdm bar. Otherwise (log files, Ray workers) plain lines at 25 / 50 / 75 %
+    of an epoch that takes longer than a minute, and at least every ``GDNSQ_PROGRESS_EVERY_S`` seconds.
+    ``-q``: no progress and no epoch lines.
     """
 
     def __init__(self, cfg, *, world_size: int = 1, in_ray: bool = False):
@@ -155,15 +160,12 @@ class Progress:
         self.t0 = self.last = self.step_t = time.perf_counter()
         self.next_mark = 0.25
         self.loss = None
-        if self.level < 0 or not self.tty:
+        if self.level < 0 or not self.tty or self.in_ray:
             return
-        desc = f"epoch {self.epoch}/{self.epochs}"
         try:
-            if self.in_ray:
-                from ray.experimental.tqdm_ray import tqdm
-            else:
-                from tqdm.auto import tqdm
-            self.bar = tqdm(total=self.total, desc=desc, unit="step")
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=f"epoch {self.epoch}/{self.epochs}", unit="step", leave=False)
         except Exception:  # noqa: BLE001 - no tqdm: plain lines
             self.bar = None
 
@@ -222,10 +224,10 @@ def footer(cfg, summary: dict) -> None:
     uri = None
     if cfg.tracking.enabled and summary.get("mlflow_run_id"):
         from ..tracking.names import scrub_value
-        from ..tracking.store import is_server_uri, resolve_tracking_uri
+        from ..tracking.store import is_server_uri, resolve_tracking_uri, run_artifact_uri
 
         uri = resolve_tracking_uri(cfg.tracking.uri)
-        artifacts = _artifact_uri(uri, summary["mlflow_run_id"])
+        artifacts = run_artifact_uri(uri, summary["mlflow_run_id"])
         if artifacts:
             local = Path(artifacts.removeprefix("file://"))
             pngs = sorted(p.name for p in local.glob("*.png")) if local.is_dir() else []
@@ -249,12 +251,3 @@ def footer(cfg, summary: dict) -> None:
 
 def _is_default(uri: str) -> bool:
     return uri == f"sqlite:///{Path(os.getcwd()).resolve() / '.gdnsq' / 'mlflow.db'}"
-
-
-def _artifact_uri(uri: str, run_id: str) -> str | None:
-    try:
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
-    except Exception:  # noqa: BLE001 - the footer never fails a finished run
-        return None

@@ -50,6 +50,16 @@ def resolve_read_uri(uri: str | None = None) -> str:
     return uri
 
 
+def run_artifact_uri(uri: str, run_id: str) -> str | None:
+    """Where run ``run_id`` of store ``uri`` keeps its artifacts (plots, bits tables); None if unknown."""
+    try:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - only used to tell the user where to look
+        return None
+
+
 def is_server_uri(uri: str) -> bool:
     """True for a tracking server (HTTP, Databricks); False for a database or file store used directly."""
     return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")
