@@ -27,6 +27,7 @@ ESTIMATORS = ("ste", "lsq", "ewgs", "aewgs")
 DISTILL_LOSSES = ("jeffreys", "kl", "ce")
 BATCHNORM_MODES = ("keep", "freeze", "fold")
 DATA_KINDS = ("bundled", "ffcv", "imagefolder")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(kw_only=True)
@@ -269,12 +270,22 @@ class TrainConfig:
     """Under DDP on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm), as the reference did."""
     max_steps_per_epoch: int | None = None
     """Cap on steps per epoch (short test runs)."""
+    precision: str = "fp32"
+    """Forward passes: fp32, bf16 or fp16 (CUDA only) autocast; quantizer maths and the loss stay fp32."""
+    channels_last: bool = False
+    """Student, teacher and inputs in channels_last memory format (faster convs on GPUs and oneDNN)."""
+    compile: bool = False
+    """Run the student through torch.compile (first steps are slow while it compiles)."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "train.teacher_epochs", "must be >= 1")
         _check(self.teacher_max_epochs >= 1, "train.teacher_max_epochs", "must be >= 1")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.precision in PRECISIONS, "train.precision",
+               f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(not (self.precision == "fp16" and self.device == "cpu"), "train.precision",
+               "fp16 needs CUDA (loss scaling); use bf16 on CPU")
 
 
 @dataclass(kw_only=True)
