@@ -235,8 +235,8 @@ class DataConfig:
     """Resize before the validation centre crop; None = img_size · 256/224 (256 for 224-pixel crops)."""
     batch_size: int = 128
     """Per-worker batch size."""
-    num_workers: int = 2
-    """Loader worker threads/processes per Ray worker."""
+    num_workers: int | None = None
+    """Loader worker threads/processes per Ray worker; None = its CPU share (torch's thread count there)."""
     os_cache: bool = True
     """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
     val_fraction: float = 0.1
@@ -298,8 +298,8 @@ class RayConfig:
     """Training workers (DDP ranks)."""
     use_gpu: bool | None = None
     """One GPU per worker; None = if the cluster has GPUs."""
-    cpus_per_worker: int = 1
-    """CPUs reserved per worker (also the loader's thread count)."""
+    cpus_per_worker: int | None = 1
+    """CPUs reserved per worker (also torch's threads and the loader's); None = a node's CPUs shared by its workers."""
     storage_path: str | None = None
     """Checkpoint storage: a shared path or s3:// URI; None = ./runs."""
     max_failures: int = 2
@@ -309,7 +309,7 @@ class RayConfig:
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
 
 
 @dataclass(kw_only=True)
