@@ -97,6 +97,8 @@ class QuantConfig:
     """BatchNorm handling: keep (trained), freeze (eval stats, no grad) or fold into the conv."""
     calib_batches: int = 4
     """Batches seen by the min/max observers before training."""
+    fused: bool = True
+    """Weight quantizers keep the forward's rounding error for backward (bit-identical; False recomputes it)."""
     level_guard: bool = True
     """Project log s after every step so no learnable grid has fewer than 2**target levels."""
     level_margin: float = 0.1

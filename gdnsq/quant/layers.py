@@ -166,6 +166,13 @@ def iter_quantizers(model: nn.Module) -> Iterator[Quantizer]:
             yield layer.act_quant
 
 
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """``quant.fused`` on every quantizer that has a fused path (GDNSQ's weight quantizer)."""
+    for q in iter_quantizers(model):
+        if hasattr(q, "fused"):
+            q.fused = bool(fused)
+
+
 def set_noise_ratio(model: nn.Module, ratio: float) -> None:
     for q in iter_quantizers(model):
         q.noise_ratio = float(ratio)

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JobConfig, OptimConfig
-from ..quant.layers import iter_quantized, iter_quantizers, keep_levels_, quantizer_parameters, set_noise_ratio
+from ..quant.layers import (
+    iter_quantized,
+    iter_quantizers,
+    keep_levels_,
+    quantizer_parameters,
+    set_fused,
+    set_noise_ratio,
+)
 from .objective import GDNSQObjective, converged
 from .precision import Precision
 from .runtime import all_reduce_sum, unwrap
@@ -148,6 +155,7 @@ class Engine:
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         self._planned_quant_lr = False
         set_noise_ratio(self.core, self.sched.noise_ratio)
+        set_fused(self.core, cfg.quant.fused)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
         self._progress_hooks = list(iter_quantizers(self.core))
         self.epoch = 0
