@@ -1,5 +1,5 @@
 # The two commands of the README. Both run the idempotent set-up first.
-.PHONY: setup quickstart test bench
+.PHONY: setup quickstart test bench gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -12,3 +12,6 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_step_overhead.py
+
+gpu-check: setup
+	bash benchmarks/gpu_check.sh

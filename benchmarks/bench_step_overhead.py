@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -26,6 +27,7 @@ from torch.ao.quantization import (
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
 from gdnsq.config import ObjectiveConfig, QuantConfig
+from gdnsq.quant.layers import set_fused
 from gdnsq.training.objective import bit_penalties
 from gdnsq.training.runtime import resolve_device
 from gdnsq.training.surgery import _set_submodule, calibrate_model, plan, quantize_model
@@ -62,6 +64,8 @@ def make_models(device, batch, size):
     qcfg = QuantConfig(target_w=2, target_a=2)
     quantize_model(gdnsq, qcfg)
     calibrate_model(gdnsq, [x], init_bits=10)
+    unfused = copy.deepcopy(gdnsq)  # quant.fused off: the rounding error is recomputed in backward
+    set_fused(unfused, False)
 
     ao = copy.deepcopy(fp)
     for d in plan(ao, qcfg):
@@ -72,7 +76,7 @@ def make_models(device, batch, size):
     for m in ao.modules():
         if isinstance(m, _LearnableFakeQuantize):
             m.toggle_observer_update(False)
-    return {"fp": fp, "gdnsq": gdnsq, "torch.ao": ao}, x, y
+    return {"fp": fp, "gdnsq": gdnsq, "unfused": unfused, "torch.ao": ao}, x, y
 
 
 def main():
@@ -90,7 +94,7 @@ def main():
     def step(name):
         m, opt = models[name], opts[name]
         loss = F.cross_entropy(m(x), y)
-        if name == "gdnsq":
+        if name in ("gdnsq", "unfused"):
             t = bit_penalties(m, obj.eps, obj.p)
             loss = loss + 1e-3 * (t.p_w + t.p_a)
         opt.zero_grad(set_to_none=True)
@@ -107,11 +111,13 @@ def main():
             if i >= 3:  # warm-up rounds excluded
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end")
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.steps} steps (median)")
     for k, v in med.items():
         print(f"  {k:<9} {v * 1000:8.1f} ms/step")
     print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.3x)")
+    print(f"unfused / FP step time:  {med['unfused'] / med['fp']:.2f}x   (quant.fused off)")
     print(f"torch.ao / FP step time: {med['torch.ao'] / med['fp']:.2f}x   (reference)")
 
 

@@ -27,6 +27,7 @@ ESTIMATORS = ("ste", "lsq", "ewgs", "aewgs")
 DISTILL_LOSSES = ("jeffreys", "kl", "ce")
 BATCHNORM_MODES = ("keep", "freeze", "fold")
 DATA_KINDS = ("bundled", "ffcv", "imagefolder")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(kw_only=True)
@@ -96,6 +97,8 @@ class QuantConfig:
     """BatchNorm handling: keep (trained), freeze (eval stats, no grad) or fold into the conv."""
     calib_batches: int = 4
     """Batches seen by the min/max observers before training."""
+    fused: bool = True
+    """Weight quantizers keep the forward's rounding error for backward (bit-identical; False recomputes it)."""
     level_guard: bool = True
     """Project log s after every step so no learnable grid has fewer than 2**target levels."""
     level_margin: float = 0.1
@@ -234,8 +237,8 @@ class DataConfig:
     """Resize before the validation centre crop; None = img_size · 256/224 (256 for 224-pixel crops)."""
     batch_size: int = 128
     """Per-worker batch size."""
-    num_workers: int = 2
-    """Loader worker threads/processes per Ray worker."""
+    num_workers: int | None = None
+    """Loader worker threads/processes per Ray worker; None = its CPU share (torch's thread count there)."""
     os_cache: bool = True
     """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
     val_fraction: float = 0.1
@@ -269,12 +272,22 @@ class TrainConfig:
     """Under DDP on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm), as the reference did."""
     max_steps_per_epoch: int | None = None
     """Cap on steps per epoch (short test runs)."""
+    precision: str = "fp32"
+    """Forward passes: fp32, bf16 or fp16 (CUDA only) autocast; quantizer maths and the loss stay fp32."""
+    channels_last: bool = False
+    """Student, teacher and inputs in channels_last memory format (faster convs on GPUs and oneDNN)."""
+    compile: bool = False
+    """Run the student through torch.compile (first steps are slow while it compiles)."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "train.teacher_epochs", "must be >= 1")
         _check(self.teacher_max_epochs >= 1, "train.teacher_max_epochs", "must be >= 1")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.precision in PRECISIONS, "train.precision",
+               f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(not (self.precision == "fp16" and self.device == "cpu"), "train.precision",
+               "fp16 needs CUDA (loss scaling); use bf16 on CPU")
 
 
 @dataclass(kw_only=True)
@@ -287,8 +300,8 @@ class RayConfig:
     """Training workers (DDP ranks)."""
     use_gpu: bool | None = None
     """One GPU per worker; None = if the cluster has GPUs."""
-    cpus_per_worker: int = 1
-    """CPUs reserved per worker (also the loader's thread count)."""
+    cpus_per_worker: int | None = 1
+    """CPUs reserved per worker (also torch's threads and the loader's); None = a node's CPUs shared by its workers."""
     storage_path: str | None = None
     """Checkpoint storage: a shared path or s3:// URI; None = ./runs."""
     max_failures: int = 2
@@ -298,7 +311,7 @@ class RayConfig:
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
         _check(self.checkpoints_to_keep >= 2, "ray.checkpoints_to_keep",
                "must be >= 2 (a torn latest checkpoint falls back to the one before it)")
 

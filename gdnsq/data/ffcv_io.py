@@ -4,9 +4,10 @@ FFCV is imported only inside the functions here, so ``import gdnsq`` works witho
 
 Choices worth knowing (see shared PITFALLS.md, FFCV section):
 
-* ``NormalizeImage`` runs on the CPU *before* ``ToTensor``: a jitted op after ``ToTensor`` makes
-  ``Loader()`` spin forever, and FFCV's GPU normalisation needs cupy. On a GPU this ships float32
-  (4x the bytes of uint8) over PCIe, which is cheap next to JPEG decoding.
+* CPU device: ``NormalizeImage`` runs *before* ``ToTensor`` (a jitted op after ``ToTensor`` makes
+  ``Loader()`` spin forever). CUDA device: decode and augment on the CPU, then ``ToTensor`` ->
+  ``ToDevice`` (uint8, non-blocking) -> ``ToTorchImage`` -> ``NormalizeOnDevice`` (torch ops on the GPU;
+  FFCV's own GPU normalisation needs cupy): a quarter of the PCIe bytes and no CPU time spent normalising.
 * Order: ``RANDOM`` when ``os_cache`` (the page cache holds the file, shared by all ranks of a
   node). ``QUASI_RANDOM`` when not ``os_cache`` and not distributed. ``QUASI_RANDOM`` raises with
   ``distributed=True``, and ``RANDOM`` with FFCV's process cache keeps nearly every page resident,
@@ -218,13 +219,15 @@ def _order(cfg: DataConfig, distributed: bool):
 
 
 def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.device, seed: int,
-                        epoch: int = 0):
+                        epoch: int = 0, normalize_on_device: bool | None = None):
     """Train and val FFCV loaders for ``cfg.train_path`` / ``cfg.val_path``.
 
     Returns ``(train_loader, val_loader, num_classes)``. Batches are ``(images, labels)``:
     images float32 NCHW normalised with the ImageNet mean/std (channels_last memory), labels
     int64 ``(B,)``, both on ``device``. With ``distributed`` (torch.distributed initialised)
     each rank reads its own share. Train drops the last partial batch; val keeps it.
+    ``normalize_on_device`` (default: on CUDA) selects the GPU pipeline order of the module docstring;
+    it runs on a CPU ``device`` too (tests). ``cfg.num_workers`` None means the CPUs this process may use.
     """
     from ffcv.fields.decoders import (
         CenterCropRGBImageDecoder,
@@ -255,18 +258,26 @@ def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.dev
 
     on_gpu = device.type == "cuda"
     to_device = [ToDevice(device, non_blocking=True)] if on_gpu else []
+    if normalize_on_device is None:
+        normalize_on_device = on_gpu
 
     def image_pipeline(decoder, *augment):
+        if normalize_on_device:
+            from .ffcv_ops import NormalizeOnDevice
+
+            # uint8 to the device, permute there, normalise there (not jitted: may follow ToTensor).
+            return [decoder, *augment, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                    NormalizeOnDevice(_MEAN_255, _STD_255)]
         # NormalizeImage before ToTensor: a jitted op after ToTensor hangs Loader() (PITFALLS).
-        # On a GPU: copy NHWC, then permute there (FFCV's own ImageNet order: ToDevice, ToTorchImage).
-        return [decoder, *augment, NormalizeImage(_MEAN_255, _STD_255, np.float32),
-                ToTensor(), *to_device, ToTorchImage()]
+        return [decoder, *augment, NormalizeImage(_MEAN_255, _STD_255, np.float32), ToTensor(), *to_device,
+                ToTorchImage()]
 
     def label_pipeline():
         return [IntDecoder(), ToTensor(), Squeeze(), *to_device]
 
     order, os_cache = _order(cfg, distributed)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, distributed=distributed, seed=seed)
+    workers = cfg.num_workers if cfg.num_workers is not None else available_cpus()
+    common = dict(batch_size=cfg.batch_size, num_workers=workers, distributed=distributed, seed=seed)
     train = Loader(str(cfg.train_path), order=order, os_cache=os_cache, drop_last=True, **common, pipelines={
         _IMAGE: image_pipeline(RandomResizedCropRGBImageDecoder((cfg.img_size, cfg.img_size)),
                                RandomHorizontalFlip()),

@@ -4,6 +4,8 @@ FFCV and torchvision are imported only when their kind is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +25,12 @@ class Loaders:
     set_epoch: Callable[[int], None] = field(default=lambda epoch: None)
 
 
+def cpu_share() -> int:
+    """CPUs this rank computes on: torch's thread count (a Ray worker sets it to ``ray.cpus_per_worker``),
+    at most the CPUs the process may run on."""
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+
+
 def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                    epoch: int = 0) -> Loaders:
     """Dispatch on ``data.kind``; FFCV and torchvision are imported only when asked for."""
@@ -40,6 +48,8 @@ def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device
 
         return Loaders(train, val, test, nc, ch, calib=full, set_epoch=set_epoch)
     distributed = world_size > 1
+    if d.num_workers is None:  # sized to this rank's CPU share, not every CPU of the node (PITFALLS)
+        d = dataclasses.replace(d, num_workers=cpu_share())
     if d.kind == "ffcv":
         from .ffcv_io import create_ffcv_loaders as factory
     else:

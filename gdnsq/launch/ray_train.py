@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -87,6 +88,33 @@ def place(cfg: JobConfig) -> bool:
     return use_gpu
 
 
+def cpus_per_worker(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> int:
+    """``ray.cpus_per_worker``, or for None a node's CPUs shared by the workers it will hold.
+
+    The workers spread over the alive nodes (GPU nodes with ``use_gpu``), ceil(workers / nodes) per
+    node, sized by the smallest node. Train V2's controller actor reserves no CPU (``num_cpus=0`` in
+    Ray 2.60) and the driver none either, so on a 2-core machine one worker gets both cores.
+    """
+    if cfg.ray.cpus_per_worker is not None:
+        return cfg.ray.cpus_per_worker
+    res = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    res = [r for r in res if r.get("CPU", 0) >= 1 and (not use_gpu or r.get("GPU", 0) >= 1)]
+    if not res:
+        return 1
+    per_node = math.ceil(cfg.ray.num_workers / len(res))
+    if use_gpu:  # one GPU per worker: a node holds at most its GPU count
+        per_node = max(per_node, math.ceil(cfg.ray.num_workers / sum(int(r["GPU"]) for r in res)))
+    return max(1, int(min(r["CPU"] for r in res) // per_node))
+
+
+def with_cpu_share(cfg: JobConfig, use_gpu: bool) -> JobConfig:
+    """The config with ``ray.cpus_per_worker`` resolved against the connected cluster."""
+    import ray
+
+    cpus = cpus_per_worker(cfg, use_gpu, ray.nodes())
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, cpus_per_worker=cpus))
+
+
 def resolve_use_gpu(cfg: JobConfig, cluster: dict[str, float]) -> bool:
     if cfg.ray.use_gpu is not None:
         use_gpu = cfg.ray.use_gpu
@@ -105,7 +133,7 @@ def check_resources(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> None:
     Each worker's bundle (``ray.cpus_per_worker`` CPUs, one GPU with ``use_gpu``) must fit on one
     node, so the count is per node, not over the cluster's total.
     """
-    need_cpu, need_gpu = cfg.ray.cpus_per_worker, 1 if use_gpu else 0
+    need_cpu, need_gpu = cpus_per_worker(cfg, use_gpu, nodes), 1 if use_gpu else 0
     slots, total_cpu, total_gpu = 0, 0.0, 0.0
     for node in nodes:
         if not node.get("Alive"):
@@ -181,7 +209,7 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
     if stored is not None:
         return stored
     use_gpu = place(cfg)
-    cfg = _driver_config(cfg)
+    cfg = _driver_config(with_cpu_share(cfg, use_gpu))
     single = callbacks is None  # a Tune trial passes its callbacks; its console is Tune's
     if single:
         from .console import header

@@ -125,6 +125,8 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
 
     base = _abs_paths(plan.base)
     base.setdefault("ray", {})["use_gpu"] = use_gpu
+    # Trials share the cluster: an unset CPU share (None = a whole node) means 1 CPU per worker here.
+    base["ray"]["cpus_per_worker"] = plan.job.ray.cpus_per_worker or 1
     if plan.job.tracking.enabled:
         from ..tracking.store import resolve_tracking_uri
 

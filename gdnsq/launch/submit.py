@@ -135,7 +135,7 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
         submission_id=submission_id or _submission_id(cfg.name or job.stem),
         entrypoint=entrypoint, runtime_env=runtime_env,
         metadata={"gdnsq_name": cfg.name or "", "gdnsq_file": rel, "gdnsq_command": command},
-        entrypoint_num_cpus=cfg.ray.cpus_per_worker if in_driver else 0,
+        entrypoint_num_cpus=(cfg.ray.cpus_per_worker or 1) if in_driver else 0,
         entrypoint_num_gpus=1 if in_driver and cfg.ray.use_gpu else 0,
         warnings=warnings)
 

@@ -226,7 +226,7 @@ def plan_concurrency(plan: SweepPlan, use_gpu: bool, cluster: dict[str, float]) 
     more trials than the cluster can place; their worker groups would then time out (ray#54305).
     """
     r = plan.job.ray
-    need = {"CPU": r.num_workers * r.cpus_per_worker + plan.sweep.trial_resources.get("CPU", 0.0)}
+    need = {"CPU": r.num_workers * (r.cpus_per_worker or 1) + plan.sweep.trial_resources.get("CPU", 0.0)}
     if use_gpu:
         need["GPU"] = r.num_workers + plan.sweep.trial_resources.get("GPU", 0.0)
     fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)

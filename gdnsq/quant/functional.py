@@ -100,12 +100,19 @@ class _NoisyRound(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, lo, hi, z: Tensor, s: Tensor, estimator: str, delta: float, noise_ratio: float):
+    def forward(ctx, x: Tensor, lo, hi, z: Tensor, s: Tensor, estimator: str, delta: float, noise_ratio: float,
+                keep_error: bool = False):
         v = torch.sub(x, z).div_(s)
         if lo is not None:
             v = v.clamp_((lo - z) / s, (hi - z) / s)
         e = None
-        if noise_ratio > 0 or estimator != "ste":
+        if noise_ratio == 0 and estimator == "ste" and keep_error:
+            # Fused: keep n = round(v) - v from the forward (one x-sized tensor) instead of recomputing
+            # v, the clamp and n in backward (four passes over x); same ops, same bits.
+            r = torch.round(v)
+            e = torch.sub(r, v)
+            out = r
+        elif noise_ratio > 0 or estimator != "ste":
             e = torch.round(v).sub_(v)  # rounding error n in grid units
             if noise_ratio > 0:
                 # Extra uniform noise in place of part of the rounding error, decayed to 0 by the schedule.
@@ -163,17 +170,20 @@ class _NoisyRound(torch.autograd.Function):
 
         if ctx.needs_input_grad[3]:
             grad_z = torch.zeros_like(z)
-        return grad_x, grad_lo, grad_hi, grad_z, grad_s, None, None, None
+        return grad_x, grad_lo, grad_hi, grad_z, grad_s, None, None, None, None
 
 
 def noisy_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor, *,
-                   estimator: str = "ste", delta: float = 1e-2, noise_ratio: float = 0.0) -> Tensor:
+                   estimator: str = "ste", delta: float = 1e-2, noise_ratio: float = 0.0,
+                   keep_error: bool = False) -> Tensor:
     """Training-time fake quantization: clamp to [lo, hi] (skipped when None), then noisy rounding.
 
     Shapes: x (N, ...), lo/hi/z/s broadcastable to x (scalars or per-channel (C, 1, ...)).
     Gradients: x (straight-through inside [lo, hi], 0 outside), lo/hi (clamped elements), s (noise model).
+    ``keep_error``: save the rounding error for backward instead of recomputing it (bit-identical; costs
+    one x-sized tensor, so the weight quantizer uses it and activations do not).
     """
-    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio)
+    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio, keep_error)
 
 
 def integer_codes(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ quantized weight baked in).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +16,13 @@ from torch import Tensor, nn
 from .methods import create_method_quantizers
 from .quantizer import Quantizer
 from .spec import QuantSpec
+
+
+def _fp32_region(t: Tensor):
+    """Quantizers run in float32 outside autocast: a bf16 mantissa (8 bits) cannot hold a 10-bit grid."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _QuantMixin:
@@ -30,10 +38,15 @@ class _QuantMixin:
         self.register_buffer("target_a", torch.tensor(spec.target_a))
 
     def quantized_weight(self) -> Tensor:
-        return self.weight_quant(self.weight)
+        # .float() is the weight itself for fp32 weights, so the quantizer's range cache still hits.
+        with _fp32_region(self.weight):
+            return self.weight_quant(self.weight.float())
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        return x if self.act_quant is None else self.act_quant(x)
+        if self.act_quant is None:
+            return x
+        with _fp32_region(x):
+            return self.act_quant(x.float())
 
     def weight_bits(self) -> Tensor:
         return self.weight_quant.bits(self.weight)
@@ -151,6 +164,13 @@ def iter_quantizers(model: nn.Module) -> Iterator[Quantizer]:
         yield layer.weight_quant
         if layer.act_quant is not None:
             yield layer.act_quant
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """``quant.fused`` on every quantizer that has a fused path (GDNSQ's weight quantizer)."""
+    for q in iter_quantizers(model):
+        if hasattr(q, "fused"):
+            q.fused = bool(fused)
 
 
 def set_noise_ratio(model: nn.Module, ratio: float) -> None:

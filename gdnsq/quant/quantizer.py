@@ -94,6 +94,9 @@ class WeightQuantizer(_GDNSQQuantizer):
     ``log_s`` has shape (C_out, 1, ..., 1) per channel or (1,) * w.dim() per tensor.
     """
 
+    fused: bool = True
+    """Keep the rounding error from forward for backward (bit-identical, four fewer passes over w); ``quant.fused``."""
+
     def __init__(self, weight_shape: torch.Size, *, per_channel: bool = True, **kw):
         super().__init__(**kw)
         self.per_channel = per_channel
@@ -135,7 +138,7 @@ class WeightQuantizer(_GDNSQQuantizer):
         s = torch.exp2(self.log_s)
         if self.training:
             # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
-            return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator,
+            return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator, keep_error=self.fused,
                                     delta=self.delta, noise_ratio=self.noise_ratio)
         return F.exact_quantize(w, None, None, lo, s)
 

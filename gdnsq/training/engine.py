@@ -16,8 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JobConfig, OptimConfig
-from ..quant.layers import iter_quantized, iter_quantizers, keep_levels_, quantizer_parameters, set_noise_ratio
+from ..quant.layers import (
+    iter_quantized,
+    iter_quantizers,
+    keep_levels_,
+    quantizer_parameters,
+    set_fused,
+    set_noise_ratio,
+)
 from .objective import GDNSQObjective, converged
+from .precision import Precision
 from .runtime import all_reduce_sum, unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
 
@@ -51,15 +59,19 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
-    """Top-1 / top-5 (%) and cross-entropy over a loader, in eval mode (exact integer grid)."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             precision: Precision | None = None) -> dict[str, float]:
+    """Top-1 / top-5 (%) and cross-entropy over a loader, in eval mode (exact integer grid),
+    under ``precision``'s autocast and memory format (fp32 when None)."""
+    precision = precision or Precision(device.type)
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
+        x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct1 += int((top[:, 0] == y).sum())
@@ -76,13 +88,15 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[s
 
 def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, device: torch.device,
              log: Callable[[str], None] = print, val_loader: Iterable | None = None,
-             max_epochs: int = 30) -> dict:
+             max_epochs: int = 30, precision: Precision | None = None) -> dict:
     """Plain cross-entropy training of the FP teacher (used when no FP weights are given).
 
     ``epochs`` set: that many epochs under a one-cycle LR. ``epochs`` None: train until the validation
     top-1 plateaus (the LR drops ×0.3 after 2 epochs without a 0.1-point gain; the third drop ends it),
     at most ``max_epochs``, and keep the best validation state. Returns {rule, epochs, plateaued}.
+    Forward passes under ``precision`` (fp32 when None).
     """
+    precision = precision or Precision(device.type)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     plateau = epochs is None and val_loader is not None
@@ -93,18 +107,19 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, 
     for epoch in range(n_epochs):
         model.train()
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with precision.autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            precision.backward_step(loss, opt)
             if sched is not None:
                 sched.step()
         done = epoch + 1
         if not plateau:
             log(f"teacher epoch {done}/{n_epochs}: loss {loss.item():.4f}")
             continue
-        top1 = evaluate(model, val_loader, device)["top1"]
+        top1 = evaluate(model, val_loader, device, precision)["top1"]
         log(f"teacher epoch {done} (cap {n_epochs}): loss {loss.item():.4f}, val top-1 {top1:.2f}")
         if top1 > best + 0.1:
             best, best_state, stale = top1, copy.deepcopy(model.state_dict()), 0
@@ -125,8 +140,11 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, 
 class Engine:
     """One GDNSQ fine-tuning run's moving parts, stepping and checkpointable."""
 
-    def __init__(self, cfg: JobConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device):
+    def __init__(self, cfg: JobConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device,
+                 precision: Precision | None = None):
         self.cfg = cfg
+        # Autocast dtype, memory format, fp16 loss scaling (modules are put in their format by the caller).
+        self.precision = precision or Precision.create(cfg.train, device)
         self.model = student  # may be DDP-wrapped; quantizer maths read the unwrapped core
         self.core = unwrap(student)
         self.teacher = teacher
@@ -137,6 +155,7 @@ class Engine:
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         self._planned_quant_lr = False
         set_noise_ratio(self.core, self.sched.noise_ratio)
+        set_fused(self.core, cfg.quant.fused)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
         self._progress_hooks = list(iter_quantizers(self.core))
         self.epoch = 0
@@ -159,6 +178,7 @@ class Engine:
             if max_steps is not None and steps >= max_steps:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = self.precision.prepare_input(x)
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
@@ -166,22 +186,24 @@ class Engine:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor * (quant_factor if g.get("name") == "quantizers" else 1.0)
             teacher_logits = None
-            if cfg.objective.distill != "ce":
-                with torch.no_grad():
-                    teacher_logits = self.teacher(x)
-            logits = self.model(x)
+            with self.precision.autocast():  # convs and matmuls only: quantizers run in fp32 (quant.layers)
+                if cfg.objective.distill != "ce":
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(x).float()
+                logits = self.model(x).float()
             loss, parts = self.objective(self.core, logits, teacher_logits, y, self.sched.temperature,
                                          level_fraction=self.sched.level_fraction(plan))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            self.precision.backward(loss)
             if cfg.optim.quant_grad_clip and quant_params:
+                self.precision.unscale_(opt)  # clip true gradients, not fp16-scaled ones
                 # Second line behind the level guard: one spike (a dead layer before a train-mode BatchNorm
                 # sends ~1e7) would otherwise sit in Adam's second moment and freeze that quantizer.
                 parts["train/quant_grad_norm"] = float(
                     torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip))
-            opt.step()
+            self.precision.step(opt)
             if cfg.quant.level_guard:
                 keep_levels_(self.core, cfg.quant.level_margin)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
@@ -237,6 +259,7 @@ class Engine:
             "objective": self.objective.state_dict(),
             "epoch": self.epoch,
             "rng": {"torch": torch.get_rng_state()},
+            **self.precision.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -246,4 +269,5 @@ class Engine:
         set_noise_ratio(self.core, self.sched.noise_ratio)
         self.objective.load_state_dict(state["objective"])
         self.epoch = state["epoch"]
+        self.precision.load_state_dict(state)
         torch.set_rng_state(state["rng"]["torch"])

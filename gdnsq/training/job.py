@@ -20,6 +20,7 @@ from .checkpoint import make_checkpoint
 from .engine import Engine, create_plan, evaluate, planned_steps, train_fp
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
+from .precision import Precision, maybe_compile
 from .runtime import broadcast_module, resolve_device, seed_everything
 from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
 
@@ -39,7 +40,7 @@ def _take(loader, n: int, device) -> list[torch.Tensor]:
 
 
 def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device,
-                    resume: dict | None) -> tuple[nn.Module, dict]:
+                    resume: dict | None, precision: Precision | None = None) -> tuple[nn.Module, dict]:
     """The frozen FP teacher and a report of how it was obtained (trained in-run: epochs, val top-1)."""
     teacher = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans,
                            load_weights=resume is None).to(device)
@@ -54,7 +55,8 @@ def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device,
                  f"to a validation plateau (at most {cfg.train.teacher_max_epochs} epochs)")
         seed_everything(cfg.train.seed)
         report.update(train_fp(teacher, loaders.calib, epochs, lr=1e-2, device=device, log=log.info,
-                               val_loader=loaders.val, max_epochs=cfg.train.teacher_max_epochs))
+                               val_loader=loaders.val, max_epochs=cfg.train.teacher_max_epochs,
+                               precision=precision))
         broadcast_module(teacher)  # every rank distils from the same teacher
         if report["rule"] == "plateau" and not report["plateaued"]:
             log.warning("the FP teacher was still improving when it hit train.teacher_max_epochs=%d: raise "
@@ -95,7 +97,7 @@ EPOCH_METRICS = (
 
 
 def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[dict]]:
-    val = evaluate(engine.model, loaders.val, device)
+    val = evaluate(engine.model, loaders.val, device, engine.precision)
     conv = engine.is_converged()
     table = bits_table(engine.core)
     avg_w, avg_a = average_bits(table)
@@ -117,16 +119,19 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
     seed_everything(cfg.train.seed + rank)
     start_epoch = 0 if resume is None else resume["engine"]["epoch"]
     loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=start_epoch)
-    teacher, teacher_report = prepare_teacher(cfg, loaders, device, resume)
-    fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device)
+    precision = Precision.create(cfg.train, device)
+    teacher, teacher_report = prepare_teacher(cfg, loaders, device, resume, precision)
+    precision.prepare_module(teacher)
+    fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device, precision)
     teacher_report["val_top1"] = round(fp_val["top1"], 2)
     if teacher_report["source"] == "trained-in-run" and fp_val["top1"] < WEAK_TEACHER_TOP1:
         log.warning("weak FP teacher: %.2f %% validation top-1 (trained in-run for %s epochs); quantized accuracy "
                     "is bounded by it: pass model.checkpoint or model.pretrained, or raise "
                     "train.teacher_max_epochs", fp_val["top1"], teacher_report.get("epochs"))
     student, decisions = prepare_student(cfg, teacher, loaders, device, resume)
-    model = wrap_ddp(student) if wrap_ddp else student
-    engine = Engine(cfg, model, teacher, device)
+    precision.prepare_module(student)  # before DDP, whose gradient buckets follow the parameters' strides
+    model = maybe_compile(wrap_ddp(student) if wrap_ddp else student, cfg.train)
+    engine = Engine(cfg, model, teacher, device, precision)
     best = {"ns_top1": -1.0, "val_top1": -1.0, "epoch": -1, "state": None}
     if resume is not None:
         engine.load_state_dict(resume["engine"])
@@ -173,8 +178,8 @@ def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loader
         engine.core.load_state_dict(best["state"])
     eval_loader = loaders.test if loaders.test is not None else loaders.val
     split = "test" if loaders.test is not None else "val"
-    fp = evaluate(teacher, eval_loader, device)
-    q = evaluate(engine.core, eval_loader, device)
+    fp = evaluate(teacher, eval_loader, device, engine.precision)
+    q = evaluate(engine.core, eval_loader, device, engine.precision)
     conv = engine.is_converged()
     table = bits_table(engine.core)
     avg_w, avg_a = average_bits(table)

@@ -23,7 +23,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    """The plain model inside torch.compile's (``_orig_mod``) and DDP's (``module``) wrappers, either order."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 def all_reduce_sum(t: torch.Tensor) -> None:

@@ -178,6 +178,22 @@ def test_ffcv_val_matches_torchvision_center_crop(ffcv_loaders, tv_loaders):
         assert float((_unnormalise(xf) - _unnormalise(xt.flip(-1))).abs().mean()) > 3 * float(diff)
 
 
+@pytest.mark.timeout(180)
+def test_device_pipeline_matches_cpu_pipeline(betons, ffcv_loaders):
+    """The CUDA order (uint8 ToDevice -> ToTorchImage -> NormalizeOnDevice), run here on the CPU device:
+    it builds (no Loader() hang: the op is not jitted) and gives the CPU pipeline's batches."""
+    _, cpu_val, _ = ffcv_loaders
+    _, dev_val, _ = create_ffcv_loaders(_cfg("ffcv", *betons), distributed=False, device=CPU, seed=0,
+                                        normalize_on_device=True)
+    for (xc, yc), (xd, yd) in zip(cpu_val, dev_val):
+        _check_batch(xd, yd, BATCH)
+        assert xd.is_contiguous(memory_format=torch.channels_last)
+        assert yd.tolist() == yc.tolist()
+        torch.testing.assert_close(xd, xc, atol=1e-5, rtol=1e-5)
+    del dev_val
+    _collect_now()
+
+
 @pytest.mark.timeout(120)
 def test_imagefolder_train_loader_matches_ffcv_contract(jpegs, tv_loaders):
     train, _, num_classes = tv_loaders
