@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import JobConfig, OptimConfig
 from ..quant.layers import iter_quantized, iter_quantizers, keep_levels_, quantizer_parameters, set_noise_ratio
+from .budget import Budget
 from .objective import GDNSQObjective, converged
 from .runtime import all_reduce_sum, unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
@@ -31,6 +32,8 @@ def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
 def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
     """The run's schedule constants (schedules.plan_descent) for a quantized model's smallest target."""
     targets = [float(t) for _, layer in iter_quantized(unwrap(model)) for t in (layer.target_w, layer.target_a)]
+    if cfg.quant.budget.active:  # targets are upper bounds: size the descent for the lowest a layer may reach
+        targets = [float(cfg.quant.budget.min_bits)]
     return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, min(targets) if targets else cfg.quant.init_bits)
 
 
@@ -159,6 +162,7 @@ class Engine:
             if max_steps is not None and steps >= max_steps:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self._ensure_budget(x)
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
@@ -183,7 +187,8 @@ class Engine:
                     torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip))
             opt.step()
             if cfg.quant.level_guard:
-                keep_levels_(self.core, cfg.quant.level_margin)
+                keep_levels_(self.core, cfg.quant.level_margin,
+                             cfg.quant.budget.min_bits if cfg.quant.budget.active else None)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
@@ -225,8 +230,17 @@ class Engine:
                         g["base_lr"] = self.plan.quant_lr
         return self.plan
 
+    def _ensure_budget(self, x: torch.Tensor) -> None:
+        """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once."""
+        if self.cfg.quant.budget.active and self.objective.budget is None:
+            self.objective.budget = Budget(self.cfg.quant.budget, self.core, x[:1], self.cfg.quant.level_margin)
+
     def is_converged(self) -> bool:
-        return converged(self.core)
+        """Every layer within its target (budget: its upper bound), no dead grid, and the budget's true aggregate
+        within the budget."""
+        if not converged(self.core):
+            return False
+        return self.objective.budget is None or self.objective.budget.within(self.core)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
