@@ -91,8 +91,13 @@ def cmd_models(args, extra) -> int:
     elif args.action == "show":
         print(json.dumps(registry.show_model(args.ref), indent=2, default=str))
     else:
-        out = registry.pull_model(args.ref, args.out)
-        print(f"pulled {args.ref} to {out}")
+        ref = args.ref
+        if args.max_bytes is not None or args.max_bops is not None:  # the most accurate version within a budget
+            chosen = registry.select_by_budget(ref, max_bytes=args.max_bytes, max_bops=args.max_bops)
+            print(json.dumps(chosen))
+            ref = chosen["ref"]
+        out = registry.pull_model(ref, args.out)
+        print(f"pulled {ref} to {out}")
     return 0
 
 
@@ -130,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp = msub.add_parser("pull")
     mp.add_argument("ref")
     mp.add_argument("--out", required=True)
+    mp.add_argument("--max-bytes", type=float, default=None,
+                    help="pull the most accurate converged version of NAME whose packed file is at most this size")
+    mp.add_argument("--max-bops", type=float, default=None, help="... whose BOPs are at most this (with --max-bytes: both)")
     mp.set_defaults(func=cmd_models)
 
     # The other command groups, one module each: every subcommand is visible from this table.
