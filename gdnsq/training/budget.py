@@ -102,10 +102,25 @@ class Budget:
             ba.append(self.n.new_tensor(float(FP_BITS)) if b is None else whole_bits(b.reshape(()), self.margin))
         return torch.stack(bw), torch.stack(ba)
 
-    def at_bits(self, bits: float) -> float:
-        """The aggregate with every quantized layer at ``bits`` (weights and activations): the descent's start."""
+    def at_bits(self, bits: float, bits_a: float | None = None) -> float:
+        """The aggregate with every quantized layer's weights at ``bits`` and inputs at ``bits_a`` (default: the
+        same): at init_bits, the descent's start."""
         b = torch.full_like(self.n, float(bits))
-        return float(aggregate(self.cfg.kind, b, b, self.n, self.macs, self.fixed))
+        a = b if bits_a is None else torch.full_like(self.n, float(bits_a))
+        return float(aggregate(self.cfg.kind, b, a, self.n, self.macs, self.fixed))
+
+    def equivalent_bits(self, bits_a: float | None = None) -> float:
+        """The uniform weight width whose aggregate equals the budget (bisection; clipped to [min_bits, max_bits]):
+        the descent is planned as for that uniform target."""
+        lo, hi = float(self.cfg.min_bits), float(self.cfg.max_bits)
+        if self.at_bits(lo, bits_a) >= self.cfg.value:
+            return lo
+        if self.at_bits(hi, bits_a) <= self.cfg.value:
+            return hi
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.at_bits(mid, bits_a) <= self.cfg.value else (lo, mid)
+        return lo
 
     def penalties(self, model: nn.Module, eps: float, p: float, level_fraction: float = 0.0,
                   init_bits: float | None = None) -> BudgetTerms:

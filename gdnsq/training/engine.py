@@ -32,9 +32,20 @@ def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
 def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
     """The run's schedule constants (schedules.plan_descent) for a quantized model's smallest target."""
     targets = [float(t) for _, layer in iter_quantized(unwrap(model)) for t in (layer.target_w, layer.target_a)]
-    if cfg.quant.budget.active:  # targets are upper bounds: size the descent for the lowest a layer may reach
-        targets = [float(cfg.quant.budget.min_bits)]
+    if cfg.quant.budget.active:  # targets are upper bounds: plan the descent as for the budget's uniform width
+        targets = [budget_plan_target(cfg, unwrap(model))]
     return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, min(targets) if targets else cfg.quant.init_bits)
+
+
+def budget_plan_target(cfg: JobConfig, model: nn.Module) -> float:
+    """The uniform weight width that meets quant.budget (bops: min_bits, its MACs need an input), and the
+    activation targets, whichever is lower."""
+    b = cfg.quant.budget
+    a_targets = [float(l.target_a) for _, l in iter_quantized(model) if l.act_quant is not None]
+    a = b.value_a if b.value_a is not None else (min(a_targets) if a_targets else float(b.max_bits))
+    if b.kind == "bops":
+        return float(b.min_bits)
+    return min(max(float(b.min_bits), math.floor(Budget(b, model, None).equivalent_bits(a))), a)
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -96,8 +96,8 @@ def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: flo
 
 def add_budget(terms: BitTerms, bt) -> BitTerms:
     """The per-layer terms (upper bounds) plus a budget's aggregate terms, counted as one constraint each."""
-    return BitTerms(terms.p_w + bt.p_w, terms.p_a + bt.p_a, terms.active_w + int(float(bt.p_w) > 0),
-                    terms.active_a + int(float(bt.p_a) > 0), terms.n_w + 1, terms.n_a + int(bt.p_a.requires_grad),
+    return BitTerms(terms.p_w + bt.p_w, terms.p_a + bt.p_a, terms.active_w + int(float(bt.p_w.detach()) > 0),
+                    terms.active_a + int(float(bt.p_a.detach()) > 0), terms.n_w + 1, terms.n_a + int(bt.p_a.requires_grad),
                     max(terms.lag, bt.lag))
 
 

@@ -202,7 +202,7 @@ def test_run_survives_worker_restart_and_server_outage(server):
     assert tags["api_token"] == "***"
     # artifacts: per-epoch tables, plots, config
     root = [f.path for f in client.list_artifacts(a.run_id)]
-    assert {"bits_evolution.png", "accuracy_vs_bits.png", "config.json", "summary.json", "bits"} <= set(root)
+    assert {"bits_evolution.png", "accuracy_vs_bits.png", "bits_per_layer.png", "config.json", "summary.json", "bits"} <= set(root)
     assert {f"bits/epoch_00{e}.{ext}" for e in range(3) for ext in ("json", "csv")} <= \
         {f.path for f in client.list_artifacts(a.run_id, "bits")}
     table = json.loads(Path(client.download_artifacts(a.run_id, "bits/epoch_002.json")).read_text())
