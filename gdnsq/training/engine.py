@@ -198,8 +198,9 @@ class Engine:
                     torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip))
             opt.step()
             if cfg.quant.level_guard:
-                keep_levels_(self.core, cfg.quant.level_margin,
-                             cfg.quant.budget.min_bits if cfg.quant.budget.active else None)
+                b = cfg.quant.budget  # a budget frees the weights (and with value_a the inputs) down to min_bits
+                keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if b.active else None,
+                             b.min_bits if b.active and b.value_a is not None else None)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,

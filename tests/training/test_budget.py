@@ -135,7 +135,7 @@ def test_bounds_are_the_targets_and_the_guard_uses_min_bits():
     with torch.no_grad():
         for _, l in iter_quantized(m):
             l.weight_quant.log_s.add_(20.0)
-    keep_levels_(m, 0.1, floor=1)
+    keep_levels_(m, 0.1, floor=1)  # activations keep their target_a (no value_a)
     assert all(l.weight_quant.levels(l.weight).min() == 2 for _, l in iter_quantized(m))
 
 
