@@ -7,7 +7,10 @@ so layers trade bits and the optimizer decides which keep precision:
     bytes        A = F + Σ_l n_l·b_l / 8                           (F: the packed file's fixed payload, bits.packed_size_parts)
     bops         A = Σ_l M_l·b_w,l·b_a,l + Σ_FP M·32·32            (M_l: MACs per sample, bits.measure_macs)
 
-    P = max(0, (A - L)/D + ε)**p,   D = ∂A/∂(every b_w raised by one bit), so P is in bits like the per-layer P_w.
+    P = max(0, (A - L)/D)**p,   D = ∂A/∂(every b_w raised by one bit), so P is in bits like the per-layer P_w.
+
+No ε margin: A counts whole bits, so a budget met exactly (e.g. uniform W2's bytes) must switch the penalty
+off; with a margin it would push every channel on into fewer levels than its storage width holds.
 
 b_l is a layer's storage width: its widest channel (a soft max, τ·logsumexp(b_c/τ) ≥ max_c b_c) mapped to whole
 bits with a straight-through round-up, w(b) = ceil(log2(2**b - 1/2 + m)) (the grid of b has round(2**b - 1) + 1
@@ -131,14 +134,14 @@ class Budget:
         if level_fraction and init_bits is not None:
             level = c.value + max(self.at_bits(init_bits) - c.value, 0.0) * level_fraction
         x = (a - level) / scale(c.kind, ba, self.n, self.macs)
-        p_w = torch.clamp(x + eps, min=0).pow(p)
+        p_w = torch.clamp(x, min=0).pow(p)  # eps unused: see the module docstring
         lag, p_a = float(x.detach()), torch.zeros_like(p_w)
         if c.value_a is not None:
             has = torch.tensor([l.act_quant is not None for _, l in iter_quantized(model)], device=ba.device)
             if bool(has.any()):
                 level_a = c.value_a + max((init_bits or c.value_a) - c.value_a, 0.0) * level_fraction
                 xa = ba[has].mean() - level_a
-                p_a = torch.clamp(xa + eps, min=0).pow(p)
+                p_a = torch.clamp(xa, min=0).pow(p)
                 lag = max(lag, float(xa.detach()))
         return BudgetTerms(p_w, p_a, lag, float(a.detach()))
 

@@ -150,6 +150,7 @@ class Engine:
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         self._planned_quant_lr = False
+        self._allocation_fixed = False  # quant.budget: the widths became the targets (see _fix_allocation)
         set_noise_ratio(self.core, self.sched.noise_ratio)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
         self._progress_hooks = list(iter_quantizers(self.core))
@@ -199,12 +200,15 @@ class Engine:
             opt.step()
             if cfg.quant.level_guard:
                 b = cfg.quant.budget  # a budget frees the weights (and with value_a the inputs) down to min_bits
-                keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if b.active else None,
-                             b.min_bits if b.active and b.value_a is not None else None)
+                free = b.active and self.sched.converged_step is None
+                keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if free else None,
+                             b.min_bits if free and b.value_a is not None else None)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
                                lag_bits=self.objective.last_terms.lag, check=self.is_converged)
+            if cfg.quant.budget.active and self.sched.converged_step is not None and not self._allocation_fixed:
+                self._fix_allocation()
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
             parts.update({"train/loss": loss.item(), "train/temperature": self.sched.temperature,
@@ -242,6 +246,18 @@ class Engine:
                         g["base_lr"] = self.plan.quant_lr
         return self.plan
 
+    @torch.no_grad()
+    def _fix_allocation(self) -> None:
+        """quant.budget, at the first true-bit convergence: every layer's widths become its targets (they are
+        in the state dict), so from here on the level guard fills each grid to all 2**width levels (a channel
+        with fewer levels than its layer's storage width wastes them) and the per-layer penalty holds the widths."""
+        b = self.cfg.quant.budget
+        for _, layer in iter_quantized(self.core):
+            layer.target_w.fill_(max(b.min_bits, layer.true_weight_bits()))
+            if b.value_a is not None and layer.act_quant is not None:
+                layer.target_a.fill_(max(b.min_bits, layer.true_act_bits()))
+        self._allocation_fixed = True
+
     def _ensure_budget(self, x: torch.Tensor) -> None:
         """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once."""
         if self.cfg.quant.budget.active and self.objective.budget is None:
@@ -269,6 +285,7 @@ class Engine:
         self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sched = ScheduleState(**state["schedule"])
+        self._allocation_fixed = self.sched.converged_step is not None  # the targets came back with the model
         set_noise_ratio(self.core, self.sched.noise_ratio)
         self.objective.load_state_dict(state["objective"])
         self.epoch = state["epoch"]

@@ -91,7 +91,7 @@ def test_budget_penalty_trades_bits_by_size():
         db.append(torch.autograd.grad(b.sum(), l.weight_quant.log_s)[0].reshape(-1))
         soft.append(torch.softmax(b.detach().reshape(-1) / B._TAU, 0))
     terms = budget.penalties(m, eps=1e-3, p=1.0)
-    assert terms.value > 1.0 and terms.lag > 0 and float(terms.p_w) == pytest.approx(terms.lag + 1e-3)
+    assert terms.value > 1.0 and terms.lag > 0 and float(terms.p_w) == pytest.approx(terms.lag)
     terms.p_w.backward()
     # dP/dlog_s_c = (n_l / N) · softmax(b/τ)_c · ∂b_c/∂log_s_c: a layer's pull is its share of the weights
     total = sum(l.weight.numel() for _, l in layers)
@@ -107,6 +107,14 @@ def test_budget_inside_gives_zero_penalty_and_the_planned_level_starts_at_init()
     tight = B.Budget(BudgetConfig(kind="avg_bits_w", value=2.0), m, None)
     assert tight.penalties(m, 1e-3, 1.0, level_fraction=1.0, init_bits=8.0).lag < 0  # the level is still at 8
     assert tight.penalties(m, 1e-3, 1.0).lag == pytest.approx(4.0 + 1.0 - 2.0, abs=0.3)  # 4-bit init, +1 whole bit
+
+
+def test_a_budget_met_exactly_in_whole_bits_switches_the_penalty_off():
+    m = _model(bits=1.9)  # every weight grid inside W2's band
+    from gdnsq.training.budget import uniform_value
+
+    exact = B.Budget(BudgetConfig(kind="bytes", value=uniform_value("bytes", m, 2, 2, None)), m, None)
+    assert float(exact.penalties(m, 1e-3, 1.0).p_w) == 0.0 and exact.within(m)
 
 
 def test_convergence_rule_uses_true_bits_and_exact_bytes():
