@@ -67,6 +67,41 @@ class QuantRuleConfig:
     """Quantize the input activation of matching layers."""
 
 
+BUDGET_KINDS = ("none", "avg_bits_w", "bytes", "bops")
+
+
+@dataclass(kw_only=True)
+class BudgetConfig:
+    """One model-wide budget that the layers share (learned mixed precision); kind none = per-layer targets."""
+
+    kind: str = "none"
+    """none (every layer at quant.target_w/target_a), avg_bits_w (parameter-weighted mean weight bits),
+    bytes (the packed file's payload: codes at each layer's width + grids + every FP tensor) or bops (Σ MACs·b_w·b_a)."""
+    value: float = 0.0
+    """The budget: mean bits (avg_bits_w), bytes (bytes) or bit operations per sample (bops)."""
+    value_a: float | None = None
+    """Optional activation budget: the mean of the quantized layers' activation bits (else per-layer target_a)."""
+    min_bits: int = 1
+    """Lower bound of every layer's bits: the level guard keeps 2**min_bits levels."""
+    max_bits: int = 8
+    """Upper bound of a layer's weight bits (a rule's target_w overrides it for its layers, as a bound)."""
+
+    def __post_init__(self):
+        _check(self.kind in BUDGET_KINDS, "quant.budget.kind",
+               f"must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
+        _check(self.kind == "none" or self.value > 0, "quant.budget.value",
+               f"must be > 0 with kind {self.kind}, got {self.value}")
+        _check(self.value_a is None or self.value_a >= 1, "quant.budget.value_a", f"must be >= 1 bit, got {self.value_a}")
+        _check(float(self.min_bits).is_integer() and 1 <= self.min_bits <= 16, "quant.budget.min_bits",
+               f"must be an integer in [1, 16], got {self.min_bits}")
+        _check(float(self.max_bits).is_integer() and self.min_bits <= self.max_bits <= 16, "quant.budget.max_bits",
+               f"must be an integer in [min_bits, 16], got {self.max_bits}")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+
 @dataclass(kw_only=True)
 class QuantConfig:
     method: str = "gdnsq"
@@ -105,6 +140,8 @@ class QuantConfig:
     """Level guard's margin, in grid levels: it keeps 2**b >= 2**T - 1/2 + margin (T = the layer's target)."""
     rules: list[QuantRuleConfig] = field(default_factory=list)
     """Ordered (regex -> override) rules; first match wins; each must match at least one layer."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """One model-wide budget shared by the layers (mixed precision); targets then act as per-layer upper bounds."""
 
     def __post_init__(self):
         for name in ("target_w", "target_a"):
@@ -120,6 +157,8 @@ class QuantConfig:
                f"must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
         _check(self.calib_batches >= 1, "quant.calib_batches", "must be >= 1")
         _check(0 < self.level_margin < 0.45, "quant.level_margin", f"must be in (0, 0.45) levels, got {self.level_margin}")
+        if not isinstance(self.budget, BudgetConfig):
+            self.budget = from_dict(BudgetConfig, self.budget, "quant.budget")
         self.rules = [r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, "quant.rules")
                       for r in self.rules]
         for i, r in enumerate(self.rules):

@@ -48,6 +48,10 @@ def register(subparsers, formatter) -> None:
     mp.add_argument("ref", help=REF_HELP)
     mp.add_argument("--out", required=True, help="folder to write (created)")
     mp.add_argument("--mlflow-model", action="store_true", help="also the MLflow model (pt2 graph, MLmodel)")
+    mp.add_argument("--max-bytes", type=float, default=None,
+                    help="pull the most accurate converged version of NAME whose packed file is at most this size")
+    mp.add_argument("--max-bops", type=float, default=None,
+                    help="... whose BOPs are at most this (with --max-bytes: both)")
     for sp in (ml, ms, mp):
         add_tracking_uri(sp)
         sp.set_defaults(func=cmd_models)
@@ -97,7 +101,12 @@ def cmd_models(args, extra) -> int:
     elif args.action == "show":
         print(json.dumps(registry.show_model(args.ref, tracking_uri=uri), indent=2, default=str))
     else:
-        out = registry.pull_model(args.ref, args.out, tracking_uri=uri, include_mlflow_model=args.mlflow_model)
-        print(f"pulled {out['name']} version {out['version']} ({args.ref}) into {out['dir']}")
+        ref = args.ref
+        if args.max_bytes is not None or args.max_bops is not None:  # the most accurate version within a budget
+            chosen = registry.select_by_budget(ref, max_bytes=args.max_bytes, max_bops=args.max_bops, tracking_uri=uri)
+            print(f"chose {chosen['ref']}: top-1 {chosen['top1']}, {chosen['bytes_packed']} B, {chosen['bops']} BOPs")
+            ref = chosen["ref"]
+        out = registry.pull_model(ref, args.out, tracking_uri=uri, include_mlflow_model=args.mlflow_model)
+        print(f"pulled {out['name']} version {out['version']} ({ref}) into {out['dir']}")
         print(f"  load it: python -c \"import gdnsq; m = gdnsq.load_model('{out['dir']}')\"")
     return 0

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..quant.layers import iter_quantized
+from ..training.bits import packed_bytes
 from . import report as rep
 from .container import f32, pack_bits, read_container, unpack_bits, write_container
 from .grids import WeightGrid, act_grid, weight_grid
@@ -164,7 +165,12 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, fp_dtype: str = 
     rows = rep.layer_rows(model, bits, example_input, export_bytes)
     fp32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
                for k, t in state.items() if k not in keep_f32)
-    return {"path": str(path), "format": FORMAT, "fp_dtype": fp_dtype, "sha256": digest,
+    payload = packed_bytes(model, {n: b[0] for n, b in bits.items() if n in layer_blobs},
+                           fp_bytes=np.dtype(FP_DTYPES[fp_dtype]).itemsize)
+    if payload != sum(blob_bytes.values()):  # the budget and the registry card use packed_bytes: keep them true
+        raise ExportError(f"{path}: blobs hold {sum(blob_bytes.values())} bytes but training.bits.packed_bytes "
+                          f"says {payload}")
+    return {"bytes_payload": payload, "path": str(path), "format": FORMAT, "fp_dtype": fp_dtype, "sha256": digest,
             **rep.totals(rows, fp32, size), "bytes_codes": sum(blob_bytes[k] for k in packed_keys),
             "layers": rows}
 

@@ -68,14 +68,18 @@ class _QuantMixin:
         return act is not None and act.learnable_bits and act.min_levels() < 2
 
     @torch.no_grad()
-    def keep_levels_(self, margin: float) -> None:
-        """Level guard: learnable-bit grids keep all 2**target levels (b >= log2(2**T - 1/2 + margin))."""
+    def keep_levels_(self, margin: float, floor: float | None = None, floor_a: float | None = None) -> None:
+        """Level guard: learnable-bit grids keep all 2**T levels (b >= log2(2**T - 1/2 + margin)); T = the
+        layer's target, or ``floor`` / ``floor_a`` for weights / activations (a budget's lower bound, when the
+        targets are upper bounds)."""
         from .functional import min_bits
 
         if self.weight_quant.learnable_bits:
-            self.weight_quant.keep_levels_(min_bits(float(self.target_w), margin), self.weight)
+            t = float(self.target_w) if floor is None else min(float(floor), float(self.target_w))
+            self.weight_quant.keep_levels_(min_bits(t, margin), self.weight)
         if self.act_quant is not None and self.act_quant.learnable_bits:
-            self.act_quant.keep_levels_(min_bits(float(self.target_a), margin))
+            t = float(self.target_a) if floor_a is None else min(float(floor_a), float(self.target_a))
+            self.act_quant.keep_levels_(min_bits(t, margin))
 
 
 class QConv2d(_QuantMixin, nn.Conv2d):
@@ -178,10 +182,10 @@ def set_noise_ratio(model: nn.Module, ratio: float) -> None:
         q.noise_ratio = float(ratio)
 
 
-def keep_levels_(model: nn.Module, margin: float) -> None:
-    """Apply the level guard to every quantized layer (after each optimizer step)."""
+def keep_levels_(model: nn.Module, margin: float, floor: float | None = None, floor_a: float | None = None) -> None:
+    """Apply the level guard to every quantized layer (after each optimizer step); floors: see the layer's."""
     for _, layer in iter_quantized(model):
-        layer.keep_levels_(margin)
+        layer.keep_levels_(margin, floor, floor_a)
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -63,8 +63,15 @@ def manifest_stats(stats: dict, table: list[dict], model: nn.Module) -> dict:
         "layers": layers, "fp_layers": fp_layers, "params": sum(p.numel() for p in model.parameters()),
         "macs": stats["macs"], "bops": stats["bops"],
         "bops_fp32": stats["bops_fp32"], "bytes_fp32": stats["bytes_fp32"], "bytes_packed": stats["bytes_file"],
-        "compression": stats["compression"],
+        "compression": stats["compression"], "bytes_payload": stats.get("bytes_payload"),
+        "avg_bits_w_params": _param_weighted_bits(layers),
     }
+
+
+def _param_weighted_bits(layers: list[dict]) -> float | None:
+    """Σ params·true weight bits / Σ params over quantized layers (the avg_bits_w budget's figure)."""
+    n = sum(int(r["params"]) for r in layers)
+    return round(sum(int(r["params"]) * int(r["true_bits_w"]) for r in layers) / n, 4) if n else None
 
 
 # ---------------------------------------------------------------------------------- tags and card
@@ -109,7 +116,8 @@ def model_card(name: str, manifest: dict) -> str:
 def version_tags(manifest: dict) -> dict[str, str]:
     m = manifest
     tags = {k: str(m[k]) for k in ("ns_top1", "top1", "top5", "fp_top1", "avg_bits_w", "avg_bits_a", "converged",
-                                   "bytes_fp32", "bytes_packed", "compression", "bops", "macs", "model")
+                                   "bytes_fp32", "bytes_packed", "compression", "bops", "macs", "model",
+                                   "bytes_payload", "avg_bits_w_params", "budget_kind", "budget_value")
             if m.get(k) is not None}
     tags.update({"target_w": f"{m['target_w']:g}", "target_a": f"{m['target_a']:g}",
                  "gdnsq_version": m["gdnsq_version"]})

@@ -78,13 +78,44 @@ def draw_accuracy_vs_bits(history: list[dict], path: Path, fp_top1: float | None
     fig.savefig(path)
     return True
 
+def draw_layer_bits(history: list[dict], path: Path) -> bool:
+    """The last epoch's true bits per layer against depth (layer index) and against layer size (weight
+    elements, log scale): where a budget's layers kept precision. Weights solid, activations hollow."""
+    layers = history[-1]["layers"] if history else []
+    rows = [r for r in layers if r.get("true_bits_w") is not None]
+    if not rows:
+        return False
+    fig = _figure(11, 4.2)
+    ax_d, ax_s = fig.subplots(1, 2, sharey=True)
+    depth = list(range(len(rows)))
+    sizes = [r.get("params") or 1 for r in rows]
+    bw = [r["true_bits_w"] for r in rows]
+    ba = [r.get("true_bits_a") for r in rows]
+    for ax, xs in ((ax_d, depth), (ax_s, sizes)):
+        ax.plot(xs, bw, "o", color="C0", label="weights")
+        pts = [(x, a) for x, a in zip(xs, ba) if a is not None]
+        if pts:
+            ax.plot(*zip(*pts), "s", mfc="none", color="C1", label="activations")
+        ax.grid(alpha=0.3)
+    ax_d.plot(depth, bw, "-", color="C0", lw=0.8)
+    ax_d.set_xticks(depth, [r["name"] for r in rows], rotation=70, fontsize=6)
+    ax_d.set_xlabel("layer (depth)")
+    ax_s.set_xscale("log")
+    ax_s.set_xlabel("weight elements")
+    ax_d.set_ylabel("true bits")
+    ax_d.legend(fontsize=8)
+    fig.suptitle(f"bits per layer, epoch {history[-1].get('epoch')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 def draw_run_plots(history: list[dict], folder: Path, fp_top1: float | None = None) -> list[str]:
     """Every plot of a run's ``history`` (``[{epoch, metrics, layers}]``) into ``folder``; the file names drawn."""
     drawn = []
     for name, draw in (("bits_evolution.png", draw_bits_evolution),
-                       ("accuracy_vs_bits.png", lambda h, p: draw_accuracy_vs_bits(h, p, fp_top1=fp_top1))):
+                       ("accuracy_vs_bits.png", lambda h, p: draw_accuracy_vs_bits(h, p, fp_top1=fp_top1)),
+                       ("bits_per_layer.png", draw_layer_bits)):
         if draw(history, folder / name):
             drawn.append(name)
     return drawn

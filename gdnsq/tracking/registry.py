@@ -55,8 +55,12 @@ def sanitize_model_name(name: str) -> str:
 
 
 def registered_name(cfg) -> str:
-    """``tracking.registered_name`` or ``<model>-w<W>a<A>``, e.g. ``resnet18-w2a2``."""
-    name = cfg.tracking.registered_name or f"{cfg.model.name}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}"
+    """``tracking.registered_name`` or ``<model>-w<W>a<A>``, e.g. ``resnet18-w2a2``; under a budget
+    ``<model>-mixed-<kind>-a<A>`` (e.g. ``resnet18-mixed-bytes-a2``): a front's points share one name."""
+    b = cfg.quant.budget
+    default = (f"{cfg.model.name}-mixed-{b.kind.replace('_', '-')}-a{cfg.quant.target_a:g}" if b.active
+               else f"{cfg.model.name}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}")
+    name = cfg.tracking.registered_name or default
     return sanitize_model_name(name)
 
 
@@ -269,6 +273,8 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
         **{k: summary.get(k) for k in ("top1", "top5", "fp_top1", "ns_top1", "avg_bits_w", "avg_bits_a", "converged")},
         **sizes, "run_id": run_id, "fp_checkpoint": cfg.model.checkpoint,
     }
+    if cfg.quant.budget.active:  # the version was trained under one model-wide budget (mixed precision)
+        manifest.update(budget_kind=cfg.quant.budget.kind, budget_value=cfg.quant.budget.value)
     client = _client(uri)
     with tempfile.TemporaryDirectory(prefix="gdnsq-register-") as tmp:
         folder = Path(tmp)
@@ -447,3 +453,47 @@ def pull_model(ref: str, out_dir: str | os.PathLike, *, tracking_uri: str | None
         with _tracking_uri(uri):
             mlflow.artifacts.download_artifacts(artifact_uri=source["model_uri"], dst_path=str(target))
     return {**source, "dir": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+# ----------------------------------------------------------------------------- choose by budget
+
+BUDGET_TAGS = {"max_bytes": "bytes_packed", "max_bops": "bops"}
+
+
+def budget_filter(name: str) -> str:
+    """The ``search_model_versions`` filter of :func:`select_by_budget`: converged versions of ``name``.
+
+    MLflow compares version tags as strings only (=, !=, LIKE), so the numeric bounds are applied to the
+    returned tags: ``float(v.tags["bytes_packed"]) <= N`` (``bops`` likewise), then the largest ``top1`` wins.
+    """
+    return f"name='{name}' AND tags.converged='True'"
+
+
+def select_by_budget(name: str, *, max_bytes: float | None = None, max_bops: float | None = None,
+                     tracking_uri: str | None = None) -> dict:
+    """The most accurate converged version of ``name`` within the budget: packed file bytes (the exporter's
+    ``bytes_file``, tag ``bytes_packed``) <= ``max_bytes`` and BOPs (tag ``bops``) <= ``max_bops``.
+
+    Returns ``{name, version, ref, top1, bytes_packed, bops}``; RegistryError when no version fits.
+    """
+    if max_bytes is None and max_bops is None:
+        raise RegistryError("select_by_budget: pass max_bytes and/or max_bops")
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    try:
+        versions = client.search_model_versions(budget_filter(name), max_results=10000)
+    except Exception as e:  # noqa: BLE001
+        raise _store_error(uri, e) from None
+    bounds = {"bytes_packed": max_bytes, "bops": max_bops}
+    fits = []
+    for v in versions:
+        figures = {k: as_float(v.tags.get(k)) for k in ("top1", "bytes_packed", "bops")}
+        if figures["top1"] is None or any(b is not None and (figures[k] is None or figures[k] > b)
+                                          for k, b in bounds.items()):
+            continue
+        fits.append((figures["top1"], -(figures["bytes_packed"] or 0), int(v.version), figures))
+    if not fits:
+        asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items() if b is not None)
+        raise RegistryError(f"{name}: no converged version with {asked} (of {len(versions)} converged versions)")
+    top1, _, version, figures = max(fits)  # most accurate; ties: the smaller file, then the newer version
+    return {"name": name, "version": str(version), "ref": f"{name}/{version}", **figures}

@@ -135,3 +135,59 @@ def totals(rows: list[dict], bytes_fp32: int, bytes_file: int) -> dict:
         "macs": macs, "bops": bops, "bops_fp32": None if macs is None else macs * FP_BITS * FP_BITS,
         "bops_reduction": round(macs * FP_BITS * FP_BITS / bops, 3) if bops else None,
     }
+
+
+# ------------------------------------------------------------------------------ packed size
+
+
+def _grid_rows(layer) -> int:
+    """Rows of a weight grid in the packed file: lo, hi, s (+ z when z != lo; GDNSQ has z = min(w) = lo)."""
+    lo, _, z, _ = layer.weight_quant.grid(layer.weight.detach().to(torch.float32))
+    return 3 if torch.equal(z.to(torch.float32), lo.to(torch.float32)) else 4
+
+
+def code_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` codes bit-packed at ``bits`` each (export.container.pack_bits): ceil(count·bits/8)."""
+    return (int(count) * int(bits) + 7) // 8
+
+
+def packed_size_parts(model: nn.Module, fp_bytes: int = 4) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The packed file's payload split into a fixed part and the per-layer code counts.
+
+    Returns (fixed bytes, {layer: (weight elements, channels)}): fixed = every state tensor stored raw
+    (FP layers, BN, biases at ``fp_bytes`` per float, quantizer state and targets in float32, integer buffers
+    as they are) plus each packed layer's grid (rows x channels float32) and per-channel bits (uint8).
+    The payload at weight widths b_l is fixed + Σ_l ceil(n_l·b_l/8) (:func:`packed_bytes`).
+    """
+    layers = {name: layer for name, layer in iter_quantized(model) if layer.weight_quant.enabled}
+    quant_keys = set()
+    for name, layer in iter_quantized(model):
+        for k in layer.state_dict().keys():
+            if k.startswith(("weight_quant.", "act_quant.")) or k in ("target_w", "target_a"):
+                quant_keys.add(f"{name}.{k}")
+    packed = {f"{name}.weight" for name in layers}
+    fixed = 0
+    for key, t in model.state_dict().items():
+        if key in packed:
+            continue
+        if t.is_floating_point():
+            fixed += t.numel() * (4 if key in quant_keys else fp_bytes)
+        else:
+            fixed += t.numel() * t.element_size()
+    counts = {}
+    for name, layer in layers.items():
+        channels = int(layer.weight_quant.grid(layer.weight.detach())[3].numel())
+        fixed += _grid_rows(layer) * channels * 4 + channels
+        counts[name] = (layer.weight.numel(), channels)
+    return fixed, counts
+
+
+def packed_bytes(model: nn.Module, weight_bits: dict[str, int], fp_bytes: int = 4) -> int:
+    """Payload bytes of the packed file (every blob; the file adds a JSON manifest and a 56-byte header)
+    with each packed layer's weight codes at ``weight_bits[layer]``: the one size rule shared by the exporter
+    (which checks its blobs against it), the budget's true check and the registry card."""
+    fixed, counts = packed_size_parts(model, fp_bytes)
+    missing = set(counts) - set(weight_bits)
+    if missing:
+        raise KeyError(f"no weight bits for {sorted(missing)}")
+    return fixed + sum(code_bytes(n, weight_bits[name]) for name, (n, _) in counts.items())

@@ -24,6 +24,7 @@ from ..quant.layers import (
     set_fused,
     set_noise_ratio,
 )
+from .budget import Budget
 from .objective import GDNSQObjective, converged
 from .precision import Precision
 from .runtime import all_reduce_sum, unwrap
@@ -39,7 +40,20 @@ def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
 def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
     """The run's schedule constants (schedules.plan_descent) for a quantized model's smallest target."""
     targets = [float(t) for _, layer in iter_quantized(unwrap(model)) for t in (layer.target_w, layer.target_a)]
+    if cfg.quant.budget.active:  # targets are upper bounds: plan the descent as for the budget's uniform width
+        targets = [budget_plan_target(cfg, unwrap(model))]
     return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, min(targets) if targets else cfg.quant.init_bits)
+
+
+def budget_plan_target(cfg: JobConfig, model: nn.Module) -> float:
+    """The uniform weight width that meets quant.budget (bops: min_bits, its MACs need an input), and the
+    activation targets, whichever is lower."""
+    b = cfg.quant.budget
+    a_targets = [float(l.target_a) for _, l in iter_quantized(model) if l.act_quant is not None]
+    a = b.value_a if b.value_a is not None else (min(a_targets) if a_targets else float(b.max_bits))
+    if b.kind == "bops":
+        return float(b.min_bits)
+    return min(max(float(b.min_bits), math.floor(Budget(b, model, None).equivalent_bits(a))), a)
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -154,6 +168,7 @@ class Engine:
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         self._planned_quant_lr = False
+        self._allocation_fixed = False  # quant.budget: the widths became the targets (see _fix_allocation)
         set_noise_ratio(self.core, self.sched.noise_ratio)
         set_fused(self.core, cfg.quant.fused)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
@@ -179,6 +194,7 @@ class Engine:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = self.precision.prepare_input(x)
+            self._ensure_budget(x)
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
@@ -205,11 +221,16 @@ class Engine:
                     torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip))
             self.precision.step(opt)
             if cfg.quant.level_guard:
-                keep_levels_(self.core, cfg.quant.level_margin)
+                b = cfg.quant.budget  # a budget frees the weights (and with value_a the inputs) down to min_bits
+                free = b.active and self.sched.converged_step is None
+                keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if free else None,
+                             b.min_bits if free and b.value_a is not None else None)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
                                lag_bits=self.objective.last_terms.lag, check=self.is_converged)
+            if cfg.quant.budget.active and self.sched.converged_step is not None and not self._allocation_fixed:
+                self._fix_allocation()
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
             parts.update({"train/loss": loss.item(), "train/temperature": self.sched.temperature,
@@ -247,8 +268,29 @@ class Engine:
                         g["base_lr"] = self.plan.quant_lr
         return self.plan
 
+    @torch.no_grad()
+    def _fix_allocation(self) -> None:
+        """quant.budget, at the first true-bit convergence: every layer's widths become its targets (they are
+        in the state dict), so from here on the level guard fills each grid to all 2**width levels (a channel
+        with fewer levels than its layer's storage width wastes them) and the per-layer penalty holds the widths."""
+        b = self.cfg.quant.budget
+        for _, layer in iter_quantized(self.core):
+            layer.target_w.fill_(max(b.min_bits, layer.true_weight_bits()))
+            if b.value_a is not None and layer.act_quant is not None:
+                layer.target_a.fill_(max(b.min_bits, layer.true_act_bits()))
+        self._allocation_fixed = True
+
+    def _ensure_budget(self, x: torch.Tensor) -> None:
+        """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once."""
+        if self.cfg.quant.budget.active and self.objective.budget is None:
+            self.objective.budget = Budget(self.cfg.quant.budget, self.core, x[:1], self.cfg.quant.level_margin)
+
     def is_converged(self) -> bool:
-        return converged(self.core)
+        """Every layer within its target (budget: its upper bound), no dead grid, and the budget's true aggregate
+        within the budget."""
+        if not converged(self.core):
+            return False
+        return self.objective.budget is None or self.objective.budget.within(self.core)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -266,6 +308,7 @@ class Engine:
         self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sched = ScheduleState(**state["schedule"])
+        self._allocation_fixed = self.sched.converged_step is not None  # the targets came back with the model
         set_noise_ratio(self.core, self.sched.noise_ratio)
         self.objective.load_state_dict(state["objective"])
         self.epoch = state["epoch"]

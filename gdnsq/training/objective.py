@@ -94,6 +94,13 @@ def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: flo
                     active_w, active_a, len(pw), len(pa), lag)
 
 
+def add_budget(terms: BitTerms, bt) -> BitTerms:
+    """The per-layer terms (upper bounds) plus a budget's aggregate terms, counted as one constraint each."""
+    return BitTerms(terms.p_w + bt.p_w, terms.p_a + bt.p_a, terms.active_w + int(float(bt.p_w.detach()) > 0),
+                    terms.active_a + int(float(bt.p_a.detach()) > 0), terms.n_w + 1, terms.n_a + int(bt.p_a.requires_grad),
+                    max(terms.lag, bt.lag))
+
+
 def extra_losses(model: nn.Module) -> Tensor | None:
     """Sum of the quantizers' ``extra_loss()`` terms (zoo methods: PEGE, PACT, CoDeQ), or None when none has one."""
     terms = [t for q in iter_quantizers(model) if (t := q.extra_loss()) is not None]
@@ -103,9 +110,10 @@ def extra_losses(model: nn.Module) -> Tensor | None:
 class GDNSQObjective:
     """Stateful only in the running loss mean m̄ (part of checkpoints via state_dict)."""
 
-    def __init__(self, cfg: ObjectiveConfig, init_bits: float | None = None):
+    def __init__(self, cfg: ObjectiveConfig, init_bits: float | None = None, budget=None):
         self.cfg = cfg
         self.init_bits = init_bits
+        self.budget = budget  # training.budget.Budget: the penalty also acts on the model-wide aggregate
         self.loss_mean: float | None = None
         self.loss_sum, self.loss_count = 0.0, 0
         self.last_terms: BitTerms | None = None
@@ -134,6 +142,8 @@ class GDNSQObjective:
         self._update_loss_mean(d_val)
         terms = bit_penalties(model, c.eps, c.p, level_fraction=level_fraction, init_bits=self.init_bits,
                               count=c.count_active)
+        if self.budget is not None:
+            terms = add_budget(terms, self.budget.penalties(model, c.eps, c.p, level_fraction, self.init_bits))
         self.last_terms = terms
         total_active = terms.active_w + terms.active_a
         w_w = (terms.active_w + c.eps) / (total_active + c.eps)

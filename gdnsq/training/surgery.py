@@ -80,7 +80,10 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
             skip, reason = True, "classifier (pretrained_cfg)"
         elif qcfg.keep_pointwise and kind == "conv" and tuple(m.kernel_size) == (1, 1):
             skip, reason = True, "1x1 conv"
-        fields = dict(target_w=qcfg.target_w, target_a=qcfg.target_a, per_channel=qcfg.per_channel,
+        b = qcfg.budget  # with a budget the targets are per-layer upper bounds (rules may still set them)
+        fields = dict(target_w=b.max_bits if b.active else qcfg.target_w,
+                      target_a=b.max_bits if b.active and b.value_a is not None else qcfg.target_a,
+                      per_channel=qcfg.per_channel,
                       quantize_act=True)
         first_hit = None
         for i, rx in enumerate(compiled):

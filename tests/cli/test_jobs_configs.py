@@ -131,3 +131,25 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["gdnsq: error: quant.target_w: must be an integer in [1, 16] bits, got 17"]
     assert not summary.exists() and r.stdout == ""
+
+
+def test_mixed_precision_jobs_budget_uniform_w2a2_bytes_and_sweep_a_front():
+    """The mixed job's byte budget is uniform W2A2's packed payload; the front sweep spans >= 5 budgets."""
+    from gdnsq.launch.sweep_plan import load_sweep
+    from gdnsq.training.budget import uniform_value
+    from gdnsq.training.surgery import build_student
+
+    mixed = load_config(JOBS / "imagenet_resnet18_mixed_w2bytes.yaml")
+    uniform = load_config(JOBS / "imagenet_resnet18_w2a2.yaml")
+    assert mixed.quant.budget.kind == "bytes" and mixed.quant.target_a == 2
+    for key in ("keep_first_conv", "keep_classifier", "keep_pointwise", "per_channel", "init_bits", "batchnorm"):
+        assert getattr(mixed.quant, key) == getattr(uniform.quant, key), key  # the same protocol otherwise
+    uniform.model.pretrained = False  # the structure is what counts; no weights download
+    student = build_student(uniform, num_classes=1000, in_chans=3)
+    assert mixed.quant.budget.value == uniform_value("bytes", student, 2, 2, None)
+    front = yaml.safe_load((JOBS / "imagenet_resnet18_mixed_front_sweep.yaml").read_text())
+    values = front["sweep"]["space"]["quant.budget.value"]["grid"]
+    load_sweep(JOBS / "imagenet_resnet18_mixed_front_sweep.yaml")  # the space validates against the job
+    assert len(values) >= 5 and mixed.quant.budget.value in values
+    for k in (1, 3, 4):
+        assert uniform_value("bytes", student, k, 2, None) in values

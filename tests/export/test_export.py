@@ -250,3 +250,41 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert main(["export", str(tmp_path / "junk.pt"), "--out", str(out)]) == 2
     assert "not a readable gdnsq checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ mixed precision
+
+
+def _mixed_student(seed=0):
+    """A SmallCNN whose quantized layers sit at different weight widths (a budget's outcome)."""
+    from gdnsq.config import BudgetConfig
+    from gdnsq.training.models import SmallCNN
+
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    quantize_model(model, QuantConfig(budget=BudgetConfig(kind="bytes", value=1e4, max_bits=8)))
+    calibrate_model(model, [torch.randn(8, 1, 28, 28)], init_bits=6.0)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(iter_quantized(model)):
+            layer.weight_quant.log_s.add_(float(i + 2) - 6.0)  # ~6 - (4 - i) bits: 2, 3, 4, 5
+    return model.eval()
+
+
+def test_mixed_width_file_is_exact_and_its_size_is_the_shared_rule(tmp_path):
+    from gdnsq.training.bits import packed_bytes
+
+    model = _mixed_student()
+    widths = {n: layer.true_weight_bits() for n, layer in iter_quantized(model)}
+    assert len(set(widths.values())) >= 3, widths
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "mixed.gdnsq"
+    report = export_packed(model, path, example_input=x)
+    man = read_manifest(path)
+    assert {e["name"]: e["weight"]["bits_w"] for e in man["layers"]} == widths  # each layer at its own width
+    with torch.no_grad():
+        assert torch.equal(load_packed(path)(x), ref)  # bit-exact reload
+    assert report["bytes_file"] == os.path.getsize(path)
+    assert report["bytes_payload"] == packed_bytes(model, widths)  # the budget's true check counts the same bytes
+    assert report["bops"] == sum(r["macs"] * r["bits_w"] * r["bits_a"] for r in report["layers"])

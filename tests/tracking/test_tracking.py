@@ -202,7 +202,7 @@ def test_run_survives_worker_restart_and_server_outage(server):
     assert tags["api_token"] == "***"
     # artifacts: per-epoch tables, plots, config
     root = [f.path for f in client.list_artifacts(a.run_id)]
-    assert {"bits_evolution.png", "accuracy_vs_bits.png", "config.json", "summary.json", "bits"} <= set(root)
+    assert {"bits_evolution.png", "accuracy_vs_bits.png", "bits_per_layer.png", "config.json", "summary.json", "bits"} <= set(root)
     assert {f"bits/epoch_00{e}.{ext}" for e in range(3) for ext in ("json", "csv")} <= \
         {f.path for f in client.list_artifacts(a.run_id, "bits")}
     table = json.loads(Path(client.download_artifacts(a.run_id, "bits/epoch_002.json")).read_text())
@@ -282,3 +282,57 @@ def test_registry_champion_load_pull(server, tmp_path, monkeypatch):
         with pytest.raises(RegistryError, match=msg) as err:
             registry.load_model(ref)
         assert "\n" not in str(err.value)
+
+
+def test_pull_the_most_accurate_version_within_a_byte_budget(server, tmp_path, monkeypatch, capsys):
+    """Mixed-precision versions carry their exported size; ``models pull --max-bytes`` picks by budget."""
+    from mlflow import MlflowClient
+
+    from gdnsq.cli.main import main
+    from gdnsq.export import export_packed
+    from gdnsq.quant.layers import iter_quantized
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    cfg = make_cfg(server.url)
+    cfg.quant.budget.kind, cfg.quant.budget.value = "bytes", 1e4
+    name = "budget-pick-test"
+    x = torch.randn(2, 1, 28, 28)
+    sizes = []
+    # (shift of log2 steps = fewer bits, top-1): the smallest model is the least accurate
+    for i, (shift, top1) in enumerate(((0.0, 0.95), (2.0, 0.93), (4.0, 0.80))):
+        torch.manual_seed(i)
+        model, _ = train_student(cfg, steps=1)
+        with torch.no_grad():
+            for j, (_, layer) in enumerate(iter_quantized(model)):
+                layer.weight_quant.log_s.add_(shift + 0.5 * j)  # layers at different widths
+        report = export_packed(model, tmp_path / f"v{i}.gdnsq", example_input=x)
+        assert report["bytes_file"] == os.path.getsize(tmp_path / f"v{i}.gdnsq")
+        summary = {"fp_top1": 0.97, "top1": top1, "top5": 0.99, "ns_top1": top1, "converged": True,
+                   "avg_bits_w": 2.0, "avg_bits_a": 2.0, "layers": bits_table(model)}
+        tracker = create_tracker(cfg)
+        tracker.log_config(cfg)
+        res = registry.register_model(model, cfg, summary, x[:1], tracker_or_run_id=tracker, stats=report, name=name)
+        tracker.finish()
+        sizes.append(report["bytes_file"])
+        tags = MlflowClient(server.url).get_model_version(name, res["version"]).tags
+        # the registry's figure is the exported file's size; the other searchable figures are there too
+        assert tags["bytes_packed"] == str(report["bytes_file"]) and tags["bytes_payload"] == str(report["bytes_payload"])
+        assert {"bops", "avg_bits_w", "avg_bits_w_params", "top1", "fp_top1", "budget_kind"} <= set(tags)
+    assert sizes[0] > sizes[1] > sizes[2]
+
+    assert registry.select_by_budget(name, max_bytes=sizes[0])["version"] == "1"  # everything fits: the best
+    assert registry.select_by_budget(name, max_bytes=sizes[0] - 1)["version"] == "2"
+    assert registry.select_by_budget(name, max_bytes=sizes[1] - 1)["version"] == "3"
+    with pytest.raises(RegistryError, match="no converged version"):
+        registry.select_by_budget(name, max_bytes=sizes[2] - 1)
+    bops = float(MlflowClient(server.url).get_model_version(name, "3").tags["bops"])
+    assert registry.select_by_budget(name, max_bops=bops)["version"] == "3"
+
+    # the same query with plain MLflow: the documented filter, numeric bounds on the returned tags
+    versions = MlflowClient(server.url).search_model_versions(registry.budget_filter(name))
+    fits = [v for v in versions if float(v.tags["bytes_packed"]) <= sizes[1]]
+    assert max(fits, key=lambda v: float(v.tags["top1"])).version == "2"
+
+    assert main(["models", "pull", name, "--max-bytes", str(sizes[1]), "--out", str(tmp_path / "pulled")]) == 0
+    assert json.loads((tmp_path / "pulled" / "source.json").read_text())["version"] == "2"
+    assert f"pulled {name}/2" in capsys.readouterr().out
