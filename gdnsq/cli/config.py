@@ -53,20 +53,22 @@ def _scalar(value) -> str:
 
 
 def format_settings(settings, *, changed_only: bool = False) -> str:
-    """Settings as YAML grouped by section; each line ``key: value  # type, default D. doc``."""
-    rows, section = [], None
+    """Settings as YAML grouped by section (nested sections indented); each line ``key: value  # type,
+    default D. doc``. The listing is itself a valid job file."""
+    rows, open_path = [], []
     width = max(len(s.key.rsplit(".", 1)[-1]) + len(_scalar(s.value)) for s in settings) + 6
     for s in settings:
         changed = s.value != s.default
         if changed_only and not changed:
             continue
-        head, _, leaf = s.key.rpartition(".")
-        if head != section:
-            section = head
-            if head:
-                rows.append(f"{head}:")
-        indent = "  " if head else ""
-        text = f"{indent}{leaf}: {_scalar(s.value)}"
+        *parents, leaf = s.key.split(".")
+        common = 0
+        while common < min(len(parents), len(open_path)) and parents[common] == open_path[common]:
+            common += 1
+        for depth in range(common, len(parents)):  # open the sections this key is in
+            rows.append(f"{'  ' * depth}{parents[depth]}:")
+        open_path = parents
+        text = f"{'  ' * len(parents)}{leaf}: {_scalar(s.value)}"
         default = f"default {_scalar(s.default)}" + (" (changed)" if changed else "")
         rows.append(f"{text:<{min(width, 44)}} # {s.type}, {default}. {s.doc}")
     return "\n".join(rows)
