@@ -181,7 +181,7 @@ def register_best(best: dict, run_summary: dict | None, base: dict, sweep_name: 
     """Register the best trial's best state under the champion rule (:func:`register_checkpoint`)."""
     from ray.train import Checkpoint
 
-    from .ray_train import load_ray_checkpoint
+    from .ray_worker import load_ray_checkpoint
     from .register import register_checkpoint
 
     what = f"the best trial {best['trial_id']}"
