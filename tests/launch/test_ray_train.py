@@ -132,7 +132,7 @@ def test_same_name_other_settings_refuses_on_the_driver_and_same_settings_return
     summary, storage = bundled_run
     folders = sorted(p.name for p in (storage / "ddp").iterdir())
     other = job(cluster, storage, "ddp", **{"quant.target_w": 1, "quant.target_a": 1, "quant.init_bits": 8})
-    with pytest.raises(RunIdentityError, match=r"^name: run 'ddp' .*quant\.target_w 8\.0 -> 1\.0.*--name NEW"):
+    with pytest.raises(RunIdentityError, match=r"^name: run 'ddp' .*quant\.target_w 8 -> 1.*--name NEW"):
         fit(other)
     same = job(cluster, storage, "ddp", **{"quant.target_w": 8, "quant.target_a": 8, "quant.init_bits": 8,
                                             "ray.num_workers": 1})  # worker count is harmless
@@ -170,7 +170,10 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path, bundled_run, m
     assert_replicas(reports)
     assert summary["epochs_run"] == epochs and summary["steps"] == epochs * STEPS
     assert set(summary) - {"registered_model"} == set(reference) - {"registered_model"}
-    assert all(type(summary[k]) is type(v) for k, v in reference.items() if k != "registered_model")
+    # same fields, same types (descent_end_step is None for a run that never passed its true-bit check)
+    mismatched = [k for k, v in reference.items() if k != "registered_model" and None not in (v, summary[k])
+                  and type(summary[k]) is not type(v)]
+    assert not mismatched, {k: (reference[k], summary[k]) for k in mismatched}
     # the restarted rank 0 reattached to the same MLflow run (no orphan left RUNNING)
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("ray-fault").experiment_id])
