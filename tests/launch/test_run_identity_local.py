@@ -46,7 +46,7 @@ def test_second_target_in_the_same_folder_trains_its_own_run_or_refuses(in_tmp, 
     runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("gdnsq").experiment_id])}
     assert set(runs) == {w1["mlflow_run_id"], w3["mlflow_run_id"]}
     assert all(r.info.status == "FINISHED" and r.data.metrics["epoch"] == 1 for r in runs.values())
-    assert runs[w3["mlflow_run_id"]].data.params["quant.target_w"] == "3.0"
+    assert runs[w3["mlflow_run_id"]].data.params["quant.target_w"] == "3"
     # no secret in the store (params, tags, artifacts: every byte under .gdnsq/), the logs or the output
     assert runs[w1["mlflow_run_id"]].data.params["ray.address"] == "ray://alice:***@10.0.0.1:10001"
     stored = b"".join(p.read_bytes() for p in (in_tmp / ".gdnsq").rglob("*") if p.is_file())
