@@ -77,6 +77,10 @@ def settings(cluster: LocalCluster, tmp: Path, teacher: str, name: str, space: d
         "model.checkpoint": teacher, "ray.address": cluster.address, "ray.storage_path": str(tmp / "runs"),
         "train.epochs": str(EPOCHS), "train.max_steps_per_epoch": "3", "quant.calib_batches": "1",
         "quant.target_w": "8", "quant.target_a": "8", "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        # The sweep machinery is under test, not the method: without the level guard a student calibrated
+        # below its 8-bit target stays there (converged from step 0), while the guard would lift it to the
+        # edge of 8 bits, where 9 steps of weight updates without penalty (warm-up) can push it to 9.
+        "quant.level_guard": "false",
         "tracking.experiment": "sweep-tests", "tracking.registered_name": f"{name}-model",
         "sweep.name": name, "sweep.space": json.dumps(space),
     }
