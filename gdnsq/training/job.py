@@ -92,7 +92,8 @@ EPOCH_METRICS = (
     "epoch", "fp/val_top1", "val/top1", "val/top5", "val/loss", "val/converged", "val/ns_top1",
     "bits/avg_w", "bits/avg_a", "train/task", "train/penalty_w", "train/penalty_a", "train/active_w",
     "train/active_a", "train/loss_mean", "train/extra_loss", "train/loss", "train/temperature", "train/lr",
-    "train/steps", "train/samples_per_s", "train/noise_ratio", "train/global_step",
+    "train/steps", "train/samples_per_s", "train/noise_ratio", "train/global_step", "train/lag_bits",
+    "train/quant_grad_norm",
 )
 
 

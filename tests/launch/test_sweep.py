@@ -303,7 +303,7 @@ def test_overrides_reach_the_base_job_and_the_sweep_section():
                                    "sweep.space.optim.lr": "{loguniform: [1.0e-4, 1.0e-2]}", "sweep.search": "random"})
     assert plan.job.train.epochs == 3 and plan.max_t == 3 and plan.sweep.max_concurrent_trials == 2
     assert plan.sweep.space["optim.lr"] == {"loguniform": [1e-4, 1e-2]} and "schedule.scale_t" in plan.sweep.space
-    with pytest.raises(SweepError, match=r"^quant.target_w: must be in \(0, 16\]"):
+    with pytest.raises(SweepError, match=r"^quant.target_w: must be an integer in \[1, 16\] bits"):
         load_sweep(SWEEP_FILE, {"quant.target_w": "0"})
 
 

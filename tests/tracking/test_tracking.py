@@ -335,4 +335,5 @@ def test_pull_the_most_accurate_version_within_a_byte_budget(server, tmp_path, m
 
     assert main(["models", "pull", name, "--max-bytes", str(sizes[1]), "--out", str(tmp_path / "pulled")]) == 0
     assert json.loads((tmp_path / "pulled" / "source.json").read_text())["version"] == "2"
-    assert f"pulled {name}/2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"chose {name}/2" in out and f"pulled {name} version 2" in out
