@@ -68,6 +68,7 @@ class QuantRuleConfig:
 
 
 BUDGET_KINDS = ("none", "avg_bits_w", "bytes", "bops")
+ALLOCATIONS = ("probe", "penalty")
 
 
 @dataclass(kw_only=True)
@@ -85,6 +86,10 @@ class BudgetConfig:
     """Lower bound of every layer's bits: the level guard keeps 2**min_bits levels."""
     max_bits: int = 8
     """Upper bound of a layer's weight bits (a rule's target_w overrides it for its layers, as a bound)."""
+    allocate: str = "probe"
+    """How the layers share the budget: probe (measure each layer's loss at each width once, on the first batch,
+    and pick the widths with the least loss that fit; they become the layers' targets) or penalty (the exterior
+    penalty on the aggregate alone; under Adam every layer descends at the same rate, so it tends to uniform)."""
 
     def __post_init__(self):
         _check(self.kind in BUDGET_KINDS, "quant.budget.kind",
@@ -96,6 +101,8 @@ class BudgetConfig:
                f"must be an integer in [1, 16], got {self.min_bits}")
         _check(float(self.max_bits).is_integer() and self.min_bits <= self.max_bits <= 16, "quant.budget.max_bits",
                f"must be an integer in [min_bits, 16], got {self.max_bits}")
+        _check(self.allocate in ALLOCATIONS, "quant.budget.allocate",
+               f"must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
 
     @property
     def active(self) -> bool:
@@ -213,6 +220,9 @@ class ScheduleConfig:
     """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
     final_lr_ratio: float = 0.05
     """planned: LR at the end of the run (as a fraction of the base LR), reached by the anneal after descent_end."""
+    max_temperature: float = 32.0
+    """planned: cap of the penalty multiplier t (in units of the running task loss). Past it the task term is
+    noise next to the penalty: W1A1 runs whose bits lagged the plan drove t to ~900 and fell to 22 % top-1."""
     warmup_steps: int = 100
     """absolute: steps with temperature 0 and linear LR warm-up."""
     scale_t: float = 2.0
@@ -235,6 +245,7 @@ class ScheduleConfig:
         _check(self.warmup < self.descent_end <= 1, "schedule.descent_end",
                f"must be in (schedule.warmup, 1], got {self.descent_end}")
         _check(0 < self.final_lr_ratio <= 1, "schedule.final_lr_ratio", "must be in (0, 1]")
+        _check(self.max_temperature >= 1, "schedule.max_temperature", f"must be >= 1, got {self.max_temperature}")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
         _check(self.scale_t >= 0, "schedule.scale_t", "must be >= 0")
         _check(0 < self.anneal <= 1, "schedule.anneal", "must be in (0, 1]")

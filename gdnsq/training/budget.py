@@ -21,6 +21,7 @@ is within budget (bytes: exactly :func:`bits.packed_bytes`), every layer within 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,8 @@ class Budget:
         x = (a - level) / scale(c.kind, ba, self.n, self.macs)
         p_w = torch.clamp(x, min=0).pow(p)  # eps unused: see the module docstring
         lag, p_a = float(x.detach()), torch.zeros_like(p_w)
+        if c.allocate == "probe":  # the probe made the widths per-layer targets: their own penalties descend
+            p_w, lag = torch.zeros_like(p_w), -math.inf
         if c.value_a is not None:
             has = torch.tensor([l.act_quant is not None for _, l in iter_quantized(model)], device=ba.device)
             if bool(has.any()):

@@ -24,6 +24,7 @@ from ..quant.layers import (
     set_fused,
     set_noise_ratio,
 )
+from .allocation import allocate_widths
 from .budget import Budget
 from .objective import GDNSQObjective, converged
 from .precision import Precision
@@ -194,7 +195,7 @@ class Engine:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = self.precision.prepare_input(x)
-            self._ensure_budget(x)
+            self._ensure_budget(x, y)
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
@@ -280,10 +281,18 @@ class Engine:
                 layer.target_a.fill_(max(b.min_bits, layer.true_act_bits()))
         self._allocation_fixed = True
 
-    def _ensure_budget(self, x: torch.Tensor) -> None:
-        """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once."""
-        if self.cfg.quant.budget.active and self.objective.budget is None:
-            self.objective.budget = Budget(self.cfg.quant.budget, self.core, x[:1], self.cfg.quant.level_margin)
+    def _ensure_budget(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once; with
+        ``allocate: probe``, on the run's first step, each layer's width from the probe (training.allocation)
+        becomes its target. A resumed run has its targets back in the model's state and probes nothing."""
+        b = self.cfg.quant.budget
+        if b.active and self.objective.budget is None:
+            self.objective.budget = Budget(b, self.core, x[:1], self.cfg.quant.level_margin)
+            if b.allocate == "probe" and self.sched.step == 0:
+                widths = allocate_widths(self.core, x, y, self.objective.budget)
+                with torch.no_grad():
+                    for name, layer in iter_quantized(self.core):
+                        layer.target_w.fill_(float(widths[name]))
 
     def is_converged(self) -> bool:
         """Every layer within its target (budget: its upper bound), no dead grid, and the budget's true aggregate

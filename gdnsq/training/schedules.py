@@ -117,14 +117,15 @@ def temperature_increment(step: int, warmup_steps: int, base_lr: float, scale_t:
 # to this many doublings over the descent window per bit of lag, and down by a quarter of that rate when
 # no layer lags, so after the descent it settles where the penalty just holds the bits at the target.
 _T_DOUBLINGS_PER_WINDOW = 32.0
-_T_RANGE = (1e-3, 1e6)
+_T_MIN, _T_MAX = 1e-3, 32.0  # the default cap is schedule.max_temperature's
 
 
-def temperature_update(t: float, lag_bits: float, window: int) -> float:
-    """Dual-ascent step of the planned mode's multiplier: up while some layer lags its plan, slowly down otherwise."""
+def temperature_update(t: float, lag_bits: float, window: int, t_max: float = _T_MAX) -> float:
+    """Dual-ascent step of the planned mode's multiplier: up while some layer lags its plan, slowly down otherwise,
+    within [_T_MIN, t_max] (schedule.max_temperature: a bounded dual keeps the task term in play)."""
     gain = _T_DOUBLINGS_PER_WINDOW / max(1, window)
     t = t * 2.0 ** (gain * (min(lag_bits, 1.0) if lag_bits > 0 else -0.25))
-    return min(max(t, _T_RANGE[0]), _T_RANGE[1])
+    return min(max(t, _T_MIN), t_max)
 
 
 def next_noise_ratio(ratio: float, penalty: float, step: float, tol: float = 1e-12) -> float:
@@ -156,7 +157,7 @@ class ScheduleState:
         if self.step >= plan.warmup_steps:
             if plan.planned:
                 self.temperature = temperature_update(self.temperature or 1.0, lag_bits,
-                                                      plan.end_step - plan.warmup_steps)
+                                                      plan.end_step - plan.warmup_steps, cfg.max_temperature)
             else:
                 self.temperature += temperature_increment(self.step, plan.warmup_steps, base_lr, cfg.scale_t)
         if check is not None and self.step >= plan.warmup_steps and (self.step + 1) % cfg.check_every == 0:

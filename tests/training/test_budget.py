@@ -1,4 +1,4 @@
-"""quant.budget: the aggregate's maths (values, gradients), the shared size rule and the convergence rule."""
+"""quant.budget: the aggregate's maths (values, gradients; the penalty allocation), the shared size rule and the convergence rule."""
 import math
 
 import pytest
@@ -82,8 +82,8 @@ def test_packed_bytes_is_fixed_plus_codes_and_counts_fp_layers():
 
 
 def test_budget_penalty_trades_bits_by_size():
-    m = _model(BudgetConfig(kind="bytes", value=1.0))
-    budget = B.Budget(BudgetConfig(kind="bytes", value=1.0), m, None)
+    m = _model(BudgetConfig(allocate="penalty", kind="bytes", value=1.0))
+    budget = B.Budget(BudgetConfig(allocate="penalty", kind="bytes", value=1.0), m, None)
     layers = list(iter_quantized(m))
     db, soft = [], []
     for _, l in layers:  # ∂b_c/∂log_s_c: each channel's bits depend on its own step only
@@ -102,9 +102,9 @@ def test_budget_penalty_trades_bits_by_size():
 
 def test_budget_inside_gives_zero_penalty_and_the_planned_level_starts_at_init():
     m = _model(bits=4.0)
-    big = B.Budget(BudgetConfig(kind="avg_bits_w", value=6.0), m, None)
+    big = B.Budget(BudgetConfig(allocate="penalty", kind="avg_bits_w", value=6.0), m, None)
     assert float(big.penalties(m, 1e-3, 1.0).p_w) == 0.0
-    tight = B.Budget(BudgetConfig(kind="avg_bits_w", value=2.0), m, None)
+    tight = B.Budget(BudgetConfig(allocate="penalty", kind="avg_bits_w", value=2.0), m, None)
     assert tight.penalties(m, 1e-3, 1.0, level_fraction=1.0, init_bits=8.0).lag < 0  # the level is still at 8
     assert tight.penalties(m, 1e-3, 1.0).lag == pytest.approx(4.0 + 1.0 - 2.0, abs=0.3)  # 4-bit init, +1 whole bit
 
@@ -113,7 +113,7 @@ def test_a_budget_met_exactly_in_whole_bits_switches_the_penalty_off():
     m = _model(bits=1.9)  # every weight grid inside W2's band
     from gdnsq.training.budget import uniform_value
 
-    exact = B.Budget(BudgetConfig(kind="bytes", value=uniform_value("bytes", m, 2, 2, None)), m, None)
+    exact = B.Budget(BudgetConfig(allocate="penalty", kind="bytes", value=uniform_value("bytes", m, 2, 2, None)), m, None)
     assert float(exact.penalties(m, 1e-3, 1.0).p_w) == 0.0 and exact.within(m)
 
 
@@ -121,18 +121,18 @@ def test_convergence_rule_uses_true_bits_and_exact_bytes():
     m = _model(bits=2.2)  # every grid at 2 bits (5 levels?) -> true bits from the grid
     true_w = {n: max(1, l.true_weight_bits()) for n, l in iter_quantized(m)}
     exact = packed_bytes(m, true_w)
-    assert B.Budget(BudgetConfig(kind="bytes", value=exact), m, None).within(m)
-    assert not B.Budget(BudgetConfig(kind="bytes", value=exact - 1), m, None).within(m)
+    assert B.Budget(BudgetConfig(allocate="penalty", kind="bytes", value=exact), m, None).within(m)
+    assert not B.Budget(BudgetConfig(allocate="penalty", kind="bytes", value=exact - 1), m, None).within(m)
     x = torch.randn(2, 1, 28, 28)
     macs = measure_macs(m, x)
-    bops = B.Budget(BudgetConfig(kind="bops", value=1.0), m, x).true_value(m)
+    bops = B.Budget(BudgetConfig(allocate="penalty", kind="bops", value=1.0), m, x).true_value(m)
     want = sum(macs[n] * true_w.get(n, 32) * (l.true_act_bits() if n in true_w else 32)
                for n, l in m.named_modules() if n in macs)
     assert bops == pytest.approx(want)
 
 
 def test_bounds_are_the_targets_and_the_guard_uses_min_bits():
-    cfg = QuantConfig(budget=BudgetConfig(kind="bytes", value=100.0, min_bits=1, max_bits=6),
+    cfg = QuantConfig(budget=BudgetConfig(allocate="penalty", kind="bytes", value=100.0, min_bits=1, max_bits=6),
                       rules=[{"pattern": r"features\.4", "target_w": 3}])
     torch.manual_seed(0)
     m = SmallCNN(width=4)
@@ -151,4 +151,4 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="quant.budget.value"):
         load_config(overrides={"quant.budget.kind": "bytes"})
     with pytest.raises(ConfigError, match="quant.budget.max_bits"):
-        BudgetConfig(kind="bops", value=1.0, min_bits=4, max_bits=2)
+        BudgetConfig(allocate="penalty", kind="bops", value=1.0, min_bits=4, max_bits=2)

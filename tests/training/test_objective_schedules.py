@@ -198,3 +198,18 @@ def test_objective_cumulative_loss_scale_and_channel_counts():
 
     channels = sum(layer.weight.shape[0] for _, layer in iter_quantized(m))
     assert obj.last_terms.active_w == channels and obj.last_terms.active_a == 4
+
+
+def test_planned_temperature_is_capped_and_falls_back_once_nothing_lags():
+    from gdnsq.config import ScheduleConfig
+    from gdnsq.training.schedules import ScheduleState, plan_descent
+
+    cfg = ScheduleConfig(max_temperature=8.0)
+    plan = plan_descent(cfg, planned_steps=200, init_bits=8.0, min_target=1.0)
+    state = ScheduleState()
+    for _ in range(plan.end_step):  # a layer that never catches up with its plan
+        state.advance(cfg, plan, base_lr=1e-3, penalty=1.0, lag_bits=0.8)
+    assert state.temperature == 8.0
+    for _ in range(5):
+        state.advance(cfg, plan, base_lr=1e-3, penalty=0.0, lag_bits=-0.1)
+    assert 1.0 < state.temperature < 8.0

@@ -1,0 +1,134 @@
+"""quant.budget.allocate: probe — the knapsack against brute force, the probe's bookkeeping, and a job
+whose layers end at the widths the probe chose, within the budget."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from gdnsq.config import BudgetConfig, QuantConfig
+from gdnsq.errors import ConfigError
+from gdnsq.quant.layers import iter_quantized
+from gdnsq.training import allocation as A
+from gdnsq.training.bits import packed_bytes
+from gdnsq.training.budget import Budget, uniform_value
+
+
+def _brute(losses, costs, capacity):
+    best, arg = math.inf, None
+    for pick in itertools.product(*(range(losses.shape[1]) for _ in range(losses.shape[0]))):
+        c = sum(float(costs[l, i]) for l, i in enumerate(pick))
+        v = sum(float(losses[l, i]) for l, i in enumerate(pick))
+        if c <= capacity and v < best:
+            best, arg = v, pick
+    return best, arg
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("integer", [True, False])
+def test_knapsack_matches_brute_force(seed, integer):
+    g = torch.Generator().manual_seed(seed)
+    n_layers, n_widths = 4, 4
+    sizes = torch.randint(50, 5000, (n_layers, 1), generator=g).double()
+    costs = sizes * torch.arange(1, n_widths + 1).double()  # a layer's cost grows with its width
+    if not integer:
+        costs = costs * 1000.37  # past the exact integer grid: costs are rounded up to 1/65536 of the capacity
+    losses = torch.rand(n_layers, n_widths, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values
+    capacity = float(costs[:, 0].sum() + torch.rand((), generator=g) * (costs[:, -1] - costs[:, 0]).sum())
+    best, _ = _brute(losses, costs, capacity)
+    pick = A.choose_widths(losses, costs, capacity)
+    got = sum(float(losses[l, i]) for l, i in enumerate(pick))
+    assert sum(float(costs[l, i]) for l, i in enumerate(pick)) <= capacity  # always fits (costs rounded up)
+    if integer:
+        assert got == pytest.approx(best)
+    else:  # a brute-force optimum that needs the last unit of each layer may be missed
+        tight, _ = _brute(losses, costs, capacity * (1 - 2 * len(losses) / A._CAPACITY_STEPS))
+        assert best <= got <= tight
+
+
+def test_knapsack_respects_forbidden_widths_and_reports_infeasible():
+    losses = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]], dtype=torch.float64)
+    costs = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, math.inf]], dtype=torch.float64)
+    assert A.choose_widths(losses, costs, 5.0) == [2, 1]  # layer 1 may not take its widest width
+    assert A.choose_widths(losses, costs, 1.5) is None
+
+
+def test_item_costs_per_kind():
+    c = A.item_costs("bytes", [9, 16], [0.0, 0.0], [2.0, 2.0], [1, 2])
+    assert c.tolist() == [[2.0, 3.0], [2.0, 4.0]]  # ceil(n·b/8): bit-packed codes
+    assert A.item_costs("avg_bits_w", [9, 16], [0.0, 0.0], [2.0, 2.0], [1, 2]).tolist() == [[9, 18], [16, 32]]
+    assert A.item_costs("bops", [9, 16], [100.0, 10.0], [2.0, 32.0], [1, 2]).tolist() == [[200, 400], [320, 640]]
+
+
+def _student_and_teacher(cfg: BudgetConfig, x):  # the teacher: the FP model the student was built from
+    import copy
+
+    from gdnsq.training.models import SmallCNN
+    from gdnsq.training.surgery import calibrate_model, quantize_model
+
+    torch.manual_seed(0)
+    teacher = SmallCNN(width=4).eval()
+    student = copy.deepcopy(teacher)
+    quantize_model(student, QuantConfig(budget=cfg))
+    calibrate_model(student, [x], 8.0)
+    return student, teacher
+
+
+def test_allocation_fits_the_budget_and_restores_the_quantizers():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    cfg = BudgetConfig(kind="bytes", value=1.0, max_bits=4)
+    student, _ = _student_and_teacher(cfg, x)
+    cfg.value = float(uniform_value("bytes", student, 2, 2, None))
+    budget = Budget(cfg, student, None)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    widths = A.allocate_widths(student, x, y, budget)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the probe left no trace
+    assert set(widths.values()) <= set(range(1, 5))
+    quantized = {n for n, l in iter_quantized(student) if l.weight_quant.enabled}
+    assert packed_bytes(student, {n: widths[n] for n in quantized}) <= cfg.value
+    cfg.value = float(uniform_value("bytes", student, 1, 1, None)) - 1
+    with pytest.raises(ConfigError, match="quant.budget.value"):
+        A.allocate_widths(student, x, y, Budget(cfg, student, None))
+
+
+def test_sensitivities_fall_with_width_and_a_budget_spends_bits_where_they_matter():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    cfg = BudgetConfig(kind="bytes", value=1.0, max_bits=4)
+    student, _ = _student_and_teacher(cfg, x)
+    prices = A.sensitivities(student, x, y, [1, 2, 4, 8])
+    assert (prices[:, 0] > prices[:, 1]).all() and (prices[:, 1] > prices[:, -1]).all()
+    # The price is the Fisher-weighted error of the best clipped grid: at most the min/max grid's (by hand).
+    fisher = A.fisher_diagonal(student, x, y)
+    _, layer = next(iter(iter_quantized(student)))
+    w = layer.weight.detach()
+    lo, hi = w.flatten(1).min(1).values.view(-1, 1, 1, 1), w.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    s = (hi - lo) / 3  # 2 bits: 4 levels over [min, max] per channel
+    min_max = float((fisher[0] * (torch.round((w - lo) / s) * s + lo - w) ** 2).sum())
+    assert 0 < float(prices[0, 1]) <= min_max * (1 + 1e-6)
+    # A budget between uniform W1 and W2 spends bits: the allocation is never all-1 when more fits.
+    cfg.value = float(uniform_value("bytes", student, 2, 2, None))
+    widths = A.allocate_widths(student, x, y, Budget(cfg, student, None))
+    assert max(widths.values()) > 1
+
+
+def test_grid_error_is_zero_on_the_grid_and_per_channel_never_worse():
+    codes = torch.randint(0, 4, (3, 50)).float()
+    codes[:, 0], codes[:, 1] = 0, 3  # every row spans its grid
+    w = codes * torch.tensor([[0.1], [0.5], [2.0]]) - 1.0  # each row exactly on its own 2-bit grid
+    f = torch.rand_like(w)
+    assert float(A.grid_error(w, f, 2)) == pytest.approx(0.0, abs=1e-9)
+    assert float(A.grid_error(w, f, 1)) > 0
+    assert float(A.grid_error(w, f, 2, per_channel=False)) > 0  # one grid for rows of different steps
+    # Clipping helps a heavy tail: one outlier per row makes the min/max grid coarse for the rest.
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 200, generator=g)
+    v[:, 0] = 12.0
+    ones = torch.ones_like(v)
+    step = (v.max(1, keepdim=True).values - v.min(1, keepdim=True).values) / 3
+    lo = v.min(1, keepdim=True).values
+    min_max = float(((torch.round((v - lo) / step) * step + lo - v) ** 2).sum())
+    assert float(A.grid_error(v, ones, 2)) < 0.5 * min_max
