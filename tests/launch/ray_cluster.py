@@ -9,6 +9,8 @@ never ``ray stop``, which kills every Ray process on the machine.
         cluster.connect()                 # ray.init in this process (token env set)
         ...                               # or pass cluster.address / cluster.env to subprocesses
 
+``kill_node(i)`` loses a worker node (SIGKILL of everything on it); ``add_node()`` starts a replacement.
+
 ``LocalCluster(dashboard=True)`` also starts the dashboard / job server on ``cluster.dashboard_url``
 (for ``JobSubmissionClient``).
 """
@@ -205,6 +207,36 @@ class LocalCluster:
         ctx = ray.init(address=self.address, logging_level="WARNING", **init_kwargs)
         self._connected = True
         return ctx
+
+    def add_node(self) -> int:
+        """Start one more worker node (as an autoscaler replaces a lost one); returns its index.
+        Does not wait for it: see :meth:`wait_for_nodes`."""
+        i = len(self.procs)
+        self._start_node(i)
+        return i
+
+    def kill_node(self, i: int) -> None:
+        """Lose node ``i`` as a machine is lost: SIGKILL its process group (``ray start``, its raylet
+        and the workers it spawned) and anything else naming its temp dir. Not the head (``i`` >= 1)."""
+        if i < 1:
+            raise ValueError("kill_node: node 0 is the head (its GCS is the cluster)")
+        proc = self.procs[i]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        temp = f"{self.root / f'n{i}'}/"
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    mine = temp.encode() in f.read()
+                if mine:
+                    os.kill(int(d), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        proc.wait(10)
 
     def alive_nodes(self) -> list[dict]:
         import ray
