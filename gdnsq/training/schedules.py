@@ -118,6 +118,7 @@ def temperature_increment(step: int, warmup_steps: int, base_lr: float, scale_t:
 # no layer lags, so after the descent it settles where the penalty just holds the bits at the target.
 _T_DOUBLINGS_PER_WINDOW = 32.0
 _T_MIN, _T_MAX = 1e-3, 32.0  # the default cap is schedule.max_temperature's
+_T_MAX_RELEASED = 1e6
 
 
 def temperature_update(t: float, lag_bits: float, window: int, t_max: float = _T_MAX) -> float:
@@ -150,6 +151,16 @@ class ScheduleState:
     def level_fraction(self, plan: DescentPlan) -> float:
         return plan.level_fraction(self.step)
 
+    def temperature_cap(self, cfg: ScheduleConfig, plan: DescentPlan) -> float:
+        """schedule.max_temperature, released while the model is still not converged halfway from the planned
+        end of the descent to the end of the run: the cap then doubles 16 times over the remaining steps, so a
+        short run still ends converged (a run that is not counts as 0)."""
+        release = (plan.end_step + plan.planned_steps) / 2
+        if self.converged or self.step < release:
+            return cfg.max_temperature
+        doublings = 16.0 * (self.step - release) / max(1.0, plan.planned_steps - release)
+        return min(cfg.max_temperature * 2.0 ** doublings, _T_MAX_RELEASED)
+
     def advance(self, cfg: ScheduleConfig, plan: DescentPlan, base_lr: float, penalty: float, lag_bits: float,
                 check: "callable[[], bool] | None" = None) -> None:
         """After an optimizer step with penalty value ``penalty``; ``lag_bits`` = max over layers of
@@ -157,7 +168,7 @@ class ScheduleState:
         if self.step >= plan.warmup_steps:
             if plan.planned:
                 self.temperature = temperature_update(self.temperature or 1.0, lag_bits,
-                                                      plan.end_step - plan.warmup_steps, cfg.max_temperature)
+                                                      plan.end_step - plan.warmup_steps, self.temperature_cap(cfg, plan))
             else:
                 self.temperature += temperature_increment(self.step, plan.warmup_steps, base_lr, cfg.scale_t)
         if check is not None and self.step >= plan.warmup_steps and (self.step + 1) % cfg.check_every == 0:

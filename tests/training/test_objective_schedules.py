@@ -213,3 +213,23 @@ def test_planned_temperature_is_capped_and_falls_back_once_nothing_lags():
     for _ in range(5):
         state.advance(cfg, plan, base_lr=1e-3, penalty=0.0, lag_bits=-0.1)
     assert 1.0 < state.temperature < 8.0
+
+
+def test_temperature_cap_is_released_late_in_a_run_that_has_not_converged():
+    from gdnsq.config import ScheduleConfig
+    from gdnsq.training.schedules import ScheduleState, plan_descent
+
+    cfg = ScheduleConfig(max_temperature=8.0)
+    plan = plan_descent(cfg, planned_steps=200, init_bits=8.0, min_target=1.0)
+    release = (plan.end_step + plan.planned_steps) / 2
+    lagging, converged = ScheduleState(), ScheduleState()
+    converged.converged = True  # the last true-bit check passed: the cap holds
+    for state in (lagging, converged):
+        for _ in range(plan.planned_steps):
+            state.advance(cfg, plan, base_lr=1e-3, penalty=1.0, lag_bits=0.8)
+            if state is converged:
+                state.converged = True
+            if state.step == int(release):
+                assert state.temperature == 8.0
+    assert converged.temperature == 8.0
+    assert lagging.temperature > 8.0 * 2 ** 8
