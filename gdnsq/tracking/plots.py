@@ -110,6 +110,46 @@ def draw_layer_bits(history: list[dict], path: Path) -> bool:
     return True
 
 
+FRONT_PANELS = (("bytes_payload", "front_bytes", "packed payload bytes"), ("bops", "front_bops", "BOPs per sample"))
+
+
+def draw_pareto_front(points: list[dict], path: Path, title: str = "") -> bool:
+    """A sweep's fronts: test top-1 against packed bytes and against BOPs, one point per trial with the figure.
+
+    ``points``: ``{label, top1, converged, bytes_payload, bops, front_bytes, front_bops}`` (a missing figure
+    leaves the point out of that panel). Front points red and joined by the front's staircase, other converged
+    trials filled, trials that did not converge hollow (never on a front); labels name the trials.
+    """
+    panels = [p for p in FRONT_PANELS if any(r.get(p[0]) is not None and r.get("top1") is not None for r in points)]
+    if not panels:
+        return False
+    fig = _figure(5.2 * len(panels), 4.3)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (cost, flag, xlabel) in zip(axes, panels):
+        pts = [r for r in points if r.get(cost) is not None and r.get("top1") is not None]
+        front = sorted((r for r in pts if r.get(flag)), key=lambda r: r[cost])
+        if front:  # the region the front dominates ends at each point: a step up to the right
+            ax.step([r[cost] for r in front], [r["top1"] for r in front], where="post", color="C3", lw=1, alpha=0.6)
+        for r in pts:
+            on = bool(r.get(flag))
+            color = "C3" if on else "C0"
+            ax.scatter([r[cost]], [r["top1"]], s=60 if on else 28, marker="o", edgecolors=color,
+                       facecolors=color if r.get("converged") else "none", zorder=3)
+            ax.annotate(str(r.get("label", "")), (r[cost], r["top1"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        xs = [r[cost] for r in pts]
+        if min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test top-1 % (red: front, hollow: not converged)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def draw_run_plots(history: list[dict], folder: Path, fp_top1: float | None = None) -> list[str]:
     """Every plot of a run's ``history`` (``[{epoch, metrics, layers}]``) into ``folder``; the file names drawn."""
     drawn = []

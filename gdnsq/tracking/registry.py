@@ -222,7 +222,7 @@ def _bake_flags(model: nn.Module) -> None:
 
 def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Tensor, *, tracker_or_run_id,
                    stats: dict | None = None, name: str | None = None, tracking_uri: str | None = None,
-                   alias: str = CHAMPION) -> dict:
+                   alias: str = CHAMPION, tags: dict[str, str] | None = None) -> dict:
     """Log the eval-mode student (pt2 + native files) to the run, register a version, maybe promote.
 
     ``tracker_or_run_id``: a :class:`gdnsq.tracking.run.RunTracker` (flushed first; its store is used) or a
@@ -236,7 +236,9 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
     ``name``, ``kind``, ``params``, ``macs``, ``bops``: the rows of layers in the bits table give them
     their MACs/BOPs, the others become ``fp_layers``. Other keys are ignored. ``None``: estimated with
     :func:`estimate_stats` (no grids or header in the size, so a larger compression than the file's).
-    Returns ``{name, version, model_uri, model_id, run_id, champion, champion_version, ns_top1, manifest}``.
+    ``tags``: added to the version's own (:func:`gdnsq.tracking.manifest.version_tags`), e.g. a sweep's
+    ``pareto_front``. Returns ``{name, version, model_uri, model_id, run_id, champion, champion_version,
+    ns_top1, manifest}``.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -299,10 +301,10 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
         except Exception as e:  # noqa: BLE001 - export or upload: the caller keeps its checkpoint either way
             raise _store_error(uri, e, f"logging model {name}") from e
         with _tracking_uri(uri):  # the SQL registry resolves ``models:/<id>`` sources via the global URI
-            return _create_version(client, uri, name, logged.model_id, run_id, manifest, alias)
+            return _create_version(client, uri, name, logged.model_id, run_id, manifest, alias, tags)
 
 
-def _create_version(client, uri, name, model_id, run_id, manifest, alias) -> dict:
+def _create_version(client, uri, name, model_id, run_id, manifest, alias, tags=None) -> dict:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -318,7 +320,8 @@ def _create_version(client, uri, name, model_id, run_id, manifest, alias) -> dic
                                 f"W{manifest['target_w']:g}A{manifest['target_a']:g}. The `{alias}` alias "
                                 "is the version with the best ns_top1.")
         mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                         tags=version_tags(manifest), description=model_card(name, manifest),
+                                         tags={**version_tags(manifest), **(tags or {})},
+                                         description=model_card(name, manifest),
                                          model_id=model_id)
         champion = client.get_registered_model(name).aliases.get(alias)
         new = as_float(manifest.get("ns_top1"))

@@ -191,3 +191,17 @@ def packed_bytes(model: nn.Module, weight_bits: dict[str, int], fp_bytes: int = 
     if missing:
         raise KeyError(f"no weight bits for {sorted(missing)}")
     return fixed + sum(code_bytes(n, weight_bits[name]) for name, (n, _) in counts.items())
+
+
+def size_figures(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """A quantized model's size at its true bits, as the exporter and the budget count it: ``bytes_payload``
+    (:func:`packed_bytes`, the budget's true bytes), ``macs`` and ``bops`` per sample (:func:`layer_rows`,
+    :func:`totals`; FP layers at 32 x 32 bits). For the run summary, from which a sweep draws its front."""
+    layers = list(iter_quantized(model))
+    payload = packed_bytes(model, {n: max(1, q.true_weight_bits()) for n, q in layers if q.weight_quant.enabled})
+    bits = {}
+    for n, q in layers:
+        ba = q.true_act_bits() if q.act_quant is not None and q.act_quant.enabled else None
+        bits[n] = (max(1, q.true_weight_bits()) if q.weight_quant.enabled else FP_BITS, FP_BITS if ba is None else ba)
+    t = totals(layer_rows(model, bits, example_input, {}), 0, payload)
+    return {"bytes_payload": payload, "macs": t["macs"], "bops": t["bops"]}

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
-from .bits import average_bits, bits_table
+from .bits import average_bits, bits_table, size_figures
 from .checkpoint import make_checkpoint
 from .engine import Engine, create_plan, evaluate, planned_steps, train_fp
 from .models import create_model, has_fp_weights
@@ -184,6 +184,7 @@ def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loader
     conv = engine.is_converged()
     table = bits_table(engine.core)
     avg_w, avg_a = average_bits(table)
+    sizes = size_figures(engine.core, _take(eval_loader, 1, device)[0][:1])
     return {
         "model": cfg.model.name, "split": split,
         "fp_top1": round(fp["top1"], 2), "top1": round(q["top1"], 2), "top5": round(q["top5"], 2),
@@ -191,6 +192,7 @@ def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loader
         "target_w": cfg.quant.target_w, "target_a": cfg.quant.target_a,
         "avg_bits_w": round(avg_w, 3), "avg_bits_a": round(avg_a, 3),
         "converged": bool(conv), "ns_top1": round(ns_top1(q["top1"], conv), 2),
+        **sizes,  # bytes_payload, macs, bops: a sweep's front reads them
         "best_epoch": best["epoch"], "epochs_run": engine.epoch, "steps": engine.sched.step,
         "descent_end_step": engine.sched.converged_step,  # first step whose true-bit check passed
         "protocol": {"method": cfg.quant.method, "per_channel": cfg.quant.per_channel,

@@ -153,3 +153,19 @@ def test_mixed_precision_jobs_budget_uniform_w2a2_bytes_and_sweep_a_front():
     assert len(values) >= 5 and mixed.quant.budget.value in values
     for k in (1, 3, 4):
         assert uniform_value("bytes", student, k, 2, None) in values
+
+
+def test_cpu_front_sweep_spans_uniform_w1_to_w4_bytes_of_the_small_cnn():
+    """The CPU front sweep's budgets are the small CNN's uniform W1..W4 (A2) packed payloads plus midpoints."""
+    from gdnsq.launch.sweep_plan import load_sweep
+    from gdnsq.training.budget import uniform_value
+    from gdnsq.training.surgery import build_student
+
+    plan = load_sweep(JOBS / "cpu_smallcnn_mixed_front_sweep.yaml")
+    assert plan.job.quant.budget.kind == "bytes" and plan.sweep.scheduler.type == "fifo"
+    assert plan.job.data.kind == "bundled" and plan.job.ray.use_gpu is False
+    values = plan.sweep.space["quant.budget.value"]["grid"]
+    student = build_student(plan.job, num_classes=10, in_chans=1)
+    uniform = [uniform_value("bytes", student, k, 2, None) for k in (1, 2, 3, 4)]
+    assert sorted(values) == sorted([*uniform, (uniform[0] + uniform[1]) / 2, (uniform[1] + uniform[2]) / 2])
+    assert plan.job.quant.budget.value == uniform[1]

@@ -45,32 +45,6 @@ def cluster():
         yield c
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    """A small FP teacher (40 steps: its accuracy does not matter here), trained once for the module."""
-    import torch
-    import torch.nn.functional as F
-
-    from gdnsq.config import ModelConfig
-    from gdnsq.data.bundled import create_bundled_loaders
-    from gdnsq.training.models import create_model
-
-    torch.manual_seed(0)
-    train, _, _, nc, ch = create_bundled_loaders(64, seed=0)
-    model = create_model(ModelConfig(name="gdnsq_smallcnn"), num_classes=nc, in_chans=ch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step, (x, y) in enumerate(train):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step == 40:
-            break
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
 def settings(cluster: LocalCluster, tmp: Path, teacher: str, name: str, space: dict, **extra) -> dict[str, str]:
     """Dotted overrides (as the CLI passes them: strings) for a tiny sweep of the shipped CPU sweep file."""
     out = {

@@ -12,3 +12,16 @@ def test_bits_per_layer_plot(tmp_path):
     assert draw_layer_bits(_history(), tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 1000
     assert not draw_layer_bits([], tmp_path / "none.png")
     assert "bits_per_layer.png" in draw_run_plots(_history(), tmp_path)
+
+
+def test_pareto_front_plot(tmp_path):
+    from gdnsq.tracking.plots import draw_pareto_front
+
+    points = [{"label": "a", "top1": 80.0, "converged": True, "bytes_payload": 100, "bops": 9e6, "front_bytes": True,
+               "front_bops": False},
+              {"label": "b", "top1": 85.0, "converged": True, "bytes_payload": 200, "bops": 5e6, "front_bytes": True,
+               "front_bops": True},
+              {"label": "c", "top1": 99.0, "converged": False, "bytes_payload": 50, "bops": None}]
+    assert draw_pareto_front(points, tmp_path / "f.png", "t") and (tmp_path / "f.png").stat().st_size > 1000
+    assert not draw_pareto_front([{"label": "x", "top1": 1.0}], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
