@@ -12,8 +12,20 @@ from gdnsq.training.job import prepare_teacher
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The harness's setting (benchmarks/compare_methods.py --threads 1): these runs are its seed-0 cells, and a
+    # second thread changes the numerics enough to give another teacher.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
+def teacher_ckpt(_one_thread, tmp_path_factory):
+    # A module fixture runs before the per-test seeding: seed here, or the teacher depends on the tests before it.
+    torch.manual_seed(0)
     cfg = load_config(_quickstart_config(), {"ray.enabled": False, "tracking.enabled": False})
     loaders = create_loaders(cfg)
     teacher, _ = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
