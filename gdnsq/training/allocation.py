@@ -40,8 +40,7 @@ def choose_widths(losses: Tensor, costs: Tensor, capacity: float) -> list[int] |
     knapsack by dynamic programming over the capacity in ``_CAPACITY_STEPS`` units, every cost rounded up
     (so the answer always fits; it may miss a choice that fits only within one unit per layer). Integer costs
     (bytes, bit counts) are counted in units of their greatest common divisor, exactly when the capacity
-    is under ``_CAPACITY_STEPS`` of those. None when even the
-    cheapest choice per layer does not fit.
+    is under ``_CAPACITY_STEPS`` of those. None when even the cheapest choice per layer does not fit.
     """
     n_layers, _ = losses.shape
     if capacity <= 0:

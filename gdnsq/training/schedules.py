@@ -117,11 +117,11 @@ def temperature_increment(step: int, warmup_steps: int, base_lr: float, scale_t:
 # to this many doublings over the descent window per bit of lag, and down by a quarter of that rate when
 # no layer lags, so after the descent it settles where the penalty just holds the bits at the target.
 _T_DOUBLINGS_PER_WINDOW = 32.0
-_T_MIN, _T_MAX = 1e-3, 32.0  # the default cap is schedule.max_temperature's
+_T_MIN = 1e-3
 _T_MAX_RELEASED = 1e6
 
 
-def temperature_update(t: float, lag_bits: float, window: int, t_max: float = _T_MAX) -> float:
+def temperature_update(t: float, lag_bits: float, window: int, t_max: float) -> float:
     """Dual-ascent step of the planned mode's multiplier: up while some layer lags its plan, slowly down otherwise,
     within [_T_MIN, t_max] (schedule.max_temperature: a bounded dual keeps the task term in play)."""
     gain = _T_DOUBLINGS_PER_WINDOW / max(1, window)
@@ -152,11 +152,12 @@ class ScheduleState:
         return plan.level_fraction(self.step)
 
     def temperature_cap(self, cfg: ScheduleConfig, plan: DescentPlan) -> float:
-        """schedule.max_temperature, released while the model is still not converged halfway from the planned
+        """schedule.max_temperature, released while the model has never converged halfway from the planned
         end of the descent to the end of the run: the cap then doubles 16 times over the remaining steps, so a
-        short run still ends converged (a run that is not counts as 0)."""
+        short run still ends converged (a run that is not counts as 0). A run that converged once keeps the
+        cap: released, a late excursion above the targets met a huge multiplier and ended unconverged."""
         release = (plan.end_step + plan.planned_steps) / 2
-        if self.converged or self.step < release:
+        if self.converged_step is not None or self.step < release:
             return cfg.max_temperature
         doublings = 16.0 * (self.step - release) / max(1.0, plan.planned_steps - release)
         return min(cfg.max_temperature * 2.0 ** doublings, _T_MAX_RELEASED)
