@@ -140,7 +140,7 @@ class QuantConfig:
     calib_batches: int = 4
     """Batches seen by the min/max observers before training."""
     fused: bool = True
-    """Weight quantizers keep the forward's rounding error for backward (bit-identical; False recomputes it)."""
+    """GDNSQ's noisy rounding as one compiled pass each way on the CPU (built on first use; False: the torch ops)."""
     level_guard: bool = True
     """Project log s after every step so no learnable grid has fewer than 2**target levels."""
     level_margin: float = 0.1

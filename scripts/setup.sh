@@ -33,3 +33,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 .venv/bin/python -c "import gdnsq, torch, torchvision, timm, ray, mlflow, ffcv" \
   || { echo "setup: the environment is incomplete; delete .venv and run again" >&2; exit 1; }
+# The fused quantizer kernels compile once per machine (about a minute, cached under ~/.cache/torch_extensions);
+# building them here keeps that minute out of the first training run. Without a compiler: a warning, the torch path.
+.venv/bin/python -c "from gdnsq.quant import fused; fused.kernels()"

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import fused as _fused
+
 _INV_SQRT3 = 1.0 / math.sqrt(3.0)
 
 
@@ -71,6 +73,15 @@ def _sign_table(device, dtype) -> Tensor:
     return _SIGN_TABLES[key]
 
 
+def _dither_offsets(n: int) -> list[int]:
+    """Random window offsets into the sign table for ``n`` elements: one per window of ``_SIGN_WINDOW``."""
+    offsets = []
+    for start in range(0, n, _SIGN_WINDOW):
+        size = min(_SIGN_WINDOW, n - start)
+        offsets.append(int(torch.randint(0, _SIGN_TABLE_SIZE - size + 1, (1,))))
+    return offsets
+
+
 def dither_signs(like: Tensor) -> Tensor:
     """Random ±1/2 per element of ``like``, read from a table of fair coin flips at random offsets.
 
@@ -82,11 +93,7 @@ def dither_signs(like: Tensor) -> Tensor:
     """
     n = like.numel()
     table = _sign_table(like.device, like.dtype)
-    chunks = []
-    for start in range(0, n, _SIGN_WINDOW):
-        size = min(_SIGN_WINDOW, n - start)
-        offset = int(torch.randint(0, _SIGN_TABLE_SIZE - size + 1, (1,)))
-        chunks.append(table[offset: offset + size])
+    chunks = [table[o: o + min(_SIGN_WINDOW, n - i * _SIGN_WINDOW)] for i, o in enumerate(_dither_offsets(n))]
     flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return flat.view(like.shape)
 
@@ -94,25 +101,27 @@ def dither_signs(like: Tensor) -> Tensor:
 class _NoisyRound(torch.autograd.Function):
     """x̂ = z + s·round((clamp(x, lo, hi) - z)/s) with the noise-model backward of the module docstring.
 
-    Cost matters (weights of a ResNet are touched every step): the forward works in place on one
-    buffer, and nothing of input size is saved beyond x itself (already alive for the previous op);
-    the rounding error and the clamp masks are recomputed in backward when they were not kept.
+    Cost matters (weights of a ResNet are touched every step, activations twice). With ``fused`` on the CPU
+    (``ste``/``lsq``, no extra noise) one compiled pass does the forward and one the backward (``fused.py``);
+    otherwise the torch ops below run, in place on one buffer, saving nothing input-sized beyond x itself
+    (the rounding error and the clamp masks are recomputed in backward).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, lo, hi, z: Tensor, s: Tensor, estimator: str, delta: float, noise_ratio: float,
-                keep_error: bool = False):
+                fused: bool = False):
+        ctx.estimator, ctx.delta = estimator, delta
+        ctx.groups = _kernel_groups(x, lo, hi, z, s, estimator, noise_ratio) if fused else None
+        if ctx.groups is not None:
+            ctx.save_for_backward(x, s, z, lo, hi, None)
+            vlo, vhi = _grid_bounds(lo, hi, z, s) if lo is not None else (None, None)
+            return _fused.kernels().forward(x, *_per_group(ctx.groups, z, s, vlo, vhi), lo is not None,
+                                            estimator != "ste")
         v = torch.sub(x, z).div_(s)
         if lo is not None:
-            v = v.clamp_((lo - z) / s, (hi - z) / s)
+            v = v.clamp_(*_grid_bounds(lo, hi, z, s))
         e = None
-        if noise_ratio == 0 and estimator == "ste" and keep_error:
-            # Fused: keep n = round(v) - v from the forward (one x-sized tensor) instead of recomputing
-            # v, the clamp and n in backward (four passes over x); same ops, same bits.
-            r = torch.round(v)
-            e = torch.sub(r, v)
-            out = r
-        elif noise_ratio > 0 or estimator != "ste":
+        if noise_ratio > 0 or estimator != "ste":
             e = torch.round(v).sub_(v)  # rounding error n in grid units
             if noise_ratio > 0:
                 # Extra uniform noise in place of part of the rounding error, decayed to 0 by the schedule.
@@ -121,11 +130,12 @@ class _NoisyRound(torch.autograd.Function):
         else:
             out = v.round_()
         ctx.save_for_backward(x, s, z, lo, hi, e)
-        ctx.estimator, ctx.delta = estimator, delta
         return out.mul_(s).add_(z)
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        if ctx.groups is not None:
+            return _fused_backward(ctx, g)
         x, s, z, lo, hi, e = ctx.saved_tensors
         est = ctx.estimator
         grad_x = grad_lo = grad_hi = grad_z = grad_s = None
@@ -160,7 +170,7 @@ class _NoisyRound(torch.autograd.Function):
             if e is None:  # ste keeps nothing input-sized: recompute n on the clamped v
                 v = torch.sub(x, z).div_(s)
                 if lo is not None:
-                    v = v.clamp_((lo - z) / s, (hi - z) / s)
+                    v = v.clamp_(*_grid_bounds(lo, hi, z, s))
                 e = torch.round(v).sub_(v)
             # Residual: what a coarser step costs. lsq stops there; the method adds s·r/sqrt(3),
             # r = ±1/2 with equal probability (variance 1/12 per element, mean 0).
@@ -173,17 +183,101 @@ class _NoisyRound(torch.autograd.Function):
         return grad_x, grad_lo, grad_hi, grad_z, grad_s, None, None, None, None
 
 
+def _grid_bounds(lo: Tensor, hi: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """The clamp bounds in grid units, (lo - z)/s and (hi - z)/s."""
+    return (lo - z) / s, (hi - z) / s
+
+
+def _kernel_groups(x, lo, hi, z, s, estimator: str, noise_ratio: float) -> int | None:
+    """Step groups for the fused kernels, or None where they do not apply (torch path)."""
+    if estimator not in ("ste", "lsq") or noise_ratio > 0:
+        return None
+    groups = _fused.groups(x, s, z, lo, hi)
+    return groups if groups is not None and _fused.kernels() is not None else None
+
+
+def _per_group(groups: int, *params: Tensor | None) -> list[Tensor]:
+    """Each parameter as a contiguous float32 vector of ``groups`` values (an empty one for None); the
+    shapes were checked by ``fused.groups``: one value, or one per group along dim 0."""
+    out = []
+    for p in params:
+        if p is None:
+            out.append(torch.empty(0))
+            continue
+        v = p.detach().float().reshape(-1)
+        out.append((v.expand(groups) if v.numel() == 1 else v).contiguous())
+    return out
+
+
+def _fused_backward(ctx, g: Tensor):
+    x, s, z, lo, hi, _ = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    clamp = lo is not None
+    dither = needs[4] and ctx.estimator != "lsq"
+    vlo, vhi = _grid_bounds(lo, hi, z, s) if clamp else (None, None)
+    table = _sign_table(g.device, torch.float32) if dither else torch.empty(0)
+    # Same offsets, drawn in the same order from torch's RNG, as dither_signs(g) on the torch path.
+    offsets = torch.tensor(_dither_offsets(g.numel()) if dither else [], dtype=torch.long)
+    grad_x, sums = _fused.kernels().backward(
+        x, g.contiguous(), *_per_group(ctx.groups, z, s, vlo, vhi, lo, hi), clamp, needs[0], table, offsets,
+        _SIGN_WINDOW, dither)
+    if needs[0] and not clamp:
+        grad_x = g  # no clamp: straight through
+    shape = (ctx.groups,) + (1,) * (x.dim() - 1)
+    grad_lo = _sum_to(sums[0].reshape(shape), lo.shape) if clamp and needs[1] else None
+    grad_hi = _sum_to(sums[1].reshape(shape), hi.shape) if clamp and needs[2] else None
+    grad_s = None
+    if needs[4]:
+        grad_s = _sum_to(sums[2].reshape(shape), s.shape)
+        if dither:
+            grad_s = grad_s + s * _sum_to(sums[3].reshape(shape), s.shape) * _INV_SQRT3
+    grad_z = torch.zeros_like(z) if needs[3] else None
+    return grad_x if needs[0] else None, grad_lo, grad_hi, grad_z, grad_s, None, None, None, None
+
+
 def noisy_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor, *,
                    estimator: str = "ste", delta: float = 1e-2, noise_ratio: float = 0.0,
-                   keep_error: bool = False) -> Tensor:
+                   fused: bool = False) -> Tensor:
     """Training-time fake quantization: clamp to [lo, hi] (skipped when None), then noisy rounding.
 
     Shapes: x (N, ...), lo/hi/z/s broadcastable to x (scalars or per-channel (C, 1, ...)).
     Gradients: x (straight-through inside [lo, hi], 0 outside), lo/hi (clamped elements), s (noise model).
-    ``keep_error``: save the rounding error for backward instead of recomputing it (bit-identical; costs
-    one x-sized tensor, so the weight quantizer uses it and activations do not).
+    ``fused``: one compiled pass each way on the CPU where it applies (``ste``/``lsq``, no extra noise,
+    contiguous float32, per-tensor or per-output-channel parameters); x̂ and the x gradient are bit-identical
+    to the torch path, the step and clamp gradients equal to float rounding (float32 SIMD lanes per piece, float64 across pieces: deterministic for any thread count).
     """
-    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio, keep_error)
+    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio, fused)
+
+
+class _ChannelRange(torch.autograd.Function):
+    """Per-channel (min, max) of w in one compiled pass. The gradient reaches two elements per channel (the
+    first arg-extremes, as torch.min / torch.max along a dim choose), so backward returns it as a sparse
+    tensor, which autograd adds into w's dense gradient: no zero-filled weight-sized tensors, no extra add."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, channels: int):
+        lo, hi, ilo, ihi = _fused.kernels().channel_range(w.reshape(channels, -1))
+        ctx.save_for_backward(ilo, ihi)
+        ctx.shape = w.shape
+        return lo, hi
+
+    @staticmethod
+    def backward(ctx, g_lo: Tensor, g_hi: Tensor):
+        ilo, ihi = ctx.saved_tensors
+        row = torch.arange(len(ilo)) * (math.prod(ctx.shape) // len(ilo))
+        where = torch.stack(torch.unravel_index(torch.cat([row + ilo, row + ihi]), ctx.shape))
+        grad = torch.sparse_coo_tensor(where, torch.cat([g_lo, g_hi]), ctx.shape, check_invariants=False)
+        return grad, None
+
+
+def channel_range(w: Tensor, channels: int, fused: bool = False) -> tuple[Tensor, Tensor]:
+    """(min, max) of each of ``channels`` equal slices of w along dim 0 (1: the whole tensor), differentiable:
+    the gradient goes to the first arg-extreme of each."""
+    if fused and _fused.groups(w) is not None and _fused.kernels() is not None:
+        return _ChannelRange.apply(w, channels)
+    flat = w.reshape(channels, -1)
+    # min/max along a dim back-propagate by a scatter to the arg-extremes (amin/amax's backward costs more)
+    return flat.min(dim=1).values, flat.max(dim=1).values
 
 
 def integer_codes(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor) -> Tensor:

@@ -171,7 +171,7 @@ def iter_quantizers(model: nn.Module) -> Iterator[Quantizer]:
 
 
 def set_fused(model: nn.Module, fused: bool) -> None:
-    """``quant.fused`` on every quantizer that has a fused path (GDNSQ's weight quantizer)."""
+    """``quant.fused`` on every quantizer that has a fused path (GDNSQ's)."""
     for q in iter_quantizers(model):
         if hasattr(q, "fused"):
             q.fused = bool(fused)

@@ -78,6 +78,8 @@ class _GDNSQQuantizer(Quantizer):
     """GDNSQ's learnable-bit quantizers: the noisy channel's estimator and delta."""
 
     learnable_bits = True
+    fused: bool = True
+    """One compiled pass each way on the CPU (``functional.noisy_quantize``); ``quant.fused``."""
 
     def __init__(self, *, estimator: str = "ste", delta: float = 1e-2):
         super().__init__()
@@ -94,9 +96,6 @@ class WeightQuantizer(_GDNSQQuantizer):
     ``log_s`` has shape (C_out, 1, ..., 1) per channel or (1,) * w.dim() per tensor.
     """
 
-    fused: bool = True
-    """Keep the rounding error from forward for backward (bit-identical, four fewer passes over w); ``quant.fused``."""
-
     def __init__(self, weight_shape: torch.Size, *, per_channel: bool = True, **kw):
         super().__init__(**kw)
         self.per_channel = per_channel
@@ -105,17 +104,16 @@ class WeightQuantizer(_GDNSQQuantizer):
         self._cache: tuple | None = None
 
     def _range(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-channel (or per-tensor) min and max of w, shaped like log_s.
+        """Per-channel (or per-tensor) min and max of w, shaped like log_s (``functional.channel_range``).
 
-        max/min along one dim back-propagate by a scatter to the arg-extremes (amax's backward costs
-        several full passes); the result is cached for the penalty of the same step, keyed on the
-        weight's version counter so an optimizer step invalidates it.
+        Cached for the penalty of the same step, keyed on the weight's version counter so an optimizer
+        step invalidates it.
         """
         key = (id(w), w._version, torch.is_grad_enabled())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        flat = w.reshape(self.log_s.shape[0], -1)
-        rng = (flat.min(dim=1).values.reshape(self.log_s.shape), flat.max(dim=1).values.reshape(self.log_s.shape))
+        lo, hi = F.channel_range(w, self.log_s.shape[0], fused=self.fused)
+        rng = (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape))
         self._cache = (key, rng)
         return rng
 
@@ -138,7 +136,7 @@ class WeightQuantizer(_GDNSQQuantizer):
         s = torch.exp2(self.log_s)
         if self.training:
             # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
-            return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator, keep_error=self.fused,
+            return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator, fused=self.fused,
                                     delta=self.delta, noise_ratio=self.noise_ratio)
         return F.exact_quantize(w, None, None, lo, s)
 
@@ -227,7 +225,7 @@ class ActivationQuantizer(_GDNSQQuantizer):
         lo, hi, s = self._bounds()
         if self.training:
             return F.noisy_quantize(x, lo, hi, lo, s, estimator=self.estimator, delta=self.delta,
-                                    noise_ratio=self.noise_ratio)
+                                    noise_ratio=self.noise_ratio, fused=self.fused)
         return F.exact_quantize(x, lo, hi, lo, s)
 
     def bits(self) -> Tensor:

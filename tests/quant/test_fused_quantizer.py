@@ -1,54 +1,161 @@
-"""quant.fused: the weight quantizer's kept-error path is bit-identical to the recomputing one (fp32, CPU)."""
+"""quant.fused: the compiled CPU kernels against the torch path (fp32) and the method's reference graph.
+
+x̂ and the input gradient are bit-identical; the step and clamp gradients are sums, accumulated in another
+order by the kernels than by torch, so they agree to float rounding.
+"""
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from gdnsq.config import QuantConfig
-from gdnsq.quant.functional import noisy_quantize
+from gdnsq.quant import fused
+from gdnsq.quant import functional as F
 from gdnsq.quant.layers import iter_quantizers, set_fused
 from gdnsq.training.models import SmallCNN
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 
-@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (32, 64)])
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # Without the kernels every comparison below would compare the torch path with itself.
+    assert fused.kernels() is not None, "the fused kernels did not build (see the warning)"
+
+
+def _case(shape, per_channel: bool, clamp: str | None, seed: int = 0):
+    """(x, g, lo, hi, z, s): weights (no clamp, z = per-channel min) or activations (unsigned or signed)."""
+    torch.manual_seed(seed)
+    x, g = torch.randn(shape), torch.randn(shape)
+    sshape = (shape[0],) + (1,) * (len(shape) - 1) if per_channel else ()
+    s = (torch.rand(sshape) * 0.05 + 0.01).requires_grad_(True)
+    if clamp is None:
+        z = x.reshape(shape[0], -1).min(1).values.reshape(sshape) if per_channel else x.min()
+        return x, g, None, None, z, s
+    x = x.relu() if clamp == "unsigned" else x
+    lo = torch.tensor(0.0 if clamp == "unsigned" else -0.7, requires_grad=clamp == "signed")
+    hi = torch.tensor(0.9, requires_grad=True)
+    return x, g, lo, hi, lo, s
+
+
+def _run(case, estimator: str, on: bool, seed: int = 1):
+    x, g, lo, hi, z, s = case
+    x = x.clone().requires_grad_(True)
+    leaves = [t for t in (x, s, lo, hi) if t is not None and t.requires_grad]
+    torch.manual_seed(seed)  # the dither's window offsets come from torch's RNG
+    y = F.noisy_quantize(x, lo, hi, z, s, estimator=estimator, fused=on)
+    return y.detach(), torch.autograd.grad(y, leaves, g)
+
+
+CASES = [((16, 8, 3, 3), True, None), ((32, 64), True, None), ((10, 20), False, None),
+         ((4, 8, 9, 9), False, "unsigned"), ((4, 8, 9, 9), False, "signed"),
+         ((3000, 700), True, None)]  # 2.1 M elements: more than one window of the sign table
+
+
+@pytest.mark.parametrize("shape,per_channel,clamp", CASES)
 @pytest.mark.parametrize("estimator", ["ste", "lsq"])
-def test_kept_error_is_bit_identical(shape, estimator):
-    torch.manual_seed(0)
-    w = torch.randn(shape)
-    s = torch.rand(shape[0], *([1] * (len(shape) - 1))) * 0.05 + 0.01
-    z = w.reshape(shape[0], -1).min(1).values.reshape(s.shape)
-    g = torch.randn(shape)
+def test_kernels_match_the_torch_path(shape, per_channel, clamp, estimator):
+    case = _case(shape, per_channel, clamp)
+    (y0, g0), (y1, g1) = _run(case, estimator, False), _run(case, estimator, True)
+    assert torch.equal(y0, y1)
+    assert torch.equal(g0[0], g1[0])  # input gradient
+    for a, b in zip(g0[1:], g1[1:]):  # step (and clamp) gradients: sums in another order
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=2e-5, atol=1e-6 * float(a.abs().max())), (a, b)
+
+
+def test_step_gradient_equals_the_reference_graph():
+    """Σ g·(n + s·r/√3) per channel, against autograd through x̂ = (v + n)·s + z in float64 (same draws)."""
+    x, g, lo, hi, z, s = _case((6, 16, 5, 5), True, None, seed=3)
+    torch.manual_seed(9)
+    ours = torch.autograd.grad(F.noisy_quantize(x.requires_grad_(True), None, None, z, s, fused=True), s, g)[0]
+    torch.manual_seed(9)
+    r = F.dither_signs(g).double()  # the draws the backward used: same RNG state and size
+    sd = s.detach().double().requires_grad_(True)
+    v = (x.detach().double() - z.double()) / sd
+    v32 = (x.detach() - z) / s.detach()  # the rounding error the float32 forward made
+    # n as noise: dn/dv = 0, dn/ds = r/√3 (a term whose value is 0 and whose s-gradient is r/√3)
+    n = (torch.round(v32) - v32).double() + (sd - sd.detach()) * r / math.sqrt(3.0)
+    ref = torch.autograd.grad((v + n) * sd + z.double(), sd, g.double())[0]
+    assert torch.allclose(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sums_do_not_depend_on_the_thread_count():
+    case = _case((64, 32, 16, 16), False, "unsigned", seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(case, "ste", True)[1]
+        torch.set_num_threads(2)
+        two = _run(case, "ste", True)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@pytest.mark.parametrize("why", ["float64", "ewgs", "noise", "strided"])
+def test_where_the_kernels_do_not_apply_the_torch_path_runs(why):
+    x, g, lo, hi, z, s = _case((4, 8, 6, 6), False, "unsigned", seed=5)
+    kw = {"estimator": "ewgs" if why == "ewgs" else "ste", "noise_ratio": 0.3 if why == "noise" else 0.0}
+    if why == "float64":
+        x, g, lo, hi, s = x.double(), g.double(), lo.double(), hi.detach().double().requires_grad_(True), \
+            s.detach().double().requires_grad_(True)
+        z = lo
+    if why == "strided":
+        x, g = x.transpose(2, 3), g.transpose(2, 3)
     outs = []
-    for keep in (False, True):
-        x, st = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
-        torch.manual_seed(1)  # the dither signs come from torch's RNG
-        y = noisy_quantize(x, None, None, z, st, estimator=estimator, keep_error=keep)
-        y.backward(g)
-        outs.append((y.detach(), x.grad, st.grad))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for on in (False, True):
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = F.noisy_quantize(xx, lo, hi, z, s, fused=on, **kw)
+        outs.append((y.detach(),) + torch.autograd.grad(y, (xx, s, hi), g))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
-def test_fused_model_steps_match_unfused_bit_for_bit():
+def test_fused_model_steps_track_the_torch_path():
     torch.manual_seed(0)
     base = SmallCNN()
     quantize_model(base, QuantConfig(target_w=2, target_a=2))
     calibrate_model(base, [torch.randn(16, 1, 28, 28)], init_bits=6)
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    states = []
-    for fused in (False, True):
+    states, outputs = [], []
+    for on in (False, True):
         model = copy.deepcopy(base).train()
-        set_fused(model, fused)
-        assert all(q.fused == fused for q in iter_quantizers(model) if hasattr(q, "fused"))
+        set_fused(model, on)
+        assert all(q.fused == on for q in iter_quantizers(model) if hasattr(q, "fused"))
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         torch.manual_seed(2)
         for _ in range(3):
-            loss = nn.functional.cross_entropy(model(x), y)
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+        outputs.append(out.detach())
         states.append(model.state_dict())
     for k in states[0]:
-        assert torch.equal(states[0][k], states[1][k]), k
+        assert torch.allclose(states[0][k].float(), states[1][k].float(), rtol=1e-4, atol=1e-5), k
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (40, 3, 10, 10)])
+def test_channel_range_matches_min_and_max_along_channels_ties_included(shape):
+    torch.manual_seed(6)
+    w = torch.randn(shape)
+    flat = w.view(40, -1)
+    flat[3] = 0.5  # a constant channel: min and max at index 0
+    flat[7, [10, 20]] = flat[7].max() + 1  # tied maxima: the first one takes the gradient
+    flat[9, [5, 6]] = flat[9].min() - 1
+    g_lo, g_hi, g_w = torch.randn(40), torch.randn(40), torch.randn(shape)
+    outs = []
+    for on in (False, True):
+        x = w.clone().requires_grad_(True)
+        lo, hi = F.channel_range(x, 40, fused=on)
+        # with a dense gradient from another use of x, as a layer's weight has (the quantized conv)
+        (grad,) = torch.autograd.grad((lo, hi, x * 1.0), x, (g_lo, g_hi, g_w))
+        outs.append((lo.detach(), hi.detach(), grad))
+    assert outs[1][2].layout == torch.strided
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    extra = (outs[1][2] - g_w).view(40, -1)  # what the range added: two elements per channel at most
+    assert int((extra != 0).sum()) <= 80 and extra[7, 20] == 0
+    assert torch.isclose(extra[7, 10], g_hi[7]) and torch.isclose(extra[3, 0], g_lo[3] + g_hi[3])
