@@ -65,6 +65,10 @@ def groups(x: torch.Tensor, *params: torch.Tensor | None) -> int | None:
     x.shape[0] (per output channel); None when the kernels do not apply (device, dtype, layout, shapes)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.dim() == 0:
         return None
+    # Tracing (torch.compile, torch.export for MLflow's pt2 models) sees fake tensors without data, and
+    # cannot trace into compiled code: the torch ops stand for the kernels there.
+    if torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return None
     shape = torch.broadcast_shapes(*(p.shape for p in params if p is not None))
     if len(shape) > x.dim():
         return None

@@ -159,3 +159,15 @@ def test_channel_range_matches_min_and_max_along_channels_ties_included(shape):
     extra = (outs[1][2] - g_w).view(40, -1)  # what the range added: two elements per channel at most
     assert int((extra != 0).sum()) <= 80 and extra[7, 20] == 0
     assert torch.isclose(extra[7, 10], g_hi[7]) and torch.isclose(extra[3, 0], g_lo[3] + g_hi[3])
+
+
+def test_export_traces_the_torch_path():
+    """torch.export (MLflow's pt2 format) runs the model on fake tensors, which the kernels cannot read."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    quantize_model(model, QuantConfig(target_w=2, target_a=2))
+    calibrate_model(model, [torch.randn(4, 1, 28, 28)], init_bits=4)
+    set_fused(model, True)
+    x = torch.randn(2, 1, 28, 28)
+    program = torch.export.export(model.eval(), (x,))
+    assert torch.equal(program.module()(x), model(x))
