@@ -250,13 +250,15 @@ def noisy_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s
 
 
 class _ChannelRange(torch.autograd.Function):
-    """Per-channel (min, max) of w in one compiled pass. The gradient reaches two elements per channel (the
-    first arg-extremes, as torch.min / torch.max along a dim choose), so backward returns it as a sparse
-    tensor, which autograd adds into w's dense gradient: no zero-filled weight-sized tensors, no extra add."""
+    """Per-channel (min, max) of w. The gradient reaches two elements per channel (the first arg-extremes, as
+    torch.min / torch.max along a dim choose), so backward returns it as a sparse tensor, which autograd adds
+    into w's dense gradient: no zero-filled weight-sized tensors and no extra weight-sized add, which
+    autograd's own min/max backward costs (two of each)."""
 
     @staticmethod
     def forward(ctx, w: Tensor, channels: int):
-        lo, hi, ilo, ihi = _fused.kernels().channel_range(w.reshape(channels, -1))
+        flat = w.reshape(channels, -1)
+        (lo, ilo), (hi, ihi) = flat.min(dim=1), flat.max(dim=1)
         ctx.save_for_backward(ilo, ihi)
         ctx.shape = w.shape
         return lo, hi
@@ -264,7 +266,7 @@ class _ChannelRange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lo: Tensor, g_hi: Tensor):
         ilo, ihi = ctx.saved_tensors
-        row = torch.arange(len(ilo)) * (math.prod(ctx.shape) // len(ilo))
+        row = torch.arange(len(ilo), device=ilo.device) * (math.prod(ctx.shape) // len(ilo))
         where = torch.stack(torch.unravel_index(torch.cat([row + ilo, row + ihi]), ctx.shape))
         grad = torch.sparse_coo_tensor(where, torch.cat([g_lo, g_hi]), ctx.shape, check_invariants=False)
         return grad, None
@@ -272,8 +274,8 @@ class _ChannelRange(torch.autograd.Function):
 
 def channel_range(w: Tensor, channels: int, fused: bool = False) -> tuple[Tensor, Tensor]:
     """(min, max) of each of ``channels`` equal slices of w along dim 0 (1: the whole tensor), differentiable:
-    the gradient goes to the first arg-extreme of each."""
-    if fused and _fused.groups(w) is not None and _fused.kernels() is not None:
+    the gradient goes to the first arg-extreme of each (``fused``: as a sparse gradient, on the CPU)."""
+    if fused and _fused.groups(w) is not None:
         return _ChannelRange.apply(w, channels)
     flat = w.reshape(channels, -1)
     # min/max along a dim back-propagate by a scatter to the arg-extremes (amin/amax's backward costs more)

@@ -19,8 +19,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <climits>
-#include <cstdint>
 #include <cmath>
 #include <vector>
 
@@ -217,42 +215,7 @@ std::vector<torch::Tensor> noisy_round_backward(torch::Tensor x, torch::Tensor g
   return {grad_x, sums};
 }
 
-// Per-row min and max of a contiguous (C, K) float32 tensor with the index of the first occurrence of
-// each (torch.min / torch.max along dim 1 return the same). No NaN is expected in weights.
-std::vector<torch::Tensor> channel_range(torch::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) > 0 &&
-                  x.size(1) < INT32_MAX,
-              "fused channel_range: a contiguous, non-empty (C, K) float32 tensor");
-  const int64_t C = x.size(0), K = x.size(1);
-  auto lo = torch::empty({C}, torch::kFloat), hi = torch::empty({C}, torch::kFloat);
-  auto ilo = torch::empty({C}, torch::kLong), ihi = torch::empty({C}, torch::kLong);
-  const float* px = x.data_ptr<float>();
-  float *plo = lo.data_ptr<float>(), *phi = hi.data_ptr<float>();
-  int64_t *pilo = ilo.data_ptr<int64_t>(), *pihi = ihi.data_ptr<int64_t>();
-  at::parallel_for(0, C, std::max<int64_t>(1, kChunk / K), [&](int64_t a, int64_t b) {
-    for (int64_t c = a; c < b; ++c) {
-      const float* row = px + c * K;
-      float mn = row[0], mx = row[0];
-#pragma omp simd reduction(min : mn) reduction(max : mx)
-      for (int64_t k = 0; k < K; ++k) {  // vectorized; the first positions of the extremes are found after
-        mn = std::min(mn, row[k]);
-        mx = std::max(mx, row[k]);
-      }
-      int32_t imn = INT32_MAX, imx = INT32_MAX;  // a NaN row matches nothing: index 0 then
-#pragma omp simd reduction(min : imn, imx)
-      for (int32_t k = 0; k < static_cast<int32_t>(K); ++k) {  // a second vectorized pass beats a scalar scan
-        imn = std::min(imn, row[k] == mn ? k : INT32_MAX);
-        imx = std::min(imx, row[k] == mx ? k : INT32_MAX);
-      }
-      plo[c] = mn, phi[c] = mx;
-      pilo[c] = imn == INT32_MAX ? 0 : imn, pihi[c] = imx == INT32_MAX ? 0 : imx;
-    }
-  });
-  return {lo, hi, ilo, ihi};
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("channel_range", &channel_range, "per-row min, max and their first indices (CPU, float32)");
   m.def("forward", &noisy_round_forward, "fused noisy rounding, forward (CPU, float32)");
   m.def("backward", &noisy_round_backward, "fused noisy rounding, backward (CPU, float32)");
 }
