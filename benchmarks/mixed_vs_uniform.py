@@ -6,15 +6,23 @@ k in ``--bits`` (default 1, 2, 3) the budget is the packed payload of the unifor
 (:func:`gdnsq.training.bits.packed_bytes`, FP stem/classifier included), and three runs share it:
 
 * ``mixed``   GDNSQ, ``quant.budget: {kind: bytes, value: <bytes of uniform Wk>}``, activations at k bits,
-  weights free in [1, 8] bits per layer: the penalty acts on the model's bytes;
-* ``gdnsq``   uniform GDNSQ WkAk (per-layer targets);
-* ``lsq``     uniform LSQ WkAk.
+  weights free in [1, 8] bits per layer: the penalty acts on the model's bytes; with ``--edges budget`` (the
+  default) the stem's and classifier's weights are under the budget too (``quant.budget.quantize_edges``;
+  their inputs stay FP, as in the uniform arms), ``--edges fp`` keeps them FP like the uniform arms;
+* ``gdnsq``   uniform GDNSQ WkAk (per-layer targets; stem and classifier FP, the papers' convention);
+* ``lsq``     uniform LSQ WkAk;
+* ``gdnsq_e8`` (not by default) uniform GDNSQ WkAk with 8-bit stem and classifier weights (FP inputs): the
+  simple rule a skeptic would try first; it costs fewer bytes than the budget.
+
+``--fractions 0.7,0.8`` adds mixed runs at those fractions of uniform W2's bytes: where mixed precision matches
+uniform W2A2 at fewer bytes.
 
 Each run is ``run_job`` in this process, selected on validation (``ns_top1``: only runs within their budget
 count), reported on the test split with the packed bytes of its selected state. N seeds against the one teacher.
 
-    python benchmarks/mixed_vs_uniform.py --out out/mixed --seeds 3
+    python benchmarks/mixed_vs_uniform.py --out out/mixed --seeds 3 --bits 2 --fractions 0.7,0.8
     python benchmarks/mixed_vs_uniform.py --out out/mixed --quick --seeds 1 --bits 2     # 2-core smoke
+    python benchmarks/mixed_vs_uniform.py --out out/mixed --resume --arms gdnsq_e8 ...   # add an arm to a run
 
 Last printed line: ``mixed minus best uniform at W2 bytes: +X.XX points (N seeds)``.
 """
@@ -24,6 +32,7 @@ import argparse
 import csv
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -35,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_methods as cm  # noqa: E402  (the shared recipe and the one teacher)
 
 log = logging.getLogger("mixed")
-COLUMNS = ("arm", "bits", "seed", "budget_bytes", "bytes", "top1", "fp_top1", "converged", "ns_top1", "layer_bits",
+COLUMNS = ("arm", "bits", "fraction", "seed", "budget_bytes", "bytes", "top1", "fp_top1", "converged", "ns_top1", "layer_bits",
            "steps", "seconds")
 
 
@@ -58,7 +67,17 @@ def overrides(args, arm: str, k: int, teacher: Path, seed: int, budget: int) -> 
          "train.device": "cpu", "ray.enabled": False, "tracking.enabled": False, "model.checkpoint": str(teacher)}
     if arm == "mixed":
         o.update({"quant.budget.kind": "bytes", "quant.budget.value": float(budget),
-                  "quant.budget.max_bits": args.max_bits})
+                  "quant.budget.max_bits": args.max_bits, "quant.budget.quantize_edges": args.edges == "budget"})
+    elif arm == "gdnsq_e8":
+        # Edges quantized at 8 bits by rule, inputs FP: the names come from the model's own pretrained_cfg.
+        from gdnsq.training.models import create_model
+        from gdnsq.training.surgery import _edge_layers
+
+        m = create_model(cm.job_config(args.recipe_dict, {}).model, num_classes=10, in_chans=1, load_weights=False)
+        edges = sorted(set().union(*_edge_layers(m)))
+        o.update({"quant.keep_first_conv": False, "quant.keep_classifier": False,
+                  "quant.rules": [{"pattern": f"^{re.escape(e)}$", "target_w": 8, "quantize_act": False}
+                                  for e in edges]})
     if args.model:
         o["model.name"] = args.model
     if args.max_steps:
@@ -66,7 +85,17 @@ def overrides(args, arm: str, k: int, teacher: Path, seed: int, budget: int) -> 
     return o
 
 
-def run_one(args, recipe, arm, k, teacher, seed, budget) -> dict:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's results.csv (``--resume``), typed as run_one writes them."""
+    if not path.is_file():
+        return []
+    kinds = {"bits": int, "seed": int, "budget_bytes": int, "bytes": int, "steps": int, "fraction": float,
+             "top1": float, "fp_top1": float, "ns_top1": float, "seconds": float, "converged": lambda v: v == "True"}
+    with open(path, newline="") as f:
+        return [{k: kinds.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def run_one(args, recipe, arm, k, teacher, seed, budget, fraction=1.0) -> dict:
     from gdnsq.training.job import run_job
 
     cfg = cm.job_config(recipe, overrides(args, arm, k, teacher, seed, budget))
@@ -74,7 +103,7 @@ def run_one(args, recipe, arm, k, teacher, seed, budget) -> dict:
     t0 = time.perf_counter()
     s = run_job(cfg, on_epoch=lambda metrics, table, ckpt: holder.update(ckpt=ckpt))
     state = holder["ckpt"]()["best"]["state"]
-    row = {"arm": arm, "bits": k, "seed": seed, "budget_bytes": budget, "bytes": student_bytes(cfg, state),
+    row = {"arm": arm, "bits": k, "fraction": fraction, "seed": seed, "budget_bytes": budget, "bytes": student_bytes(cfg, state),
            "top1": s["top1"], "fp_top1": s["fp_top1"], "converged": s["converged"], "ns_top1": s["ns_top1"],
            "layer_bits": " ".join(f"{r['true_bits_w']}/{r['true_bits_a']}" for r in s["layers"]),
            "steps": s["steps"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -90,7 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="3 epochs of 30 steps (a 2-core smoke)")
     p.add_argument("--bits", default="1,2,3", help="uniform widths whose bytes are the budgets")
-    p.add_argument("--arms", default="mixed,gdnsq,lsq")
+    p.add_argument("--arms", default="mixed,gdnsq,lsq", help="subset of mixed, gdnsq, lsq, gdnsq_e8")
+    p.add_argument("--edges", choices=("budget", "fp"), default="budget",
+                   help="mixed: stem and classifier weights under the budget (default) or kept FP")
+    p.add_argument("--fractions", default="", help="also mixed at these fractions of uniform W2's bytes")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-bits", type=int, default=8, help="mixed: a layer's upper bound")
@@ -100,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="keep --out's results.csv rows and run only what is missing")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.max_steps = 3, args.max_steps or 30
@@ -110,39 +143,53 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = cm.load_recipe(args)
+    args.recipe_dict = recipe
     teacher = cm.train_teacher(args, recipe, out)
     bits = [int(b) for b in args.bits.split(",")]
     arms = args.arms.split(",")
-    rows = []
-    for k in bits:
+    fractions = [float(f) for f in args.fractions.split(",") if f]
+    runs = []  # (arm, k, fraction, budget): the budgets of uniform Wk, then the fractions of W2's
+    for k in sorted(set(bits) | ({2} if fractions else set())):
         budget = student_bytes(cm.job_config(recipe, overrides(args, "gdnsq", k, teacher, args.seed, 0)), None, k)
         log.info("budget at W%d: %d bytes (packed payload of uniform GDNSQ W%dA%d)", k, budget, k, k)
-        for seed in range(args.seed, args.seed + args.seeds):
-            for arm in arms:
-                rows.append(run_one(args, recipe, arm, k, teacher, seed, budget))
-                with open(out / "results.csv", "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=COLUMNS)
-                    w.writeheader()
-                    w.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "recipe": recipe, "args": vars(args)}, indent=1))
-    print(f"{'budget':<8} {'arm':<6} {'n':>2} {'top1 mean':>9} {'sd':>5} {'ns_top1':>8} {'bytes':>7} {'converged':>9}")
-    means = {}
-    for k in bits:
-        for arm in arms:
-            rs = [r for r in rows if r["bits"] == k and r["arm"] == arm]
-            if not rs:
+        if k in bits:
+            runs += [(arm, k, 1.0, budget) for arm in arms]
+        if k == 2:
+            runs += [("mixed", 2, fr, int(budget * fr)) for fr in fractions]
+    rows = read_rows(out / "results.csv") if args.resume else []
+    done = {(r["arm"], r["bits"], r["fraction"], r["seed"]) for r in rows}
+    for seed in range(args.seed, args.seed + args.seeds):
+        for arm, k, fraction, budget in runs:
+            if (arm, k, fraction, seed) in done:
                 continue
-            ns = [r["ns_top1"] for r in rs]
-            means[(k, arm)] = statistics.fmean(ns)
-            sd = statistics.stdev(ns) if len(rs) > 1 else 0.0
-            print(f"W{k} bytes {arm:<6} {len(rs):>2} {statistics.fmean(r['top1'] for r in rs):>9.2f} {sd:>5.2f} "
-                  f"{means[(k, arm)]:>8.2f} {statistics.fmean(r['bytes'] for r in rs):>7.0f} "
-                  f"{sum(bool(r['converged']) for r in rs):>6}/{len(rs)}")
-    if (2, "mixed") in means:
-        uniform = [means[(2, a)] for a in arms if a != "mixed" and (2, a) in means]
-        if uniform:
-            print(f"mixed minus best uniform at W2 bytes: {means[(2, 'mixed')] - max(uniform):+.2f} points "
-                  f"({args.seeds} seeds)")
+            rows.append(run_one(args, recipe, arm, k, teacher, seed, budget, fraction))
+            with open(out / "results.csv", "w", newline="") as f:  # partial results survive an interrupted run
+                w = csv.DictWriter(f, fieldnames=COLUMNS)
+                w.writeheader()
+                w.writerows(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "recipe": recipe,
+                                                  "args": {k: v for k, v in vars(args).items() if k != "recipe_dict"}},
+                                                 indent=1))
+    print(f"{'budget':<8} {'arm':<8} {'n':>2} {'top1 mean':>9} {'sd':>5} {'ns_top1':>8} {'bytes':>7} {'converged':>9}")
+    means = {}
+    for arm, k, fraction in dict.fromkeys((r["arm"], r["bits"], r["fraction"]) for r in rows):
+        rs = [r for r in rows if r["bits"] == k and r["arm"] == arm and r["fraction"] == fraction]
+        ns = [r["ns_top1"] for r in rs]
+        means[(k, arm, fraction)] = statistics.fmean(ns)
+        sd = statistics.stdev(ns) if len(rs) > 1 else 0.0
+        where = f"W{k} bytes" if fraction == 1.0 else f"{fraction:.0%} W{k}"
+        print(f"{where:<8} {arm:<8} {len(rs):>2} {statistics.fmean(r['top1'] for r in rs):>9.2f} {sd:>5.2f} "
+              f"{means[(k, arm, fraction)]:>8.2f} {statistics.fmean(r['bytes'] for r in rs):>7.0f} "
+              f"{sum(bool(r['converged']) for r in rs):>6}/{len(rs)}")
+    uniform2 = max((means[(2, a, 1.0)] for a in ("gdnsq", "lsq") if (2, a, 1.0) in means), default=None)
+    fractions = sorted(fr for k, a, fr in means if a == "mixed" and k == 2 and fr < 1.0)
+    matched = [fr for fr in fractions if uniform2 is not None and means[(2, "mixed", fr)] >= uniform2]
+    if matched:
+        print(f"mixed matches the best uniform W2A2 ({uniform2:.2f}) at {matched[0]:.0%} of its bytes "
+              f"({means[(2, 'mixed', matched[0])]:.2f})")
+    if (2, "mixed", 1.0) in means and uniform2 is not None:
+        print(f"mixed minus best uniform at W2 bytes: {means[(2, 'mixed', 1.0)] - uniform2:+.2f} points "
+              f"({args.seeds} seeds)")
     return 0
 
 

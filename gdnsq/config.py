@@ -86,6 +86,10 @@ class BudgetConfig:
     """Lower bound of every layer's bits: the level guard keeps 2**min_bits levels."""
     max_bits: int = 8
     """Upper bound of a layer's weight bits (a rule's target_w overrides it for its layers, as a bound)."""
+    quantize_edges: bool = False
+    """Put the stem conv's and classifier's weights under the budget too (at min_bits..max_bits; their inputs stay
+    FP, as with keep_first_conv/keep_classifier): the bytes the paper's convention spends on them in FP become
+    the budget's to share."""
     allocate: str = "probe"
     """How the layers share the budget: probe (measure each layer's loss at each width once, on the first batch,
     and pick the widths with the least loss that fit; they become the layers' targets) or penalty (the exterior

@@ -74,17 +74,21 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
         else:
             continue
         skip, reason = False, "default"
-        if qcfg.keep_first_conv and _matches(name, first):
+        b = qcfg.budget  # with a budget the targets are per-layer upper bounds (rules may still set them)
+        # An edge layer under the budget: weights priced like any other layer's, input kept FP as when skipped.
+        edge_in_budget = b.active and b.quantize_edges and (_matches(name, first) or _matches(name, classifier))
+        if edge_in_budget:
+            reason = "edge layer under quant.budget (FP input)"
+        elif qcfg.keep_first_conv and _matches(name, first):
             skip, reason = True, "first conv (pretrained_cfg)"
         elif qcfg.keep_classifier and _matches(name, classifier):
             skip, reason = True, "classifier (pretrained_cfg)"
         elif qcfg.keep_pointwise and kind == "conv" and tuple(m.kernel_size) == (1, 1):
             skip, reason = True, "1x1 conv"
-        b = qcfg.budget  # with a budget the targets are per-layer upper bounds (rules may still set them)
         fields = dict(target_w=b.max_bits if b.active else qcfg.target_w,
                       target_a=b.max_bits if b.active and b.value_a is not None else qcfg.target_a,
                       per_channel=qcfg.per_channel,
-                      quantize_act=True)
+                      quantize_act=not edge_in_budget)
         first_hit = None
         for i, rx in enumerate(compiled):
             if rx.search(name):

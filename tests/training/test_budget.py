@@ -147,6 +147,26 @@ def test_bounds_are_the_targets_and_the_guard_uses_min_bits():
     assert all(l.weight_quant.levels(l.weight).min() == 2 for _, l in iter_quantized(m))
 
 
+def test_quantize_edges_puts_stem_and_classifier_weights_under_the_budget_with_fp_inputs():
+    fp_edges = _model(BudgetConfig(kind="bytes", value=1e6))
+    edges = _model(BudgetConfig(kind="bytes", value=1e6, quantize_edges=True))
+    assert {n for n, _ in iter_quantized(edges)} == {n for n, _ in iter_quantized(fp_edges)} | {"stem.0", "head"}
+    for name in ("stem.0", "head"):
+        layer = edges.get_submodule(name)
+        assert layer.act_quant is None or not layer.act_quant.enabled  # the input stays FP, as when skipped
+        assert int(layer.target_w) == 8  # bounded by max_bits like every other layer
+    _, counts = packed_size_parts(edges)
+    assert {n: c[0] for n, c in counts.items() if n in ("stem.0", "head")} == {"stem.0": 36, "head": 80}
+    at2 = packed_bytes(edges, {n: 2 for n in counts})
+    assert at2 < packed_bytes(fp_edges, {n: 2 for n, _ in iter_quantized(fp_edges)})  # codes replace FP weights
+    assert packed_bytes(edges, {**{n: 2 for n in counts}, "head": 3}) == at2 + (80 * 3 + 7) // 8 - (80 * 2 + 7) // 8
+    # No budget: the option changes nothing (the paper's convention keeps the edges FP)
+    torch.manual_seed(0)
+    plain = SmallCNN(width=4)
+    quantize_model(plain, QuantConfig(budget=BudgetConfig(quantize_edges=True)))
+    assert "stem.0" not in {n for n, _ in iter_quantized(plain)}
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="quant.budget.value"):
         load_config(overrides={"quant.budget.kind": "bytes"})
