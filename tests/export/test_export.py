@@ -255,14 +255,16 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
 # ------------------------------------------------------------------------------ mixed precision
 
 
-def _mixed_student(seed=0):
-    """A SmallCNN whose quantized layers sit at different weight widths (a budget's outcome)."""
+def _mixed_student(seed=0, quantize_edges=False):
+    """A SmallCNN whose quantized layers sit at different weight widths (a budget's outcome); with
+    ``quantize_edges`` the stem and classifier are quantized too, weights only (their inputs stay FP)."""
     from gdnsq.config import BudgetConfig
     from gdnsq.training.models import SmallCNN
 
     torch.manual_seed(seed)
     model = SmallCNN()
-    quantize_model(model, QuantConfig(budget=BudgetConfig(kind="bytes", value=1e4, max_bits=8)))
+    quantize_model(model, QuantConfig(budget=BudgetConfig(kind="bytes", value=1e4, max_bits=8,
+                                                          quantize_edges=quantize_edges)))
     calibrate_model(model, [torch.randn(8, 1, 28, 28)], init_bits=6.0)
     with torch.no_grad():
         for i, (_, layer) in enumerate(iter_quantized(model)):
@@ -270,11 +272,13 @@ def _mixed_student(seed=0):
     return model.eval()
 
 
-def test_mixed_width_file_is_exact_and_its_size_is_the_shared_rule(tmp_path):
+@pytest.mark.parametrize("quantize_edges", [False, True])
+def test_mixed_width_file_is_exact_and_its_size_is_the_shared_rule(tmp_path, quantize_edges):
     from gdnsq.training.bits import packed_bytes
 
-    model = _mixed_student()
+    model = _mixed_student(quantize_edges=quantize_edges)
     widths = {n: layer.true_weight_bits() for n, layer in iter_quantized(model)}
+    assert ({"stem.0", "head"} <= set(widths)) == quantize_edges
     assert len(set(widths.values())) >= 3, widths
     x = torch.randn(6, 1, 28, 28)
     with torch.no_grad():
