@@ -276,9 +276,13 @@ class _ChannelRange(torch.autograd.Function):
 def channel_range(w: Tensor, channels: int, fused: bool = False) -> tuple[Tensor, Tensor]:
     """(min, max) of each of ``channels`` equal slices of w along dim 0 (1: the whole tensor), differentiable:
     the gradient goes to the first arg-extreme of each (``fused``: as a sparse gradient, on the CPU)."""
+    flat = w.reshape(channels, -1)
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        # No gradient wanted (the level guard after each step, convergence checks, eval): amin/amax skip the
+        # indices and take ~40 % of min/max's time along a dim (2.4 M weights, 2 threads).
+        return flat.amin(dim=1), flat.amax(dim=1)
     if fused and _fused.groups(w) is not None:
         return _ChannelRange.apply(w, channels)
-    flat = w.reshape(channels, -1)
     # min/max along a dim back-propagate by a scatter to the arg-extremes (amin/amax's backward costs more)
     return flat.min(dim=1).values, flat.max(dim=1).values
 
