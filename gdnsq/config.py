@@ -23,7 +23,7 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
-ESTIMATORS = ("ste", "lsq", "ewgs", "aewgs")
+ESTIMATORS = ("auto", "ste", "lsq", "ewgs", "aewgs")
 DISTILL_LOSSES = ("jeffreys", "kl", "ce")
 BATCHNORM_MODES = ("keep", "freeze", "fold")
 DATA_KINDS = ("bundled", "ffcv", "imagefolder")
@@ -127,8 +127,9 @@ class QuantConfig:
     """Bit-width that calibration starts every quantizer at (near-lossless)."""
     per_channel: bool = True
     """Per-output-channel weight steps (else per tensor)."""
-    estimator: str = "ste"
-    """Gradient estimator: ste, lsq (rounding-error step gradient), ewgs, aewgs (adaptive EWGS)."""
+    estimator: str = "auto"
+    """Gradient estimator: auto (aewgs for a 1-bit target, ste otherwise), ste, lsq (rounding-error step gradient),
+    ewgs, aewgs (adaptive EWGS)."""
     ewgs_delta: float = 1e-2
     """EWGS scaling factor delta."""
     act_signed: str = "auto"

@@ -100,6 +100,21 @@ def test_rules_first_match_wins_and_per_layer_targets():
     assert "layer2.0.downsample.0" not in layers  # 1x1 kept FP
 
 
+def test_auto_estimator_is_aewgs_on_1_bit_grids_only():
+    from gdnsq.training.models import SmallCNN
+
+    m = SmallCNN(width=4)
+    quantize_model(m, QuantConfig(target_w=2, target_a=2,
+                                  rules=[QuantRuleConfig(pattern=r"^features\.4$", target_w=1, target_a=1),
+                                         QuantRuleConfig(pattern=r"^fc\.0$", target_a=1)]))
+    est = {n: (l.weight_quant.estimator, l.act_quant.estimator) for n, l in iter_quantized(m)}
+    assert est.pop("features.4") == ("aewgs", "aewgs") and est.pop("fc.0") == ("ste", "aewgs")
+    assert set(est.values()) == {("ste", "ste")}
+    pinned = SmallCNN(width=4)
+    quantize_model(pinned, QuantConfig(target_w=1, target_a=1, estimator="ste"))  # a named estimator is kept
+    assert {(l.weight_quant.estimator, l.act_quant.estimator) for _, l in iter_quantized(pinned)} == {("ste", "ste")}
+
+
 def test_rule_matching_nothing_and_nothing_to_quantize_are_clear_errors():
     m = timm.create_model("resnet18", num_classes=10)
     with pytest.raises(SurgeryError, match=r"quant.rules\[0\].pattern: 'nope' matches no"):
