@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep --out's results.csv rows and run only what is missing")
+    p.add_argument("--report", action="store_true", help="only print the tables of --out's results.csv (runs nothing)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.max_steps = 3, args.max_steps or 30
@@ -156,20 +157,20 @@ def main(argv=None) -> int:
             runs += [(arm, k, 1.0, budget) for arm in arms]
         if k == 2:
             runs += [("mixed", 2, fr, int(budget * fr)) for fr in fractions]
-    rows = read_rows(out / "results.csv") if args.resume else []
+    rows = read_rows(out / "results.csv") if args.resume or args.report else []
     done = {(r["arm"], r["bits"], r["fraction"], r["seed"]) for r in rows}
     for seed in range(args.seed, args.seed + args.seeds):
         for arm, k, fraction, budget in runs:
-            if (arm, k, fraction, seed) in done:
+            if (arm, k, fraction, seed) in done or args.report:
                 continue
             rows.append(run_one(args, recipe, arm, k, teacher, seed, budget, fraction))
             with open(out / "results.csv", "w", newline="") as f:  # partial results survive an interrupted run
                 w = csv.DictWriter(f, fieldnames=COLUMNS)
                 w.writeheader()
                 w.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "recipe": recipe,
-                                                  "args": {k: v for k, v in vars(args).items() if k != "recipe_dict"}},
-                                                 indent=1))
+    if not args.report:
+        args_json = {k: v for k, v in vars(args).items() if k != "recipe_dict"}
+        (out / "results.json").write_text(json.dumps({"rows": rows, "recipe": recipe, "args": args_json}, indent=1))
     print(f"{'budget':<8} {'arm':<8} {'n':>2} {'top1 mean':>9} {'sd':>5} {'ns_top1':>8} {'bytes':>7} {'converged':>9}")
     means = {}
     for arm, k, fraction in dict.fromkeys((r["arm"], r["bits"], r["fraction"]) for r in rows):
