@@ -14,7 +14,7 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from .methods import create_method_quantizers
-from .quantizer import Quantizer, resolve_estimator
+from .quantizer import Quantizer
 from .spec import QuantSpec
 
 
@@ -175,15 +175,6 @@ def set_fused(model: nn.Module, fused: bool) -> None:
     for q in iter_quantizers(model):
         if hasattr(q, "fused"):
             q.fused = bool(fused)
-
-
-def follow_targets_(model: nn.Module) -> None:
-    """``quant.estimator: auto`` after the targets changed (a budget's allocation, a resumed run): each GDNSQ
-    quantizer takes the estimator its layer's current target calls for (``quantizer.resolve_estimator``)."""
-    for _, layer in iter_quantized(model):
-        for q, target in ((layer.weight_quant, layer.target_w), (layer.act_quant, layer.target_a)):
-            if q is not None and getattr(q, "auto_estimator", False):
-                q.estimator = resolve_estimator("auto", float(target))
 
 
 def set_noise_ratio(model: nn.Module, ratio: float) -> None:

@@ -78,8 +78,6 @@ class _GDNSQQuantizer(Quantizer):
     """GDNSQ's learnable-bit quantizers: the noisy channel's estimator and delta."""
 
     learnable_bits = True
-    auto_estimator: bool = False
-    """``quant.estimator: auto``: the estimator follows the layer's target (``layers.follow_targets_``)."""
     fused: bool = True
     """One compiled pass each way on the CPU (``functional.noisy_quantize``); ``quant.fused``."""
 
@@ -274,10 +272,7 @@ def resolve_estimator(estimator: str, target: float) -> str:
 
 @register_method("gdnsq")
 def create_gdnsq(weight_shape: torch.Size, spec) -> tuple[WeightQuantizer, ActivationQuantizer]:
-    wq = WeightQuantizer(weight_shape, per_channel=spec.per_channel, delta=spec.delta,
-                         estimator=resolve_estimator(spec.estimator, spec.target_w))
-    aq = ActivationQuantizer(signed=spec.act_signed, delta=spec.delta,
-                             estimator=resolve_estimator(spec.estimator, spec.target_a))
-    # A budget's allocation changes targets after surgery; ``layers.follow_targets_`` re-resolves these two.
-    wq.auto_estimator = aq.auto_estimator = spec.estimator == "auto"
-    return wq, aq
+    return (WeightQuantizer(weight_shape, per_channel=spec.per_channel, delta=spec.delta,
+                            estimator=resolve_estimator(spec.estimator, spec.target_w)),
+            ActivationQuantizer(signed=spec.act_signed, delta=spec.delta,
+                                estimator=resolve_estimator(spec.estimator, spec.target_a)))

@@ -17,7 +17,6 @@ from torch import nn
 
 from ..config import JobConfig, OptimConfig
 from ..quant.layers import (
-    follow_targets_,
     iter_quantized,
     iter_quantizers,
     keep_levels_,
@@ -281,7 +280,6 @@ class Engine:
             if b.value_a is not None and layer.act_quant is not None:
                 layer.target_a.fill_(max(b.min_bits, layer.true_act_bits()))
         self._allocation_fixed = True
-        follow_targets_(self.core)
 
     def _ensure_budget(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once; with
@@ -295,7 +293,6 @@ class Engine:
                 with torch.no_grad():
                     for name, layer in iter_quantized(self.core):
                         layer.target_w.fill_(float(widths[name]))
-                follow_targets_(self.core)  # a layer allocated 1 bit gets the 1-bit estimator (auto)
 
     def is_converged(self) -> bool:
         """Every layer within its target (budget: its upper bound), no dead grid, and the budget's true aggregate
@@ -318,7 +315,6 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         self.core.load_state_dict(state["model"])
-        follow_targets_(self.core)  # the targets came back with the model; so does what auto made of them
         self.optimizer.load_state_dict(state["optimizer"])
         self.sched = ScheduleState(**state["schedule"])
         self._allocation_fixed = self.sched.converged_step is not None  # the targets came back with the model
