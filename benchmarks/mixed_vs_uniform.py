@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_methods as cm  # noqa: E402  (the shared recipe and the one teacher)
 
 log = logging.getLogger("mixed")
-COLUMNS = ("arm", "bits", "fraction", "seed", "budget_bytes", "bytes", "top1", "fp_top1", "converged", "ns_top1", "layer_bits",
-           "steps", "seconds")
+COLUMNS = ("arm", "bits", "fraction", "seed", "budget_bytes", "bytes", "top1", "fp_top1", "converged", "ns_top1",
+           "layer_bits", "steps", "seconds")
 
 
 def student_bytes(cfg, state: dict | None, bits: int | None = None) -> int:
@@ -61,20 +61,23 @@ def student_bytes(cfg, state: dict | None, bits: int | None = None) -> int:
     return packed_bytes(s, {n: bits if bits is not None else max(1, l.true_weight_bits()) for n, l in layers})
 
 
-def overrides(args, arm: str, k: int, teacher: Path, seed: int, budget: int) -> dict:
+def edge_names(recipe: dict, args) -> list[str]:
+    """The stem conv's and classifier's module names of the model every run uses (the recipe's, or --model)."""
+    from gdnsq.training.models import create_model
+    from gdnsq.training.surgery import edge_layers
+
+    model_cfg = cm.job_config(recipe, {"model.name": args.model} if args.model else {}).model
+    return sorted(set().union(*edge_layers(create_model(model_cfg, num_classes=10, in_chans=1, load_weights=False))))
+
+
+def overrides(args, arm: str, k: int, teacher: Path, seed: int, budget: int, edges: list[str] = ()) -> dict:
     o = {"name": f"mixed-{arm}-w{k}", "quant.method": "lsq" if arm == "lsq" else "gdnsq",
          "quant.target_w": k, "quant.target_a": k, "train.epochs": args.epochs, "train.seed": seed,
          "train.device": "cpu", "ray.enabled": False, "tracking.enabled": False, "model.checkpoint": str(teacher)}
     if arm == "mixed":
         o.update({"quant.budget.kind": "bytes", "quant.budget.value": float(budget),
                   "quant.budget.max_bits": args.max_bits, "quant.budget.quantize_edges": args.edges == "budget"})
-    elif arm == "gdnsq_e8":
-        # Edges quantized at 8 bits by rule, inputs FP: the names come from the model's own pretrained_cfg.
-        from gdnsq.training.models import create_model
-        from gdnsq.training.surgery import _edge_layers
-
-        m = create_model(cm.job_config(args.recipe_dict, {}).model, num_classes=10, in_chans=1, load_weights=False)
-        edges = sorted(set().union(*_edge_layers(m)))
+    elif arm == "gdnsq_e8":  # edges quantized at 8 bits by rule, inputs FP (``edges``: see edge_names)
         o.update({"quant.keep_first_conv": False, "quant.keep_classifier": False,
                   "quant.rules": [{"pattern": f"^{re.escape(e)}$", "target_w": 8, "quantize_act": False}
                                   for e in edges]})
@@ -98,13 +101,15 @@ def read_rows(path: Path) -> list[dict]:
 def run_one(args, recipe, arm, k, teacher, seed, budget, fraction=1.0) -> dict:
     from gdnsq.training.job import run_job
 
-    cfg = cm.job_config(recipe, overrides(args, arm, k, teacher, seed, budget))
+    edges = edge_names(recipe, args) if arm == "gdnsq_e8" else ()
+    cfg = cm.job_config(recipe, overrides(args, arm, k, teacher, seed, budget, edges))
     holder = {}
     t0 = time.perf_counter()
     s = run_job(cfg, on_epoch=lambda metrics, table, ckpt: holder.update(ckpt=ckpt))
     state = holder["ckpt"]()["best"]["state"]
-    row = {"arm": arm, "bits": k, "fraction": fraction, "seed": seed, "budget_bytes": budget, "bytes": student_bytes(cfg, state),
-           "top1": s["top1"], "fp_top1": s["fp_top1"], "converged": s["converged"], "ns_top1": s["ns_top1"],
+    row = {"arm": arm, "bits": k, "fraction": fraction, "seed": seed, "budget_bytes": budget,
+           "bytes": student_bytes(cfg, state), "top1": s["top1"], "fp_top1": s["fp_top1"], "converged": s["converged"],
+           "ns_top1": s["ns_top1"],
            "layer_bits": " ".join(f"{r['true_bits_w']}/{r['true_bits_a']}" for r in s["layers"]),
            "steps": s["steps"], "seconds": round(time.perf_counter() - t0, 1)}
     log.info("%-5s W%d seed %d: top1 %.2f ns_top1 %.2f  %d B (budget %d)  W/A per layer %s  (%.0f s)", arm, k, seed,
@@ -144,7 +149,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = cm.load_recipe(args)
-    args.recipe_dict = recipe
     teacher = cm.train_teacher(args, recipe, out)
     bits = [int(b) for b in args.bits.split(",")]
     arms = args.arms.split(",")
@@ -169,8 +173,7 @@ def main(argv=None) -> int:
                 w.writeheader()
                 w.writerows(rows)
     if not args.report:
-        args_json = {k: v for k, v in vars(args).items() if k != "recipe_dict"}
-        (out / "results.json").write_text(json.dumps({"rows": rows, "recipe": recipe, "args": args_json}, indent=1))
+        (out / "results.json").write_text(json.dumps({"rows": rows, "recipe": recipe, "args": vars(args)}, indent=1))
     print(f"{'budget':<8} {'arm':<8} {'n':>2} {'top1 mean':>9} {'sd':>5} {'ns_top1':>8} {'bytes':>7} {'converged':>9}")
     means = {}
     for arm, k, fraction in dict.fromkeys((r["arm"], r["bits"], r["fraction"]) for r in rows):
@@ -183,8 +186,8 @@ def main(argv=None) -> int:
               f"{means[(k, arm, fraction)]:>8.2f} {statistics.fmean(r['bytes'] for r in rs):>7.0f} "
               f"{sum(bool(r['converged']) for r in rs):>6}/{len(rs)}")
     uniform2 = max((means[(2, a, 1.0)] for a in ("gdnsq", "lsq") if (2, a, 1.0) in means), default=None)
-    fractions = sorted(fr for k, a, fr in means if a == "mixed" and k == 2 and fr < 1.0)
-    matched = [fr for fr in fractions if uniform2 is not None and means[(2, "mixed", fr)] >= uniform2]
+    below_w2 = sorted(fr for k, a, fr in means if a == "mixed" and k == 2 and fr < 1.0)  # this run's and resumed
+    matched = [fr for fr in below_w2 if uniform2 is not None and means[(2, "mixed", fr)] >= uniform2]
     if matched:
         print(f"mixed matches the best uniform W2A2 ({uniform2:.2f}) at {matched[0]:.0%} of its bytes "
               f"({means[(2, 'mixed', matched[0])]:.2f})")

@@ -32,7 +32,8 @@ class LayerDecision:
     spec: QuantSpec | None
 
 
-def _edge_layers(model: nn.Module) -> tuple[set[str], set[str]]:
+def edge_layers(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Module names of the stem conv and the classifier, as the model's timm pretrained_cfg gives them."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
 
     def names(v):
@@ -56,7 +57,7 @@ def _is_supported_conv(m: nn.Module) -> bool:
 
 def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
     """Decide, per Conv2d/Linear, whether and how to quantize it. Raises on unmatched rules."""
-    first, classifier = _edge_layers(model)
+    first, classifier = edge_layers(model)
     compiled = []
     for i, rule in enumerate(qcfg.rules):
         try:
