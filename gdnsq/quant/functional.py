@@ -250,6 +250,60 @@ def noisy_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s
     return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio, fused)
 
 
+class _FusedWeightQuantize(torch.autograd.Function):
+    """The training weight quantizer as one kernel each way (CPU, ``ste``/``lsq``): per output channel the range
+    (lo, hi) = (min, max) of w, then x̂ with z = lo, as ``channel_range`` followed by ``noisy_quantize(w, None,
+    None, lo.detach(), s)``, without their separate passes over the weights.
+
+    Returns (x̂, lo, hi); lo and hi carry the bit-width's gradient to the first arg-extremes (as ``_ChannelRange``),
+    which backward adds into the weight's gradient in the pass that copies it (no sparse add afterwards).
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, s: Tensor, estimator: str):
+        ctx.set_materialize_grads(False)
+        ctx.estimator = estimator
+        out, lo, hi, index = _fused.kernels().weight_forward(w, s.detach(), estimator != "ste")
+        ctx.save_for_backward(w, s, lo, index)
+        ctx.mark_non_differentiable(index)
+        return out, lo, hi
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None, g_lo: Tensor | None, g_hi: Tensor | None):
+        w, s, lo, index = ctx.saved_tensors
+        step_grad = ctx.needs_input_grad[1] and g is not None
+        if g is None:  # only the range was used (the penalty alone): its gradient, as _ChannelRange's
+            g = torch.zeros_like(w)
+        dither = step_grad and ctx.estimator != "lsq"
+        table = _sign_table(g.device, torch.float32) if dither else torch.empty(0)
+        offsets = torch.tensor(_dither_offsets(g.numel()) if dither else [], dtype=torch.long)
+        empty = torch.empty(0)
+        if g_lo is not None or g_hi is not None:
+            g_lo = torch.zeros_like(lo) if g_lo is None else g_lo
+            g_hi = torch.zeros_like(lo) if g_hi is None else g_hi
+        grad_w, sums = _fused.kernels().weight_backward(
+            w, g.contiguous(), lo, s.detach(), index, empty if g_lo is None else g_lo,
+            empty if g_hi is None else g_hi, table, offsets, _SIGN_WINDOW, dither)
+        grad_s = None
+        if step_grad:
+            grad_s = sums[0].reshape(s.shape)
+            if dither:
+                grad_s = grad_s + s * sums[1].reshape(s.shape) * _INV_SQRT3
+        return grad_w if ctx.needs_input_grad[0] else None, grad_s, None
+
+
+def fused_weight_quantize(w: Tensor, s: Tensor, *, estimator: str = "ste",
+                          noise_ratio: float = 0.0) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(x̂, lo, hi) of a per-output-channel weight quantizer in one kernel pass (lo, hi of shape (C,)), or None
+    where the kernels do not apply (then: ``channel_range`` and ``noisy_quantize``). Same values as those two:
+    x̂, lo, hi and the weight's gradient bit-identical, the step gradient equal to float rounding."""
+    if estimator not in ("ste", "lsq") or noise_ratio > 0 or s.dim() != w.dim() or s.shape[0] != w.shape[0]:
+        return None
+    if _fused.groups(w, s) != w.shape[0] or _fused.kernels() is None:
+        return None
+    return _FusedWeightQuantize.apply(w, s, estimator)
+
+
 class _ChannelRange(torch.autograd.Function):
     """Per-channel (min, max) of w. The gradient reaches two elements per channel (the first arg-extremes, as
     torch.min / torch.max along a dim choose), so backward returns it as a sparse tensor, which autograd adds

@@ -1,4 +1,6 @@
-"""The fused CPU kernels of the noisy rounding (``csrc/noisy_round.cpp``), built on first use.
+"""The fused CPU kernels of the noisy rounding (``csrc/noisy_round.cpp``), built on first use: ``forward`` /
+``backward`` (any GDNSQ quantizer) and ``weight_forward`` / ``weight_backward`` (a per-channel weight quantizer,
+its range included).
 
 torch's JIT extension builder compiles the C++ source once per machine (about a minute) into its cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and reloads it from there in every later

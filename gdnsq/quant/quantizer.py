@@ -109,13 +109,19 @@ class WeightQuantizer(_GDNSQQuantizer):
         Cached for the penalty of the same step, keyed on the weight's version counter so an optimizer
         step invalidates it.
         """
-        key = (id(w), w._version, torch.is_grad_enabled())
-        if self._cache is not None and self._cache[0] == key:
+        if self._cached(w):
             return self._cache[1]
         lo, hi = F.channel_range(w, self.log_s.shape[0], fused=self.fused)
         rng = (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape))
-        self._cache = (key, rng)
+        self._cache = (self._key(w), rng)
         return rng
+
+    @staticmethod
+    def _key(w: Tensor) -> tuple:
+        return id(w), w._version, torch.is_grad_enabled()
+
+    def _cached(self, w: Tensor) -> bool:
+        return self._cache is not None and self._cache[0] == self._key(w)
 
     def __getstate__(self):
         # The cache holds autograd graph nodes, which neither deepcopy nor pickle accept.
@@ -132,8 +138,15 @@ class WeightQuantizer(_GDNSQQuantizer):
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
-        lo, hi = self._range(w)
         s = torch.exp2(self.log_s)
+        if self.training and self.fused and self.per_channel and not self._cached(w):
+            # One kernel pass for range and rounding; the range is cached for the penalty of the same step.
+            fused = F.fused_weight_quantize(w, s, estimator=self.estimator, noise_ratio=self.noise_ratio)
+            if fused is not None:
+                out, lo, hi = fused
+                self._cache = (self._key(w), (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape)))
+                return out
+        lo, hi = self._range(w)
         if self.training:
             # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
             return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator, fused=self.fused,

@@ -161,6 +161,77 @@ def test_channel_range_matches_min_and_max_along_channels_ties_included(shape):
     assert torch.isclose(extra[7, 10], g_hi[7]) and torch.isclose(extra[3, 0], g_lo[3] + g_hi[3])
 
 
+def _weight_case(shape, seed=7):
+    torch.manual_seed(seed)
+    w = torch.randn(shape)
+    flat = w.view(shape[0], -1)
+    flat[1] = 0.25  # a constant channel: min and max are one element
+    if flat.shape[1] > 2:
+        flat[2, [0, 2]] = flat[2].max() + 1  # tied maxima: the first takes the gradient
+        flat[3, [1, 2]] = flat[3].min() - 1
+    s = torch.rand((shape[0],) + (1,) * (len(shape) - 1)) * 0.05 + 0.01
+    return w, s, torch.randn(shape), torch.randn(shape[0]), torch.randn(shape[0])
+
+
+def _weight_run(w, s, g, g_lo, g_hi, estimator, one_kernel: bool, use_output: bool = True):
+    """x̂, lo, hi and the gradients of w and s: the one-kernel weight quantizer, or channel_range then
+    noisy_quantize as the torch-path quantizer composes them."""
+    w, s = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    if one_kernel:
+        y, lo, hi = F.fused_weight_quantize(w, s, estimator=estimator)
+    else:
+        lo, hi = F.channel_range(w, w.shape[0], fused=True)
+        y = F.noisy_quantize(w, None, None, lo.detach().reshape(s.shape), s, estimator=estimator, fused=True)
+    loss = (lo * g_lo).sum() + (hi * g_hi).sum() + ((y * g).sum() if use_output else 0.0)
+    return (y.detach(), lo.detach(), hi.detach()) + torch.autograd.grad(loss, (w, s), allow_unused=True)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (40, 300), (6, 1), (3000, 700)])
+@pytest.mark.parametrize("estimator", ["ste", "lsq"])
+def test_one_kernel_weight_quantizer_equals_range_then_rounding(shape, estimator):
+    """Range, x̂ and the weight's gradient (the range's part at the first arg-extremes included) bit-identical;
+    the step gradient too (the same per-piece sums in the same order)."""
+    case = _weight_case(shape)
+    ours, ref = _weight_run(*case, estimator, True), _weight_run(*case, estimator, False)
+    for name, a, b in zip(("x̂", "lo", "hi", "grad w", "grad s"), ours, ref):
+        assert torch.equal(a, b), name
+
+
+def test_one_kernel_weight_quantizer_range_alone_and_nan():
+    w, s, g, g_lo, g_hi = _weight_case((8, 20))
+    ours = _weight_run(w, s, g, g_lo, g_hi, "ste", True, use_output=False)
+    ref = _weight_run(w, s, g, g_lo, g_hi, "ste", False, use_output=False)
+    assert torch.equal(ours[3], ref[3].to_dense()) and ours[4] is None and ref[4] is None  # ref: sparse
+    w[5, 7] = float("nan")  # torch's min / max propagate a NaN; so does the kernel
+    _, lo, hi = F.fused_weight_quantize(w, s)
+    assert lo[5].isnan() and hi[5].isnan() and not lo[[0, 4, 6]].isnan().any()
+
+
+def test_quantized_layer_uses_one_kernel_and_its_range_serves_the_penalty():
+    from gdnsq.training.objective import bit_penalties
+
+    torch.manual_seed(0)
+    base = SmallCNN()
+    quantize_model(base, QuantConfig(target_w=2, target_a=2))
+    calibrate_model(base, [torch.randn(16, 1, 28, 28)], init_bits=6)
+    x = torch.randn(16, 1, 28, 28)
+    grads = []
+    for on in (False, True):
+        model = copy.deepcopy(base).train()
+        set_fused(model, on)
+        torch.manual_seed(2)
+        out = model(x)
+        pen = bit_penalties(model, 1e-3, 1.0)
+        layer = next(m for m in model.modules() if hasattr(m, "weight_quant") and m.weight_quant.learnable_bits)
+        node = type(layer.weight_quant._cache[1][0].grad_fn.next_functions[0][0]).__name__
+        assert ("FusedWeightQuantize" in node) == on, node
+        (out.square().mean() + pen.p_w + pen.p_a).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6), k
+
+
 def test_export_traces_the_torch_path():
     """torch.export (MLflow's pt2 format) runs the model on fake tensors, which the kernels cannot read."""
     torch.manual_seed(0)
