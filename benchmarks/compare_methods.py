@@ -278,7 +278,7 @@ IMAGENET_BASE = {
     "objective": {"distill": "jeffreys"},
     "schedule": {"mode": "absolute", "warmup_steps": 1000, "scale_t": 2.0, "anneal": 0.999},
     "optim": {"name": "radam", "lr": 3e-4},
-    "train": {"epochs": 30, "patience": 0},
+    "train": {"epochs": 30, "patience": 0, "precision": "bf16", "channels_last": True},
     "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
     "tracking": {"experiment": "compare-imagenet-resnet18"},
 }

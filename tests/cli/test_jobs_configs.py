@@ -71,6 +71,8 @@ def test_imagenet_jobs_follow_the_paper_protocol(path):
     # The MLflow server comes from the cluster's MLFLOW_TRACKING_URI: one job file for VMs and KubeRay.
     assert cfg.tracking.enabled and cfg.tracking.uri is None
     assert cfg.name == path.stem  # one run (and resume point) per job file
+    # GPU speed without touching the grids: bf16 autocast around convs (quantizers stay fp32), channels_last.
+    assert cfg.train.precision == "bf16" and cfg.train.channels_last and not cfg.train.compile
 
 
 def test_cpu_job_is_small():
