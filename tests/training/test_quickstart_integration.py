@@ -7,8 +7,8 @@ from gdnsq.config import load_config
 from gdnsq.data.loaders import create_loaders
 from gdnsq.training.job import prepare_teacher
 
-# Two full quick-start runs (40 epochs = 2,160 steps each, plus the plateau-trained teacher) against single-seed
-# bounds. docs/results.md has the same runs with 3 seeds ("The quick start's gaps").
+# Two full quick-start runs (8 epochs = 432 steps each, plus the plateau-trained teacher) against single-seed
+# bounds. The harness's 432-step cells are these runs with other seeds (docs/results.md, 3 seeds each).
 pytestmark = pytest.mark.integration
 
 
