@@ -390,3 +390,13 @@ def min_bits(target: float, margin: float = 0.0) -> float:
     (ε = 1e-3): from T = 9 on a level is too thin for both, and there the cap, not the levels, decides.
     """
     return min(math.log2(2.0 ** target - 0.5 + margin), target - 2e-3)
+
+
+def max_bits(target: float, margin: float = 0.0) -> float:
+    """Largest continuous bit-width whose grid has at most 2**target levels, ``margin`` levels inside.
+
+    levels = round(2**b - 1) + 1 <= 2**T  <=>  2**b - 1 < 2**T - 1/2 (the half rounds to even, which is up
+    here), so b_max = log2(2**T + 1/2 - margin); with min_bits it brackets the band of b where the grid has
+    exactly 2**T levels.
+    """
+    return math.log2(2.0 ** target + 0.5 - margin)

@@ -81,6 +81,17 @@ class _QuantMixin:
             t = float(self.target_a) if floor_a is None else min(float(floor_a), float(self.target_a))
             self.act_quant.keep_levels_(min_bits(t, margin))
 
+    @torch.no_grad()
+    def cap_levels_(self, margin: float) -> None:
+        """Target hold: learnable-bit grids have at most 2**T levels (b <= log2(2**T + 1/2 - margin)), T = the
+        layer's target: a layer at its target cannot drift back above it."""
+        from .functional import max_bits
+
+        if self.weight_quant.learnable_bits:
+            self.weight_quant.cap_levels_(max_bits(float(self.target_w), margin), self.weight)
+        if self.act_quant is not None and self.act_quant.learnable_bits:
+            self.act_quant.cap_levels_(max_bits(float(self.target_a), margin))
+
 
 class QConv2d(_QuantMixin, nn.Conv2d):
     """Conv2d whose weight and input go through the method's quantizers (learnable bit-widths for GDNSQ).
@@ -186,6 +197,12 @@ def keep_levels_(model: nn.Module, margin: float, floor: float | None = None, fl
     """Apply the level guard to every quantized layer (after each optimizer step); floors: see the layer's."""
     for _, layer in iter_quantized(model):
         layer.keep_levels_(margin, floor, floor_a)
+
+
+def cap_levels_(model: nn.Module, margin: float) -> None:
+    """Apply the target hold to every quantized layer (after each optimizer step, once the descent has ended)."""
+    for _, layer in iter_quantized(model):
+        layer.cap_levels_(margin)
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -178,6 +178,13 @@ class WeightQuantizer(_GDNSQQuantizer):
         self.log_s.copy_(torch.minimum(self.log_s, cap).clamp_min(LOG2_FLOOR))
 
     @torch.no_grad()
+    def cap_levels_(self, max_bits: float, w: Tensor) -> None:
+        """Project log_s so no channel has b_w > max_bits: s >= range / (2**max_bits - 1)."""
+        lo, hi = self._range(w)
+        floor = torch.log2((hi - lo).clamp_min(1e-12)) - math.log2(2.0 ** max_bits - 1.0)
+        self.log_s.copy_(torch.maximum(self.log_s, floor))
+
+    @torch.no_grad()
     def grid(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lo, hi = self._range(w)
         return lo, hi, lo, torch.exp2(self.log_s)
@@ -262,6 +269,11 @@ class ActivationQuantizer(_GDNSQQuantizer):
         """Project log_s so that b_a = log_q - log_s >= min_bits (hence also hi > lo)."""
         self.log_q.clamp_(min=LOG2_FLOOR + min_bits)
         self.log_s.copy_(torch.minimum(self.log_s, self.log_q - min_bits).clamp_min(LOG2_FLOOR))
+
+    @torch.no_grad()
+    def cap_levels_(self, max_bits: float) -> None:
+        """Project log_s so that b_a = log_q - log_s <= max_bits."""
+        self.log_s.copy_(torch.maximum(self.log_s, self.log_q - max_bits))
 
     @torch.no_grad()
     def grid(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

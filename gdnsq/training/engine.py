@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import JobConfig, OptimConfig
 from ..quant.layers import (
+    cap_levels_,
     iter_quantized,
     iter_quantizers,
     keep_levels_,
@@ -226,6 +227,8 @@ class Engine:
                 free = b.active and self.sched.converged_step is None
                 keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if free else None,
                              b.min_bits if free and b.value_a is not None else None)
+            if cfg.quant.hold_targets and self.sched.converged_step is not None:
+                cap_levels_(self.core, cfg.quant.level_margin)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,

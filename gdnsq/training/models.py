@@ -12,6 +12,18 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that pools a CPU tensor in channels-last order: torch's NCHW CPU kernel with indices (the
+    training path) is several times slower than its channels-last one, conversions included; the values are
+    the same, and so are the gradients except between exactly equal maxima (the first in the window wins in
+    both kernels' scan order)."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class SmallCNN(nn.Module):
     """A compact CNN for 28x28 digits: an FP stem, three quantizable convs, a hidden Linear, an FP head."""
 
@@ -21,8 +33,8 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.stem = nn.Sequential(nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.features = nn.Sequential(
-            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), MaxPool2d(2),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )

@@ -154,3 +154,18 @@ def test_freeze_batchnorm_mode():
     quantize_model(m, QuantConfig(batchnorm="freeze"))
     assert not any(type(mod) is nn.BatchNorm2d for mod in m.modules())
     assert not m.bn1.weight.requires_grad if hasattr(m.bn1, "weight") and isinstance(m.bn1.weight, nn.Parameter) else True
+
+
+def test_small_cnn_pool_matches_torch_max_pool_values_and_gradients():
+    """The channels-last pooling of SmallCNN (a CPU speed-up) gives nn.MaxPool2d's outputs and gradients."""
+    from gdnsq.training.models import MaxPool2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(8, 16, 28, 28, generator=gen)).requires_grad_()
+    g = torch.randn(8, 16, 14, 14, generator=gen)
+    ours, ref = MaxPool2d(2)(x), nn.MaxPool2d(2)(x)
+    assert torch.equal(ours, ref) and ours.is_contiguous()
+    (ga,), (gb,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(ref, x, g)
+    assert torch.equal(ga, gb)
+    xt = x.detach().transpose(2, 3)  # not contiguous: torch's own path
+    assert torch.equal(MaxPool2d(2)(xt), nn.MaxPool2d(2)(xt))
