@@ -149,9 +149,9 @@ class QuantConfig:
     level_guard: bool = True
     """Project log s after every step so no learnable grid has fewer than 2**target levels."""
     hold_targets: bool = True
-    """Once the descent has reached the targets (the first passing true-bit check), also project log s after
-    every step so no learnable grid has more than 2**target levels: a converged model stays converged while the
-    LR anneals (without it a layer that drifts back out holds the anneal, and selection, for the rest of the run)."""
+    """Once the descent has reached the targets (the first passing true-bit check), a later check that fails
+    projects log s so no learnable grid has more than 2**target levels: a converged model stays converged while
+    the LR anneals (without it a layer that drifts back out holds the anneal, and selection, for the rest of the run)."""
     level_margin: float = 0.1
     """Level guard's (and target hold's) margin, in grid levels: it keeps 2**b >= 2**T - 1/2 + margin (T = the layer's target)."""
     rules: list[QuantRuleConfig] = field(default_factory=list)

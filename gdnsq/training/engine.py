@@ -227,12 +227,15 @@ class Engine:
                 free = b.active and self.sched.converged_step is None
                 keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if free else None,
                              b.min_bits if free and b.value_a is not None else None)
-            if cfg.quant.hold_targets and self.sched.converged_step is not None:
-                cap_levels_(self.core, cfg.quant.level_margin)
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
                                lag_bits=self.objective.last_terms.lag, check=self.is_converged)
+            if cfg.quant.hold_targets and self.sched.converged_step is not None and not self.sched.converged:
+                # A check failed after the descent had ended: the grids go back to their targets at once
+                # (the penalty alone may not bring them back, see docs/method.md), and the anneal goes on.
+                cap_levels_(self.core, cfg.quant.level_margin)
+                self.sched.converged = self.is_converged()
             if cfg.quant.budget.active and self.sched.converged_step is not None and not self._allocation_fixed:
                 self._fix_allocation()
             if self.sched.noise_ratio != old_noise:
@@ -247,6 +250,8 @@ class Engine:
                 on_step(self.sched.step, parts)
         if steps == 0:
             raise ValueError("training loader yielded no batches")
+        if cfg.quant.hold_targets and self.sched.converged_step is not None and not self.is_converged():
+            cap_levels_(self.core, cfg.quant.level_margin)  # the epoch ends on a check, as its checkpoint is judged
         self.epoch += 1
         out = {k: v / steps for k, v in sums.items()}
         # The last step's schedule values, not their epoch means, describe where the run stands.

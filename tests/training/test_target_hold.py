@@ -46,8 +46,8 @@ def test_hold_leaves_coarser_grids_alone():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def _engine(hold: bool):
-    cfg = load_config(None, {"quant.target_w": 2, "quant.target_a": 2, "optim.name": "adamw", "optim.lr": 0.3,
+def _engine(hold: bool, lr: float = 0.3):
+    cfg = load_config(None, {"quant.target_w": 2, "quant.target_a": 2, "optim.name": "adamw", "optim.lr": lr,
                              "optim.quant_lr": 1e-8,
                              "schedule.mode": "absolute", "schedule.warmup_steps": 0, "ray.enabled": False,
                              "tracking.enabled": False, "objective.distill": "ce", "quant.hold_targets": hold})
@@ -55,7 +55,7 @@ def _engine(hold: bool):
     keep_levels_(m, 0.1)
     assert converged(m)
     eng = Engine(cfg, m, None, torch.device("cpu"))
-    eng.sched.converged_step = 0  # the descent has ended: the model starts at its targets
+    eng.sched.converged_step, eng.sched.converged = 0, True  # the descent has ended: the model is at its targets
     eng.sched.temperature = 0.0  # no penalty; big weight steps under still steps: the weights' ranges grow
     return eng, m
 
@@ -71,3 +71,18 @@ def test_engine_holds_a_converged_model_at_its_targets_while_the_weights_spread(
     eng.train_epoch(batches)
     assert converged(m) and max(_levels(m)) == 4
     assert math.isfinite(float(next(iter_quantized(m))[1].weight_bits().detach().max()))
+
+
+def test_hold_does_not_touch_a_run_whose_checks_pass():
+    """It acts only on a failed check: a run that stays at its targets trains exactly as without it."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+               for _ in range(20)]
+    states = []
+    for hold in (False, True):
+        torch.manual_seed(0)
+        eng, m = _engine(hold, lr=1e-4)
+        eng.train_epoch(batches)
+        assert converged(m)
+        states.append(m.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
