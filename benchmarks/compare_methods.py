@@ -322,7 +322,7 @@ def write_jobs(folder: Path) -> list[Path]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="out/compare", help="output folder (teacher.pt, results.*)")
-    p.add_argument("--epochs", type=int, default=8, help="QAT epochs of every run (the quick start's 8)")
+    p.add_argument("--epochs", type=int, default=8, help="QAT epochs of every run (8 = 432 steps, the middle budget)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (same for every run)")
     p.add_argument("--quick", action="store_true", help="reduced budget for 2 CPU cores: 3 epochs of 30 steps")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")

@@ -337,9 +337,15 @@ class TrainConfig:
     """Student, teacher and inputs in channels_last memory format (faster convs on GPUs and oneDNN)."""
     compile: bool = False
     """Run the student through torch.compile (first steps are slow while it compiles)."""
+    bn_reestimate_batches: int = 0
+    """Before each validation, recompute the student's BatchNorm statistics over this many training batches
+    with the quantized forward (0 = keep the running averages, the default). Low-bit weights flip between
+    grid points late in training, so the running averages mix statistics of networks that no longer exist;
+    on the bundled digits it did not change W1A1 (docs/results.md), on other data it may."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.bn_reestimate_batches >= 0, "train.bn_reestimate_batches", "must be >= 0")
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "train.teacher_epochs", "must be >= 1")
         _check(self.teacher_max_epochs >= 1, "train.teacher_max_epochs", "must be >= 1")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")

@@ -102,6 +102,54 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor],
+                         precision: Precision | None = None) -> int:
+    """Recompute every BatchNorm's running mean and variance as plain averages over ``batches``, through the
+    eval-mode (exact grid, no dither) forward; returns the number of batches used. Under DDP the statistics
+    are averaged over ranks, so every rank evaluates (and checkpoints) the same model.
+
+    Why: the running averages are an EMA over the last few hundred training steps, each with other rounded
+    weights and with the training forward's dither; at 1-2 bits that mix can be several points of top-1 away
+    from the network actually evaluated (Nagel et al. 2022, "Overcoming oscillations in QAT")."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    batches = list(batches)
+    if not batches:
+        raise ValueError("BatchNorm re-estimation got no batches")
+    if not norms:
+        return 0
+    precision = precision or Precision(next(model.parameters()).device.type)
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    used = 0
+    try:
+        for x in batches:
+            with precision.autocast():
+                model(precision.prepare_input(x))
+            used += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    stats = torch.cat([torch.cat([m.running_mean, m.running_var]) for m in norms]).double()
+    world = torch.tensor([1.0], dtype=torch.float64, device=stats.device)
+    all_reduce_sum(stats)
+    all_reduce_sum(world)
+    stats /= world
+    offset = 0
+    for m in norms:
+        n = m.running_mean.numel()
+        m.running_mean.copy_(stats[offset:offset + n])
+        m.running_var.copy_(stats[offset + n:offset + 2 * n])
+        offset += 2 * n
+    return used
+
+
 def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, device: torch.device,
              log: Callable[[str], None] = print, val_loader: Iterable | None = None,
              max_epochs: int = 30, precision: Precision | None = None) -> dict:
@@ -231,11 +279,6 @@ class Engine:
             old_noise = self.sched.noise_ratio
             self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
                                lag_bits=self.objective.last_terms.lag, check=self.is_converged)
-            if cfg.quant.hold_targets and self.sched.converged_step is not None and not self.sched.converged:
-                # A check failed after the descent had ended: the grids go back to their targets at once
-                # (the penalty alone may not bring them back, see docs/method.md), and the anneal goes on.
-                cap_levels_(self.core, cfg.quant.level_margin)
-                self.sched.converged = self.is_converged()
             if cfg.quant.budget.active and self.sched.converged_step is not None and not self._allocation_fixed:
                 self._fix_allocation()
             if self.sched.noise_ratio != old_noise:
@@ -251,7 +294,11 @@ class Engine:
         if steps == 0:
             raise ValueError("training loader yielded no batches")
         if cfg.quant.hold_targets and self.sched.converged_step is not None and not self.is_converged():
-            cap_levels_(self.core, cfg.quant.level_margin)  # the epoch ends on a check, as its checkpoint is judged
+            # The descent had ended but the epoch ends outside the targets: the grids go back to them (the
+            # penalty alone may not bring them back, see docs/method.md), so the epoch's checkpoint is
+            # feasible and the anneal goes on. Only here: within the epoch the penalty gets its chance first.
+            cap_levels_(self.core, cfg.quant.level_margin)
+            self.sched.converged = self.is_converged()
         self.epoch += 1
         out = {k: v / steps for k, v in sums.items()}
         # The last step's schedule values, not their epoch means, describe where the run stands.

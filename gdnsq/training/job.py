@@ -17,7 +17,7 @@ from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .bits import average_bits, bits_table, size_figures
 from .checkpoint import make_checkpoint
-from .engine import Engine, create_plan, evaluate, planned_steps, train_fp
+from .engine import Engine, create_plan, evaluate, planned_steps, reestimate_batchnorm, train_fp
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
 from .precision import Precision, maybe_compile
@@ -98,6 +98,9 @@ EPOCH_METRICS = (
 
 
 def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[dict]]:
+    n = engine.cfg.train.bn_reestimate_batches
+    if n:
+        reestimate_batchnorm(engine.core, _take(loaders.calib or loaders.train, n, device), engine.precision)
     val = evaluate(engine.model, loaders.val, device, engine.precision)
     conv = engine.is_converged()
     table = bits_table(engine.core)

@@ -12,8 +12,8 @@ OVERRIDES = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "data.batch_size
              "optim.name": "adamw", "optim.quant_lr": 0.05, "schedule.scale_t": 10.0}
 
 
-def _run(epochs, resume=None):
-    cfg = load_config(None, {**OVERRIDES, "train.epochs": epochs})
+def _run(epochs, resume=None, **extra):
+    cfg = load_config(None, {**OVERRIDES, "train.epochs": epochs, **extra})
     saved = {}
 
     def on_epoch(metrics, table, get_checkpoint):
@@ -36,3 +36,16 @@ def test_resume_is_exact():
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert full["top1"] == resumed["top1"] and full["layers"] == resumed["layers"]
+
+
+@pytest.mark.timeout(1200)
+def test_resume_is_exact_with_batchnorm_reestimation():
+    extra = {"train.bn_reestimate_batches": 2}
+    full, full_saved = _run(2, **extra)
+    resumed, resumed_saved = _run(2, resume=full_saved["ckpts"][0], **extra)
+    a, b = full_saved["ckpt"]["engine"]["model"], resumed_saved["ckpt"]["engine"]["model"]
+    tracked = [k for k in a if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(a[k]) == 2 for k in tracked)  # re-estimated from 2 batches before validation
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["top1"] == resumed["top1"]

@@ -86,3 +86,15 @@ def test_hold_does_not_touch_a_run_whose_checks_pass():
         assert converged(m)
         states.append(m.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_hold_acts_at_the_epochs_end_not_within_it():
+    """Within an epoch a failed check is left to the penalty; the epoch ends at the targets."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+               for _ in range(30)]
+    eng, m = _engine(hold=True)
+    seen = []
+    eng.train_epoch(batches, on_step=lambda step, parts: seen.append(converged(m)))
+    assert not all(seen)  # the grids left their targets during the epoch ...
+    assert converged(m) and max(_levels(m)) == 4  # ... and are back at its end
