@@ -29,7 +29,7 @@ from .allocation import allocate_widths
 from .budget import Budget
 from .objective import GDNSQObjective, converged
 from .precision import Precision
-from .runtime import all_reduce_sum, unwrap
+from .runtime import all_reduce_sum, broadcast_module, unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
 
 
@@ -104,20 +104,17 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor],
-                         precision: Precision | None = None) -> int:
+                         precision: Precision | None = None) -> None:
     """Recompute every BatchNorm's running mean and variance as plain averages over ``batches``, through the
-    eval-mode (exact grid, no dither) forward; returns the number of batches used. Under DDP the statistics
-    are averaged over ranks, so every rank evaluates (and checkpoints) the same model.
+    eval-mode (exact grid, no dither) forward. Under DDP rank 0's statistics go to every rank (as calibration
+    does), so every rank evaluates and checkpoints the same model.
 
     Why: the running averages are an EMA over the last few hundred training steps, each with other rounded
     weights and with the training forward's dither; at 1-2 bits that mix can be several points of top-1 away
     from the network actually evaluated (Nagel et al. 2022, "Overcoming oscillations in QAT")."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    batches = list(batches)
     if not batches:
         raise ValueError("BatchNorm re-estimation got no batches")
-    if not norms:
-        return 0
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     precision = precision or Precision(next(model.parameters()).device.type)
     was_training = model.training
     momenta = [m.momentum for m in norms]
@@ -126,28 +123,16 @@ def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor],
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
         m.train()
-    used = 0
     try:
         for x in batches:
             with precision.autocast():
                 model(precision.prepare_input(x))
-            used += 1
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.train(was_training)
-    stats = torch.cat([torch.cat([m.running_mean, m.running_var]) for m in norms]).double()
-    world = torch.tensor([1.0], dtype=torch.float64, device=stats.device)
-    all_reduce_sum(stats)
-    all_reduce_sum(world)
-    stats /= world
-    offset = 0
     for m in norms:
-        n = m.running_mean.numel()
-        m.running_mean.copy_(stats[offset:offset + n])
-        m.running_var.copy_(stats[offset + n:offset + 2 * n])
-        offset += 2 * n
-    return used
+        broadcast_module(m)
 
 
 def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, device: torch.device,

@@ -100,7 +100,7 @@ EPOCH_METRICS = (
 def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[dict]]:
     n = engine.cfg.train.bn_reestimate_batches
     if n:
-        reestimate_batchnorm(engine.core, _take(loaders.calib or loaders.train, n, device), engine.precision)
+        reestimate_batchnorm(engine.core, _take(loaders.calib, n, device), engine.precision)
     val = evaluate(engine.model, loaders.val, device, engine.precision)
     conv = engine.is_converged()
     table = bits_table(engine.core)

@@ -18,7 +18,7 @@ def test_statistics_are_plain_averages_of_the_eval_forward():
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(8, 3, 10, 10, generator=gen) * 2 + 1 for _ in range(5)]
     net.train()
-    assert reestimate_batchnorm(net, batches) == 5
+    reestimate_batchnorm(net, batches)
     with torch.no_grad():
         pre1 = [net[1](x) for x in batches]  # dropout is the identity in eval mode
         means1 = torch.stack([h.mean((0, 2, 3)) for h in pre1])

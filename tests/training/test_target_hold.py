@@ -60,10 +60,14 @@ def _engine(hold: bool, lr: float = 0.3):
     return eng, m
 
 
+def _batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+            for _ in range(n)]
+
+
 def test_engine_holds_a_converged_model_at_its_targets_while_the_weights_spread():
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
-               for _ in range(30)]
+    batches = _batches(seed=0, n=30)
     eng, m = _engine(hold=False)
     eng.train_epoch(batches)
     assert not converged(m)  # the check can fail: without the hold the task takes the grids past 2 bits
@@ -75,9 +79,7 @@ def test_engine_holds_a_converged_model_at_its_targets_while_the_weights_spread(
 
 def test_hold_does_not_touch_a_run_whose_checks_pass():
     """It acts only on a failed check: a run that stays at its targets trains exactly as without it."""
-    gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
-               for _ in range(20)]
+    batches = _batches(seed=1, n=20)
     states = []
     for hold in (False, True):
         torch.manual_seed(0)
@@ -90,9 +92,7 @@ def test_hold_does_not_touch_a_run_whose_checks_pass():
 
 def test_hold_acts_at_the_epochs_end_not_within_it():
     """Within an epoch a failed check is left to the penalty; the epoch ends at the targets."""
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
-               for _ in range(30)]
+    batches = _batches(seed=0, n=30)
     eng, m = _engine(hold=True)
     seen = []
     eng.train_epoch(batches, on_step=lambda step, parts: seen.append(converged(m)))
