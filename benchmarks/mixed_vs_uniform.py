@@ -5,7 +5,8 @@ trains and saves it; every run gets it as ``model.checkpoint``), the quick start
 k in ``--bits`` (default 1, 2, 3) the budget is the packed payload of the uniform GDNSQ WkAk student
 (:func:`gdnsq.training.bits.packed_bytes`, FP stem/classifier included), and three runs share it:
 
-* ``mixed``   GDNSQ, ``quant.budget: {kind: bytes, value: <bytes of uniform Wk>}``, activations at k bits,
+* ``mixed``   GDNSQ, ``quant.budget: {kind: bytes, value: <bytes of uniform Wk>}``, activations at k bits
+  (``--act-budget``: their widths allocated too, k bits per input element on average, ``quant.budget.value_a``),
   weights free in [1, 8] bits per layer: the penalty acts on the model's bytes; with ``--edges budget`` (the
   default) the stem's and classifier's weights are under the budget too (``quant.budget.quantize_edges``;
   their inputs stay FP, as in the uniform arms), ``--edges fp`` keeps them FP like the uniform arms;
@@ -77,6 +78,8 @@ def overrides(args, arm: str, k: int, teacher: Path, seed: int, budget: int, edg
     if arm == "mixed":
         o.update({"quant.budget.kind": "bytes", "quant.budget.value": float(budget),
                   "quant.budget.max_bits": args.max_bits, "quant.budget.quantize_edges": args.edges == "budget"})
+        if args.act_budget:  # the inputs share k bits per element (the uniform arms' activation memory)
+            o["quant.budget.value_a"] = float(k)
     elif arm == "gdnsq_e8":  # edges quantized at 8 bits by rule, inputs FP (``edges``: see edge_names)
         o.update({"quant.keep_first_conv": False, "quant.keep_classifier": False,
                   "quant.rules": [{"pattern": f"^{re.escape(e)}$", "target_w": 8, "quantize_act": False}
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-bits", type=int, default=8, help="mixed: a layer's upper bound")
+    p.add_argument("--act-budget", action="store_true",
+                   help="mixed: allocate the inputs' widths too, at k bits per input element (else every input at k)")
     p.add_argument("--model", default=None)
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--retrain-teacher", action="store_true")

@@ -81,7 +81,8 @@ class BudgetConfig:
     value: float = 0.0
     """The budget: mean bits (avg_bits_w), bytes (bytes) or bit operations per sample (bops)."""
     value_a: float | None = None
-    """Optional activation budget: the mean of the quantized layers' activation bits (else per-layer target_a)."""
+    """Optional activation budget: the quantized inputs' bits per element (activation memory; else per-layer
+    target_a). With allocate: probe each layer's input width is chosen too (a small input may keep 8 bits)."""
     min_bits: int = 1
     """Lower bound of every layer's bits: the level guard keeps 2**min_bits levels."""
     max_bits: int = 8

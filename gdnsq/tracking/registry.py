@@ -56,9 +56,11 @@ def sanitize_model_name(name: str) -> str:
 
 def registered_name(cfg) -> str:
     """``tracking.registered_name`` or ``<model>-w<W>a<A>``, e.g. ``resnet18-w2a2``; under a budget
-    ``<model>-mixed-<kind>-a<A>`` (e.g. ``resnet18-mixed-bytes-a2``): a front's points share one name."""
+    ``<model>-mixed-<kind>-a<A>`` (e.g. ``resnet18-mixed-bytes-a2``): a front's points share one name; A is the
+    activation budget (bits per input element) when it has one."""
     b = cfg.quant.budget
-    default = (f"{cfg.model.name}-mixed-{b.kind.replace('_', '-')}-a{cfg.quant.target_a:g}" if b.active
+    a = b.value_a if b.value_a is not None else cfg.quant.target_a
+    default = (f"{cfg.model.name}-mixed-{b.kind.replace('_', '-')}-a{a:g}" if b.active
                else f"{cfg.model.name}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}")
     name = cfg.tracking.registered_name or default
     return sanitize_model_name(name)

@@ -14,6 +14,11 @@ summed price whose aggregate fits the budget (a multiple-choice knapsack, solved
 the capacity).
 Those widths become the layers' targets; the planned descent then takes every layer gradually from
 init_bits to its own target, as with hand-set per-layer targets.
+
+With an activation budget (``value_a``, bits per quantized input element) the inputs are priced the same way,
+Σ (∂L/∂x)² ⊙ (Q(x) - x)² over the probe batch on each width's best clipped grid, and share their own budget
+first (their widths enter the weights' BOPs). Measured why: on the digits CNN at 2,160 steps W2A8 is at W4A4's
+accuracy and W8A2 0.8 under it, so at 2-bit inputs the inputs, not the weights, hold what is left.
 """
 from __future__ import annotations
 
@@ -152,6 +157,91 @@ def grid_error(w: Tensor, fisher: Tensor, bits: int, per_channel: bool = True) -
     return best.sum()
 
 
+@torch.no_grad()
+def input_grid_error(x: Tensor, g2: Tensor, bits: int, signed: bool) -> Tensor:
+    """Least Σ g2 ⊙ (Q(x) - x)**2 of a ``bits``-bit activation grid (2**bits levels from 0, or from min(x) when
+    ``signed``) over clip ranges shrunk from the batch's maximum: the activation quantizer's grid family."""
+    x, g2 = x.detach().float().reshape(-1), g2.float().reshape(-1)
+    lo = x.min() if signed else x.new_zeros(())
+    span, levels = (x.max() - lo).clamp_min(1e-12), 2 ** int(bits) - 1
+    best = x.new_tensor(math.inf)
+    for a in _SHRINK.tolist():
+        step = a * span / levels
+        q = torch.clamp(torch.round((x - lo) / step), 0, levels) * step + lo
+        best = torch.minimum(best, (g2 * (q - x) ** 2).sum())
+    return best
+
+
+@torch.enable_grad()
+def input_prices(model: nn.Module, x: Tensor, y: Tensor, widths: list[int], chunks: int = 8) -> Tensor:
+    """(L, W) price of quantized layer l's input at ``widths[j]`` bits: Σ (∂CE/∂x)² ⊙ (Q(x) - x)² over ``chunks``
+    slices of the batch (the second-order loss growth when that input alone is quantized), with the quantizers
+    off and BatchNorm in eval mode as in :func:`fisher_diagonal`; +inf for a layer whose input stays FP.
+    Summed over data-parallel ranks."""
+    layers = [layer for _, layer in iter_quantized(model)]
+    switched = [q for l in layers for q in (l.weight_quant, l.act_quant) if q is not None and q.enabled]
+    prices = torch.full((len(layers), len(widths)), math.inf, dtype=torch.float64)
+    quantized = [i for i, l in enumerate(layers) if l.act_quant is not None]
+    prices[quantized] = 0.0
+    captured: dict[int, Tensor] = {}
+
+    def capture(i):
+        def pre_hook(mod, inp):
+            t = inp[0] if inp[0].requires_grad else inp[0].detach().requires_grad_(True)
+            captured[i] = t
+            return (t,) + tuple(inp[1:])
+        return pre_hook
+
+    hooks = [layers[i].register_forward_pre_hook(capture(i)) for i in quantized]
+    was_training = model.training
+    try:
+        for q in switched:
+            q.enabled = False
+        model.eval()
+        for xs, ys in zip(torch.chunk(x, chunks), torch.chunk(y, chunks)):
+            captured.clear()
+            loss = torch.nn.functional.cross_entropy(model(xs).float(), ys)
+            grads = torch.autograd.grad(loss, [captured[i] for i in quantized])
+            for i, g in zip(quantized, grads):
+                signed = bool(layers[i].act_quant.signed)
+                for j, b in enumerate(widths):
+                    prices[i, j] += float(input_grid_error(captured[i], g.detach() ** 2, b, signed))
+    finally:
+        for h in hooks:
+            h.remove()
+        for q in switched:
+            q.enabled = True
+        model.train(was_training)
+    finite = torch.isfinite(prices)
+    summed = torch.where(finite, prices, torch.zeros_like(prices))
+    all_reduce_sum(summed)
+    return torch.where(finite, summed, prices)
+
+
+def allocate_input_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dict[str, int]:
+    """Every quantized input's width under ``quant.budget.value_a`` (bits per input element), from the probe.
+
+    Widths run over [min_bits, max_bits] and each layer's own target_a (a rule's bound); the cost of layer l at
+    b bits is e_l·b (its input elements per sample, ``budget.elems``), the capacity value_a·Σ e_l."""
+    cfg = budget.cfg
+    layers = list(iter_quantized(model))
+    rows = [i for i, (_, l) in enumerate(layers) if l.act_quant is not None]
+    widths = list(range(int(cfg.min_bits), int(cfg.max_bits) + 1))
+    prices = torch.cummin(input_prices(model, x, y, widths)[rows], dim=1).values
+    elems = [float(budget.elems[i]) for i in rows]
+    costs = torch.tensor([[e * b for b in widths] for e in elems], dtype=torch.float64)
+    for r, i in enumerate(rows):
+        costs[r, [j for j, b in enumerate(widths) if b > float(layers[i][1].target_a)]] = math.inf
+    chosen = choose_widths(prices, costs, float(cfg.value_a) * sum(elems))
+    if chosen is None:
+        raise ConfigError(f"quant.budget.value_a: {cfg.value_a:g} bits per input element is below every input at "
+                         f"{cfg.min_bits} bit(s); raise it or lower quant.budget.min_bits")
+    result = {layers[i][0]: widths[c] for i, c in zip(rows, chosen)}
+    log.info("mixed precision (probe), inputs: %s", " ".join(f"{n}={b}" for n, b in result.items()))
+    log.debug("input prices (rows: quantized inputs, columns: %s bits):\n%s", widths, prices)
+    return result
+
+
 def sensitivities(model: nn.Module, x: Tensor, y: Tensor, widths: list[int]) -> Tensor:
     """(L, W) price of layer l at ``widths[j]`` bits: the Fisher-weighted error of its best clipped grid
     (:func:`grid_error`), the second-order growth of the loss when that layer alone is quantized (HAWQ, FIT).
@@ -169,8 +259,10 @@ def sensitivities(model: nn.Module, x: Tensor, y: Tensor, widths: list[int]) -> 
     return out
 
 
-def allocate_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dict[str, int]:
-    """Every quantized layer's weight width under ``budget`` (training.budget.Budget), from the probe.
+def allocate_widths(model: nn.Module, x: Tensor, y: Tensor, budget,
+                    input_widths: dict[str, int] | None = None) -> dict[str, int]:
+    """Every quantized layer's weight width under ``budget`` (training.budget.Budget), from the probe
+    (``input_widths``: the inputs' allocated widths, which BOPs count; else value_a or each layer's target_a).
 
     Widths run over [min_bits, max_bits] and each layer's own upper bound (its target_w, which a rule may
     lower). More bits never cost more (a grid can say otherwise: the price is made non-increasing in the width). Raises ConfigError when even every layer at min_bits exceeds the budget.
@@ -180,8 +272,9 @@ def allocate_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dict[str,
     widths = list(range(int(cfg.min_bits), int(cfg.max_bits) + 1))
     losses = sensitivities(model, x, y, widths)
     losses = torch.cummin(losses, dim=1).values  # non-increasing: a width never looks worse than a narrower one
-    act = [float(cfg.value_a) if cfg.value_a is not None and l.act_quant is not None
-           else float(FP_BITS) if l.act_quant is None else float(l.target_a) for _, l in layers]
+    act = [float(FP_BITS) if l.act_quant is None
+           else float(input_widths[n]) if input_widths is not None
+           else float(cfg.value_a) if cfg.value_a is not None else float(l.target_a) for n, l in layers]
     costs = item_costs(cfg.kind, [int(v) for v in budget.n.tolist()], budget.macs.tolist(), act, widths)
     for li, (_, layer) in enumerate(layers):  # a layer's own bound (rules) caps its widths
         costs[li, [j for j, b in enumerate(widths) if b > float(layer.target_w)]] = math.inf

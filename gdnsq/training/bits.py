@@ -74,15 +74,16 @@ def compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def measure_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """{layer name: MACs for one sample}, from forward hooks on ``example_input[:1]`` in eval mode."""
-    macs: dict[str, int] = {}
+def measure_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """{layer name: (MACs, input elements) for one sample}, from forward hooks on ``example_input[:1]`` in eval mode."""
+    shapes: dict[str, tuple[int, int]] = {}
     hooks = []
-    # MACs depend on shapes only: skip the quantizers' arithmetic (restored below).
+    # Shapes only: skip the quantizers' arithmetic (restored below).
     switched = [q for q in iter_quantizers(model) if q.enabled]
     for name, m in compute_layers(model):
         def hook(mod, inp, out, name=name, per_out=m.weight[0].numel()):
-            macs[name] = macs.get(name, 0) + (out.numel() // out.shape[0]) * per_out
+            macs, elems = shapes.get(name, (0, 0))
+            shapes[name] = (macs + (out.numel() // out.shape[0]) * per_out, elems + inp[0].numel() // inp[0].shape[0])
 
         hooks.append(m.register_forward_hook(hook))
     was_training = model.training
@@ -98,7 +99,12 @@ def measure_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return macs
+    return shapes
+
+
+def measure_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """{layer name: MACs for one sample} (:func:`measure_shapes`)."""
+    return {name: macs for name, (macs, _) in measure_shapes(model, example_input).items()}
 
 
 def layer_rows(model: nn.Module, bits: dict[str, tuple[int, int]], example_input: torch.Tensor | None,

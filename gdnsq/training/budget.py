@@ -9,6 +9,11 @@ so layers trade bits and the optimizer decides which keep precision:
 
     P = max(0, (A - L)/D)**p,   D = ∂A/∂(every b_w raised by one bit), so P is in bits like the per-layer P_w.
 
+The optional activation budget (``value_a``) bounds A_a = Σ_l e_l·b_a,l / Σ_l e_l, the quantized inputs' bits per
+element (e_l: input elements per sample of layer l, measured once): the activation memory a sample's quantized
+inputs take. Weighted by elements, not a plain mean over layers, so a small input (a hidden Linear's 32 features)
+can keep 8 bits for almost nothing while a large early feature map pays for every bit.
+
 No ε margin: A counts whole bits, so a budget met exactly (e.g. uniform W2's bytes) must switch the penalty
 off; with a margin it would push every channel on into fewer levels than its storage width holds.
 
@@ -29,7 +34,7 @@ from torch import Tensor, nn
 
 from ..config import BudgetConfig
 from ..quant.layers import iter_quantized
-from .bits import FP_BITS, compute_layers, measure_macs, packed_bytes, packed_size_parts
+from .bits import FP_BITS, compute_layers, measure_shapes, packed_bytes, packed_size_parts
 
 _TAU = 0.05  # soft max over channels, in bits: overestimates the widest channel by at most τ·ln(channels)
 
@@ -90,12 +95,17 @@ class Budget:
         self.n = torch.tensor([float(l.weight.numel()) for _, l in layers], device=ref.device)
         self.macs = torch.zeros_like(self.n)
         self.fixed = 0.0
-        if cfg.kind == "bops":
-            macs = measure_macs(model, example_input)
-            self.macs = torch.tensor([float(macs.get(n, 0)) for n in self.names], device=ref.device)
-            self.fixed = float(sum(macs.get(n, 0) * FP_BITS * FP_BITS for n, _ in compute_layers(model)
-                                   if n not in set(self.names)))
-        elif cfg.kind == "bytes":
+        has_act = torch.tensor([float(l.act_quant is not None) for _, l in layers], device=ref.device)
+        self.elems = has_act  # input elements per sample (quantized inputs only); 1 each until measured
+        if example_input is not None and (cfg.kind == "bops" or cfg.value_a is not None):
+            shapes = measure_shapes(model, example_input)
+            self.macs = torch.tensor([float(shapes.get(n, (0, 0))[0]) for n in self.names], device=ref.device)
+            self.elems = has_act * torch.tensor([float(shapes.get(n, (0, 0))[1]) for n in self.names],
+                                                device=ref.device)
+            if cfg.kind == "bops":
+                self.fixed = float(sum(shapes[n][0] * FP_BITS * FP_BITS for n, _ in compute_layers(model)
+                                       if n not in set(self.names) and n in shapes))
+        if cfg.kind == "bytes":
             self.fixed = float(packed_size_parts(model)[0])
 
     def _bits(self, model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -105,6 +115,10 @@ class Budget:
             b = layer.act_bits()
             ba.append(self.n.new_tensor(float(FP_BITS)) if b is None else whole_bits(b.reshape(()), self.margin))
         return torch.stack(bw), torch.stack(ba)
+
+    def act_mean(self, ba: Tensor) -> Tensor:
+        """A_a: the quantized inputs' bits per element (``ba``: (L,) per-layer input bits; FP inputs weigh 0)."""
+        return (self.elems * ba).sum() / self.elems.sum().clamp_min(1.0)
 
     def at_bits(self, bits: float, bits_a: float | None = None) -> float:
         """The aggregate with every quantized layer's weights at ``bits`` and inputs at ``bits_a`` (default: the
@@ -138,14 +152,12 @@ class Budget:
         p_w = torch.clamp(x, min=0).pow(p)  # eps unused: see the module docstring
         lag, p_a = float(x.detach()), torch.zeros_like(p_w)
         if c.allocate == "probe":  # the probe made the widths per-layer targets: their own penalties descend
-            p_w, lag = torch.zeros_like(p_w), -math.inf
-        if c.value_a is not None:
-            has = torch.tensor([l.act_quant is not None for _, l in iter_quantized(model)], device=ba.device)
-            if bool(has.any()):
-                level_a = c.value_a + max((init_bits or c.value_a) - c.value_a, 0.0) * level_fraction
-                xa = ba[has].mean() - level_a
-                p_a = torch.clamp(xa, min=0).pow(p)
-                lag = max(lag, float(xa.detach()))
+            return BudgetTerms(torch.zeros_like(p_w), p_a, -math.inf, float(a.detach()))
+        if c.value_a is not None and bool((self.elems > 0).any()):
+            level_a = c.value_a + max((init_bits or c.value_a) - c.value_a, 0.0) * level_fraction
+            xa = self.act_mean(ba) - level_a
+            p_a = torch.clamp(xa, min=0).pow(p)
+            lag = max(lag, float(xa.detach()))
         return BudgetTerms(p_w, p_a, lag, float(a.detach()))
 
     def true_value(self, model: nn.Module) -> float:
@@ -159,12 +171,12 @@ class Budget:
         return float(aggregate(self.cfg.kind, bw, ba, self.n, self.macs, self.fixed))
 
     def within(self, model: nn.Module) -> bool:
-        """True aggregate within the budget, and the true mean activation bits within value_a if set."""
+        """True aggregate within the budget, and the true activation bits per element within value_a if set."""
         if self.true_value(model) > self.cfg.value:
             return False
-        if self.cfg.value_a is not None:
-            ta = [l.true_act_bits() for _, l in iter_quantized(model) if l.act_quant is not None]
-            if ta and sum(ta) / len(ta) > self.cfg.value_a:
+        if self.cfg.value_a is not None and bool((self.elems > 0).any()):
+            ta = self.n.new_tensor([float(l.true_act_bits() or 0) for _, l in iter_quantized(model)])
+            if float(self.act_mean(ta)) > self.cfg.value_a + 1e-9:
                 return False
         return True
 

@@ -25,7 +25,7 @@ from ..quant.layers import (
     set_fused,
     set_noise_ratio,
 )
-from .allocation import allocate_widths
+from .allocation import allocate_input_widths, allocate_widths
 from .budget import Budget
 from .objective import GDNSQObjective, converged
 from .precision import Precision
@@ -329,10 +329,15 @@ class Engine:
         if b.active and self.objective.budget is None:
             self.objective.budget = Budget(b, self.core, x[:1], self.cfg.quant.level_margin)
             if b.allocate == "probe" and self.sched.step == 0:
-                widths = allocate_widths(self.core, x, y, self.objective.budget)
+                inputs = None
+                if b.value_a is not None:  # the inputs first: their widths enter the weights' BOPs
+                    inputs = allocate_input_widths(self.core, x, y, self.objective.budget)
+                widths = allocate_widths(self.core, x, y, self.objective.budget, inputs)
                 with torch.no_grad():
                     for name, layer in iter_quantized(self.core):
                         layer.target_w.fill_(float(widths[name]))
+                        if inputs is not None and name in inputs:
+                            layer.target_a.fill_(float(inputs[name]))
 
     def is_converged(self) -> bool:
         """Every layer within its target (budget: its upper bound), no dead grid, and the budget's true aggregate

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow_server import MlflowServer  # tests/mlflow_server.py
 
-from gdnsq.config import JobConfig
+from gdnsq.config import JobConfig, load_config
 from gdnsq.errors import RegistryError
 from gdnsq.tracking import registry
 from gdnsq.tracking.names import is_secret_key, metric_key, scrub_value
@@ -105,6 +105,10 @@ def test_names_and_scrubbing():
     assert parse_ref("m/3") == ("m", "3", None) and parse_ref("m") == ("m", None, None)
     with pytest.raises(RegistryError, match="version must be a number"):
         parse_ref("m/Production")
+    mixed = {"ray.enabled": False, "quant.budget.kind": "bytes", "quant.budget.value": 9908.0}
+    assert registry.registered_name(load_config(None, mixed)) == "gdnsq_smallcnn-mixed-bytes-a2"
+    mixed["quant.budget.value_a"] = 2.5  # the activation budget, not the inputs' upper bound (max_bits)
+    assert registry.registered_name(load_config(None, mixed)) == "gdnsq_smallcnn-mixed-bytes-a2.5"
 
 
 # ------------------------------------------------------------------------------ tracking run

@@ -132,3 +132,80 @@ def test_grid_error_is_zero_on_the_grid_and_per_channel_never_worse():
     lo = v.min(1, keepdim=True).values
     min_max = float(((torch.round((v - lo) / step) * step + lo - v) ** 2).sum())
     assert float(A.grid_error(v, ones, 2)) < 0.5 * min_max
+
+
+def test_input_grid_error_is_zero_on_the_grid_and_clipping_helps_a_tail():
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, 3.0, 1.0]) * 0.25  # on the unsigned 2-bit grid 0, 1/4, 2/4, 3/4
+    g2 = torch.rand(6) + 0.5
+    assert float(A.input_grid_error(x, g2, 2, signed=False)) == pytest.approx(0.0, abs=1e-12)
+    assert float(A.input_grid_error(x, g2, 1, signed=False)) > 0
+    assert float(A.input_grid_error(x - 0.5, g2, 2, signed=True)) == pytest.approx(0.0, abs=1e-12)  # from min(x)
+    v = torch.rand(500, generator=torch.Generator().manual_seed(0))
+    v[0] = 3.0  # one outlier makes the full-range grid coarse for the rest
+    ones = torch.ones_like(v)
+    step = 3.0 / 3
+    full = float(((torch.clamp(torch.round(v / step), 0, 3) * step - v) ** 2).sum())
+    assert float(A.input_grid_error(v, ones, 2, signed=False)) < full
+
+
+def test_input_widths_fit_the_per_element_budget_and_respect_bounds():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    cfg = BudgetConfig(kind="bytes", value=1.0, max_bits=8, value_a=2.0)
+    student, _ = _student_and_teacher(cfg, x)
+    cfg.value = float(uniform_value("bytes", student, 2, 2, None))
+    budget = Budget(cfg, student, x[:1])
+    # Elements per sample of each quantized input (width-4 CNN on 28x28): conv1 4x28x28, conv2 4x14x14,
+    # conv3 8x7x7, the hidden Linear 8.
+    assert budget.elems.tolist() == [4 * 28 * 28, 4 * 14 * 14, 8 * 7 * 7, 8]
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    widths = A.allocate_input_widths(student, x, y, budget)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the probe left no trace
+    bits = torch.tensor([float(widths[n]) for n, _ in iter_quantized(student)])
+    assert float(budget.act_mean(bits)) <= 2.0
+    assert set(widths.values()) <= set(range(1, 9))
+    # The inputs' prices fall with the width, and the weights' knapsack reads the inputs' widths (BOPs).
+    prices = A.input_prices(student, x, y, [1, 2, 8])
+    assert (prices[:, 0] > prices[:, 1]).all() and (prices[:, 1] > prices[:, 2]).all()
+    # A layer's own target_a (a rule) bounds its input's width; a budget below min_bits everywhere is an error.
+    layers = [l for _, l in iter_quantized(student)]
+    layers[-1].target_a.fill_(3.0)
+    assert A.allocate_input_widths(student, x, y, budget)[list(widths)[-1]] <= 3
+    cfg.min_bits, cfg.value_a = 2, 1.5
+    with pytest.raises(ConfigError, match="quant.budget.value_a"):
+        A.allocate_input_widths(student, x, y, Budget(cfg, student, x[:1]))
+
+
+def test_activation_budget_counts_bits_per_element():
+    cfg = BudgetConfig(kind="bytes", value=1e9, value_a=2.0)
+    x = torch.randn(4, 1, 28, 28)
+    student, _ = _student_and_teacher(cfg, x)
+    budget = Budget(cfg, student, x[:1])
+    e = budget.elems
+    # The hidden Linear's 8 inputs at 8 bits and conv3's 392 at 1 bit fit 2 bits per element with conv1 and
+    # conv2 at 2; a plain mean over the four layers (3.25) would not.
+    bits = torch.tensor([2.0, 2.0, 1.0, 8.0])
+    assert float(budget.act_mean(bits)) == pytest.approx(float((e * bits).sum() / e.sum()))
+    assert float(budget.act_mean(bits)) <= 2.0 < float(bits.mean())
+
+
+def test_engine_probe_sets_the_inputs_targets_then_the_weights():
+    from gdnsq.config import load_config
+    from gdnsq.training.engine import Engine
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    probe = BudgetConfig(kind="bytes", value=1.0, value_a=2.0)
+    student, _ = _student_and_teacher(probe, x)
+    value = float(uniform_value("bytes", student, 2, 2, None))
+    cfg = load_config(None, {"quant.budget.kind": "bytes", "quant.budget.value": value, "quant.budget.value_a": 2.0,
+                             "ray.enabled": False, "tracking.enabled": False, "objective.distill": "ce"})
+    probe.value = value
+    expected_inputs = A.allocate_input_widths(student, x, y, Budget(probe, student, x[:1]))
+    eng = Engine(cfg, student, None, torch.device("cpu"))
+    eng._ensure_budget(x, y)
+    got = {n: int(l.target_a) for n, l in iter_quantized(student) if l.act_quant is not None}
+    assert got == expected_inputs
+    bits = torch.tensor([float(l.target_a) for _, l in iter_quantized(student)])
+    assert float(eng.objective.budget.act_mean(bits)) <= 2.0
+    assert eng.objective.budget.penalties(student, 1e-3, 1.0).p_a.item() == 0.0  # the per-layer targets descend
