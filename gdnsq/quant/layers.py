@@ -181,6 +181,23 @@ def iter_quantizers(model: nn.Module) -> Iterator[Quantizer]:
             yield layer.act_quant
 
 
+@contextlib.contextmanager
+def fp_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """The FP network at its current weights: every enabled quantizer off and the model in eval mode (BatchNorm
+    on its running statistics) inside the block; both restored after it, also on an error."""
+    switched = [q for q in iter_quantizers(model) if q.enabled]
+    was_training = model.training
+    try:
+        for q in switched:
+            q.enabled = False
+        model.eval()
+        yield model
+    finally:
+        for q in switched:
+            q.enabled = True
+        model.train(was_training)
+
+
 def set_fused(model: nn.Module, fused: bool) -> None:
     """``quant.fused`` on every quantizer that has a fused path (GDNSQ's)."""
     for q in iter_quantizers(model):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quant.layers import iter_quantized
+from ..quant.layers import fp_eval, iter_quantized
 from .bits import FP_BITS, code_bytes
 from .runtime import all_reduce_sum
 
@@ -110,23 +110,14 @@ def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor, chunks: int = 8) -> 
     Cross-entropy on the labels: at the start of distillation the student equals its teacher and the
     distillation gradient is zero. Summed over data-parallel ranks."""
     layers = [layer for _, layer in iter_quantized(model)]
-    switched = [q for _, l in iter_quantized(model) for q in (l.weight_quant, l.act_quant) if q is not None and q.enabled]
-    was_training = model.training
     fisher = [torch.zeros_like(l.weight, dtype=torch.float32) for l in layers]
-    try:
-        for q in switched:
-            q.enabled = False
-        model.eval()
+    with fp_eval(model):
         for xs, ys in zip(torch.chunk(x, chunks), torch.chunk(y, chunks)):
             loss = torch.nn.functional.cross_entropy(model(xs).float(), ys)
             grads = torch.autograd.grad(loss, [l.weight for l in layers], allow_unused=True)
             for f, g in zip(fisher, grads):
                 if g is not None:
                     f += g.detach().float() ** 2
-    finally:
-        for q in switched:
-            q.enabled = True
-        model.train(was_training)
     for f in fisher:
         all_reduce_sum(f)
     return fisher
@@ -174,48 +165,35 @@ def input_grid_error(x: Tensor, g2: Tensor, bits: int, signed: bool) -> Tensor:
 
 @torch.enable_grad()
 def input_prices(model: nn.Module, x: Tensor, y: Tensor, widths: list[int], chunks: int = 8) -> Tensor:
-    """(L, W) price of quantized layer l's input at ``widths[j]`` bits: Σ (∂CE/∂x)² ⊙ (Q(x) - x)² over ``chunks``
-    slices of the batch (the second-order loss growth when that input alone is quantized), with the quantizers
-    off and BatchNorm in eval mode as in :func:`fisher_diagonal`; +inf for a layer whose input stays FP.
-    Summed over data-parallel ranks."""
-    layers = [layer for _, layer in iter_quantized(model)]
-    switched = [q for l in layers for q in (l.weight_quant, l.act_quant) if q is not None and q.enabled]
-    prices = torch.full((len(layers), len(widths)), math.inf, dtype=torch.float64)
-    quantized = [i for i, l in enumerate(layers) if l.act_quant is not None]
-    prices[quantized] = 0.0
-    captured: dict[int, Tensor] = {}
+    """(Q, W) price of the q-th quantized input (layers with an input quantizer, in module order) at ``widths[j]``
+    bits: Σ (∂CE/∂x)² ⊙ (Q(x) - x)² over ``chunks`` slices of the batch (the second-order loss growth when that
+    input alone is quantized), on the FP network in eval mode as in :func:`fisher_diagonal`. Summed over
+    data-parallel ranks."""
+    layers = [l for _, l in iter_quantized(model) if l.act_quant is not None]
+    prices = torch.zeros((len(layers), len(widths)), dtype=torch.float64)
+    captured: list[Tensor | None] = [None] * len(layers)
 
     def capture(i):
-        def pre_hook(mod, inp):
+        def pre_hook(mod, inp):  # the input itself, as a graph node to differentiate the loss by
             t = inp[0] if inp[0].requires_grad else inp[0].detach().requires_grad_(True)
             captured[i] = t
             return (t,) + tuple(inp[1:])
         return pre_hook
 
-    hooks = [layers[i].register_forward_pre_hook(capture(i)) for i in quantized]
-    was_training = model.training
+    hooks = [l.register_forward_pre_hook(capture(i)) for i, l in enumerate(layers)]
     try:
-        for q in switched:
-            q.enabled = False
-        model.eval()
-        for xs, ys in zip(torch.chunk(x, chunks), torch.chunk(y, chunks)):
-            captured.clear()
-            loss = torch.nn.functional.cross_entropy(model(xs).float(), ys)
-            grads = torch.autograd.grad(loss, [captured[i] for i in quantized])
-            for i, g in zip(quantized, grads):
-                signed = bool(layers[i].act_quant.signed)
-                for j, b in enumerate(widths):
-                    prices[i, j] += float(input_grid_error(captured[i], g.detach() ** 2, b, signed))
+        with fp_eval(model):
+            for xs, ys in zip(torch.chunk(x, chunks), torch.chunk(y, chunks)):
+                loss = torch.nn.functional.cross_entropy(model(xs).float(), ys)
+                for i, (t, g) in enumerate(zip(captured, torch.autograd.grad(loss, captured))):
+                    signed = bool(layers[i].act_quant.signed)
+                    for j, b in enumerate(widths):
+                        prices[i, j] += float(input_grid_error(t, g.detach() ** 2, b, signed))
     finally:
         for h in hooks:
             h.remove()
-        for q in switched:
-            q.enabled = True
-        model.train(was_training)
-    finite = torch.isfinite(prices)
-    summed = torch.where(finite, prices, torch.zeros_like(prices))
-    all_reduce_sum(summed)
-    return torch.where(finite, summed, prices)
+    all_reduce_sum(prices)
+    return prices
 
 
 def allocate_input_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dict[str, int]:
@@ -225,9 +203,9 @@ def allocate_input_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dic
     b bits is e_l·b (its input elements per sample, ``budget.elems``), the capacity value_a·Σ e_l."""
     cfg = budget.cfg
     layers = list(iter_quantized(model))
-    rows = [i for i, (_, l) in enumerate(layers) if l.act_quant is not None]
+    rows = [i for i, (_, l) in enumerate(layers) if l.act_quant is not None]  # input_prices' rows
     widths = list(range(int(cfg.min_bits), int(cfg.max_bits) + 1))
-    prices = torch.cummin(input_prices(model, x, y, widths)[rows], dim=1).values
+    prices = torch.cummin(input_prices(model, x, y, widths), dim=1).values
     elems = [float(budget.elems[i]) for i in rows]
     costs = torch.tensor([[e * b for b in widths] for e in elems], dtype=torch.float64)
     for r, i in enumerate(rows):

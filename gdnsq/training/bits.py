@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.layers import QUANT_LAYERS, iter_quantized, iter_quantizers
+from ..quant.layers import QUANT_LAYERS, fp_eval, iter_quantized
 
 FP_BITS = 32
 _COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -78,27 +78,19 @@ def measure_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, t
     """{layer name: (MACs, input elements) for one sample}, from forward hooks on ``example_input[:1]`` in eval mode."""
     shapes: dict[str, tuple[int, int]] = {}
     hooks = []
-    # Shapes only: skip the quantizers' arithmetic (restored below).
-    switched = [q for q in iter_quantizers(model) if q.enabled]
     for name, m in compute_layers(model):
         def hook(mod, inp, out, name=name, per_out=m.weight[0].numel()):
             macs, elems = shapes.get(name, (0, 0))
             shapes[name] = (macs + (out.numel() // out.shape[0]) * per_out, elems + inp[0].numel() // inp[0].shape[0])
 
         hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
     try:
-        for q in switched:
-            q.enabled = False
-        model.eval()
-        param = next(model.parameters(), None)
-        model(example_input[:1].to(param.device if param is not None else "cpu"))
+        with fp_eval(model):  # shapes only: skip the quantizers' arithmetic
+            param = next(model.parameters(), None)
+            model(example_input[:1].to(param.device if param is not None else "cpu"))
     finally:
-        for q in switched:
-            q.enabled = True
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return shapes
 
 

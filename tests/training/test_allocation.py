@@ -164,8 +164,9 @@ def test_input_widths_fit_the_per_element_budget_and_respect_bounds():
     bits = torch.tensor([float(widths[n]) for n, _ in iter_quantized(student)])
     assert float(budget.act_mean(bits)) <= 2.0
     assert set(widths.values()) <= set(range(1, 9))
-    # The inputs' prices fall with the width, and the weights' knapsack reads the inputs' widths (BOPs).
+    # The inputs' prices fall with the width (one row per quantized input).
     prices = A.input_prices(student, x, y, [1, 2, 8])
+    assert prices.shape == (4, 3)
     assert (prices[:, 0] > prices[:, 1]).all() and (prices[:, 1] > prices[:, 2]).all()
     # A layer's own target_a (a rule) bounds its input's width; a budget below min_bits everywhere is an error.
     layers = [l for _, l in iter_quantized(student)]
