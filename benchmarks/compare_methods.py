@@ -85,6 +85,7 @@ def train_teacher(args, recipe: dict, out: Path) -> Path:
     from gdnsq.data.loaders import create_loaders
     from gdnsq.training.engine import evaluate
     from gdnsq.training.job import prepare_teacher
+    from gdnsq.training.runtime import seed_everything
 
     path = out / "teacher.pt"
     if path.is_file() and not args.retrain_teacher:
@@ -96,6 +97,10 @@ def train_teacher(args, recipe: dict, out: Path) -> Path:
     if args.model:
         over["model.name"] = args.model
     cfg = job_config(recipe, over)
+    # Seeded before the loaders and the model, in run_job's order: the teacher's initial weights are then the
+    # seed's (unseeded they were the process's RNG, so two harness folders got different teachers), and the
+    # harness teacher is the one the quick start trains in-run with the same seed.
+    seed_everything(args.seed)
     loaders = create_loaders(cfg)
     teacher, report = prepare_teacher(cfg, loaders, torch.device("cpu"), None)
     log.info("FP teacher: test top-1 %.2f (%s)", evaluate(teacher, loaders.test, torch.device("cpu"))["top1"], report)

@@ -226,6 +226,11 @@ class ScheduleConfig:
     """planned: derive warm-up, descent, quantizer LR and anneal from the planned steps; absolute: the paper's knobs."""
     descent_end: float = 0.5
     """planned: fraction of the planned steps by which every layer should reach its bit target."""
+    descent_end_a: float | None = None
+    """planned: fraction of the planned steps by which the activations reach their targets. None: 0.6 x
+    descent_end where the budget affords the faster descent at the capped quantizer LR (long runs), else
+    descent_end. Inputs first: the network adapts to low-bit inputs while its weights still have bits (the
+    order of two-step binary-network training); set it to descent_end to descend both together."""
     warmup: float = 0.05
     """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
     final_lr_ratio: float = 0.05
@@ -254,6 +259,8 @@ class ScheduleConfig:
         _check(0 <= self.warmup < 1, "schedule.warmup", f"must be in [0, 1), got {self.warmup}")
         _check(self.warmup < self.descent_end <= 1, "schedule.descent_end",
                f"must be in (schedule.warmup, 1], got {self.descent_end}")
+        _check(self.descent_end_a is None or self.warmup < self.descent_end_a <= 1, "schedule.descent_end_a",
+               f"must be in (schedule.warmup, 1], got {self.descent_end_a}")
         _check(0 < self.final_lr_ratio <= 1, "schedule.final_lr_ratio", "must be in (0, 1]")
         _check(self.max_temperature >= 1, "schedule.max_temperature", f"must be >= 1, got {self.max_temperature}")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")

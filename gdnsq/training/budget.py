@@ -141,7 +141,7 @@ class Budget:
         return lo
 
     def penalties(self, model: nn.Module, eps: float, p: float, level_fraction: float = 0.0,
-                  init_bits: float | None = None) -> BudgetTerms:
+                  init_bits: float | None = None, level_fraction_a: float | None = None) -> BudgetTerms:
         c = self.cfg
         bw, ba = self._bits(model)
         a = aggregate(c.kind, bw, ba, self.n, self.macs, self.fixed)
@@ -154,7 +154,8 @@ class Budget:
         if c.allocate == "probe":  # the probe made the widths per-layer targets: their own penalties descend
             return BudgetTerms(torch.zeros_like(p_w), p_a, -math.inf, float(a.detach()))
         if c.value_a is not None and bool((self.elems > 0).any()):
-            level_a = c.value_a + max((init_bits or c.value_a) - c.value_a, 0.0) * level_fraction
+            frac_a = level_fraction if level_fraction_a is None else level_fraction_a
+            level_a = c.value_a + max((init_bits or c.value_a) - c.value_a, 0.0) * frac_a
             xa = self.act_mean(ba) - level_a
             p_a = torch.clamp(xa, min=0).pow(p)
             lag = max(lag, float(xa.detach()))

@@ -67,9 +67,12 @@ def _level(target: Tensor, level_fraction: float, init_bits: float | None) -> Te
 
 
 def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: float = 0.0,
-                  init_bits: float | None = None, count: str = "layers") -> BitTerms:
+                  init_bits: float | None = None, count: str = "layers",
+                  level_fraction_a: float | None = None) -> BitTerms:
     """P_w, P_a, the number of active (violated) constraints (``count``: per layer, or per weight channel)
-    and the largest lag behind the levels, over every learnable-bit quantizer."""
+    and the largest lag behind the levels, over every learnable-bit quantizer. ``level_fraction_a``: the
+    activations' own (schedule.descent_end_a), else ``level_fraction``."""
+    frac_a = level_fraction if level_fraction_a is None else level_fraction_a
     pw, pa = [], []
     active_w = active_a = 0
     lag = -math.inf
@@ -84,7 +87,7 @@ def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: flo
                 active_w += int(term.detach() > 0)
             lag = max(lag, float((bits.detach().max() - level)))
         if layer.act_quant is not None and layer.act_quant.learnable_bits:
-            bits, level = layer.act_bits(), _level(layer.target_a, level_fraction, init_bits)
+            bits, level = layer.act_bits(), _level(layer.target_a, frac_a, init_bits)
             term = exterior_penalty(bits, level, eps, p)
             pa.append(term)
             active_a += int(term.detach() > 0)
@@ -135,15 +138,17 @@ class GDNSQObjective:
         return self.loss_mean
 
     def __call__(self, model: nn.Module, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
-                 temperature: float, level_fraction: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                 temperature: float, level_fraction: float | tuple[float, float] = 0.0) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
         d = task_loss(c.distill, student_logits, teacher_logits, targets)
         d_val = float(d.detach())
         self._update_loss_mean(d_val)
-        terms = bit_penalties(model, c.eps, c.p, level_fraction=level_fraction, init_bits=self.init_bits,
-                              count=c.count_active)
+        # (weights', activations') level fractions; one number is both
+        frac_w, frac_a = level_fraction if isinstance(level_fraction, tuple) else (level_fraction, level_fraction)
+        terms = bit_penalties(model, c.eps, c.p, level_fraction=frac_w, init_bits=self.init_bits,
+                              count=c.count_active, level_fraction_a=frac_a)
         if self.budget is not None:
-            terms = add_budget(terms, self.budget.penalties(model, c.eps, c.p, level_fraction, self.init_bits))
+            terms = add_budget(terms, self.budget.penalties(model, c.eps, c.p, frac_w, self.init_bits, frac_a))
         self.last_terms = terms
         total_active = terms.active_w + terms.active_a
         w_w = (terms.active_w + c.eps) / (total_active + c.eps)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gdnsq.config import ObjectiveConfig, ScheduleConfig
+from gdnsq.errors import ConfigError
 from gdnsq.training.objective import (
     GDNSQObjective,
     exterior_penalty,
@@ -146,8 +147,11 @@ def test_planned_descent_is_derived_from_the_planned_steps():
         plan = plan_descent(cfg, n, init_bits=8.0, min_target=2.0)
         window = plan.end_step - plan.warmup_steps
         assert plan.warmup_steps == round(0.1 * n) and plan.end_step == round(0.5 * n)
+        # the inputs lead (end at 0.6 x descent_end) only in the long run, where the window affords it
+        assert plan.end_step_a == (None if n == 90 else round(0.3 * n))
+        fastest = (plan.end_step_a or plan.end_step) - plan.warmup_steps
         # the ease-out level starts at 2·ΔB/window bits per step; the quantizer LR is 1.5x that, capped at 0.05
-        assert plan.quant_lr == pytest.approx(min(0.05, 1.5 * 2 * (plan.init_bits - 2.0) / window))
+        assert plan.quant_lr == pytest.approx(min(0.05, 1.5 * 2 * (plan.init_bits - 2.0) / fastest))
         assert plan.anneal ** (n - plan.end_step) == pytest.approx(0.01)
         assert plan.level_fraction(0) == 1.0 and plan.level_fraction(plan.warmup_steps) == 1.0
         # at end_step the level sits halfway into the band whose true bits meet the target
@@ -159,6 +163,31 @@ def test_planned_descent_is_derived_from_the_planned_steps():
     assert short.quant_lr == pytest.approx(0.05) and 2.0 < short.init_bits < 8.0  # ... the short one nearer T
     # independent of the optimizer's LR: nothing of optim enters the plan
     assert plan_descent(cfg, 400, 8.0, 1.0) == plan_descent(cfg, 400, 8.0, 1.0)
+
+
+def test_activations_descend_first_when_their_window_ends_earlier():
+    cfg = ScheduleConfig(descent_end=0.5, descent_end_a=0.3, warmup=0.1)
+    plan = plan_descent(cfg, 1000, init_bits=8.0, min_target=1.0)
+    assert (plan.warmup_steps, plan.end_step_a, plan.end_step) == (100, 300, 500)
+    # the quantizer LR is sized for the faster descent (the activations' 200 steps, not the weights' 400)
+    assert plan.quant_lr == pytest.approx(min(0.05, 1.5 * 2 * (plan.init_bits - 1.0) / 200))
+    # the activations' level is at step 300 where the weights' is at step 500, and the same shape before
+    assert plan.level_fraction_a(300) == pytest.approx(plan.level_fraction(500))
+    assert plan.level_fraction_a(200) == pytest.approx(plan.level_fraction(300))
+    assert plan.level_fraction_a(300) < 0.1 < plan.level_fraction(300)  # inputs in the band, weights still 37 % up
+    st = ScheduleState(step=300)
+    assert st.level_fraction(plan) == (plan.level_fraction(300), plan.level_fraction_a(300))
+    # unset: 0.6 x descent_end where the faster window can descend the whole span at the capped quantizer LR
+    # (a 200-step window affords 0.05·200/3 = 3.3 bits, not 7: both share one window; 1,000 steps afford 16.7)
+    unset = ScheduleConfig(descent_end=0.5, warmup=0.1)
+    assert plan_descent(unset, 5000, 8.0, 1.0).end_step_a == 1500
+    same = plan_descent(unset, 1000, 8.0, 1.0)
+    together = ScheduleConfig(descent_end=0.5, descent_end_a=0.5, warmup=0.1)  # how a user asks for it
+    assert same.end_step_a is None and same.init_bits == plan_descent(together, 1000, 8.0, 1.0).init_bits
+    assert all(same.level_fraction_a(s) == same.level_fraction(s) for s in (0, 150, 300, 499, 700))
+    assert plan_descent(together, 5000, 8.0, 1.0).end_step_a == 2500
+    with pytest.raises(ConfigError, match="schedule.descent_end_a"):
+        ScheduleConfig(warmup=0.1, descent_end_a=0.1)
 
 
 def test_planned_temperature_rises_while_lagging_and_falls_slowly_otherwise():
@@ -183,6 +212,16 @@ def test_objective_level_moves_from_init_bits_to_the_target():
     assert obj.last_terms.lag == pytest.approx(3.0, abs=1e-3)
     _, end = obj(m, s, te, y, temperature=1.0, level_fraction=0.0)
     assert end["train/penalty_a"] == pytest.approx(6.001, abs=1e-4)
+
+
+def test_objective_levels_of_weights_and_activations_follow_their_own_fractions():
+    m = _tiny_quantized(target=2, bits=8.0)
+    obj = GDNSQObjective(ObjectiveConfig(), init_bits=8.0)
+    s, te, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    _, parts = obj(m, s, te, y, temperature=1.0, level_fraction=(1.0, 0.0))  # weights at init, inputs at target
+    assert parts["train/penalty_w"] == pytest.approx(1e-3, abs=1e-4)
+    assert parts["train/penalty_a"] == pytest.approx(6.001, abs=1e-4)
+    assert obj.last_terms.lag == pytest.approx(6.0, abs=1e-3)
 
 
 def test_objective_cumulative_loss_scale_and_channel_counts():
