@@ -227,10 +227,9 @@ class ScheduleConfig:
     descent_end: float = 0.5
     """planned: fraction of the planned steps by which every layer should reach its bit target."""
     descent_end_a: float | None = None
-    """planned: fraction of the planned steps by which the activations reach their targets. None: 0.6 x
-    descent_end where the budget affords the faster descent at the capped quantizer LR (long runs), else
-    descent_end. Inputs first: the network adapts to low-bit inputs while its weights still have bits (the
-    order of two-step binary-network training); set it to descent_end to descend both together."""
+    """planned: fraction of the planned steps by which the activations reach their targets (None = descent_end).
+    Earlier, the inputs go first while the weights still have bits (the order of two-step binary-network
+    training); measured both ways at W1A1, so not a default (docs/results.md, sixth pass)."""
     warmup: float = 0.05
     """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
     final_lr_ratio: float = 0.05

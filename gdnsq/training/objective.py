@@ -138,7 +138,8 @@ class GDNSQObjective:
         return self.loss_mean
 
     def __call__(self, model: nn.Module, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
-                 temperature: float, level_fraction: float | tuple[float, float] = 0.0) -> tuple[Tensor, dict[str, float]]:
+                 temperature: float,
+                 level_fraction: float | tuple[float, float] = 0.0) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
         d = task_loss(c.distill, student_logits, teacher_logits, targets)
         d_val = float(d.detach())
