@@ -30,10 +30,12 @@ pytestmark = [
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-# Optimizer steps per epoch: long enough (a few seconds here) that the node, lost once epoch 1's checkpoint is
-# registered, dies mid-epoch and not after the run's last epoch (6 steps took 1.2 s on an idle machine, and the
-# kill landed in the final evaluation).
+# Optimizer steps per epoch: long enough that the node, lost once epoch 1's checkpoint is registered, dies
+# mid-epoch 2. The controller registers a checkpoint at its next poll, so the kill comes 1-2 s into epoch 2: with the
+# small CNN an epoch of 24 steps took ~1.4 s on an idle machine and the kill landed after epoch 2's reports (three
+# failures in four runs), hence a heavier student (MODEL) for the same steps.
 STEPS = 24
+MODEL = "resnet10t"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 
 
@@ -103,11 +105,12 @@ def test_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp_path)
     with LocalCluster(nodes=2, cpus_per_node=1, node_env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}) as cluster:
         cluster.connect()
         storage = tmp_path / "runs"
-        # FP weights from a file (an untrained SmallCNN, the bundled digits' shape): no teacher training
+        # FP weights from a file (an untrained model, the bundled digits' shape): no teacher training
         teacher = tmp_path / "teacher.pt"
-        torch.save(create_model(load_config(None, {}).model, num_classes=10, in_chans=1).state_dict(), teacher)
+        model_cfg = load_config(None, {"model.name": MODEL}).model
+        torch.save(create_model(model_cfg, num_classes=10, in_chans=1).state_dict(), teacher)
         cfg = load_config(None, {
-            "name": "node-loss", "model.checkpoint": str(teacher), "ray.address": cluster.address,
+            "name": "node-loss", "model.name": MODEL, "model.checkpoint": str(teacher), "ray.address": cluster.address,
             "ray.storage_path": str(storage), "ray.num_workers": 2, "ray.cpus_per_worker": 1,
             "ray.max_failures": 1, "ray.checkpoints_to_keep": 10, "train.epochs": epochs,
             "train.max_steps_per_epoch": STEPS, "data.batch_size": 64, "quant.calib_batches": 2,
