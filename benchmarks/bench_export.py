@@ -6,6 +6,7 @@
 Prints one JSON line per artefact: bytes (FP32 vs file), compression, BOPs, max |logit diff| against the
 fake-quant eval (packed reload: float32 / float16 FP tensors; onnxruntime), seconds to export and load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,20 +52,40 @@ def main() -> None:
             t2 = time.perf_counter()
             with torch.no_grad():
                 diff = float((rebuilt(x) - ref).abs().max())
-            print(json.dumps({"artefact": f"packed-{fp}", "model": args.model, "bytes_fp32": r["bytes_fp32"],
-                              "bytes_file": r["bytes_file"], "compression": r["compression"], "bops": r["bops"],
-                              "bops_fp32": r["bops_fp32"], "max_abs_diff": diff,
-                              "export_s": round(t1 - t0, 2), "load_s": round(t2 - t1, 2)}))
+            print(
+                json.dumps(
+                    {
+                        "artefact": f"packed-{fp}",
+                        "model": args.model,
+                        "bytes_fp32": r["bytes_fp32"],
+                        "bytes_file": r["bytes_file"],
+                        "compression": r["compression"],
+                        "bops": r["bops"],
+                        "bops_fp32": r["bops_fp32"],
+                        "max_abs_diff": diff,
+                        "export_s": round(t1 - t0, 2),
+                        "load_s": round(t2 - t1, 2),
+                    }
+                )
+            )
         if not args.no_onnx:
             path = Path(tmp) / "model.onnx"
             t0 = time.perf_counter()
             r = export_onnx(model, path, x, verify=False)
             t1 = time.perf_counter()
             out = torch.from_numpy(run_onnx(path, x))
-            print(json.dumps({"artefact": "onnx", "model": args.model, "bytes_file": r["bytes_file"],
-                              "max_abs_diff": float((out - ref).abs().max()),
-                              "top1_agree": bool((out.argmax(1) == ref.argmax(1)).all()),
-                              "export_s": round(t1 - t0, 2)}))
+            print(
+                json.dumps(
+                    {
+                        "artefact": "onnx",
+                        "model": args.model,
+                        "bytes_file": r["bytes_file"],
+                        "max_abs_diff": float((out - ref).abs().max()),
+                        "top1_agree": bool((out.argmax(1) == ref.argmax(1)).all()),
+                        "export_s": round(t1 - t0, 2),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ first pass of each loader is a warm-up (FFCV JIT-compiles its pipeline; DataLoad
 
     python benchmarks/bench_loaders.py [--images 320] [--workers N] [--batch-size 64] [--epochs 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,19 +62,34 @@ def main(argv=None) -> float:
         make_jpeg_imagefolder(root / "jpeg", classes=classes, per_class=args.images // classes, val_per_class=1)
         print(f"generated {args.images} JPEGs of 500x375 in {time.perf_counter() - t:.1f}s")
         t = time.perf_counter()
-        write_beton(root / "jpeg" / "train", root / "beton" / "train.beton", num_workers=args.workers,
-                    progress=False)
+        write_beton(root / "jpeg" / "train", root / "beton" / "train.beton", num_workers=args.workers, progress=False)
         write_beton(root / "jpeg" / "val", root / "beton" / "val.beton", num_workers=args.workers, progress=False)
         print(f"wrote .beton files in {time.perf_counter() - t:.1f}s")
 
         common = dict(img_size=224, val_resize=256, batch_size=args.batch_size, num_workers=args.workers)
         cpu = torch.device("cpu")
         tv_train, _, _ = create_imagefolder_loaders(
-            DataConfig(kind="imagefolder", train_path=str(root / "jpeg" / "train"),
-                       val_path=str(root / "jpeg" / "val"), **common), distributed=False, device=cpu, seed=0)
+            DataConfig(
+                kind="imagefolder",
+                train_path=str(root / "jpeg" / "train"),
+                val_path=str(root / "jpeg" / "val"),
+                **common,
+            ),
+            distributed=False,
+            device=cpu,
+            seed=0,
+        )
         ffcv_train, _, _ = create_ffcv_loaders(
-            DataConfig(kind="ffcv", train_path=str(root / "beton" / "train.beton"),
-                       val_path=str(root / "beton" / "val.beton"), **common), distributed=False, device=cpu, seed=0)
+            DataConfig(
+                kind="ffcv",
+                train_path=str(root / "beton" / "train.beton"),
+                val_path=str(root / "beton" / "val.beton"),
+                **common,
+            ),
+            distributed=False,
+            device=cpu,
+            seed=0,
+        )
 
         load_before = os.getloadavg()[0]
         tv, tv_cpu = throughput(tv_train, args.epochs)
@@ -81,8 +97,10 @@ def main(argv=None) -> float:
 
     # Wall-clock throughput is what training sees; images per CPU second is the cost, and it is
     # less sensitive to other processes competing for the same cores (see the load average).
-    print(f"train loaders, 224px RandomResizedCrop+flip, batch {args.batch_size}, {args.workers} workers, "
-          f"{available_cpus()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}:")
+    print(
+        f"train loaders, 224px RandomResizedCrop+flip, batch {args.batch_size}, {args.workers} workers, "
+        f"{available_cpus()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}:"
+    )
     print(f"  {'':36s} {'images/s':>10s} {'images/CPU-s':>13s}")
     print(f"  {'torchvision ImageFolder+DataLoader':36s} {tv:10.1f} {tv_cpu:13.1f}")
     print(f"  {'FFCV Loader (.beton)':36s} {ffcv:10.1f} {ffcv_cpu:13.1f}")

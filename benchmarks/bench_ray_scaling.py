@@ -12,6 +12,7 @@ cores would give, minus time spent waiting on each other.
 
     .venv/bin/python benchmarks/bench_ray_scaling.py [--epochs 4] [--steps 25] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,19 +32,32 @@ def throughput(workers: int, args, storage: Path, teacher: Path) -> tuple[float,
     from gdnsq.launch.ray_train import fit
 
     name = f"scaling-{workers}w-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(args.config, {
-        "name": name, "ray.address": "local", "ray.storage_path": str(storage), "ray.num_workers": workers,
-        "ray.cpus_per_worker": 1, "ray.checkpoints_to_keep": max(2, args.epochs), "model.checkpoint": str(teacher),
-        "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps, "data.batch_size": args.batch,
-        "tracking.enabled": False})
+    cfg = load_config(
+        args.config,
+        {
+            "name": name,
+            "ray.address": "local",
+            "ray.storage_path": str(storage),
+            "ray.num_workers": workers,
+            "ray.cpus_per_worker": 1,
+            "ray.checkpoints_to_keep": max(2, args.epochs),
+            "model.checkpoint": str(teacher),
+            "train.epochs": args.epochs,
+            "train.max_steps_per_epoch": args.steps,
+            "data.batch_size": args.batch,
+            "tracking.enabled": False,
+        },
+    )
     t0 = time.perf_counter()
     fit(cfg)
     wall = time.perf_counter() - t0
     reports = sorted((m for _, m in Result.from_path(storage / name).best_checkpoints), key=lambda m: m["epoch"])
     per_epoch = [m["train/samples_per_s"] * workers for m in reports]
     per_cpu = [m["train/steps"] * args.batch * workers / m["sys/cpu_s"] for m in reports]
-    print(f"  {workers} worker(s): samples/s per epoch {[round(x) for x in per_epoch]}, "
-          f"per CPU-s {[round(x) for x in per_cpu]}  (run wall {wall:.0f} s)")
+    print(
+        f"  {workers} worker(s): samples/s per epoch {[round(x) for x in per_epoch]}, "
+        f"per CPU-s {[round(x) for x in per_cpu]}  (run wall {wall:.0f} s)"
+    )
     return statistics.median(per_epoch[1:] or per_epoch), statistics.median(per_cpu[1:] or per_cpu)
 
 
@@ -73,8 +87,10 @@ def main(argv=None) -> int:
     ray.shutdown()
     print(f"1 worker : {one[0]:8.1f} samples/s   {one[1]:7.1f} samples per CPU-s")
     print(f"2 workers: {two[0]:8.1f} samples/s   {two[1]:7.1f} samples per CPU-s")
-    print(f"speed-up : {two[0] / one[0]:8.2f}x wall (goal >= 1.6x)   "
-          f"CPU efficiency {two[1] / one[1]:.2f} (2 idle cores: up to {2 * two[1] / one[1]:.2f}x)")
+    print(
+        f"speed-up : {two[0] / one[0]:8.2f}x wall (goal >= 1.6x)   "
+        f"CPU efficiency {two[1] / one[1]:.2f} (2 idle cores: up to {2 * two[1] / one[1]:.2f}x)"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ processes on the machine hits all three alike.
 
     python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,19 @@ class AOFakeQuantLayer(nn.Module):
     def __init__(self, layer: nn.Module, bits: int = 2):
         super().__init__()
         self.layer = layer
-        self.fq_w = _LearnableFakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-(2 ** (bits - 1)),
-                                           quant_max=2 ** (bits - 1) - 1, dtype=torch.qint8, ch_axis=0,
-                                           qscheme=torch.per_channel_symmetric, channel_len=layer.weight.shape[0],
-                                           use_grad_scaling=True)
-        self.fq_a = _LearnableFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0,
-                                           quant_max=2 ** bits - 1, use_grad_scaling=True)
+        self.fq_w = _LearnableFakeQuantize(
+            observer=MovingAveragePerChannelMinMaxObserver,
+            quant_min=-(2 ** (bits - 1)),
+            quant_max=2 ** (bits - 1) - 1,
+            dtype=torch.qint8,
+            ch_axis=0,
+            qscheme=torch.per_channel_symmetric,
+            channel_len=layer.weight.shape[0],
+            use_grad_scaling=True,
+        )
+        self.fq_a = _LearnableFakeQuantize(
+            observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**bits - 1, use_grad_scaling=True
+        )
 
     def forward(self, x):
         w = self.fq_w(self.layer.weight)
@@ -112,8 +120,10 @@ def main():
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end")
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
-          f"{args.steps} steps (median)")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.steps} steps (median)"
+    )
     for k, v in med.items():
         print(f"  {k:<9} {v * 1000:8.1f} ms/step")
     print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.3x)")

@@ -23,6 +23,7 @@ reports mean ± sd per cell; ``--model`` swaps the student/teacher architecture 
 Writes ``teacher.pt``, ``results.csv``, ``results.json`` (rows + protocol + resolved recipe), ``results.md``
 and ``results.png`` in the output folder, after every run (an interrupted run keeps what it finished).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,26 @@ import torch
 METHODS = ("gdnsq", "lsq", "dorefa", "pact", "pege", "bnnpp", "codeq")
 TARGETS = ((4, 4), (3, 3), (2, 2), (1, 1))
 ONLY_AT = {"bnnpp": {(1, 1)}}  # methods defined for some targets only
-COLUMNS = ("method", "target", "seed", "status", "top1", "fp_top1", "converged", "ns_top1", "avg_bits_w", "avg_bits_a",
-           "entropy_bits_w", "sparsity_w", "full_levels", "descent_end", "val_top1", "best_epoch", "steps", "seconds")
+COLUMNS = (
+    "method",
+    "target",
+    "seed",
+    "status",
+    "top1",
+    "fp_top1",
+    "converged",
+    "ns_top1",
+    "avg_bits_w",
+    "avg_bits_a",
+    "entropy_bits_w",
+    "sparsity_w",
+    "full_levels",
+    "descent_end",
+    "val_top1",
+    "best_epoch",
+    "steps",
+    "seconds",
+)
 
 log = logging.getLogger("compare")
 
@@ -65,10 +84,17 @@ def job_config(recipe: dict, overrides: dict):
 
 
 def job_overrides(args, method: str, target: tuple[int, int], teacher: str | None, seed: int | None = None) -> dict:
-    o = {"name": f"compare-{method}-w{target[0]}a{target[1]}", "quant.method": method,
-         "quant.target_w": target[0], "quant.target_a": target[1], "train.epochs": args.epochs,
-         "train.seed": args.seed if seed is None else seed, "train.device": "cpu", "ray.enabled": False,
-         "tracking.enabled": False}
+    o = {
+        "name": f"compare-{method}-w{target[0]}a{target[1]}",
+        "quant.method": method,
+        "quant.target_w": target[0],
+        "quant.target_a": target[1],
+        "train.epochs": args.epochs,
+        "train.seed": args.seed if seed is None else seed,
+        "train.device": "cpu",
+        "ray.enabled": False,
+        "tracking.enabled": False,
+    }
     if args.model:
         o["model.name"] = args.model
     if teacher:
@@ -138,8 +164,10 @@ def full_levels(best_state: dict, cfg) -> bool:
     student = build_student(cfg, num_classes=10, in_chans=1)
     student.load_state_dict(best_state)
     for _, layer in iter_quantized(student):
-        for q, args_, t in ((layer.weight_quant, (layer.weight,), layer.target_w),
-                            (layer.act_quant, (), layer.target_a)):
+        for q, args_, t in (
+            (layer.weight_quant, (layer.weight,), layer.target_w),
+            (layer.act_quant, (), layer.target_a),
+        ):
             if q is not None and q.learnable_bits and q.levels(*args_).min() < 2 ** int(t):
                 return False
     return True
@@ -162,28 +190,53 @@ def run_one(args, recipe: dict, method: str, target: tuple[int, int], teacher: P
     best_state = holder["ckpt"]()["best"]["state"]
     entropy, sparsity = weight_code_stats(cfg, best_state)
     end = s.get("descent_end_step")
-    row.update(status="ok", top1=s["top1"], fp_top1=s["fp_top1"], converged=s["converged"], ns_top1=s["ns_top1"],
-               avg_bits_w=s["avg_bits_w"], avg_bits_a=s["avg_bits_a"], entropy_bits_w=round(entropy, 3),
-               sparsity_w=round(sparsity, 3), full_levels=full_levels(best_state, cfg),
-               descent_end=None if end is None else round(end / max(1, s["steps"]), 3),
-               val_top1=s["val_top1"], best_epoch=s["best_epoch"], steps=s["steps"], seconds=round(seconds, 1))
-    log.info("%-6s %s  top1 %6.2f  converged %-5s  bits W%.2f A%.2f  H_w %.2f  (%.0f s)", method, row["target"],
-             row["top1"], row["converged"], row["avg_bits_w"], row["avg_bits_a"], entropy, seconds)
+    row.update(
+        status="ok",
+        top1=s["top1"],
+        fp_top1=s["fp_top1"],
+        converged=s["converged"],
+        ns_top1=s["ns_top1"],
+        avg_bits_w=s["avg_bits_w"],
+        avg_bits_a=s["avg_bits_a"],
+        entropy_bits_w=round(entropy, 3),
+        sparsity_w=round(sparsity, 3),
+        full_levels=full_levels(best_state, cfg),
+        descent_end=None if end is None else round(end / max(1, s["steps"]), 3),
+        val_top1=s["val_top1"],
+        best_epoch=s["best_epoch"],
+        steps=s["steps"],
+        seconds=round(seconds, 1),
+    )
+    log.info(
+        "%-6s %s  top1 %6.2f  converged %-5s  bits W%.2f A%.2f  H_w %.2f  (%.0f s)",
+        method,
+        row["target"],
+        row["top1"],
+        row["converged"],
+        row["avg_bits_w"],
+        row["avg_bits_a"],
+        entropy,
+        seconds,
+    )
     return row
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| method | target | seed | test top-1 | converged | ns_top1 | true bits W / A | code entropy W | "
-            "zero weights | s |")
+    head = (
+        "| method | target | seed | test top-1 | converged | ns_top1 | true bits W / A | code entropy W | "
+        "zero weights | s |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['method']} | {r['target']} | {r['seed']} | – | – | – | – | – | – | {r['status']} |")
             continue
-        lines.append(f"| {r['method']} | {r['target']} | {r['seed']} | {r['top1']:.2f} | "
-                     f"{'yes' if r['converged'] else 'NO'} | {r['ns_top1']:.2f} | {r['avg_bits_w']:.2f} / "
-                     f"{r['avg_bits_a']:.2f} | {r['entropy_bits_w']:.2f} | {100 * r['sparsity_w']:.1f} % | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {r['target']} | {r['seed']} | {r['top1']:.2f} | "
+            f"{'yes' if r['converged'] else 'NO'} | {r['ns_top1']:.2f} | {r['avg_bits_w']:.2f} / "
+            f"{r['avg_bits_a']:.2f} | {r['entropy_bits_w']:.2f} | {100 * r['sparsity_w']:.1f} % | "
+            f"{r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,10 +252,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (method, target), rs in cells.items():
         top1 = [r["top1"] for r in rs]
         ns = [r["ns_top1"] for r in rs]
-        out.append({"method": method, "target": target, "n": len(rs), "seeds": [r["seed"] for r in rs],
-                    "top1_mean": statistics.fmean(top1), "top1_sd": statistics.stdev(top1) if len(rs) > 1 else 0.0,
-                    "ns_top1_mean": statistics.fmean(ns), "converged": sum(bool(r["converged"]) for r in rs),
-                    "full_levels": sum(bool(r.get("full_levels")) for r in rs)})
+        out.append(
+            {
+                "method": method,
+                "target": target,
+                "n": len(rs),
+                "seeds": [r["seed"] for r in rs],
+                "top1_mean": statistics.fmean(top1),
+                "top1_sd": statistics.stdev(top1) if len(rs) > 1 else 0.0,
+                "ns_top1_mean": statistics.fmean(ns),
+                "converged": sum(bool(r["converged"]) for r in rs),
+                "full_levels": sum(bool(r.get("full_levels")) for r in rs),
+            }
+        )
     return out
 
 
@@ -254,8 +316,7 @@ def plot(rows: list[dict], path: Path) -> None:
         a.set_title(title, fontsize=10)
         a.grid(axis="y", alpha=0.3)
     ax.set_ylim(0, 100)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(methods) + 1, fontsize=8,
-               frameon=False)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(methods) + 1, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -266,8 +327,9 @@ def write_results(rows: list[dict], out: Path, protocol: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows, "summary": summarize(rows)},
-                                                 indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"protocol": protocol, "rows": rows, "summary": summarize(rows)}, indent=2)
+    )
     (out / "results.md").write_text(summary_table(rows) + "\n\n" + markdown_table(rows) + "\n")
     plot(rows, out / "results.png")
 
@@ -276,10 +338,22 @@ def write_results(rows: list[dict], out: Path, protocol: dict) -> None:
 
 IMAGENET_BASE = {
     "model": {"name": "resnet18", "pretrained": True},
-    "data": {"kind": "ffcv", "train_path": "/data/imagenet/train_500_0.50_90.beton",
-             "val_path": "/data/imagenet/val_500_0.50_90.beton", "batch_size": 250, "num_workers": 8},
-    "quant": {"init_bits": 10, "per_channel": True, "keep_first_conv": True, "keep_classifier": True,
-              "keep_pointwise": True, "batchnorm": "keep", "calib_batches": 4},
+    "data": {
+        "kind": "ffcv",
+        "train_path": "/data/imagenet/train_500_0.50_90.beton",
+        "val_path": "/data/imagenet/val_500_0.50_90.beton",
+        "batch_size": 250,
+        "num_workers": 8,
+    },
+    "quant": {
+        "init_bits": 10,
+        "per_channel": True,
+        "keep_first_conv": True,
+        "keep_classifier": True,
+        "keep_pointwise": True,
+        "batchnorm": "keep",
+        "calib_batches": 4,
+    },
     "objective": {"distill": "jeffreys"},
     "schedule": {"mode": "absolute", "warmup_steps": 1000, "scale_t": 2.0, "anneal": 0.999},
     "optim": {"name": "radam", "lr": 3e-4},
@@ -310,9 +384,11 @@ def write_jobs(folder: Path) -> list[Path]:
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
-    header = ("# Generated by benchmarks/compare_methods.py --write-jobs jobs/compare; edit the generator, not this file.\n"
-              "# ImageNet ResNet-18 comparison: same FP model (timm pretrained), FFCV data, recipe and budget for every\n"
-              "# method; stem conv and classifier FP, per-channel weights. Run: gdnsq train <this file>\n")
+    header = (
+        "# Generated by benchmarks/compare_methods.py --write-jobs jobs/compare; edit the generator, not this file.\n"
+        "# ImageNet ResNet-18 comparison: same FP model (timm pretrained), FFCV data, recipe and budget for every\n"
+        "# method; stem conv and classifier FP, per-channel weights. Run: gdnsq train <this file>\n"
+    )
     paths = []
     for name, job in imagenet_jobs().items():
         path = folder / name
@@ -334,13 +410,22 @@ def parse_args(argv=None):
     p.add_argument("--targets", default="W4A4,W3A3,W2A2,W1A1", help="comma-separated subset of targets")
     p.add_argument("--seeds", type=int, default=1, help="runs per cell, seeds --seed .. --seed+N-1 (one teacher)")
     p.add_argument("--model", default=None, help="student/teacher model name for every run (default: the recipe's)")
-    p.add_argument("--teacher-epochs", type=int, default=None,
-                   help="fixed FP teacher epochs (default: the recipe's train.teacher_epochs rule)")
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="fixed FP teacher epochs (default: the recipe's train.teacher_epochs rule)",
+    )
     p.add_argument("--retrain-teacher", action="store_true", help="train a new teacher even if out/teacher.pt exists")
     p.add_argument("--anneal", type=float, default=None, help="override schedule.anneal for every run")
     p.add_argument("--recipe", default=None, help="job YAML shared by every run (default: the packaged quick start)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides of the recipe for every run, e.g. schedule.scale_t=50")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides of the recipe for every run, e.g. schedule.scale_t=50",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--write-jobs", default=None, metavar="DIR", help="only write the ImageNet job files to DIR")
@@ -378,12 +463,20 @@ def main(argv=None) -> int:
     recipe = load_recipe(args)
     teacher = train_teacher(args, recipe, out)
     shared = to_dict(job_config(recipe, job_overrides(args, "gdnsq", (2, 2), str(teacher))))
-    protocol = {"data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)", "model": shared["model"]["name"],
-                "seeds": list(range(args.seed, args.seed + args.seeds)),
-                "teacher": str(teacher), "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
-                "max_steps_per_epoch": args.max_steps, "recipe_file": str(args.recipe or quickstart_path()),
-                "overrides": args.set, "selection": "val ns_top1", "reported": "test top-1",
-                "recipe": {k: shared[k] for k in ("quant", "objective", "schedule", "optim", "train")}}
+    protocol = {
+        "data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)",
+        "model": shared["model"]["name"],
+        "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "teacher": str(teacher),
+        "teacher_epochs": args.teacher_epochs,
+        "epochs": args.epochs,
+        "max_steps_per_epoch": args.max_steps,
+        "recipe_file": str(args.recipe or quickstart_path()),
+        "overrides": args.set,
+        "selection": "val ns_top1",
+        "reported": "test top-1",
+        "recipe": {k: shared[k] for k in ("quant", "objective", "schedule", "optim", "train")},
+    }
     rows = []
     for target in targets:
         for method in methods:

@@ -13,6 +13,7 @@ Without CUDA it says so, skips the GPU figures, and still runs every code path a
 
     python benchmarks/gpu_check.py [--out out/gpu_check.json] [--steps 10] [--images 2048]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def sync(device):
 
 
 def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def reset_peak(device):
@@ -152,11 +153,23 @@ def end_to_end(device, prec_name: str, batch: int, size: int, images: int, epoch
     make_jpeg_imagefolder(root / "jpeg", classes=classes, per_class=images // classes, val_per_class=1, size=jpeg_size)
     write_imagenet(root / "jpeg", root / "beton", progress=False)
     log(f"  generated and wrote {images} JPEGs ({jpeg_size[0]}x{jpeg_size[1]}) in {time.perf_counter() - t:.0f} s")
-    cfg = load_config(JOB, {
-        "data.train_path": str(root / "beton" / "train.beton"), "data.val_path": str(root / "beton" / "val.beton"),
-        "data.batch_size": batch, "data.img_size": size, "data.val_resize": max(size, int(size * 256 / 224)),
-        "data.num_workers": None, "model.pretrained": False, "tracking.enabled": False, "ray.enabled": False,
-        "train.precision": prec_name, "train.channels_last": True, "train.device": device.type})
+    cfg = load_config(
+        JOB,
+        {
+            "data.train_path": str(root / "beton" / "train.beton"),
+            "data.val_path": str(root / "beton" / "val.beton"),
+            "data.batch_size": batch,
+            "data.img_size": size,
+            "data.val_resize": max(size, int(size * 256 / 224)),
+            "data.num_workers": None,
+            "model.pretrained": False,
+            "tracking.enabled": False,
+            "ray.enabled": False,
+            "train.precision": prec_name,
+            "train.channels_last": True,
+            "train.device": device.type,
+        },
+    )
     prec = Precision.create(cfg.train, device)
     from gdnsq.data.loaders import create_loaders
 
@@ -201,18 +214,34 @@ def ray_ddp_step(use_gpu: bool, root: Path) -> dict:
 
     from gdnsq.launch.ray_train import fit
 
-    cfg = load_config(None, {"name": "gpu-check-ddp", "ray.storage_path": str(root / "runs"), "ray.use_gpu": use_gpu,
-                             "ray.num_workers": 1, "ray.cpus_per_worker": None, "tracking.enabled": False,
-                             "train.epochs": 1, "train.max_steps_per_epoch": 2, "train.teacher_epochs": 1,
-                             "data.batch_size": 256, "train.precision": "bf16", "train.channels_last": True})
+    cfg = load_config(
+        None,
+        {
+            "name": "gpu-check-ddp",
+            "ray.storage_path": str(root / "runs"),
+            "ray.use_gpu": use_gpu,
+            "ray.num_workers": 1,
+            "ray.cpus_per_worker": None,
+            "tracking.enabled": False,
+            "train.epochs": 1,
+            "train.max_steps_per_epoch": 2,
+            "train.teacher_epochs": 1,
+            "data.batch_size": 256,
+            "train.precision": "bf16",
+            "train.channels_last": True,
+        },
+    )
     t0 = time.perf_counter()
     ray.init(address="local", logging_level="ERROR")  # the dashboard serves the state API Train V2 polls
     try:
         summary = fit(cfg)
     finally:
         ray.shutdown()
-    return {"ray/backend": "nccl" if use_gpu else "gloo", "ray/steps": summary["steps"],
-            "ray/wall_s": time.perf_counter() - t0}
+    return {
+        "ray/backend": "nccl" if use_gpu else "gloo",
+        "ray/steps": summary["steps"],
+        "ray/wall_s": time.perf_counter() - t0,
+    }
 
 
 def projection(images_per_s_per_gpu: float) -> dict:
@@ -220,8 +249,13 @@ def projection(images_per_s_per_gpu: float) -> dict:
     cfg = load_config(JOB, {"model.pretrained": False})
     gpus = cfg.ray.num_workers
     wall_h = cfg.train.epochs * IMAGENET_TRAIN_IMAGES / (gpus * images_per_s_per_gpu) / 3600
-    return {"job": JOB.name, "job/epochs_cap": cfg.train.epochs, "job/gpus": gpus,
-            "projected/wall_h": wall_h, "projected/gpu_hours": wall_h * gpus}
+    return {
+        "job": JOB.name,
+        "job/epochs_cap": cfg.train.epochs,
+        "job/gpus": gpus,
+        "projected/wall_h": wall_h,
+        "projected/gpu_hours": wall_h * gpus,
+    }
 
 
 def main(argv=None) -> dict:
@@ -241,8 +275,10 @@ def main(argv=None) -> dict:
         res.update(device=torch.cuda.get_device_name(), batch=256, size=224, precision="bf16")
         batch, size, steps, images, epochs = 256, 224, args.steps, args.images, args.epochs
     else:
-        log("gpu_check: CUDA is not available: skipping the GPU figures; running every part at a tiny size "
-            "on the CPU (bf16 autocast, gloo) to exercise the code paths")
+        log(
+            "gpu_check: CUDA is not available: skipping the GPU figures; running every part at a tiny size "
+            "on the CPU (bf16 autocast, gloo) to exercise the code paths"
+        )
         res.update(device="cpu (dry run)", batch=8, size=32, precision="bf16")
         batch, size, steps, images, epochs = 8, 32, 2, 32, 1
     prec = Precision.create(load_config(None, {"train.precision": "bf16", "train.channels_last": True}).train, device)
@@ -250,16 +286,21 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     log(f"1. step time, ResNet-18 {size}x{size}, batch {batch}, bf16 + channels_last")
     res.update(step_times(device, prec, batch, size, steps))
-    log(f"   FP {res['step_ms/fp']:.1f} ms  GDNSQ {res['step_ms/gdnsq']:.1f} ms ({res['ratio/gdnsq_over_fp']:.2f}x)  "
-        f"torch.ao {res['step_ms/torch.ao']:.1f} ms ({res['ratio/torch.ao_over_fp']:.2f}x)  [{time.perf_counter() - t:.0f} s]")
+    log(
+        f"   FP {res['step_ms/fp']:.1f} ms  GDNSQ {res['step_ms/gdnsq']:.1f} ms ({res['ratio/gdnsq_over_fp']:.2f}x)  "
+        f"torch.ao {res['step_ms/torch.ao']:.1f} ms ({res['ratio/torch.ao_over_fp']:.2f}x)  "
+        f"[{time.perf_counter() - t:.0f} s]"
+    )
     torch.cuda.empty_cache() if cuda else None
 
     t = time.perf_counter()
     log("2. end to end: FFCV (GPU pipeline) -> teacher + GDNSQ student, and FP training through the same loader")
     with tempfile.TemporaryDirectory() as tmp:
         res.update(end_to_end(device, "bf16", batch, size, images, epochs, Path(tmp)))
-    log(f"   QAT {res['images_per_s/qat_train']:.0f} images/s, FP {res['images_per_s/fp_train']:.0f} images/s "
-        f"({res['ratio/qat_over_fp_images_per_s']:.2f} of FP; goal >= 0.5)  [{time.perf_counter() - t:.0f} s]")
+    log(
+        f"   QAT {res['images_per_s/qat_train']:.0f} images/s, FP {res['images_per_s/fp_train']:.0f} images/s "
+        f"({res['ratio/qat_over_fp_images_per_s']:.2f} of FP; goal >= 0.5)  [{time.perf_counter() - t:.0f} s]"
+    )
 
     if not args.skip_ray:
         t = time.perf_counter()
@@ -270,8 +311,10 @@ def main(argv=None) -> dict:
 
     res.update(projection(res["images_per_s/qat_train"]))
     what = "" if cuda else "  (CPU dry run: not a GPU figure)"
-    log(f"4. {res['job']} on {res['job/gpus']} GPUs, {res['job/epochs_cap']} epochs (its cap): "
-        f"{res['projected/wall_h']:.1f} h wall, {res['projected/gpu_hours']:.0f} GPU-hours{what}")
+    log(
+        f"4. {res['job']} on {res['job/gpus']} GPUs, {res['job/epochs_cap']} epochs (its cap): "
+        f"{res['projected/wall_h']:.1f} h wall, {res['projected/gpu_hours']:.0f} GPU-hours{what}"
+    )
     for k in ("peak_gib/fp", "peak_gib/gdnsq", "peak_gib/torch.ao", "peak_gib/qat_train"):
         if res.get(k) is not None:
             log(f"   {k}: {res[k]:.1f} GiB")

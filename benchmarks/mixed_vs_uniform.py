@@ -27,6 +27,7 @@ count), reported on the test split with the packed bytes of its selected state. 
 
 Last printed line: ``mixed minus best uniform at W2 bytes: +X.XX points (N seeds)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_methods as cm  # noqa: E402  (the shared recipe and the one teacher)
 
 log = logging.getLogger("mixed")
-COLUMNS = ("arm", "bits", "fraction", "seed", "budget_bytes", "bytes", "top1", "fp_top1", "converged", "ns_top1",
-           "layer_bits", "steps", "seconds")
+COLUMNS = (
+    "arm",
+    "bits",
+    "fraction",
+    "seed",
+    "budget_bytes",
+    "bytes",
+    "top1",
+    "fp_top1",
+    "converged",
+    "ns_top1",
+    "layer_bits",
+    "steps",
+    "seconds",
+)
 
 
 def student_bytes(cfg, state: dict | None, bits: int | None = None) -> int:
@@ -72,18 +86,37 @@ def edge_names(recipe: dict, args) -> list[str]:
 
 
 def overrides(args, arm: str, k: int, teacher: Path, seed: int, budget: int, edges: list[str] = ()) -> dict:
-    o = {"name": f"mixed-{arm}-w{k}", "quant.method": "lsq" if arm == "lsq" else "gdnsq",
-         "quant.target_w": k, "quant.target_a": k, "train.epochs": args.epochs, "train.seed": seed,
-         "train.device": "cpu", "ray.enabled": False, "tracking.enabled": False, "model.checkpoint": str(teacher)}
+    o = {
+        "name": f"mixed-{arm}-w{k}",
+        "quant.method": "lsq" if arm == "lsq" else "gdnsq",
+        "quant.target_w": k,
+        "quant.target_a": k,
+        "train.epochs": args.epochs,
+        "train.seed": seed,
+        "train.device": "cpu",
+        "ray.enabled": False,
+        "tracking.enabled": False,
+        "model.checkpoint": str(teacher),
+    }
     if arm == "mixed":
-        o.update({"quant.budget.kind": "bytes", "quant.budget.value": float(budget),
-                  "quant.budget.max_bits": args.max_bits, "quant.budget.quantize_edges": args.edges == "budget"})
+        o.update(
+            {
+                "quant.budget.kind": "bytes",
+                "quant.budget.value": float(budget),
+                "quant.budget.max_bits": args.max_bits,
+                "quant.budget.quantize_edges": args.edges == "budget",
+            }
+        )
         if args.act_budget:  # the inputs share k bits per element (the uniform arms' activation memory)
             o["quant.budget.value_a"] = float(k)
     elif arm == "gdnsq_e8":  # edges quantized at 8 bits by rule, inputs FP (``edges``: see edge_names)
-        o.update({"quant.keep_first_conv": False, "quant.keep_classifier": False,
-                  "quant.rules": [{"pattern": f"^{re.escape(e)}$", "target_w": 8, "quantize_act": False}
-                                  for e in edges]})
+        o.update(
+            {
+                "quant.keep_first_conv": False,
+                "quant.keep_classifier": False,
+                "quant.rules": [{"pattern": f"^{re.escape(e)}$", "target_w": 8, "quantize_act": False} for e in edges],
+            }
+        )
     if args.model:
         o["model.name"] = args.model
     if args.max_steps:
@@ -95,8 +128,19 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of an earlier run's results.csv (``--resume``), typed as run_one writes them."""
     if not path.is_file():
         return []
-    kinds = {"bits": int, "seed": int, "budget_bytes": int, "bytes": int, "steps": int, "fraction": float,
-             "top1": float, "fp_top1": float, "ns_top1": float, "seconds": float, "converged": lambda v: v == "True"}
+    kinds = {
+        "bits": int,
+        "seed": int,
+        "budget_bytes": int,
+        "bytes": int,
+        "steps": int,
+        "fraction": float,
+        "top1": float,
+        "fp_top1": float,
+        "ns_top1": float,
+        "seconds": float,
+        "converged": lambda v: v == "True",
+    }
     with open(path, newline="") as f:
         return [{k: kinds.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
@@ -110,13 +154,33 @@ def run_one(args, recipe, arm, k, teacher, seed, budget, fraction=1.0) -> dict:
     t0 = time.perf_counter()
     s = run_job(cfg, on_epoch=lambda metrics, table, ckpt: holder.update(ckpt=ckpt))
     state = holder["ckpt"]()["best"]["state"]
-    row = {"arm": arm, "bits": k, "fraction": fraction, "seed": seed, "budget_bytes": budget,
-           "bytes": student_bytes(cfg, state), "top1": s["top1"], "fp_top1": s["fp_top1"], "converged": s["converged"],
-           "ns_top1": s["ns_top1"],
-           "layer_bits": " ".join(f"{r['true_bits_w']}/{r['true_bits_a']}" for r in s["layers"]),
-           "steps": s["steps"], "seconds": round(time.perf_counter() - t0, 1)}
-    log.info("%-5s W%d seed %d: top1 %.2f ns_top1 %.2f  %d B (budget %d)  W/A per layer %s  (%.0f s)", arm, k, seed,
-             row["top1"], row["ns_top1"], row["bytes"], budget, row["layer_bits"], row["seconds"])
+    row = {
+        "arm": arm,
+        "bits": k,
+        "fraction": fraction,
+        "seed": seed,
+        "budget_bytes": budget,
+        "bytes": student_bytes(cfg, state),
+        "top1": s["top1"],
+        "fp_top1": s["fp_top1"],
+        "converged": s["converged"],
+        "ns_top1": s["ns_top1"],
+        "layer_bits": " ".join(f"{r['true_bits_w']}/{r['true_bits_a']}" for r in s["layers"]),
+        "steps": s["steps"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    log.info(
+        "%-5s W%d seed %d: top1 %.2f ns_top1 %.2f  %d B (budget %d)  W/A per layer %s  (%.0f s)",
+        arm,
+        k,
+        seed,
+        row["top1"],
+        row["ns_top1"],
+        row["bytes"],
+        budget,
+        row["layer_bits"],
+        row["seconds"],
+    )
     return row
 
 
@@ -128,14 +192,21 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="3 epochs of 30 steps (a 2-core smoke)")
     p.add_argument("--bits", default="1,2,3", help="uniform widths whose bytes are the budgets")
     p.add_argument("--arms", default="mixed,gdnsq,lsq", help="subset of mixed, gdnsq, lsq, gdnsq_e8")
-    p.add_argument("--edges", choices=("budget", "fp"), default="budget",
-                   help="mixed: stem and classifier weights under the budget (default) or kept FP")
+    p.add_argument(
+        "--edges",
+        choices=("budget", "fp"),
+        default="budget",
+        help="mixed: stem and classifier weights under the budget (default) or kept FP",
+    )
     p.add_argument("--fractions", default="", help="also mixed at these fractions of uniform W2's bytes")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-bits", type=int, default=8, help="mixed: a layer's upper bound")
-    p.add_argument("--act-budget", action="store_true",
-                   help="mixed: allocate the inputs' widths too, at k bits per input element (else every input at k)")
+    p.add_argument(
+        "--act-budget",
+        action="store_true",
+        help="mixed: allocate the inputs' widths too, at k bits per input element (else every input at k)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--retrain-teacher", action="store_true")
@@ -187,18 +258,24 @@ def main(argv=None) -> int:
         means[(k, arm, fraction)] = statistics.fmean(ns)
         sd = statistics.stdev(ns) if len(rs) > 1 else 0.0
         where = f"W{k} bytes" if fraction == 1.0 else f"{fraction:.0%} W{k}"
-        print(f"{where:<8} {arm:<8} {len(rs):>2} {statistics.fmean(r['top1'] for r in rs):>9.2f} {sd:>5.2f} "
-              f"{means[(k, arm, fraction)]:>8.2f} {statistics.fmean(r['bytes'] for r in rs):>7.0f} "
-              f"{sum(bool(r['converged']) for r in rs):>6}/{len(rs)}")
+        print(
+            f"{where:<8} {arm:<8} {len(rs):>2} {statistics.fmean(r['top1'] for r in rs):>9.2f} {sd:>5.2f} "
+            f"{means[(k, arm, fraction)]:>8.2f} {statistics.fmean(r['bytes'] for r in rs):>7.0f} "
+            f"{sum(bool(r['converged']) for r in rs):>6}/{len(rs)}"
+        )
     uniform2 = max((means[(2, a, 1.0)] for a in ("gdnsq", "lsq") if (2, a, 1.0) in means), default=None)
     below_w2 = sorted(fr for k, a, fr in means if a == "mixed" and k == 2 and fr < 1.0)  # this run's and resumed
     matched = [fr for fr in below_w2 if uniform2 is not None and means[(2, "mixed", fr)] >= uniform2]
     if matched:
-        print(f"mixed matches the best uniform W2A2 ({uniform2:.2f}) at {matched[0]:.0%} of its bytes "
-              f"({means[(2, 'mixed', matched[0])]:.2f})")
+        print(
+            f"mixed matches the best uniform W2A2 ({uniform2:.2f}) at {matched[0]:.0%} of its bytes "
+            f"({means[(2, 'mixed', matched[0])]:.2f})"
+        )
     if (2, "mixed", 1.0) in means and uniform2 is not None:
-        print(f"mixed minus best uniform at W2 bytes: {means[(2, 'mixed', 1.0)] - uniform2:+.2f} points "
-              f"({args.seeds} seeds)")
+        print(
+            f"mixed minus best uniform at W2 bytes: {means[(2, 'mixed', 1.0)] - uniform2:+.2f} points "
+            f"({args.seeds} seeds)"
+        )
     return 0
 
 

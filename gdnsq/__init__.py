@@ -7,6 +7,7 @@ cheap: torch, Ray and MLflow load only with the part that needs them.
     from gdnsq import load_config, run                                # run a job file
     from gdnsq import load_model                                      # a registered student
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,9 +34,24 @@ _API = {
     "export_onnx": ".export",
 }
 
-__all__ = ["ConfigError", "GdnsqError", "JobConfig", "QuantConfig", "Quantizer", "__version__", "available_methods",
-           "calibrate_model", "export_onnx", "export_packed", "load_config", "load_model", "load_packed",
-           "quantize_model", "register_method", "run"]
+__all__ = [
+    "ConfigError",
+    "GdnsqError",
+    "JobConfig",
+    "QuantConfig",
+    "Quantizer",
+    "__version__",
+    "available_methods",
+    "calibrate_model",
+    "export_onnx",
+    "export_packed",
+    "load_config",
+    "load_model",
+    "load_packed",
+    "quantize_model",
+    "register_method",
+    "run",
+]
 
 if TYPE_CHECKING:
     from .config import JobConfig as JobConfig

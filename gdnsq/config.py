@@ -4,6 +4,7 @@ Every setting has exactly one dotted name (``quant.target_w``), the same in YAML
 (``--quant.target_w 2``), in a Tune search space and in MLflow params. Validation lives in
 ``__post_init__`` and raises :class:`ConfigError` with a one-line message naming the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,8 @@ class BudgetConfig:
 
     kind: str = "none"
     """none (every layer at quant.target_w/target_a), avg_bits_w (parameter-weighted mean weight bits),
-    bytes (the packed file's payload: codes at each layer's width + grids + every FP tensor) or bops (Σ MACs·b_w·b_a)."""
+    bytes (the packed file's payload: codes at each layer's width + grids + every FP tensor) or bops
+    (Σ MACs·b_w·b_a)."""
     value: float = 0.0
     """The budget: mean bits (avg_bits_w), bytes (bytes) or bit operations per sample (bops)."""
     value_a: float | None = None
@@ -97,17 +99,34 @@ class BudgetConfig:
     penalty on the aggregate alone; under Adam every layer descends at the same rate, so it tends to uniform)."""
 
     def __post_init__(self):
-        _check(self.kind in BUDGET_KINDS, "quant.budget.kind",
-               f"must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
-        _check(self.kind == "none" or self.value > 0, "quant.budget.value",
-               f"must be > 0 with kind {self.kind}, got {self.value}")
-        _check(self.value_a is None or self.value_a >= 1, "quant.budget.value_a", f"must be >= 1 bit, got {self.value_a}")
-        _check(float(self.min_bits).is_integer() and 1 <= self.min_bits <= 16, "quant.budget.min_bits",
-               f"must be an integer in [1, 16], got {self.min_bits}")
-        _check(float(self.max_bits).is_integer() and self.min_bits <= self.max_bits <= 16, "quant.budget.max_bits",
-               f"must be an integer in [min_bits, 16], got {self.max_bits}")
-        _check(self.allocate in ALLOCATIONS, "quant.budget.allocate",
-               f"must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
+        _check(
+            self.kind in BUDGET_KINDS,
+            "quant.budget.kind",
+            f"must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}",
+        )
+        _check(
+            self.kind == "none" or self.value > 0,
+            "quant.budget.value",
+            f"must be > 0 with kind {self.kind}, got {self.value}",
+        )
+        _check(
+            self.value_a is None or self.value_a >= 1, "quant.budget.value_a", f"must be >= 1 bit, got {self.value_a}"
+        )
+        _check(
+            float(self.min_bits).is_integer() and 1 <= self.min_bits <= 16,
+            "quant.budget.min_bits",
+            f"must be an integer in [1, 16], got {self.min_bits}",
+        )
+        _check(
+            float(self.max_bits).is_integer() and self.min_bits <= self.max_bits <= 16,
+            "quant.budget.max_bits",
+            f"must be an integer in [min_bits, 16], got {self.max_bits}",
+        )
+        _check(
+            self.allocate in ALLOCATIONS,
+            "quant.budget.allocate",
+            f"must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}",
+        )
 
     @property
     def active(self) -> bool:
@@ -152,9 +171,11 @@ class QuantConfig:
     hold_targets: bool = True
     """Once the descent has reached the targets (the first passing true-bit check), a later check that fails
     projects log s so no learnable grid has more than 2**target levels: a converged model stays converged while
-    the LR anneals (without it a layer that drifts back out holds the anneal, and selection, for the rest of the run)."""
+    the LR anneals (without it a layer that drifts back out holds the anneal, and selection, for the rest of the
+    run)."""
     level_margin: float = 0.1
-    """Level guard's (and target hold's) margin, in grid levels: it keeps 2**b >= 2**T - 1/2 + margin (T = the layer's target)."""
+    """Level guard's (and target hold's) margin, in grid levels: it keeps 2**b >= 2**T - 1/2 + margin (T = the
+    layer's target)."""
     rules: list[QuantRuleConfig] = field(default_factory=list)
     """Ordered (regex -> override) rules; first match wins; each must match at least one layer."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -163,26 +184,42 @@ class QuantConfig:
     def __post_init__(self):
         for name in ("target_w", "target_a"):
             v = getattr(self, name)
-            _check(float(v).is_integer() and 1 <= v <= 16, f"quant.{name}",
-                   f"must be an integer in [1, 16] bits, got {v}")
+            _check(
+                float(v).is_integer() and 1 <= v <= 16, f"quant.{name}", f"must be an integer in [1, 16] bits, got {v}"
+            )
         _check(1 < self.init_bits <= 24, "quant.init_bits", f"must be in (1, 24], got {self.init_bits}")
-        _check(self.estimator in ESTIMATORS, "quant.estimator",
-               f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        _check(self.act_signed in ("auto", "signed", "unsigned"), "quant.act_signed",
-               f"must be auto, signed or unsigned, got {self.act_signed!r}")
-        _check(self.batchnorm in BATCHNORM_MODES, "quant.batchnorm",
-               f"must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
+        _check(
+            self.estimator in ESTIMATORS,
+            "quant.estimator",
+            f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}",
+        )
+        _check(
+            self.act_signed in ("auto", "signed", "unsigned"),
+            "quant.act_signed",
+            f"must be auto, signed or unsigned, got {self.act_signed!r}",
+        )
+        _check(
+            self.batchnorm in BATCHNORM_MODES,
+            "quant.batchnorm",
+            f"must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}",
+        )
         _check(self.calib_batches >= 1, "quant.calib_batches", "must be >= 1")
-        _check(0 < self.level_margin < 0.45, "quant.level_margin", f"must be in (0, 0.45) levels, got {self.level_margin}")
+        _check(
+            0 < self.level_margin < 0.45, "quant.level_margin", f"must be in (0, 0.45) levels, got {self.level_margin}"
+        )
         if not isinstance(self.budget, BudgetConfig):
             self.budget = from_dict(BudgetConfig, self.budget, "quant.budget")
-        self.rules = [r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, "quant.rules")
-                      for r in self.rules]
+        self.rules = [
+            r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, "quant.rules") for r in self.rules
+        ]
         for i, r in enumerate(self.rules):
             for name in ("target_w", "target_a"):
                 v = getattr(r, name)
-                _check(v is None or (float(v).is_integer() and 1 <= v <= 16), f"quant.rules[{i}].{name}",
-                       f"must be an integer in [1, 16] bits, got {v}")
+                _check(
+                    v is None or (float(v).is_integer() and 1 <= v <= 16),
+                    f"quant.rules[{i}].{name}",
+                    f"must be an integer in [1, 16] bits, got {v}",
+                )
 
 
 @dataclass(kw_only=True)
@@ -207,14 +244,23 @@ class ObjectiveConfig:
     """Active-constraint weights ω: count violated layers, or weight channels (the reference's)."""
 
     def __post_init__(self):
-        _check(self.distill in DISTILL_LOSSES, "objective.distill",
-               f"must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
+        _check(
+            self.distill in DISTILL_LOSSES,
+            "objective.distill",
+            f"must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}",
+        )
         _check(self.p > 0, "objective.p", "must be > 0")
         _check(0 <= self.loss_ema < 1, "objective.loss_ema", "must be in [0, 1)")
-        _check(self.loss_scale in ("ema", "cumulative"), "objective.loss_scale",
-               f"must be ema or cumulative, got {self.loss_scale!r}")
-        _check(self.count_active in ("layers", "channels"), "objective.count_active",
-               f"must be layers or channels, got {self.count_active!r}")
+        _check(
+            self.loss_scale in ("ema", "cumulative"),
+            "objective.loss_scale",
+            f"must be ema or cumulative, got {self.loss_scale!r}",
+        )
+        _check(
+            self.count_active in ("layers", "channels"),
+            "objective.count_active",
+            f"must be layers or channels, got {self.count_active!r}",
+        )
 
 
 SCHEDULE_MODES = ("planned", "absolute")
@@ -253,13 +299,22 @@ class ScheduleConfig:
     """Decrease of the noise ratio whenever the penalty is ~0."""
 
     def __post_init__(self):
-        _check(self.mode in SCHEDULE_MODES, "schedule.mode",
-               f"must be one of {', '.join(SCHEDULE_MODES)}, got {self.mode!r}")
+        _check(
+            self.mode in SCHEDULE_MODES,
+            "schedule.mode",
+            f"must be one of {', '.join(SCHEDULE_MODES)}, got {self.mode!r}",
+        )
         _check(0 <= self.warmup < 1, "schedule.warmup", f"must be in [0, 1), got {self.warmup}")
-        _check(self.warmup < self.descent_end <= 1, "schedule.descent_end",
-               f"must be in (schedule.warmup, 1], got {self.descent_end}")
-        _check(self.descent_end_a is None or self.warmup < self.descent_end_a <= 1, "schedule.descent_end_a",
-               f"must be in (schedule.warmup, 1], got {self.descent_end_a}")
+        _check(
+            self.warmup < self.descent_end <= 1,
+            "schedule.descent_end",
+            f"must be in (schedule.warmup, 1], got {self.descent_end}",
+        )
+        _check(
+            self.descent_end_a is None or self.warmup < self.descent_end_a <= 1,
+            "schedule.descent_end_a",
+            f"must be in (schedule.warmup, 1], got {self.descent_end_a}",
+        )
         _check(0 < self.final_lr_ratio <= 1, "schedule.final_lr_ratio", "must be in (0, 1]")
         _check(self.max_temperature >= 1, "schedule.max_temperature", f"must be >= 1, got {self.max_temperature}")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
@@ -355,11 +410,19 @@ class TrainConfig:
         _check(self.bn_reestimate_batches >= 0, "train.bn_reestimate_batches", "must be >= 0")
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "train.teacher_epochs", "must be >= 1")
         _check(self.teacher_max_epochs >= 1, "train.teacher_max_epochs", "must be >= 1")
-        _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
-        _check(self.precision in PRECISIONS, "train.precision",
-               f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _check(not (self.precision == "fp16" and self.device == "cpu"), "train.precision",
-               "fp16 needs CUDA (loss scaling); use bf16 on CPU")
+        _check(
+            self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}"
+        )
+        _check(
+            self.precision in PRECISIONS,
+            "train.precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(
+            not (self.precision == "fp16" and self.device == "cpu"),
+            "train.precision",
+            "fp16 needs CUDA (loss scaling); use bf16 on CPU",
+        )
 
 
 @dataclass(kw_only=True)
@@ -384,8 +447,11 @@ class RayConfig:
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
         _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
-        _check(self.checkpoints_to_keep >= 2, "ray.checkpoints_to_keep",
-               "must be >= 2 (a torn latest checkpoint falls back to the one before it)")
+        _check(
+            self.checkpoints_to_keep >= 2,
+            "ray.checkpoints_to_keep",
+            "must be >= 2 (a torn latest checkpoint falls back to the one before it)",
+        )
 
 
 @dataclass(kw_only=True)
@@ -418,8 +484,11 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        _check(self.name is None or (bool(self.name) and "/" not in self.name), "name",
-               f"must be a non-empty name without '/', got {self.name!r}")
+        _check(
+            self.name is None or (bool(self.name) and "/" not in self.name),
+            "name",
+            f"must be a non-empty name without '/', got {self.name!r}",
+        )
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -621,8 +690,13 @@ def field_docs(cls) -> dict[str, str]:
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     out = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             out[node.target.id] = " ".join(nxt.value.value.split())
     return out
 

@@ -4,6 +4,7 @@ Each message is one line that names the field, file or reference at fault; the C
 with status 2 (``except GdnsqError``). The second base keeps each class catchable as the builtin it
 refines (a ``ValueError`` for a bad value, ``LookupError`` for a missing registry entry, ...).
 """
+
 from __future__ import annotations
 
 

@@ -1,7 +1,8 @@
 """A real ``mlflow server`` on 127.0.0.1 for integration tests: sqlite backend, proxied artifacts in a folder.
 
-    srv = MlflowServer(tmp_dir); srv.start(); ...; srv.kill(signal.SIGTERM)
+srv = MlflowServer(tmp_dir); srv.start(); ...; srv.kill(signal.SIGTERM)
 """
+
 from __future__ import annotations
 
 import os
@@ -25,10 +26,24 @@ class MlflowServer:
         self.root, self.url, self.proc = root, f"http://127.0.0.1:{self.port}", None
 
     def start(self, timeout: float = 90.0) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"),
-               "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--allowed-hosts",
+            f"127.0.0.1:{self.port},localhost:{self.port}",
+        ]
         # The job runner (huey) is for GenAI jobs; without it the server starts faster on 2 cores.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         env.pop("MLFLOW_TRACKING_URI", None)

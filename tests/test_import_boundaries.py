@@ -5,6 +5,7 @@ Two kinds of check: fresh subprocesses that import modules and read ``sys.module
 imports, including ones pulled in through another gdnsq module), and a scan of every source file's
 import statements (imports inside functions, which only run when called).
 """
+
 import ast
 import json
 import subprocess
@@ -30,8 +31,10 @@ EDGE_OWNERS = {"ray": "gdnsq.launch", "mlflow": "gdnsq.tracking", "ffcv": "gdnsq
 
 def _loaded_after(imports: list[str]) -> list[str]:
     """``sys.modules`` of a fresh interpreter after importing ``imports``."""
-    code = (f"import sys, json, importlib\nfor m in {imports!r}:\n    importlib.import_module(m)\n"
-            "print(json.dumps(sorted(sys.modules)))")
+    code = (
+        f"import sys, json, importlib\nfor m in {imports!r}:\n    importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -41,8 +44,15 @@ def _under(module: str, package: str) -> bool:
 
 
 def test_module_list_covers_every_layer():
-    for package in ("gdnsq.quant.zoo", "gdnsq.data", "gdnsq.training", "gdnsq.tracking", "gdnsq.launch",
-                    "gdnsq.export", "gdnsq.cli"):
+    for package in (
+        "gdnsq.quant.zoo",
+        "gdnsq.data",
+        "gdnsq.training",
+        "gdnsq.tracking",
+        "gdnsq.launch",
+        "gdnsq.export",
+        "gdnsq.cli",
+    ):
         assert any(_under(m, package) and m != package for m in ALL_MODULES), package
 
 
@@ -51,7 +61,9 @@ def test_quant_imports_only_torch_the_stdlib_and_errors():
     loaded = _loaded_after(["gdnsq.quant"])
     ours = {m for m in loaded if _under(m, "gdnsq")}
     # the package root (a lazy table) and its version module always load with any submodule
-    assert ours - {"gdnsq", "gdnsq._version", "gdnsq.errors"} <= {m for m in ours if _under(m, "gdnsq.quant")}, sorted(ours)
+    assert ours - {"gdnsq", "gdnsq._version", "gdnsq.errors"} <= {m for m in ours if _under(m, "gdnsq.quant")}, sorted(
+        ours
+    )
     assert "gdnsq.quant.zoo.lsq" in ours  # importing gdnsq.quant registers the zoo
     others = {m.split(".")[0] for m in loaded} - with_torch - set(sys.stdlib_module_names) - {"gdnsq"}
     assert not others, f"gdnsq.quant imports more than torch and the stdlib: {sorted(others)}"

@@ -1,2 +1,3 @@
 """The ``gdnsq`` command (argparse only); see :mod:`gdnsq.cli.main`."""
+
 from .main import main as main

@@ -2,6 +2,7 @@
 
 The logic, and how the cluster token reaches this machine, is in :mod:`gdnsq.launch.submit`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,13 @@ import sys
 
 from ..config import parse_cli_overrides
 
-ADDRESS_HELP = ("job server address, HEAD:8265 or http(s)://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
-                "then $RAY_ADDRESS)")
-TOKEN_HELP = ("Token auth: the cluster token is read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or "
-              "~/.ray/auth_token (get it on the head with 'ray get-auth-token').")
+ADDRESS_HELP = (
+    "job server address, HEAD:8265 or http(s)://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)"
+)
+TOKEN_HELP = (
+    "Token auth: the cluster token is read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or "
+    "~/.ray/auth_token (get it on the head with 'ray get-auth-token')."
+)
 
 
 SUBMIT_EXAMPLES = """examples:
@@ -27,47 +31,85 @@ JOBS_EXAMPLES = """examples:
 
 def register(subparsers, formatter) -> None:
     s = subparsers.add_parser(
-        "submit", help="validate a job file here, then run it on a Ray cluster (like ray job submit)",
+        "submit",
+        help="validate a job file here, then run it on a Ray cluster (like ray job submit)",
         description="Validates JOB (with any --section.key value overrides) locally, uploads its folder as "
-                    "the job's working_dir and runs 'gdnsq train JOB' there ('gdnsq sweep' for sweep files) "
-                    "with the cluster's installed gdnsq. As 'ray job submit' does, it then waits and streams "
-                    "the job's logs (Ctrl-C leaves the job running), exiting 0 only if the job succeeded; "
-                    "--no-wait prints the submission id and returns.",
+        "the job's working_dir and runs 'gdnsq train JOB' there ('gdnsq sweep' for sweep files) "
+        "with the cluster's installed gdnsq. As 'ray job submit' does, it then waits and streams "
+        "the job's logs (Ctrl-C leaves the job running), exiting 0 only if the job succeeded; "
+        "--no-wait prints the submission id and returns.",
         usage="gdnsq submit [JOB.yaml | -c JOB.yaml] [--address HEAD:8265] [--no-wait] [--runtime-env FILE] "
-              "[--working-dir DIR] [--section.key value ...]",
+        "[--working-dir DIR] [--section.key value ...]",
         epilog=TOKEN_HELP + " A run with an existing name and storage path resumes: use --name for a fresh one."
-               "\n\n" + SUBMIT_EXAMPLES, formatter_class=formatter)
+        "\n\n" + SUBMIT_EXAMPLES,
+        formatter_class=formatter,
+    )
     # The job file is the first bare word (as for train): a positional would swallow an override's value.
-    s.add_argument("-c", "--config", default=None, metavar="JOB.yaml",
-                   help="job YAML (or sweep YAML with a sweep: section); or give it as the first word")
+    s.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="JOB.yaml",
+        help="job YAML (or sweep YAML with a sweep: section); or give it as the first word",
+    )
     s.add_argument("--address", default=None, help=ADDRESS_HELP)
     s.add_argument("--name", default=None, help="run name (overrides the job's name:)")
     s.add_argument("--submission-id", default=None, help="Ray submission id (default: gdnsq-<name>-<random>)")
     s.add_argument("--working-dir", default=None, help="folder to upload (default: the job file's folder)")
-    s.add_argument("--runtime-env", default=None, metavar="FILE",
-                   help="YAML runtime env merged over gdnsq's (env_vars, pip, ...), as in ray job submit")
+    s.add_argument(
+        "--runtime-env",
+        default=None,
+        metavar="FILE",
+        help="YAML runtime env merged over gdnsq's (env_vars, pip, ...), as in ray job submit",
+    )
     s.add_argument("--runtime-env-json", default=None, metavar="JSON", help="the same, inline JSON")
-    s.add_argument("--ship-code", action="store_true",
-                   help="run this machine's gdnsq package (uploaded as py_modules) instead of the cluster's")
+    s.add_argument(
+        "--ship-code",
+        action="store_true",
+        help="run this machine's gdnsq package (uploaded as py_modules) instead of the cluster's",
+    )
     s.add_argument("--no-wait", action="store_true", help="print the submission id and return; do not stream logs")
     s.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     s.add_argument("--dry-run", action="store_true", help="validate and print the submission as JSON; submit nothing")
     s.set_defaults(func=cmd_submit, takes_overrides=True)
 
-    j = subparsers.add_parser("jobs", help="list, inspect, follow or stop submitted jobs",
-                              description="Jobs on a Ray cluster's job server.", epilog=TOKEN_HELP + "\n\n" +
-                              JOBS_EXAMPLES, formatter_class=formatter)
+    j = subparsers.add_parser(
+        "jobs",
+        help="list, inspect, follow or stop submitted jobs",
+        description="Jobs on a Ray cluster's job server.",
+        epilog=TOKEN_HELP + "\n\n" + JOBS_EXAMPLES,
+        formatter_class=formatter,
+    )
     jsub = j.add_subparsers(dest="action", required=True)
-    jl = jsub.add_parser("list", help="every job on the cluster, oldest first", description="Every job, oldest first.",
-                         epilog="example:\n  gdnsq jobs list --address HEAD:8265", formatter_class=formatter)
-    js = jsub.add_parser("status", help="status of one job", description="One job's status and message.",
-                         epilog="example:\n  gdnsq jobs status ID", formatter_class=formatter)
-    jg = jsub.add_parser("logs", help="a job's driver logs", description="A job's driver logs (all so far, or "
-                         "streamed until it ends with --follow).",
-                         epilog="example:\n  gdnsq jobs logs ID --follow", formatter_class=formatter)
+    jl = jsub.add_parser(
+        "list",
+        help="every job on the cluster, oldest first",
+        description="Every job, oldest first.",
+        epilog="example:\n  gdnsq jobs list --address HEAD:8265",
+        formatter_class=formatter,
+    )
+    js = jsub.add_parser(
+        "status",
+        help="status of one job",
+        description="One job's status and message.",
+        epilog="example:\n  gdnsq jobs status ID",
+        formatter_class=formatter,
+    )
+    jg = jsub.add_parser(
+        "logs",
+        help="a job's driver logs",
+        description="A job's driver logs (all so far, or streamed until it ends with --follow).",
+        epilog="example:\n  gdnsq jobs logs ID --follow",
+        formatter_class=formatter,
+    )
     jg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
-    jt = jsub.add_parser("stop", help="stop a running job", description="Asks the job server to stop a job.",
-                         epilog="example:\n  gdnsq jobs stop ID", formatter_class=formatter)
+    jt = jsub.add_parser(
+        "stop",
+        help="stop a running job",
+        description="Asks the job server to stop a job.",
+        epilog="example:\n  gdnsq jobs stop ID",
+        formatter_class=formatter,
+    )
     for sp in (jl, js, jg, jt):
         sp.add_argument("--address", default=None, help=ADDRESS_HELP)
         sp.set_defaults(func=cmd_jobs)
@@ -88,10 +130,15 @@ def cmd_submit(args, extra) -> int:
     job = job_path(args.config, extra)
     if job is None:
         raise ConfigError("config: no job file given (gdnsq submit JOB.yaml or -c JOB.yaml)")
-    sub = sm.build_submission(job, parse_cli_overrides(extra), name=args.name,
-                              submission_id=args.submission_id, working_dir=args.working_dir,
-                              ship_code=args.ship_code,
-                              runtime_env=sm.read_runtime_env(args.runtime_env, args.runtime_env_json))
+    sub = sm.build_submission(
+        job,
+        parse_cli_overrides(extra),
+        name=args.name,
+        submission_id=args.submission_id,
+        working_dir=args.working_dir,
+        ship_code=args.ship_code,
+        runtime_env=sm.read_runtime_env(args.runtime_env, args.runtime_env_json),
+    )
     for w in sub.warnings:
         print(f"gdnsq: warning: {w}", file=sys.stderr)
     if args.dry_run:

@@ -3,6 +3,7 @@
 The docs are the dataclass field docstrings of :mod:`gdnsq.config`, so this listing cannot drift from
 the code. ``show`` prints YAML: the output is itself a valid job file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,24 +17,36 @@ EXAMPLES = """examples:
 
 
 def register(subparsers, formatter) -> None:
-    c = subparsers.add_parser("config", help="list every setting: value, type, default and doc",
-                              description="The job's settings, one dotted name each (the same in YAML, on "
-                                          "the CLI, in sweeps and in MLflow params).",
-                              epilog=EXAMPLES, formatter_class=formatter)
+    c = subparsers.add_parser(
+        "config",
+        help="list every setting: value, type, default and doc",
+        description="The job's settings, one dotted name each (the same in YAML, on "
+        "the CLI, in sweeps and in MLflow params).",
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
     csub = c.add_subparsers(dest="action", required=True, metavar="{show,keys}")
-    s = csub.add_parser("show", help="the resolved config of a job file plus overrides, as commented YAML",
-                        description="Resolves JOB (or the defaults) with any --section.key value overrides and "
-                                    "prints every setting as YAML with its type, default and doc; the output "
-                                    "is a valid job file.",
-                        usage="gdnsq config show [JOB.yaml | -c JOB.yaml] [--changed] [--json] [--section.key value ...]",
-                        epilog=EXAMPLES, formatter_class=formatter)
+    s = csub.add_parser(
+        "show",
+        help="the resolved config of a job file plus overrides, as commented YAML",
+        description="Resolves JOB (or the defaults) with any --section.key value overrides and "
+        "prints every setting as YAML with its type, default and doc; the output "
+        "is a valid job file.",
+        usage="gdnsq config show [JOB.yaml | -c JOB.yaml] [--changed] [--json] [--section.key value ...]",
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
     s.add_argument("-c", "--config", default=None, metavar="JOB.yaml", help="job file (or give it as the first word)")
     s.add_argument("--changed", action="store_true", help="only settings that differ from their default")
     s.add_argument("--json", action="store_true", help="one JSON object per setting instead of YAML")
     s.set_defaults(func=cmd_config, takes_overrides=True)
-    k = csub.add_parser("keys", help="every dotted setting name, one a line",
-                        description="Every dotted setting name, one a line, for shell completion and grep.",
-                        epilog="example:\n  gdnsq config keys | grep lr", formatter_class=formatter)
+    k = csub.add_parser(
+        "keys",
+        help="every dotted setting name, one a line",
+        description="Every dotted setting name, one a line, for shell completion and grep.",
+        epilog="example:\n  gdnsq config keys | grep lr",
+        formatter_class=formatter,
+    )
     k.set_defaults(func=cmd_config)
 
 
@@ -87,8 +100,17 @@ def cmd_config(args, extra) -> int:
     if args.json:
         for s in settings:
             if not args.changed or s.value != s.default:
-                print(json.dumps({"key": s.key, "value": _plain(s.value), "type": s.type, "doc": s.doc,
-                                  "default": None if s.default is dataclasses.MISSING else _plain(s.default)}))
+                print(
+                    json.dumps(
+                        {
+                            "key": s.key,
+                            "value": _plain(s.value),
+                            "type": s.type,
+                            "doc": s.doc,
+                            "default": None if s.default is dataclasses.MISSING else _plain(s.default),
+                        }
+                    )
+                )
         return 0
     print(format_settings(settings, changed_only=args.changed))
     return 0

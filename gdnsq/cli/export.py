@@ -4,6 +4,7 @@ The source is a gdnsq checkpoint file (``runs/<name>/checkpoint.pt``: the job co
 student state and the best converged state), a folder written by ``gdnsq models pull``, or a registry
 reference ``NAME@ALIAS`` / ``NAME/VERSION``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,19 +19,33 @@ EXAMPLES = """examples:
 def register(subparsers, formatter) -> None:
     from .models import add_tracking_uri
 
-    p = subparsers.add_parser("export", help="write a trained student as a packed integer file (and ONNX)",
-                              description="Packed file (model.gdnsq), optional ONNX with QDQ nodes (model.onnx) "
-                                          "and report.json (size and BOPs per layer) in --out.",
-                              epilog=EXAMPLES, formatter_class=formatter)
-    p.add_argument("source", metavar="CHECKPOINT_OR_REF",
-                   help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or a registry reference "
-                        "NAME@ALIAS / NAME/VERSION / NAME/latest")
+    p = subparsers.add_parser(
+        "export",
+        help="write a trained student as a packed integer file (and ONNX)",
+        description="Packed file (model.gdnsq), optional ONNX with QDQ nodes (model.onnx) "
+        "and report.json (size and BOPs per layer) in --out.",
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
+    p.add_argument(
+        "source",
+        metavar="CHECKPOINT_OR_REF",
+        help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or a registry reference "
+        "NAME@ALIAS / NAME/VERSION / NAME/latest",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")
-    p.add_argument("--fp16", action="store_true",
-                   help="store FP tensors (FP layers, BN, biases) in float16: smaller, no longer bit-exact")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="square input side for BOPs and ONNX (default: 28 for bundled data, else data.img_size)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="store FP tensors (FP layers, BN, biases) in float16: smaller, no longer bit-exact",
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="square input side for BOPs and ONNX (default: 28 for bundled data, else data.img_size)",
+    )
     p.add_argument("--batch", type=int, default=2, help="batch of the random example input (ONNX check)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21 for codes wider than 8 bits)")
     add_tracking_uri(p)
@@ -50,8 +65,14 @@ def cmd_export(args, extra) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    packed = export_packed(model, out / "model.gdnsq", fp_dtype="float16" if args.fp16 else "float32",
-                           example_input=x, meta=meta, recipe=recipe)
+    packed = export_packed(
+        model,
+        out / "model.gdnsq",
+        fp_dtype="float16" if args.fp16 else "float32",
+        example_input=x,
+        meta=meta,
+        recipe=recipe,
+    )
     print(format_report(packed))
     print(f"wrote {packed['path']}  sha256 {packed['sha256']}")
     report = {"packed": packed}
@@ -59,8 +80,10 @@ def cmd_export(args, extra) -> int:
         onnx = export_onnx(model, out / "model.onnx", x, opset=args.opset)
         report["onnx"] = {k: v for k, v in onnx.items() if k != "layers"}
         ok = onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agree"]
-        print(f"wrote {onnx['path']}  ({onnx['bytes_file']:,} B, opset {args.opset}); onnxruntime vs fake-quant "
-              f"eval: max |diff| {onnx['max_abs_diff']:.3g}, top-1 {'agrees' if onnx['top1_agree'] else 'DIFFERS'}"
-              + ("" if ok else "  (codes at a rounding boundary flip under float noise; see gdnsq.export docs)"))
+        print(
+            f"wrote {onnx['path']}  ({onnx['bytes_file']:,} B, opset {args.opset}); onnxruntime vs fake-quant "
+            f"eval: max |diff| {onnx['max_abs_diff']:.3g}, top-1 {'agrees' if onnx['top1_agree'] else 'DIFFERS'}"
+            + ("" if ok else "  (codes at a rounding boundary flip under float noise; see gdnsq.export docs)")
+        )
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return 0

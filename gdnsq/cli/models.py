@@ -3,12 +3,15 @@
 The store is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``./.gdnsq/mlflow.db``; these
 commands only read, so they never create a store (a missing local one is an error naming the URI).
 """
+
 from __future__ import annotations
 
 import json
 
-URI_HELP = ("MLflow tracking URI: http(s)://HOST:PORT for a server, sqlite:///PATH for a local store "
-            "(default: $MLFLOW_TRACKING_URI, else ./.gdnsq/mlflow.db)")
+URI_HELP = (
+    "MLflow tracking URI: http(s)://HOST:PORT for a server, sqlite:///PATH for a local store "
+    "(default: $MLFLOW_TRACKING_URI, else ./.gdnsq/mlflow.db)"
+)
 REF_HELP = "NAME@ALIAS, NAME/VERSION, NAME/latest or NAME (latest), optionally prefixed models:/"
 EXAMPLES = """examples:
   gdnsq models list
@@ -23,35 +26,55 @@ def add_tracking_uri(p) -> None:
 
 
 def register(subparsers, formatter) -> None:
-    m = subparsers.add_parser("models", help="the MLflow model registry: list, show, pull",
-                              description="Registered quantized students. " + URI_HELP.replace(
-                                  "MLflow tracking URI", "The store: --tracking-uri,") + ".",
-                              epilog=EXAMPLES, formatter_class=formatter)
+    m = subparsers.add_parser(
+        "models",
+        help="the MLflow model registry: list, show, pull",
+        description="Registered quantized students. "
+        + URI_HELP.replace("MLflow tracking URI", "The store: --tracking-uri,")
+        + ".",
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
     msub = m.add_subparsers(dest="action", required=True)
-    ml = msub.add_parser("list", help="every registered model: top-1, FP top-1, bits, packed size, aliases",
-                         description="One row per registered model, with its champion's (else latest "
-                                     "version's) top-1, FP top-1, average bits and packed size.",
-                         epilog="examples:\n  gdnsq models list\n  gdnsq models list --tracking-uri "
-                                "http://localhost:5000 --json", formatter_class=formatter)
+    ml = msub.add_parser(
+        "list",
+        help="every registered model: top-1, FP top-1, bits, packed size, aliases",
+        description="One row per registered model, with its champion's (else latest "
+        "version's) top-1, FP top-1, average bits and packed size.",
+        epilog="examples:\n  gdnsq models list\n  gdnsq models list --tracking-uri http://localhost:5000 --json",
+        formatter_class=formatter,
+    )
     ml.add_argument("--json", action="store_true", help="one JSON object per model instead of the table")
-    ms = msub.add_parser("show", help="one version: tags, card and per-layer manifest (JSON)",
-                         description="One version's identity, aliases, tags, model card and manifest "
-                                     "(per-layer bits, sizes, BOPs) as JSON.",
-                         epilog="example:\n  gdnsq models show gdnsq_smallcnn-w2a2@champion", formatter_class=formatter)
+    ms = msub.add_parser(
+        "show",
+        help="one version: tags, card and per-layer manifest (JSON)",
+        description="One version's identity, aliases, tags, model card and manifest "
+        "(per-layer bits, sizes, BOPs) as JSON.",
+        epilog="example:\n  gdnsq models show gdnsq_smallcnn-w2a2@champion",
+        formatter_class=formatter,
+    )
     ms.add_argument("ref", help=REF_HELP)
-    mp = msub.add_parser("pull", help="download weights, config and manifest into a folder (loads offline)",
-                         description="Writes the version's weights (safetensors), config.json, manifest.json, "
-                                     "layers.csv and source.json into --out; gdnsq.load_model(OUT) and "
-                                     "'gdnsq export OUT' then work offline. Prints the folder.",
-                         epilog="example:\n  gdnsq models pull gdnsq_smallcnn-w2a2@champion --out out/model",
-                         formatter_class=formatter)
+    mp = msub.add_parser(
+        "pull",
+        help="download weights, config and manifest into a folder (loads offline)",
+        description="Writes the version's weights (safetensors), config.json, manifest.json, "
+        "layers.csv and source.json into --out; gdnsq.load_model(OUT) and "
+        "'gdnsq export OUT' then work offline. Prints the folder.",
+        epilog="example:\n  gdnsq models pull gdnsq_smallcnn-w2a2@champion --out out/model",
+        formatter_class=formatter,
+    )
     mp.add_argument("ref", help=REF_HELP)
     mp.add_argument("--out", required=True, help="folder to write (created)")
     mp.add_argument("--mlflow-model", action="store_true", help="also the MLflow model (pt2 graph, MLmodel)")
-    mp.add_argument("--max-bytes", type=float, default=None,
-                    help="pull the most accurate converged version of NAME whose packed file is at most this size")
-    mp.add_argument("--max-bops", type=float, default=None,
-                    help="... whose BOPs are at most this (with --max-bytes: both)")
+    mp.add_argument(
+        "--max-bytes",
+        type=float,
+        default=None,
+        help="pull the most accurate converged version of NAME whose packed file is at most this size",
+    )
+    mp.add_argument(
+        "--max-bops", type=float, default=None, help="... whose BOPs are at most this (with --max-bytes: both)"
+    )
     for sp in (ml, ms, mp):
         add_tracking_uri(sp)
         sp.set_defaults(func=cmd_models)
@@ -76,12 +99,26 @@ def format_models(rows: list[dict], uri: str) -> str:
         target = f"W{t['target_w']}A{t['target_a']}" if t.get("target_w") else "-"
         packed = _num(t.get("bytes_packed"), ",.0f") + (" B" if t.get("bytes_packed") else "")
         aliases = ", ".join(f"{a}={v}" for a, v in sorted(r["aliases"].items())) or "-"
-        body.append((r["name"], t.get("version") or r["latest_version"] or "-", _num(t.get("top1"), ".2f"),
-                     _num(t.get("fp_top1"), ".2f"), bits, target, packed, aliases))
+        body.append(
+            (
+                r["name"],
+                t.get("version") or r["latest_version"] or "-",
+                _num(t.get("top1"), ".2f"),
+                _num(t.get("fp_top1"), ".2f"),
+                bits,
+                target,
+                packed,
+                aliases,
+            )
+        )
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     right = {2, 3, 6}
-    lines = ["  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
-             .rstrip() for x in [head, *body]]
+    lines = [
+        "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(x, widths))
+        ).rstrip()
+        for x in [head, *body]
+    ]
     return "\n".join(lines) + f"\n({len(rows)} model{'s' if len(rows) != 1 else ''} in {uri})"
 
 

@@ -3,6 +3,7 @@
 Overrides name base-job settings (``--train.epochs 4``) or sweep settings (``--sweep.max_concurrent_trials 1``).
 A bad sweep file exits with status 2 before anything starts; a sweep with failed trials exits 1.
 """
+
 from __future__ import annotations
 
 
@@ -32,20 +33,28 @@ def cmd_sweep(args, extra) -> int:
 
 
 def register(subparsers, formatter) -> None:
-    p = subparsers.add_parser("sweep", help="hyperparameter sweep: a job file plus a sweep: section (Ray Tune)",
-                              description="Runs a Ray Tune sweep: each trial is a Ray Train run of the base job "
-                                          "with settings from sweep.space; the best converged trial is "
-                                          "registered. Any setting can be overridden as --section.key value; "
-                                          "sweep settings as --sweep.key value.",
-                              usage="gdnsq sweep [SWEEP.yaml | -c SWEEP.yaml] [--resume] [--summary-json P] "
-                                    "[--section.key value ...]",
-                              epilog="examples:\n  gdnsq sweep jobs/imagenet_resnet18_w2a2_sweep.yaml\n"
-                                     "  gdnsq sweep -c jobs/cpu_smallcnn_sweep.yaml --sweep.max_concurrent_trials 1",
-                              formatter_class=formatter)
+    p = subparsers.add_parser(
+        "sweep",
+        help="hyperparameter sweep: a job file plus a sweep: section (Ray Tune)",
+        description="Runs a Ray Tune sweep: each trial is a Ray Train run of the base job "
+        "with settings from sweep.space; the best converged trial is "
+        "registered. Any setting can be overridden as --section.key value; "
+        "sweep settings as --sweep.key value.",
+        usage="gdnsq sweep [SWEEP.yaml | -c SWEEP.yaml] [--resume] [--summary-json P] [--section.key value ...]",
+        epilog="examples:\n  gdnsq sweep jobs/imagenet_resnet18_w2a2_sweep.yaml\n"
+        "  gdnsq sweep -c jobs/cpu_smallcnn_sweep.yaml --sweep.max_concurrent_trials 1",
+        formatter_class=formatter,
+    )
     # The sweep file is the first bare word (as for train): a positional would swallow an override's value.
-    p.add_argument("-c", "--config", default=None, metavar="SWEEP.yaml",
-                   help="sweep YAML (a base job plus a sweep: section); or give it as the first word")
-    p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped; finished trials "
-                                                         "are not run again")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="SWEEP.yaml",
+        help="sweep YAML (a base job plus a sweep: section); or give it as the first word",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue a sweep whose driver stopped; finished trials are not run again"
+    )
     p.add_argument("--summary-json", default=None, help="also write the sweep summary as JSON here")
     p.set_defaults(func=cmd_sweep, takes_overrides=True)

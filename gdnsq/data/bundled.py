@@ -3,6 +3,7 @@
 Fixed split (seeded, class-balanced): 3,500 train / 500 validation (checkpoint selection) /
 1,000 test (reported separately, never used for selection).
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,9 @@ def create_bundled_loaders(batch_size: int, *, rank: int = 0, world_size: int = 
     data = load_bundled()
     # An epoch-seeded sampler (also for one rank) makes the order a function of (seed, epoch),
     # so a resumed run sees exactly the batches an uninterrupted one would.
-    sampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        data.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
     train = DataLoader(data.train, batch_size=batch_size, sampler=sampler, drop_last=True)
     val = DataLoader(data.val, batch_size=500)
     test = DataLoader(data.test, batch_size=500)

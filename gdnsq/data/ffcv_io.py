@@ -17,6 +17,7 @@ Choices worth knowing (see shared PITFALLS.md, FFCV section):
   ``epoch`` so a resumed run continues the shuffle sequence, and every pass advances it.
 * Batches live in buffers FFCV reuses a few batches later: ``.clone()`` any batch you keep.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -80,9 +81,16 @@ class _SafeSamples:
         return image, label
 
 
-def write_beton(src_dir: str | Path, out_path: str | Path, *, max_resolution: int = 256,
-                jpeg_quality: int = 90, compress_probability: float = 0.5,
-                num_workers: int | None = None, progress: bool = True) -> Path:
+def write_beton(
+    src_dir: str | Path,
+    out_path: str | Path,
+    *,
+    max_resolution: int = 256,
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Convert one ImageFolder split (a folder per class) into ``out_path`` (.beton).
 
     Images are resized so their longer side is at most ``max_resolution`` and stored as JPEG
@@ -97,11 +105,19 @@ def write_beton(src_dir: str | Path, out_path: str | Path, *, max_resolution: in
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     workers = max(1, min(num_workers or available_cpus(), len(samples)))
-    writer = ffcv.writer.DatasetWriter(str(tmp), {
-        _IMAGE: RGBImageField(write_mode="proportion", max_resolution=max_resolution,
-                              jpeg_quality=jpeg_quality, compress_probability=compress_probability),
-        _LABEL: IntField(),
-    }, num_workers=workers)
+    writer = ffcv.writer.DatasetWriter(
+        str(tmp),
+        {
+            _IMAGE: RGBImageField(
+                write_mode="proportion",
+                max_resolution=max_resolution,
+                jpeg_quality=jpeg_quality,
+                compress_probability=compress_probability,
+            ),
+            _LABEL: IntField(),
+        },
+        num_workers=workers,
+    )
     # FFCV's writer has no switch for its tqdm bar; swap the module's name for the call.
     real_tqdm = ffcv.writer.tqdm
     if not progress:
@@ -187,8 +203,7 @@ def open_beton(path: str | Path):
     n, table = int(reader.num_samples), reader.alloc_table
     if len(reader.metadata) != n or n == 0:
         raise DataError(f"{path} is truncated or empty ({len(reader.metadata)} of {n} samples)")
-    if (np.unique(table["sample_id"]).size != n
-            or int((table["ptr"] + table["size"]).max()) > table_ptr):
+    if np.unique(table["sample_id"]).size != n or int((table["ptr"] + table["size"]).max()) > table_ptr:
         raise DataError(f"{path} is truncated or corrupt (allocation table does not cover its {n} samples)")
     kinds = {name: type(h) for name, h in reader.handlers.items()}
     if kinds.get(_IMAGE) is not RGBImageField or kinds.get(_LABEL) is not IntField:
@@ -212,14 +227,24 @@ def _order(cfg: DataConfig, distributed: bool):
     if cfg.os_cache:
         return OrderOption.RANDOM, True
     if distributed:
-        warnings.warn("data.os_cache=False is not supported with distributed FFCV loading "
-                      "(QUASI_RANDOM raises); using RANDOM over the OS page cache", stacklevel=3)
+        warnings.warn(
+            "data.os_cache=False is not supported with distributed FFCV loading "
+            "(QUASI_RANDOM raises); using RANDOM over the OS page cache",
+            stacklevel=3,
+        )
         return OrderOption.RANDOM, True
     return OrderOption.QUASI_RANDOM, False
 
 
-def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.device, seed: int,
-                        epoch: int = 0, normalize_on_device: bool | None = None):
+def create_ffcv_loaders(
+    cfg: DataConfig,
+    *,
+    distributed: bool,
+    device: torch.device,
+    seed: int,
+    epoch: int = 0,
+    normalize_on_device: bool | None = None,
+):
     """Train and val FFCV loaders for ``cfg.train_path`` / ``cfg.val_path``.
 
     Returns ``(train_loader, val_loader, num_classes)``. Batches are ``(images, labels)``:
@@ -249,12 +274,16 @@ def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.dev
     train_reader, val_reader = open_beton(cfg.train_path), open_beton(cfg.val_path)
     num_classes = int(_labels(train_reader).max()) + 1
     if int(_labels(val_reader).max()) >= num_classes:
-        raise DataError(f"{cfg.val_path} has labels up to {int(_labels(val_reader).max())}, "
-                        f"but {cfg.train_path} has only {num_classes} classes")
+        raise DataError(
+            f"{cfg.val_path} has labels up to {int(_labels(val_reader).max())}, "
+            f"but {cfg.train_path} has only {num_classes} classes"
+        )
     world, _ = world_and_rank(distributed)
     if train_reader.num_samples // world < cfg.batch_size:
-        raise DataError(f"{cfg.train_path} has {train_reader.num_samples} samples for {world} rank(s), "
-                        f"fewer than one batch of data.batch_size={cfg.batch_size} per rank")
+        raise DataError(
+            f"{cfg.train_path} has {train_reader.num_samples} samples for {world} rank(s), "
+            f"fewer than one batch of data.batch_size={cfg.batch_size} per rank"
+        )
 
     on_gpu = device.type == "cuda"
     to_device = [ToDevice(device, non_blocking=True)] if on_gpu else []
@@ -266,11 +295,23 @@ def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.dev
             from .ffcv_ops import NormalizeOnDevice
 
             # uint8 to the device, permute there, normalise there (not jitted: may follow ToTensor).
-            return [decoder, *augment, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                    NormalizeOnDevice(_MEAN_255, _STD_255)]
+            return [
+                decoder,
+                *augment,
+                ToTensor(),
+                ToDevice(device, non_blocking=True),
+                ToTorchImage(),
+                NormalizeOnDevice(_MEAN_255, _STD_255),
+            ]
         # NormalizeImage before ToTensor: a jitted op after ToTensor hangs Loader() (PITFALLS).
-        return [decoder, *augment, NormalizeImage(_MEAN_255, _STD_255, np.float32), ToTensor(), *to_device,
-                ToTorchImage()]
+        return [
+            decoder,
+            *augment,
+            NormalizeImage(_MEAN_255, _STD_255, np.float32),
+            ToTensor(),
+            *to_device,
+            ToTorchImage(),
+        ]
 
     def label_pipeline():
         return [IntDecoder(), ToTensor(), Squeeze(), *to_device]
@@ -278,15 +319,31 @@ def create_ffcv_loaders(cfg: DataConfig, *, distributed: bool, device: torch.dev
     order, os_cache = _order(cfg, distributed)
     workers = cfg.num_workers if cfg.num_workers is not None else available_cpus()
     common = dict(batch_size=cfg.batch_size, num_workers=workers, distributed=distributed, seed=seed)
-    train = Loader(str(cfg.train_path), order=order, os_cache=os_cache, drop_last=True, **common, pipelines={
-        _IMAGE: image_pipeline(RandomResizedCropRGBImageDecoder((cfg.img_size, cfg.img_size)),
-                               RandomHorizontalFlip()),
-        _LABEL: label_pipeline()})
-    val = Loader(str(cfg.val_path), order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=False, **common,
-                 pipelines={
-        _IMAGE: image_pipeline(CenterCropRGBImageDecoder((cfg.img_size, cfg.img_size),
-                                                         ratio=cfg.img_size / cfg.val_resize)),
-        _LABEL: label_pipeline()})
+    train = Loader(
+        str(cfg.train_path),
+        order=order,
+        os_cache=os_cache,
+        drop_last=True,
+        **common,
+        pipelines={
+            _IMAGE: image_pipeline(
+                RandomResizedCropRGBImageDecoder((cfg.img_size, cfg.img_size)), RandomHorizontalFlip()
+            ),
+            _LABEL: label_pipeline(),
+        },
+    )
+    val = Loader(
+        str(cfg.val_path),
+        order=OrderOption.SEQUENTIAL,
+        os_cache=True,
+        drop_last=False,
+        **common,
+        pipelines={
+            _IMAGE: image_pipeline(
+                CenterCropRGBImageDecoder((cfg.img_size, cfg.img_size), ratio=cfg.img_size / cfg.val_resize)
+            ),
+            _LABEL: label_pipeline(),
+        },
+    )
     train.next_epoch = epoch  # FFCV shuffles for `next_epoch` on the next pass, then advances it
     return train, val, num_classes
-

@@ -1,4 +1,5 @@
 """FFCV pipeline operations of our own (imports FFCV: load only from inside the FFCV loaders)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -37,5 +38,7 @@ class NormalizeOnDevice(Operation):
         channels, height, width = previous_state.shape
         self.mean = self.mean.to(previous_state.device)
         self.scale = self.scale.to(previous_state.device)
-        return (replace(previous_state, dtype=torch.float32, jit_mode=False),
-                AllocationQuery((height, width, channels), dtype=torch.float32, device=previous_state.device))
+        return (
+            replace(previous_state, dtype=torch.float32, jit_mode=False),
+            AllocationQuery((height, width, channels), dtype=torch.float32, device=previous_state.device),
+        )

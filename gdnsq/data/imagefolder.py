@@ -5,6 +5,7 @@ behave like FFCV's where the training loop can tell: ``len()``, ``(images, label
 already on ``device``, and a ``next_epoch`` attribute that the next pass shuffles for and then
 advances (so a resumed run passes ``epoch`` and continues the shuffle sequence).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,15 +23,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def train_transform(img_size: int):
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def val_transform(img_size: int, val_resize: int):
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(val_resize), T.CenterCrop(img_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [T.Resize(val_resize), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def open_imagefolder(path: str | Path, transform=None):
@@ -76,8 +84,7 @@ class EpochLoader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-def create_imagefolder_loaders(cfg: DataConfig, *, distributed: bool, device: torch.device, seed: int,
-                               epoch: int = 0):
+def create_imagefolder_loaders(cfg: DataConfig, *, distributed: bool, device: torch.device, seed: int, epoch: int = 0):
     """Train and val loaders over ImageFolder directories ``cfg.train_path`` / ``cfg.val_path``.
 
     Returns ``(train_loader, val_loader, num_classes)`` with the same batches as
@@ -95,14 +102,23 @@ def create_imagefolder_loaders(cfg: DataConfig, *, distributed: bool, device: to
     # A one-replica DistributedSampler is a seeded, epoch-aware shuffle without a process group.
     world, rank = world_and_rank(distributed)
     if len(train_ds) // world < cfg.batch_size:
-        raise DataError(f"{cfg.train_path} has {len(train_ds)} images for {world} rank(s), "
-                        f"fewer than one batch of data.batch_size={cfg.batch_size} per rank")
+        raise DataError(
+            f"{cfg.train_path} has {len(train_ds)} images for {world} rank(s), "
+            f"fewer than one batch of data.batch_size={cfg.batch_size} per rank"
+        )
     pin = device.type == "cuda"
 
     def loader(ds, shuffle, drop_last):
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-        dl = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.num_workers > 0)
+        dl = DataLoader(
+            ds,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+            persistent_workers=cfg.num_workers > 0,
+        )
         return EpochLoader(dl, sampler, device, epoch if shuffle else 0)
 
     return loader(train_ds, True, True), loader(val_ds, False, False), len(train_ds.classes)

@@ -2,12 +2,14 @@
 
 FFCV and torchvision are imported only when their kind is asked for.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -31,18 +33,22 @@ def cpu_share() -> int:
     return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
 
 
-def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                   epoch: int = 0) -> Loaders:
+def create_loaders(
+    cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None, epoch: int = 0
+) -> Loaders:
     """Dispatch on ``data.kind``; FFCV and torchvision are imported only when asked for."""
     d = cfg.data
     if d.kind == "bundled":
         from .bundled import create_bundled_loaders
 
-        train, val, test, nc, ch = create_bundled_loaders(d.batch_size, rank=rank, world_size=world_size,
-                                                          seed=cfg.train.seed)
+        train, val, test, nc, ch = create_bundled_loaders(
+            d.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed
+        )
         full, _, _, _, _ = create_bundled_loaders(d.batch_size, seed=cfg.train.seed)
 
-        def set_epoch(e, sampler=getattr(train, "sampler", None)):
+        sampler = getattr(train, "sampler", None)
+
+        def set_epoch(e):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(e)
 
@@ -54,8 +60,9 @@ def create_loaders(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device
         from .ffcv_io import create_ffcv_loaders as factory
     else:
         from .imagefolder import create_imagefolder_loaders as factory
-    train, val, nc = factory(d, distributed=distributed, device=device or torch.device("cpu"),
-                             seed=cfg.train.seed, epoch=epoch)
+    train, val, nc = factory(
+        d, distributed=distributed, device=device or torch.device("cpu"), seed=cfg.train.seed, epoch=epoch
+    )
 
     def set_epoch(e):
         sampler = getattr(train, "sampler", None)

@@ -4,6 +4,7 @@ Each class has its own background hue, gradient direction and foreground shape, 
 can learn something; random placement, size and pixel noise keep the JPEGs realistic (they do
 not compress to nothing and every image decodes differently).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -26,7 +27,7 @@ def _make_image(cls: int, classes: int, size: tuple[int, int], rng: np.random.Ge
     # Background: a gradient from the class colour to a darker shade, along a class-specific angle.
     angle = np.pi * cls / classes + rng.normal(0, 0.1)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h)
+    t = np.cos(angle) * xx / w + np.sin(angle) * yy / h
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
     c0 = np.array(_rgb(hue), np.float32)
     c1 = np.array(_rgb(hue + 0.08, 0.6, 0.35), np.float32)
@@ -53,9 +54,16 @@ def _make_image(cls: int, classes: int, size: tuple[int, int], rng: np.random.Ge
     return pil
 
 
-def make_jpeg_imagefolder(root: str | Path, *, classes: int = 4, per_class: int = 8,
-                          size: tuple[int, int] = (500, 375), seed: int = 0,
-                          val_per_class: int | None = None, quality: int = 90) -> Path:
+def make_jpeg_imagefolder(
+    root: str | Path,
+    *,
+    classes: int = 4,
+    per_class: int = 8,
+    size: tuple[int, int] = (500, 375),
+    seed: int = 0,
+    val_per_class: int | None = None,
+    quality: int = 90,
+) -> Path:
     """Write ``root/{train,val}/<class>/*.jpg`` (ImageNet layout) and return ``root``.
 
     ``size`` is (width, height); every third image is portrait (size transposed), as in real

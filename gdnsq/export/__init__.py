@@ -8,6 +8,7 @@
 
 The ONNX side imports onnxscript/onnxruntime only when called.
 """
+
 from __future__ import annotations
 
 from ..errors import ExportError
@@ -16,8 +17,9 @@ from .recipe import build_from_recipe, infer_recipe, recipe_from_config
 from .report import format_report, measure_macs
 
 
-def export_onnx(model, path, example_input, *, opset: int = 21, verify: bool = True,
-                dynamic_batch: bool = True) -> dict:
+def export_onnx(
+    model, path, example_input, *, opset: int = 21, verify: bool = True, dynamic_batch: bool = True
+) -> dict:
     """See :func:`gdnsq.export.onnx_qdq.export_onnx`."""
     from .onnx_qdq import export_onnx as _export
 
@@ -38,5 +40,18 @@ def code_flips(model, path, inputs) -> list[dict]:
     return _flips(model, path, inputs)
 
 
-__all__ = ["ExportError", "FORMAT", "export_packed", "load_packed", "read_manifest", "export_onnx", "run_onnx",
-           "code_flips", "infer_recipe", "recipe_from_config", "build_from_recipe", "format_report", "measure_macs"]
+__all__ = [
+    "ExportError",
+    "FORMAT",
+    "export_packed",
+    "load_packed",
+    "read_manifest",
+    "export_onnx",
+    "run_onnx",
+    "code_flips",
+    "infer_recipe",
+    "recipe_from_config",
+    "build_from_recipe",
+    "format_report",
+    "measure_macs",
+]

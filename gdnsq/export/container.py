@@ -17,6 +17,7 @@ unpickled: the manifest is JSON and blobs are raw little-endian numpy buffers or
 Bit-packing (``encoding: "bitpack"``): element i of the flattened integer array occupies bits
 [i*b, (i+1)*b) of one LSB-first bit-stream (``numpy.packbits(..., bitorder="little")``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,6 @@ from ..errors import ExportError
 MAGIC = b"GDNSQPK1"
 _PREAMBLE = struct.Struct("<8sQQ32s")  # magic, manifest length, data length, manifest sha256
 _CHUNK = 1 << 20  # elements per pack/unpack chunk (a multiple of 8, so chunks stay byte-aligned)
-
 
 
 def sha256(data: bytes | memoryview) -> str:
@@ -54,7 +54,7 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     shifts = np.arange(bits, dtype=np.uint16)
     out = []
     for i in range(0, flat.size, _CHUNK):
-        chunk = flat[i: i + _CHUNK]
+        chunk = flat[i : i + _CHUNK]
         planes = ((chunk[:, None] >> shifts) & 1).astype(np.uint8)
         out.append(np.packbits(planes.reshape(-1), bitorder="little").tobytes())
     return b"".join(out)
@@ -71,13 +71,13 @@ def unpack_bits(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
         return buf.astype(np.int64)
     if bits == 16:
         return buf.view("<u2").astype(np.int64)
-    weights = (1 << np.arange(bits, dtype=np.int64))
+    weights = 1 << np.arange(bits, dtype=np.int64)
     out = np.empty(count, dtype=np.int64)
     step = _CHUNK * bits // 8  # bytes per chunk
     for j, i in enumerate(range(0, count, _CHUNK)):
         n = min(_CHUNK, count - i)
-        planes = np.unpackbits(buf[j * step: j * step + (n * bits + 7) // 8], bitorder="little", count=n * bits)
-        out[i: i + n] = planes.reshape(n, bits).astype(np.int64) @ weights
+        planes = np.unpackbits(buf[j * step : j * step + (n * bits + 7) // 8], bitorder="little", count=n * bits)
+        out[i : i + n] = planes.reshape(n, bits).astype(np.int64) @ weights
     return out
 
 
@@ -116,8 +116,11 @@ def write_container(path: str | os.PathLike, manifest: dict, blobs: list[tuple[s
     tmp = path.with_name(path.name + ".tmp")
     whole = hashlib.sha256()
     with open(tmp, "wb") as f:
-        for chunk in (_PREAMBLE.pack(MAGIC, len(header), offset, hashlib.sha256(header).digest()), header,
-                      *(data for _, data, _ in blobs)):
+        for chunk in (
+            _PREAMBLE.pack(MAGIC, len(header), offset, hashlib.sha256(header).digest()),
+            header,
+            *(data for _, data, _ in blobs),
+        ):
             f.write(chunk)
             whole.update(chunk)
     os.replace(tmp, path)  # never leave a half-written file under the final name
@@ -144,19 +147,19 @@ def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, memoryview]
     if len(raw) > expected:
         raise ExportError(f"{path}: {len(raw) - expected} unexpected trailing bytes (expected {expected})")
     view = memoryview(raw)
-    header = view[_PREAMBLE.size: _PREAMBLE.size + n_header]
+    header = view[_PREAMBLE.size : _PREAMBLE.size + n_header]
     if hashlib.sha256(header).digest() != header_sha:
         raise ExportError(f"{path}: manifest checksum mismatch (file altered or corrupted)")
     try:
         manifest = json.loads(bytes(header))
     except ValueError:
         raise ExportError(f"{path}: manifest is not valid JSON") from None
-    data = view[_PREAMBLE.size + n_header:]
+    data = view[_PREAMBLE.size + n_header :]
     blobs, end = {}, 0
     for b in manifest.get("blobs", []):
         if b["offset"] != end or b["offset"] + b["nbytes"] > n_data:
             raise ExportError(f"{path}: blob table inconsistent at {b['name']!r}")
-        chunk = data[b["offset"]: b["offset"] + b["nbytes"]]
+        chunk = data[b["offset"] : b["offset"] + b["nbytes"]]
         if sha256(chunk) != b["sha256"]:
             raise ExportError(f"{path}: checksum mismatch in blob {b['name']!r} (file altered or corrupted)")
         blobs[b["name"]] = chunk

@@ -4,6 +4,7 @@ A quantized tensor is ``x̂ = q·s + z`` with integer codes ``q = round((clamp(x
 (docs/method.md, "Quantizer"). Weights: per output channel (``s``, ``z``, ``lo``, ``hi`` of shape (C, 1, ...))
 or per tensor (all of shape (1, ..., 1)); activations: per tensor, Python floats (exact float32 values).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,9 @@ def _bits_for(levels: int) -> int:
 
 def _quantizer_grid(name: str, quantizer: nn.Module, *args) -> tuple[Tensor, ...]:
     if not isinstance(quantizer, Quantizer):
-        raise ExportError(f"layer {name}: quantizer {type(quantizer).__name__} is not a gdnsq Quantizer (no grid()); "
-                          "cannot export it")
+        raise ExportError(
+            f"layer {name}: quantizer {type(quantizer).__name__} is not a gdnsq Quantizer (no grid()); cannot export it"
+        )
     return tuple(t.detach().to(torch.float32) for t in quantizer.grid(*args))
 
 

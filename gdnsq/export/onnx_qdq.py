@@ -24,6 +24,7 @@ flip at a boundary (margin ~1e-7 steps) from a real mismatch.
 Built with the torch.export-based exporter (``dynamo=True``): quantized layers are swapped for
 modules calling two custom ops, which ``custom_translation_table`` maps to the QDQ nodes above.
 """
+
 from __future__ import annotations
 
 import ast
@@ -54,6 +55,7 @@ _TORCH_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "uint16": torch.uint1
 @torch.library.custom_op("gdnsq_export::qdq_act", mutates_args=())
 def qdq_act(x: Tensor, lo: float, hi: float, z: float, s: float, qmin: int, qmax: int) -> Tensor:
     """Fake quantization of an input on a per-tensor grid (float32 values passed as Python floats)."""
+
     def t(v):
         return torch.tensor(v, dtype=x.dtype, device=x.device)
 
@@ -104,8 +106,10 @@ def _translations(opset: int) -> dict:
         y = op.DequantizeLinear(codes, scale, axis=axis) if axis >= 0 else op.DequantizeLinear(codes, scale)
         return op.Add(y, zero)
 
-    return {torch.ops.gdnsq_export.qdq_act.default: qdq_act_onnx,
-            torch.ops.gdnsq_export.dq_weight.default: dq_weight_onnx}
+    return {
+        torch.ops.gdnsq_export.qdq_act.default: qdq_act_onnx,
+        torch.ops.gdnsq_export.dq_weight.default: dq_weight_onnx,
+    }
 
 
 # ----------------------------------------------------------------------- export-friendly layers
@@ -122,8 +126,16 @@ class _QDQLayer(nn.Module):
         if ag is not None:
             dtype = container_dtype(ag.qmin, ag.qmax)
             self.act = (ag.lo, ag.hi, ag.z, ag.s, ag.qmin, ag.qmax)
-            self.meta["act"] = {"bits": ag.bits, "container": dtype, "lo": f32(ag.lo), "hi": f32(ag.hi),
-                                "z": f32(ag.z), "s": f32(ag.s), "qmin": ag.qmin, "qmax": ag.qmax}
+            self.meta["act"] = {
+                "bits": ag.bits,
+                "container": dtype,
+                "lo": f32(ag.lo),
+                "hi": f32(ag.hi),
+                "z": f32(ag.z),
+                "s": f32(ag.s),
+                "qmin": ag.qmin,
+                "qmax": ag.qmax,
+            }
         if wg is not None:
             q = wg.codes + wg.code_offset
             dtype = container_dtype(int(q.min()), int(q.max()))
@@ -131,8 +143,13 @@ class _QDQLayer(nn.Module):
             self.axis = 0 if wg.per_channel else -1
             self.register_buffer("w_scale", wg.s.reshape(-1).clone() if wg.per_channel else wg.s.reshape(()).clone())
             self.register_buffer("w_zero", wg.z.clone())  # (C, 1, ...) broadcasts against the codes
-            self.meta["weight"] = {"bits": wg.bits, "container": dtype, "per_channel": wg.per_channel,
-                                   "bits_min": min(wg.channel_bits), "bits_max": max(wg.channel_bits)}
+            self.meta["weight"] = {
+                "bits": wg.bits,
+                "container": dtype,
+                "per_channel": wg.per_channel,
+                "bits_min": min(wg.channel_bits),
+                "bits_max": max(wg.channel_bits),
+            }
         else:
             self.register_buffer("weight", layer.weight.detach().clone())
         for d in ("weight", "act"):
@@ -233,8 +250,12 @@ def code_flips(model: nn.Module, path: str | os.PathLike, inputs: Tensor) -> lis
             h.remove()
         model.train(was_training)
     del proto.graph.output[1:]
-    types = {"uint8": onnx.TensorProto.UINT8, "int8": onnx.TensorProto.INT8, "uint16": onnx.TensorProto.UINT16,
-             "int16": onnx.TensorProto.INT16}
+    types = {
+        "uint8": onnx.TensorProto.UINT8,
+        "int8": onnx.TensorProto.INT8,
+        "uint16": onnx.TensorProto.UINT16,
+        "int16": onnx.TensorProto.INT16,
+    }
     names = list(grids)
     for name in names:
         dtype = types[container_dtype(grids[name].qmin, grids[name].qmax)]
@@ -254,8 +275,15 @@ def code_flips(model: nn.Module, path: str | os.PathLike, inputs: Tensor) -> lis
 
 
 @torch.no_grad()
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, opset: int = 21,
-                verify: bool = True, dynamic_batch: bool = True) -> dict:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor,
+    *,
+    opset: int = 21,
+    verify: bool = True,
+    dynamic_batch: bool = True,
+) -> dict:
     """Write ``model`` as ONNX with QDQ nodes; return a report (layers, bits, BOPs, parity if ``verify``).
 
     ``example_input``: one batch (N, C, H, W) used for tracing; the batch dimension stays dynamic unless
@@ -275,9 +303,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         if dynamic_batch:
             kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
         try:
-            program = torch.onnx.export(export_model, (trace_x,), None, dynamo=True, opset_version=opset,
-                                        input_names=["input"], output_names=["logits"], verbose=False,
-                                        custom_translation_table=_translations(opset), **kwargs)
+            program = torch.onnx.export(
+                export_model,
+                (trace_x,),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                verbose=False,
+                custom_translation_table=_translations(opset),
+                **kwargs,
+            )
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001 - the exporter's errors are pages long; keep the first line
@@ -292,12 +329,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         path.parent.mkdir(parents=True, exist_ok=True)
         program.save(str(path))
 
-        bits = {n: (m["weight"]["bits"] if m["weight"] else rep.FP_BITS, m["act"]["bits"] if m["act"] else rep.FP_BITS)
-                for n, m in layers.items()}
+        bits = {
+            n: (m["weight"]["bits"] if m["weight"] else rep.FP_BITS, m["act"]["bits"] if m["act"] else rep.FP_BITS)
+            for n, m in layers.items()
+        }
         rows = rep.layer_rows(model, bits, x, {})
-        out = {"path": str(path), "format": FORMAT, "opset": opset, "bytes_file": path.stat().st_size,
-               **{k: v for k, v in rep.totals(rows, 0, 0).items() if "bytes" not in k and k != "compression"},
-               "layers": rows}
+        out = {
+            "path": str(path),
+            "format": FORMAT,
+            "opset": opset,
+            "bytes_file": path.stat().st_size,
+            **{k: v for k, v in rep.totals(rows, 0, 0).items() if "bytes" not in k and k != "compression"},
+            "layers": rows,
+        }
         if verify:
             param = next(model.parameters(), None)
             ref = model(x.to(param.device if param is not None else "cpu")).float().cpu()

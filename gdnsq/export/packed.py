@@ -15,6 +15,7 @@ What the manifest holds (``format: gdnsq-packed/1``):
 Loading dequantizes ``x̂ = q·s + z`` with the same float32 operations as the fake-quant eval forward,
 so a model exported with ``fp_dtype="float32"`` gives the original's eval logits bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,14 +63,22 @@ def _raw_blob(key: str, t: torch.Tensor, fp_dtype) -> tuple[str, bytes, dict]:
         arr = t.numpy()
     arr = np.ascontiguousarray(arr)
     dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-    return key, arr.astype(dtype).tobytes(), {"role": "state", "encoding": "raw", "dtype": dtype.str,
-                                              "shape": list(arr.shape)}
+    return (
+        key,
+        arr.astype(dtype).tobytes(),
+        {"role": "state", "encoding": "raw", "dtype": dtype.str, "shape": list(arr.shape)},
+    )
 
 
 def _layer_entry(name: str, layer: nn.Module, wg: WeightGrid | None, ag) -> tuple[dict, list]:
     """The manifest entry of a quantized layer and its grid blobs (per-channel arrays stay binary)."""
-    entry = {"name": name, "kind": "linear" if layer.weight.dim() == 2 else "conv",
-             "weight_shape": list(layer.weight.shape), "weight": None, "act": None}
+    entry = {
+        "name": name,
+        "kind": "linear" if layer.weight.dim() == 2 else "conv",
+        "weight_shape": list(layer.weight.shape),
+        "weight": None,
+        "act": None,
+    }
     blobs = []
     if wg is not None:
         rows = {"lo": wg.lo, "hi": wg.hi, "z": wg.z, "s": wg.s}
@@ -79,18 +88,34 @@ def _layer_entry(name: str, layer: nn.Module, wg: WeightGrid | None, ag) -> tupl
         grid = torch.stack([t.reshape(-1) for t in rows.values()]).cpu().numpy().astype("<f4")
         channel_bits = np.asarray(wg.channel_bits, dtype=np.uint8)
         entry["weight"] = {
-            "codes": f"{name}.weight", "bits_w": wg.bits, "code_offset": wg.code_offset,
-            "per_channel": wg.per_channel, "channels": int(wg.s.numel()),
-            "grid": f"{name}.weight.grid", "grid_rows": list(rows), "z_is_lo": z_is_lo,
-            "bits": f"{name}.weight.bits", "bits_min": int(channel_bits.min()), "bits_max": int(channel_bits.max()),
+            "codes": f"{name}.weight",
+            "bits_w": wg.bits,
+            "code_offset": wg.code_offset,
+            "per_channel": wg.per_channel,
+            "channels": int(wg.s.numel()),
+            "grid": f"{name}.weight.grid",
+            "grid_rows": list(rows),
+            "z_is_lo": z_is_lo,
+            "bits": f"{name}.weight.bits",
+            "bits_min": int(channel_bits.min()),
+            "bits_max": int(channel_bits.max()),
         }
         raw = {"role": "grid", "encoding": "raw"}
-        blobs += [(f"{name}.weight.grid", grid.tobytes(), {**raw, "dtype": "<f4", "shape": list(grid.shape)}),
-                  (f"{name}.weight.bits", channel_bits.tobytes(), {**raw, "dtype": "|u1",
-                                                                 "shape": list(channel_bits.shape)})]
+        blobs += [
+            (f"{name}.weight.grid", grid.tobytes(), {**raw, "dtype": "<f4", "shape": list(grid.shape)}),
+            (f"{name}.weight.bits", channel_bits.tobytes(), {**raw, "dtype": "|u1", "shape": list(channel_bits.shape)}),
+        ]
     if ag is not None:
-        entry["act"] = {"lo": f32(ag.lo), "hi": f32(ag.hi), "z": f32(ag.z), "s": f32(ag.s), "bits": ag.bits,
-                        "qmin": ag.qmin, "qmax": ag.qmax, "signed": ag.signed}
+        entry["act"] = {
+            "lo": f32(ag.lo),
+            "hi": f32(ag.hi),
+            "z": f32(ag.z),
+            "s": f32(ag.s),
+            "bits": ag.bits,
+            "qmin": ag.qmin,
+            "qmax": ag.qmax,
+            "signed": ag.signed,
+        }
     return entry, blobs
 
 
@@ -104,9 +129,15 @@ def _weight_grid_arrays(w: dict, decoded: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def export_packed(model: nn.Module, path: str | os.PathLike, *, fp_dtype: str = "float32",
-                  example_input: torch.Tensor | None = None, meta: dict | None = None,
-                  recipe: dict | None = None) -> dict:
+def export_packed(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    fp_dtype: str = "float32",
+    example_input: torch.Tensor | None = None,
+    meta: dict | None = None,
+    recipe: dict | None = None,
+) -> dict:
     """Write ``model`` (a quantized student) to one packed file; return the size / BOPs report.
 
     ``fp_dtype``: storage of FP tensors (FP layers, BN, biases); quantizer grids are always float32.
@@ -141,8 +172,19 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, fp_dtype: str = 
             key = f"{name}.weight"
             packed_keys.add(key)
             data = pack_bits(wg.codes.cpu().numpy(), wg.bits)
-            blobs.append((key, data, {"role": "codes", "encoding": "bitpack", "bits": wg.bits,
-                                      "count": wg.codes.numel(), "shape": list(wg.codes.shape)}))
+            blobs.append(
+                (
+                    key,
+                    data,
+                    {
+                        "role": "codes",
+                        "encoding": "bitpack",
+                        "bits": wg.bits,
+                        "count": wg.codes.numel(),
+                        "shape": list(wg.codes.shape),
+                    },
+                )
+            )
             blobs += grid_blobs
             layer_blobs[name] = len(data) + sum(len(b[1]) for b in grid_blobs)
     for key, t in state.items():
@@ -151,7 +193,11 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, fp_dtype: str = 
         blobs.append(_raw_blob(key, t, np.float32 if key in keep_f32 else FP_DTYPES[fp_dtype]))
 
     manifest = {
-        "format": FORMAT, "fp_dtype": fp_dtype, "recipe": recipe, "layers": entries, "meta": meta,
+        "format": FORMAT,
+        "fp_dtype": fp_dtype,
+        "recipe": recipe,
+        "layers": entries,
+        "meta": meta,
         "input_shape": None if example_input is None else list(example_input.shape[1:]),
     }
     size, digest = write_container(path, manifest, blobs)
@@ -160,19 +206,30 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, fp_dtype: str = 
     blob_bytes = {b[0]: len(b[1]) for b in blobs}
     export_bytes = {}
     for name, _ in rep.compute_layers(model):
-        export_bytes[name] = (layer_blobs.get(name) or blob_bytes.get(f"{name}.weight", 0)) + \
-            blob_bytes.get(f"{name}.bias", 0)
+        export_bytes[name] = (layer_blobs.get(name) or blob_bytes.get(f"{name}.weight", 0)) + blob_bytes.get(
+            f"{name}.bias", 0
+        )
     rows = rep.layer_rows(model, bits, example_input, export_bytes)
-    fp32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
-               for k, t in state.items() if k not in keep_f32)
-    payload = packed_bytes(model, {n: b[0] for n, b in bits.items() if n in layer_blobs},
-                           fp_bytes=np.dtype(FP_DTYPES[fp_dtype]).itemsize)
+    fp32 = sum(
+        t.numel() * (4 if t.is_floating_point() else t.element_size()) for k, t in state.items() if k not in keep_f32
+    )
+    payload = packed_bytes(
+        model, {n: b[0] for n, b in bits.items() if n in layer_blobs}, fp_bytes=np.dtype(FP_DTYPES[fp_dtype]).itemsize
+    )
     if payload != sum(blob_bytes.values()):  # the budget and the registry card use packed_bytes: keep them true
-        raise ExportError(f"{path}: blobs hold {sum(blob_bytes.values())} bytes but training.bits.packed_bytes "
-                          f"says {payload}")
-    return {"bytes_payload": payload, "path": str(path), "format": FORMAT, "fp_dtype": fp_dtype, "sha256": digest,
-            **rep.totals(rows, fp32, size), "bytes_codes": sum(blob_bytes[k] for k in packed_keys),
-            "layers": rows}
+        raise ExportError(
+            f"{path}: blobs hold {sum(blob_bytes.values())} bytes but training.bits.packed_bytes says {payload}"
+        )
+    return {
+        "bytes_payload": payload,
+        "path": str(path),
+        "format": FORMAT,
+        "fp_dtype": fp_dtype,
+        "sha256": digest,
+        **rep.totals(rows, fp32, size),
+        "bytes_codes": sum(blob_bytes[k] for k in packed_keys),
+        "layers": rows,
+    }
 
 
 def read_manifest(path: str | os.PathLike, *, inline: bool = False) -> dict:
@@ -254,8 +311,9 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         grid = _weight_grid_arrays(w, decoded)
         shape = (-1,) + (1,) * (codes.dim() - 1) if w["per_channel"] else (1,) * codes.dim()
         # Same float32 ops as the fake-quant eval forward: round(...) * s + z.
-        state[w["codes"]] = (codes + w["code_offset"]).to(torch.float32) * grid["s"].reshape(shape) \
-            + grid["z"].reshape(shape)
+        state[w["codes"]] = (codes + w["code_offset"]).to(torch.float32) * grid["s"].reshape(shape) + grid["z"].reshape(
+            shape
+        )
     try:
         model = _build_with_state(manifest["recipe"], state)
     except ExportError as e:

@@ -12,6 +12,7 @@ Both carry the plan, and a rebuilt model must quantize exactly the planned layer
 :func:`infer_recipe` guesses a timm recipe from a live model and keeps it only if the rebuilt
 structure has the same state-dict keys and shapes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,10 @@ from ..quant.spec import QuantSpec
 
 def plan_of(model: nn.Module) -> list[dict]:
     """The surgery plan realised in ``model``: one entry per quantized layer, in module order."""
-    return [{"name": name, "kind": "conv" if isinstance(layer, QConv2d) else "linear",
-             "spec": layer.spec.as_dict()} for name, layer in iter_quantized(model)]
+    return [
+        {"name": name, "kind": "conv" if isinstance(layer, QConv2d) else "linear", "spec": layer.spec.as_dict()}
+        for name, layer in iter_quantized(model)
+    ]
 
 
 def recipe_from_config(config, num_classes: int, in_chans: int, plan: list[dict] | None = None) -> dict:
@@ -40,8 +43,13 @@ def recipe_from_config(config, num_classes: int, in_chans: int, plan: list[dict]
 
     data = copy.deepcopy(config if isinstance(config, dict) else to_dict(config))
     data.setdefault("model", {}).update(checkpoint=None, pretrained=False)
-    return {"builder": "gdnsq", "config": data, "num_classes": int(num_classes),
-            "in_chans": int(in_chans), "plan": plan or []}
+    return {
+        "builder": "gdnsq",
+        "config": data,
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "plan": plan or [],
+    }
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
@@ -115,12 +123,18 @@ def infer_recipe(model: nn.Module) -> dict:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     name = cfg.get("architecture")
     if not name:
-        raise ExportError(f"cannot tell which timm model {type(model).__name__} is (no pretrained_cfg"
-                          "['architecture']); pass recipe=")
+        raise ExportError(
+            f"cannot tell which timm model {type(model).__name__} is (no pretrained_cfg['architecture']); pass recipe="
+        )
     want, problem = _signature(model), None
     for bn in _batchnorm_modes(model):
-        recipe = {"builder": "timm", "name": name, "kwargs": _timm_kwargs(model), "batchnorm": bn,
-                  "plan": plan_of(model)}
+        recipe = {
+            "builder": "timm",
+            "name": name,
+            "kwargs": _timm_kwargs(model),
+            "batchnorm": bn,
+            "plan": plan_of(model),
+        }
         try:
             problem = _mismatch(want, _rebuild_signature(recipe))
         except ExportError as e:

@@ -3,6 +3,7 @@
 The rows and totals come from the one MAC/BOP counter in :mod:`gdnsq.training.bits` (re-exported
 here: ``export.packed`` builds its report with them, and ``gdnsq.export.measure_macs`` stays public).
 """
+
 from __future__ import annotations
 
 from ..training.bits import FP_BITS, compute_layers, layer_rows, measure_macs, totals
@@ -12,17 +13,22 @@ __all__ = ["FP_BITS", "compute_layers", "format_report", "layer_rows", "measure_
 
 def format_report(report: dict) -> str:
     """A fixed-width table of the per-layer rows and the totals."""
-    lines = [f"{'layer':<30} {'W':>3} {'A':>3} {'params':>10} {'MACs':>12} {'GBOPs':>9} {'FP32 B':>11} "
-             f"{'export B':>10}"]
+    lines = [
+        f"{'layer':<30} {'W':>3} {'A':>3} {'params':>10} {'MACs':>12} {'GBOPs':>9} {'FP32 B':>11} {'export B':>10}"
+    ]
     for r in report["layers"]:
         macs = "-" if r["macs"] is None else f"{r['macs']:,}"
         gbops = "-" if r["bops"] is None else f"{r['bops'] / 1e9:.4g}"
         exp = "-" if r["bytes_export"] is None else f"{r['bytes_export']:,}"
-        lines.append(f"{r['name']:<30} {r['bits_w']:>3} {r['bits_a']:>3} {r['params']:>10,} {macs:>12} {gbops:>9} "
-                     f"{r['bytes_fp32']:>11,} {exp:>10}")
+        lines.append(
+            f"{r['name']:<30} {r['bits_w']:>3} {r['bits_a']:>3} {r['params']:>10,} {macs:>12} {gbops:>9} "
+            f"{r['bytes_fp32']:>11,} {exp:>10}"
+        )
     t = report
     lines.append(f"total: FP32 {t['bytes_fp32']:,} B -> file {t['bytes_file']:,} B (x{t['compression']})")
     if t.get("bops") is not None:
-        lines.append(f"       BOPs {t['bops'] / 1e9:.4g} G (FP32 {t['bops_fp32'] / 1e9:.4g} G, "
-                     f"x{t['bops_reduction']} fewer), MACs {t['macs']:,}")
+        lines.append(
+            f"       BOPs {t['bops'] / 1e9:.4g} G (FP32 {t['bops_fp32'] / 1e9:.4g} G, "
+            f"x{t['bops_reduction']} fewer), MACs {t['macs']:,}"
+        )
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Where a student to export comes from: a gdnsq checkpoint file, a folder written by ``gdnsq models pull``,
 or a registry reference ``NAME@ALIAS`` / ``NAME/VERSION``; each gives (student, recipe, config, meta)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ def load_checkpoint_student(path: str | Path) -> tuple[nn.Module, dict, object, 
     ckpt = read_checkpoint(path)
     model, cfg, which = student_from_checkpoint(ckpt, source=str(path))
     best = ckpt.get("best") or {}
-    meta = {"source": str(path), "state": which,
-            **({k: best[k] for k in ("ns_top1", "val_top1", "epoch") if k in best} if which == "best" else {})}
+    meta = {
+        "source": str(path),
+        "state": which,
+        **({k: best[k] for k in ("ns_top1", "val_top1", "epoch") if k in best} if which == "best" else {}),
+    }
     num_classes, in_chans = infer_classes_and_chans(cfg, model.state_dict())
     return model, recipe_from_config(ckpt["config"], num_classes, in_chans, plan_of(model)), cfg, meta
 

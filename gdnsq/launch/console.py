@@ -13,6 +13,7 @@ ANSI codes around worker prefixes), ``RAY_DISABLE_WORKER_LOG_PREFIX=1`` (no "(Ra
 before our lines), ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`` and ``MLFLOW_LOGGING_LEVEL=WARNING``.
 ``-v`` turns them back on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,17 +40,23 @@ def quiet_env(level: int) -> dict[str, str]:
     """Ray's and MLflow's own switches for our console at verbosity ``level``."""
     env = {"RAY_COLOR_PREFIX": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     if level <= 0:
-        env.update(MLFLOW_LOGGING_LEVEL="WARNING", RAY_DISABLE_WORKER_LOG_PREFIX="1",
-                   # Train V2 sends a worker's print() to its logger *and* the original stdout: each line twice
-                   RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+        env.update(
+            MLFLOW_LOGGING_LEVEL="WARNING",
+            RAY_DISABLE_WORKER_LOG_PREFIX="1",
+            # Train V2 sends a worker's print() to its logger *and* the original stdout: each line twice
+            RAY_TRAIN_ENABLE_PRINT_PATCH="0",
+        )
     return env
 
 
 def worker_env() -> dict[str, str]:
     """Environment for every Ray task and actor of our job (``ray.init(runtime_env={"env_vars": ...})``)."""
     level = verbosity()
-    return {**quiet_env(level), VERBOSITY_ENV: str(level),
-            TTY_ENV: os.environ.get(TTY_ENV, "1" if sys.stdout.isatty() else "0")}
+    return {
+        **quiet_env(level),
+        VERBOSITY_ENV: str(level),
+        TTY_ENV: os.environ.get(TTY_ENV, "1" if sys.stdout.isatty() else "0"),
+    }
 
 
 def train_log_level() -> str:
@@ -119,10 +126,17 @@ def header(cfg, *, devices: str) -> None:
         tracking = f"{scrub_value(uri)}  (experiment {cfg.tracking.experiment})"
         if uri.startswith("sqlite:") and cfg.ray.enabled and (cfg.ray.address or cfg.ray.num_workers > 1):
             tracking += "  -- a store on this machine: a cluster wants MLFLOW_TRACKING_URI=http://..."
-    print(f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
-          f"({cfg.quant.method}), {cfg.train.epochs} epochs, data {cfg.data.kind}", flush=True)
-    for key, value in (("run", _run_state(cfg, storage)), ("storage", f"{storage}/{cfg.name}"),
-                       ("tracking", tracking), ("devices", devices)):
+    print(
+        f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
+        f"({cfg.quant.method}), {cfg.train.epochs} epochs, data {cfg.data.kind}",
+        flush=True,
+    )
+    for key, value in (
+        ("run", _run_state(cfg, storage)),
+        ("storage", f"{storage}/{cfg.name}"),
+        ("tracking", tracking),
+        ("devices", devices),
+    ):
         print(f"  {key:<9} {value}", flush=True)
 
 
@@ -189,8 +203,10 @@ class Progress:
             rate = self.n / (now - self.t0)
             eta = f"  ETA {_hms((self.total - self.n) / rate)}" if self.total else ""
             of = f"/{self.total}" if self.total else ""
-            say(f"  epoch {self.epoch}/{self.epochs}  step {self.n}{of}  {rate * self.images_per_step:,.0f} img/s"
-                f"{eta}" + (f"  loss {self.loss:.4f}" if self.loss is not None else ""))
+            say(
+                f"  epoch {self.epoch}/{self.epochs}  step {self.n}{of}  {rate * self.images_per_step:,.0f} img/s"
+                f"{eta}" + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
+            )
 
     def epoch_end(self, metrics: dict) -> None:
         if self.bar is not None:
@@ -200,11 +216,14 @@ class Progress:
         elapsed, train_s = now - self.t0, self.step_t - self.t0  # with / without validation
         self.epochs_here += 1
         total_eta = (now - self.run_t0) / self.epochs_here * (self.epochs - self.epoch)
-        say(f"epoch {self.epoch:>{len(str(self.epochs))}}/{self.epochs}  val top-1 {metrics['val/top1']:6.2f}  "
+        say(
+            f"epoch {self.epoch:>{len(str(self.epochs))}}/{self.epochs}  val top-1 {metrics['val/top1']:6.2f}  "
             f"bits W{metrics['bits/avg_w']:.2f} A{metrics['bits/avg_a']:.2f}  "
             f"{'converged' if metrics['val/converged'] else 'not conv.'}  "
-            f"T {metrics.get('train/temperature', 0):.3g}  {self.n * self.images_per_step / max(train_s, 1e-9):,.0f} img/s  "
-            f"{elapsed:.1f} s" + (f"  (ETA {_hms(total_eta)})" if self.epoch < self.epochs else ""))
+            f"T {metrics.get('train/temperature', 0):.3g}  "
+            f"{self.n * self.images_per_step / max(train_s, 1e-9):,.0f} img/s  "
+            f"{elapsed:.1f} s" + (f"  (ETA {_hms(total_eta)})" if self.epoch < self.epochs else "")
+        )
 
 
 # ----------------------------------------------------------------------------------- footer
@@ -231,17 +250,28 @@ def footer(cfg, summary: dict) -> None:
         if artifacts:
             local = Path(artifacts.removeprefix("file://"))
             pngs = sorted(p.name for p in local.glob("*.png")) if local.is_dir() else []
-            rows.append(("plots", f"{local if local.is_dir() else artifacts}" + (f"  ({', '.join(pngs)})" if pngs else "")))
+            rows.append(
+                ("plots", f"{local if local.is_dir() else artifacts}" + (f"  ({', '.join(pngs)})" if pngs else ""))
+            )
         rows.append(("MLflow run", summary["mlflow_run_id"]))
-        rows.append(("MLflow UI", f"open {scrub_value(uri)}" if is_server_uri(uri) else
-                     f"mlflow ui --backend-store-uri {uri}   # then http://127.0.0.1:5000"))
+        rows.append(
+            (
+                "MLflow UI",
+                f"open {scrub_value(uri)}"
+                if is_server_uri(uri)
+                else f"mlflow ui --backend-store-uri {uri}   # then http://127.0.0.1:5000",
+            )
+        )
     if summary.get("registered_model"):
         ref = summary["registered_model"].split()[0]
         if "(champion)" in summary["registered_model"]:
             ref = ref.rsplit("/", 1)[0] + "@champion"
         rows.append(("registered", summary["registered_model"]))
-        tracking = "" if uri is None or os.environ.get("MLFLOW_TRACKING_URI") == uri or _is_default(uri) else \
-            f", tracking_uri={uri!r}"
+        tracking = (
+            ""
+            if uri is None or os.environ.get("MLFLOW_TRACKING_URI") == uri or _is_default(uri)
+            else f", tracking_uri={uri!r}"
+        )
         rows.append(("load it", f"python -c \"import gdnsq; m = gdnsq.load_model('{ref}'{tracking})\""))
     elif ckpt and "://" not in ckpt:
         rows.append(("export it", f"gdnsq export {ckpt} --out out/export"))

@@ -3,6 +3,7 @@
 :func:`preflight` runs first on both paths (and on a sweep's base job): bad input fails in one line
 before any data is loaded, Ray starts or the FP teacher trains.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,8 +74,11 @@ def run_local(cfg: JobConfig) -> dict:
         check_identity(to_dict(cfg), resume, str(folder))
         stored = folder / SUMMARY_FILE
         if finished(cfg, resume) and stored.is_file():
-            log.info("run %s already finished (epoch %d): its stored summary, nothing trained",
-                     cfg.name, resume["engine"]["epoch"])
+            log.info(
+                "run %s already finished (epoch %d): its stored summary, nothing trained",
+                cfg.name,
+                resume["engine"]["epoch"],
+            )
             return json.loads(stored.read_text())
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, resume["engine"]["epoch"])
     console.header(cfg, devices=f"in-process (no Ray), {resolve_device(cfg.train.device)}")
@@ -98,8 +102,14 @@ def run_local(cfg: JobConfig) -> dict:
         state.update(tracking.log_epoch(metrics, table))
         save_checkpoint(state, ckpt_path, keep_previous=True)
 
-    summary = run_job(cfg, resume=resume, on_epoch=on_epoch, wrap_ddp=note_io, on_step=progress.step,
-                      on_epoch_start=progress.epoch_start)
+    summary = run_job(
+        cfg,
+        resume=resume,
+        on_epoch=on_epoch,
+        wrap_ddp=note_io,
+        on_step=progress.step,
+        on_epoch_start=progress.epoch_start,
+    )
     summary["checkpoint"] = str(ckpt_path)
     summary.update(tracking.finish(summary, ckpt_path))
     write_json_atomic(folder / SUMMARY_FILE, summary)
@@ -115,8 +125,9 @@ class LocalTracking:
         if cfg.tracking.enabled:
             from ..tracking.store import resolve_tracking_uri
 
-            self.cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
-                cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri)))
+            self.cfg = dataclasses.replace(
+                cfg, tracking=dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
+            )
 
     def _get(self):
         if self.tracker is None:
@@ -149,8 +160,14 @@ class LocalTracking:
         tracker.finish("FINISHED")
         out = {"mlflow_run_id": run_id} if run_id else {}
         if run_id and self.cfg.tracking.register and registrable(summary, self.cfg.name):
-            out["registered_model"] = register_checkpoint(self.cfg, load_checkpoint(ckpt_path), summary, run_id,
-                                                          what=self.cfg.name, checkpoint_path=str(ckpt_path))
+            out["registered_model"] = register_checkpoint(
+                self.cfg,
+                load_checkpoint(ckpt_path),
+                summary,
+                run_id,
+                what=self.cfg.name,
+                checkpoint_path=str(ckpt_path),
+            )
         return out
 
 
@@ -194,8 +211,10 @@ def ray_address(cfg: JobConfig) -> str | None:
         return cfg.ray.address
     if address.startswith(("http://", "https://")):
         if field == "ray.address":
-            raise ClusterError(f"ray.address: {address!r} is a job-server URL (for gdnsq submit); training needs "
-                               f"the cluster's GCS address HOST:{GCS_PORT}")
+            raise ClusterError(
+                f"ray.address: {address!r} is a job-server URL (for gdnsq submit); training needs "
+                f"the cluster's GCS address HOST:{GCS_PORT}"
+            )
         log.warning("RAY_ADDRESS=%s is a job-server URL (for gdnsq submit); training ignores it", address)
         os.environ.pop("RAY_ADDRESS")
         return None
@@ -206,8 +225,10 @@ def ray_address(cfg: JobConfig) -> str | None:
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
-        raise ClusterError(f"{field}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
-                           "start the Ray head there or fix the address") from None
+        raise ClusterError(
+            f"{field}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+            "start the Ray head there or fix the address"
+        ) from None
     return address
 
 

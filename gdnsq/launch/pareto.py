@@ -5,6 +5,7 @@ and it carries the figure: test top-1 (``test_top1``) against the packed payload
 the budget's true bytes) or against BOPs per sample (``bops``), both from the run summary
 (:func:`gdnsq.training.bits.size_figures`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -40,8 +41,12 @@ def is_front_sweep(space: dict) -> bool:
 
 def is_point(row: dict, cost: str) -> bool:
     """A converged trial that ran to the end and carries its top-1 and ``cost``."""
-    return (row.get("status") == "completed" and bool(row.get("test_converged"))
-            and row.get("test_top1") is not None and row.get(cost) is not None)
+    return (
+        row.get("status") == "completed"
+        and bool(row.get("test_converged"))
+        and row.get("test_top1") is not None
+        and row.get(cost) is not None
+    )
 
 
 def mark_fronts(trials: list[dict], primary: str = "bytes") -> dict | None:
@@ -68,7 +73,10 @@ def front_tags(row: dict, sweep_name: str, front: dict | None) -> dict[str, str]
     ``tags.pareto_front = 'true'``)."""
     tags = {"sweep": sweep_name}
     if front is not None:
-        for tag, key in (("pareto_front", "pareto_front"), ("pareto_front_bytes", "front_bytes"),
-                         ("pareto_front_bops", "front_bops")):
+        for tag, key in (
+            ("pareto_front", "pareto_front"),
+            ("pareto_front_bytes", "front_bytes"),
+            ("pareto_front_bops", "front_bops"),
+        ):
             tags[tag] = "true" if row.get(key) else "false"
     return tags

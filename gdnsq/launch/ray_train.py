@@ -12,6 +12,7 @@ worker group reattaches to its run. Each report also carries a DDP replica check
 of its student state (``dist/checksum/r<rank>``), ``dist/replicas_equal`` and ``dist/num_nodes``;
 and ``sys/cpu_s`` / ``sys/wall_s`` (all workers' CPU seconds, rank 0's wall seconds per epoch).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,6 @@ from .ray_worker import (
 from .storage import SUMMARY_FILE, read_json, storage_root
 
 log = logging.getLogger("gdnsq")
-
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,14 @@ def connect(cfg: JobConfig) -> None:
     # Our console settings reach every worker; a submitted job already has its runtime env (and ours in it).
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     try:
-        ray.init(address=address, logging_level="WARNING",
-                 runtime_env=None if in_job else {"env_vars": worker_env()})
+        ray.init(address=address, logging_level="WARNING", runtime_env=None if in_job else {"env_vars": worker_env()})
     except ConnectionError as e:  # something answers there, but not a Ray GCS (Ray gives up after ~20 s)
         from ..errors import ClusterError
 
-        raise ClusterError(f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: no Ray cluster at {address} "
-                           f"({str(e).splitlines()[-1]})") from None
+        raise ClusterError(
+            f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: no Ray cluster at {address} "
+            f"({str(e).splitlines()[-1]})"
+        ) from None
 
 
 def place(cfg: JobConfig) -> bool:
@@ -146,8 +147,10 @@ def check_resources(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> None:
     if slots < cfg.ray.num_workers:
         want = f"{cfg.ray.num_workers} x ({need_cpu} CPU{f' + {need_gpu} GPU' if need_gpu else ''})"
         have = f"{total_cpu:g} CPUs{f' / {total_gpu:g} GPUs' if need_gpu else ''} on {len(nodes)} node(s)"
-        raise ConfigError(f"ray.num_workers: {want} cannot be placed on this cluster ({have}, room for "
-                          f"{slots} worker(s)); lower ray.num_workers or ray.cpus_per_worker")
+        raise ConfigError(
+            f"ray.num_workers: {want} cannot be placed on this cluster ({have}, room for "
+            f"{slots} worker(s)); lower ray.num_workers or ray.cpus_per_worker"
+        )
 
 
 def _driver_config(cfg: JobConfig) -> JobConfig:
@@ -161,8 +164,16 @@ def _driver_config(cfg: JobConfig) -> JobConfig:
     return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage), tracking=tracking)
 
 
-def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = None, callbacks: list | None = None,
-                   parent_run_id: str | None = None, controller_failure_limit: int = -1, console: bool = False):
+def create_trainer(
+    cfg: JobConfig,
+    *,
+    use_gpu: bool,
+    kill: KillWorker | None = None,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    controller_failure_limit: int = -1,
+    console: bool = False,
+):
     """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
 
     For a Tune trial (gdnsq.launch.ray_tune): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
@@ -176,26 +187,40 @@ def create_trainer(cfg: JobConfig, *, use_gpu: bool, kill: KillWorker | None = N
     from .console import train_log_level
 
     loop_config = to_dict(cfg)
-    loop_config[WORKER_OPTIONS] = {"kill": dataclasses.asdict(kill) if kill else None, "parent_run_id": parent_run_id,
-                                   "console": console}
+    loop_config[WORKER_OPTIONS] = {
+        "kill": dataclasses.asdict(kill) if kill else None,
+        "parent_run_id": parent_run_id,
+        "console": console,
+    }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.ray.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
-                                                          controller_failure_limit=controller_failure_limit),
-                             callbacks=list(callbacks or []),
-                             # Ray Train's per-report result and checkpoint lines only with -v
-                             logging_config=LoggingConfig(log_level=train_log_level()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.ray.storage_path,
+            failure_config=FailureConfig(
+                max_failures=cfg.ray.max_failures, controller_failure_limit=controller_failure_limit
+            ),
+            callbacks=list(callbacks or []),
+            # Ray Train's per-report result and checkpoint lines only with -v
+            logging_config=LoggingConfig(log_level=train_log_level()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+        ),
     )
 
 
-def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | None = None,
-        parent_run_id: str | None = None, controller_failure_limit: int = -1) -> dict:
+def fit(
+    cfg: JobConfig,
+    *,
+    kill: KillWorker | None = None,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    controller_failure_limit: int = -1,
+) -> dict:
     """Run (or resume, same name + storage) a job on Ray Train; returns the job summary.
 
     The summary is :func:`gdnsq.training.job.run_job`'s, plus ``checkpoint`` (the final checkpoint's
@@ -213,8 +238,15 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
         from .console import header
 
         header(cfg, devices=_devices(cfg, use_gpu))
-    result = create_trainer(cfg, use_gpu=use_gpu, kill=kill, callbacks=callbacks, parent_run_id=parent_run_id,
-                            controller_failure_limit=controller_failure_limit, console=single).fit()
+    result = create_trainer(
+        cfg,
+        use_gpu=use_gpu,
+        kill=kill,
+        callbacks=callbacks,
+        parent_run_id=parent_run_id,
+        controller_failure_limit=controller_failure_limit,
+        console=single,
+    ).fit()
     if result.error:  # Train V2 raises from fit() already; kept for a result that carries it
         raise result.error
     out = result.return_value
@@ -229,8 +261,13 @@ def fit(cfg: JobConfig, *, kill: KillWorker | None = None, callbacks: list | Non
 
         if cfg.tracking.register and registrable(summary, cfg.name):
             summary["registered_model"] = register_checkpoint(
-                cfg, load_ray_checkpoint(result.checkpoint), summary, out["mlflow_run_id"], what=cfg.name,
-                checkpoint_path=result.checkpoint.path)
+                cfg,
+                load_ray_checkpoint(result.checkpoint),
+                summary,
+                out["mlflow_run_id"],
+                what=cfg.name,
+                checkpoint_path=result.checkpoint.path,
+            )
     _write_summary(result, summary)
     return summary
 
@@ -240,8 +277,7 @@ def _devices(cfg: JobConfig, use_gpu: bool) -> str:
 
     each = f"{cfg.ray.cpus_per_worker} CPU" + (" + 1 GPU" if use_gpu else "")
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    text = (f"Ray Train, {cfg.ray.num_workers} worker(s) x ({each}), {'nccl' if use_gpu else 'gloo'}, "
-            f"{nodes} node(s)")
+    text = f"Ray Train, {cfg.ray.num_workers} worker(s) x ({each}), {'nccl' if use_gpu else 'gloo'}, {nodes} node(s)"
     try:
         from ray._private.worker import get_dashboard_url
 
@@ -249,6 +285,8 @@ def _devices(cfg: JobConfig, use_gpu: bool) -> str:
     except Exception:  # noqa: BLE001 - the dashboard is optional (ray[default])
         url = None
     return text + (f"; dashboard http://{url.removeprefix('http://')}" if url else "")
+
+
 def latest_checkpoint(folder: str):
     """The Ray Train checkpoint that a run in ``folder`` resumes from (Ray's own snapshot), or None."""
     from ray.train import Result
@@ -274,8 +312,9 @@ def check_existing_run(cfg: JobConfig) -> dict | None:
     check_identity(to_dict(cfg), ckpt, folder)
     summary = read_json(f"{folder}/{SUMMARY_FILE}")
     if finished(cfg, ckpt) and summary is not None:
-        log.info("run %s already finished (epoch %d): its stored summary, nothing trained",
-                 cfg.name, ckpt["engine"]["epoch"])
+        log.info(
+            "run %s already finished (epoch %d): its stored summary, nothing trained", cfg.name, ckpt["engine"]["epoch"]
+        )
         return summary
     return None
 

@@ -13,6 +13,7 @@ MLflow: the driver owns a parent run; each trial's run is nested under it. At th
 ``quant.budget.*`` registers every converged trial, tagging the Pareto front's versions. The trial table
 and the front are saved (:mod:`gdnsq.launch.sweep_report`).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,15 @@ TRIALS_DIR = "trials"
 # -------------------------------------------------------------------------------------- trials
 
 
-def run_trial(params: dict, *, base: dict, sweep_name: str, trials_dir: str, parent_run_id: str | None,
-              controller_failure_limit: int) -> None:
+def run_trial(
+    params: dict,
+    *,
+    base: dict,
+    sweep_name: str,
+    trials_dir: str,
+    parent_run_id: str | None,
+    controller_failure_limit: int,
+) -> None:
     """Tune's function trainable: one trial = one TorchTrainer run, its epochs reported to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -49,8 +57,12 @@ def run_trial(params: dict, *, base: dict, sweep_name: str, trials_dir: str, par
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, sweep_name, trial_id, trials_dir)
-    fit(cfg, callbacks=[TuneReportCallback(), PlacementGroupRecorder(cfg.name)], parent_run_id=parent_run_id,
-        controller_failure_limit=controller_failure_limit)
+    fit(
+        cfg,
+        callbacks=[TuneReportCallback(), PlacementGroupRecorder(cfg.name)],
+        parent_run_id=parent_run_id,
+        controller_failure_limit=controller_failure_limit,
+    )
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -74,8 +86,13 @@ def _create_tuner(plan: SweepPlan, trainable, storage: str, concurrency: int):
 
     s = plan.sweep
     if s.scheduler.type == "asha":
-        scheduler = RunToEndASHA(last_epoch=plan.job.train.epochs, time_attr="epoch", max_t=plan.max_t,
-                                 grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
+        scheduler = RunToEndASHA(
+            last_epoch=plan.job.train.epochs,
+            time_attr="epoch",
+            max_t=plan.max_t,
+            grace_period=s.scheduler.grace_period,
+            reduction_factor=s.scheduler.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     if s.search == "optuna":
@@ -89,12 +106,23 @@ def _create_tuner(plan: SweepPlan, trainable, storage: str, concurrency: int):
         search_alg, limit = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency), None
     name = s.name
     tune_config = tune.TuneConfig(
-        metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search_alg, num_samples=s.num_samples,
-        max_concurrent_trials=limit, reuse_actors=False,  # a reused actor would outlive its Train run
+        metric=s.metric,
+        mode=s.mode,
+        scheduler=scheduler,
+        search_alg=search_alg,
+        num_samples=s.num_samples,
+        max_concurrent_trials=limit,
+        reuse_actors=False,  # a reused actor would outlive its Train run
         trial_name_creator=lambda t: run_name(name, t.trial_id),
-        trial_dirname_creator=lambda t: run_name(name, t.trial_id))
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=[PlacementGroupReaper(name)],
-                                failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1)
+        trial_dirname_creator=lambda t: run_name(name, t.trial_id),
+    )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=[PlacementGroupReaper(name)],
+        failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        verbose=1,
+    )
     return tune.Tuner(trainable, param_space=param_space(s), tune_config=tune_config, run_config=run_config)
 
 
@@ -112,8 +140,10 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
     state_uri = f"{experiment}/{STATE_FILE}"
     state = read_json(state_uri)
     if not resume and (state is not None or exists(experiment)):
-        raise SweepError(f"sweep.name: {plan.sweep.name!r} already exists at {experiment}; pass --resume to "
-                         "continue it, or choose another sweep.name")
+        raise SweepError(
+            f"sweep.name: {plan.sweep.name!r} already exists at {experiment}; pass --resume to "
+            "continue it, or choose another sweep.name"
+        )
 
     import ray
     from ray import tune
@@ -135,21 +165,33 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
         base.setdefault("tracking", {})["uri"] = resolve_tracking_uri(plan.job.tracking.uri)
     if resume:
         if state["base"] != base:
-            log.warning("the base job of sweep %s changed since it started; its trials keep the original one",
-                        plan.sweep.name)
+            log.warning(
+                "the base job of sweep %s changed since it started; its trials keep the original one", plan.sweep.name
+            )
         base = state["base"]
     job = from_dict(JobConfig, base)
 
     parent = _parent_tracker(job, plan, (state or {}).get("parent_run_id"))
     parent_run_id = parent.run_id if parent is not None else None
     if not resume:
-        write_bytes(state_uri, json.dumps({"name": plan.sweep.name, "parent_run_id": parent_run_id,
-                                            "base": base, "sweep": to_dict(plan.sweep)}, indent=1).encode())
+        write_bytes(
+            state_uri,
+            json.dumps(
+                {"name": plan.sweep.name, "parent_run_id": parent_run_id, "base": base, "sweep": to_dict(plan.sweep)},
+                indent=1,
+            ).encode(),
+        )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, sweep_name=plan.sweep.name, trials_dir=trials_dir,
-                             parent_run_id=parent_run_id,
-                             controller_failure_limit=plan.sweep.controller_failure_limit),
-        dict(plan.sweep.trial_resources))
+        tune.with_parameters(
+            run_trial,
+            base=base,
+            sweep_name=plan.sweep.name,
+            trials_dir=trials_dir,
+            parent_run_id=parent_run_id,
+            controller_failure_limit=plan.sweep.controller_failure_limit,
+        ),
+        dict(plan.sweep.trial_resources),
+    )
     status = "FAILED"
     try:
         if resume:
@@ -162,8 +204,12 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
         if parent_run_id:
             from ..tracking.run import close_trial_runs
 
-            close_trial_runs(job.tracking.uri, job.tracking.experiment, parent_run_id,
-                             {r["run_name"]: r["status"] for r in summary["trials"]})
+            close_trial_runs(
+                job.tracking.uri,
+                job.tracking.experiment,
+                parent_run_id,
+                {r["run_name"]: r["status"] for r in summary["trials"]},
+            )
         if job.tracking.enabled and job.tracking.register:
             summary["registered_model"] = register_trials(summary, run_summaries, base, plan, trials_dir)
         save_summary(summary, experiment, parent)
@@ -177,8 +223,9 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
             parent.finish(status)
 
 
-def register_trials(summary: dict, run_summaries: dict[str, dict], base: dict, plan: SweepPlan,
-                    trials_dir: str) -> str | None:
+def register_trials(
+    summary: dict, run_summaries: dict[str, dict], base: dict, plan: SweepPlan, trials_dir: str
+) -> str | None:
     """Register the best trial; in a front sweep (over ``quant.budget.*``) every converged trial that ran to the
     end too, the best last (so its champion mark is final), each tagged ``sweep`` and with its front membership
     (:func:`gdnsq.launch.pareto.front_tags`). Sets each row's ``registered``; returns the best's NAME/VERSION."""
@@ -188,15 +235,27 @@ def register_trials(summary: dict, run_summaries: dict[str, dict], base: dict, p
         done = [r for r in summary["trials"] if r["status"] == "completed" and r["test_converged"]]
         rows = [r for r in done if r is not best] + rows
     for r in rows:
-        ref = register_trial(r, run_summaries.get(r["trial_id"]), base, plan.sweep.name, trials_dir,
-                             front_tags(r, plan.sweep.name, summary.get("front")))
+        ref = register_trial(
+            r,
+            run_summaries.get(r["trial_id"]),
+            base,
+            plan.sweep.name,
+            trials_dir,
+            front_tags(r, plan.sweep.name, summary.get("front")),
+        )
         # only the best's "(champion)" is final: a version registered before it may have lost the alias
         r["registered"] = ref if r is best or ref is None else ref.split()[0]
     return best["registered"] if best is not None else None
 
 
-def register_trial(row: dict, run_summary: dict | None, base: dict, sweep_name: str, trials_dir: str,
-                   tags: dict[str, str] | None = None) -> str | None:
+def register_trial(
+    row: dict,
+    run_summary: dict | None,
+    base: dict,
+    sweep_name: str,
+    trials_dir: str,
+    tags: dict[str, str] | None = None,
+) -> str | None:
     """Register a trial's best state under the champion rule (:func:`register_checkpoint`), with extra version
     ``tags``."""
     from ray.train import Checkpoint
@@ -218,8 +277,9 @@ def register_trial(row: dict, run_summary: dict | None, base: dict, sweep_name: 
         return None
     # A trial stopped early has no test-split summary: it competes with its best validation epoch.
     summary = run_summary or {k: row[k] for k in ("ns_top1", "top1", "avg_bits_w", "avg_bits_a", "converged")}
-    return register_checkpoint(cfg, state, summary, state["mlflow_run_id"], what=what,
-                               checkpoint_path=row["checkpoint"], tags=tags)
+    return register_checkpoint(
+        cfg, state, summary, state["mlflow_run_id"], what=what, checkpoint_path=row["checkpoint"], tags=tags
+    )
 
 
 # ---------------------------------------------------------------------------------- mlflow runs
@@ -234,13 +294,23 @@ def _parent_tracker(job: JobConfig, plan: SweepPlan, run_id: str | None):
     from ..tracking.run import RunTracker
 
     # A longer first wait than a trial's: the trials need the parent's run id before they start.
-    tracker = RunTracker(job.tracking.uri, job.tracking.experiment, run_id=run_id, run_name=plan.sweep.name,
-                         tags={"gdnsq.sweep": plan.sweep.name}, start_timeout=60.0)
+    tracker = RunTracker(
+        job.tracking.uri,
+        job.tracking.experiment,
+        run_id=run_id,
+        run_name=plan.sweep.name,
+        tags={"gdnsq.sweep": plan.sweep.name},
+        start_timeout=60.0,
+    )
     if run_id is None:
         tracker.log_params({f"sweep.{k}": v for k, v in flatten(to_dict(plan.sweep)).items()})
         tracker.log_dict(scrub_tree(to_dict(job)), "base_job.json")
-        tracker.set_tags({"mlflow.note.content": f"GDNSQ sweep {plan.sweep.name} over {', '.join(plan.sweep.space)}; "
-                          f"trials are the nested runs, the table is {SUMMARY_STEM}.csv"})
+        tracker.set_tags(
+            {
+                "mlflow.note.content": f"GDNSQ sweep {plan.sweep.name} over {', '.join(plan.sweep.space)}; "
+                f"trials are the nested runs, the table is {SUMMARY_STEM}.csv"
+            }
+        )
     if tracker.run_id is None:
         log.warning("MLflow store unreachable: the trials' runs will not be nested under the sweep's run")
     return tracker

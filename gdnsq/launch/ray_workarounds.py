@@ -8,6 +8,7 @@ validating a sweep file needs no Ray. Its classes live at module level under the
 * :class:`PlacementGroupRecorder` (Train controller side) and :class:`PlacementGroupReaper` (Tune driver
   side) — remove the worker placement group that a trial stopped by the scheduler leaves behind.
 """
+
 from __future__ import annotations
 
 import logging

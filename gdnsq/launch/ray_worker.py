@@ -4,6 +4,7 @@ Every rank calls ``ray.train.report`` once per epoch (a barrier); rank 0 alone a
 and logs to MLflow. A user error (GdnsqError) is returned to the driver rather than raised, so Train V2
 does not retry bad input ``ray.max_failures`` times. The driver is :mod:`gdnsq.launch.ray_train`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,18 +49,33 @@ def load_resume_checkpoint(checkpoint) -> dict:
     fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
     parent = latest.rsplit("/", 1)[0]
     infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
-    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") < latest), reverse=True)
+    older = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory
+            and i.base_name.startswith("checkpoint_")
+            and i.path.rstrip("/") < latest
+        ),
+        reverse=True,
+    )
     for path in older:
         try:
             state = load_ray_checkpoint(Checkpoint(path, filesystem=fs))
         except Exception:  # noqa: BLE001
             continue
-        log.warning("checkpoint %s is unreadable (%s): resuming from the one before it, %s (epoch %d)",
-                    latest, type(first).__name__, path, state["engine"]["epoch"])
+        log.warning(
+            "checkpoint %s is unreadable (%s): resuming from the one before it, %s (epoch %d)",
+            latest,
+            type(first).__name__,
+            path,
+            state["engine"]["epoch"],
+        )
         return state
-    raise ExportError(f"{latest}: the run's latest checkpoint is unreadable ({type(first).__name__}) and no "
-                      "earlier one is; pass --fresh to set the run aside") from None
+    raise ExportError(
+        f"{latest}: the run's latest checkpoint is unreadable ({type(first).__name__}) and no "
+        "earlier one is; pass --fresh to set the run aside"
+    ) from None
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -137,8 +153,9 @@ class _LazyTracker:
             from ..tracking.run import create_tracker
 
             run_id = self.resume.get("mlflow_run_id")
-            self.tracker = create_tracker(self.cfg, run_id=run_id, parent_run_id=self.parent_run_id,
-                                          state=self.resume.get("tracker"))
+            self.tracker = create_tracker(
+                self.cfg, run_id=run_id, parent_run_id=self.parent_run_id, state=self.resume.get("tracker")
+            )
             if run_id is None:
                 self.tracker.log_config(self.cfg)
         return self.tracker
@@ -183,7 +200,10 @@ def _both(first, second):
     def hook(step: int, parts: dict) -> None:
         first(step, parts)
         second(step, parts)
+
     return hook
+
+
 USER_ERROR = "user_error"  # a worker's return key: [GdnsqError class name, its one line]
 
 
@@ -235,8 +255,7 @@ def _train_loop(config: dict) -> dict | None:
     start_epoch = float(resume["engine"]["epoch"]) if resume else 0.0
     if resume and rank == 0:
         log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, int(start_epoch))
-    mlflow_run = (_LazyTracker(cfg, resume, options.get("parent_run_id"))
-                  if rank == 0 and cfg.tracking.enabled else None)
+    mlflow_run = _LazyTracker(cfg, resume, options.get("parent_run_id")) if rank == 0 and cfg.tracking.enabled else None
     wrap = _DDPWrap(world_size, device, cfg.train.sync_batchnorm)
     if resume is not None:
         wrap.io = resume.get("io", {})
@@ -273,6 +292,7 @@ def _train_loop(config: dict) -> dict | None:
     on_step = None
     kill = options.get("kill")
     if kill and kill["rank"] == rank:
+
         def on_step(step: int, parts: dict) -> None:
             if step >= kill["step"]:
                 try:
@@ -284,9 +304,17 @@ def _train_loop(config: dict) -> dict | None:
     if progress is not None:
         on_step = _both(progress.step, on_step)
     try:
-        summary = run_job(cfg, rank=rank, world_size=world_size, device=device, resume=resume, wrap_ddp=wrap,
-                          on_epoch=on_epoch, on_step=on_step,
-                          on_epoch_start=progress.epoch_start if progress is not None else None)
+        summary = run_job(
+            cfg,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            resume=resume,
+            wrap_ddp=wrap,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            on_epoch_start=progress.epoch_start if progress is not None else None,
+        )
     except BaseException:
         if mlflow_run is not None and mlflow_run.tracker is not None:
             mlflow_run.tracker.flush(10.0)  # leave the run RUNNING: a restarted worker group reattaches
@@ -300,4 +328,3 @@ def _train_loop(config: dict) -> dict | None:
         run_id = tracker.run_id
         tracker.finish("FINISHED")
     return {"summary": summary, "mlflow_run_id": run_id}
-

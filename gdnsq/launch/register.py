@@ -7,6 +7,7 @@ size: the figures ``gdnsq export`` reports for the same model). So ``export`` si
 ``launch`` may import ``export`` (and ``tracking``), and nothing in ``gdnsq/export/`` imports ``launch``
 (checked by grep when this order was set).
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,16 @@ def registrable(summary: dict, what: str) -> bool:
     return True
 
 
-def register_checkpoint(cfg: JobConfig, state: dict, summary: dict, run_id: str, *, what: str,
-                        checkpoint_path: str | None = None, tags: dict[str, str] | None = None) -> str | None:
+def register_checkpoint(
+    cfg: JobConfig,
+    state: dict,
+    summary: dict,
+    run_id: str,
+    *,
+    what: str,
+    checkpoint_path: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str | None:
     """Register the best-or-last student of checkpoint ``state`` to MLflow run ``run_id``, champion rule.
 
     ``summary`` is the run's (``converged``, ``ns_top1``, ... ; the registry card and champion rule read
@@ -67,9 +76,17 @@ def register_checkpoint(cfg: JobConfig, state: dict, summary: dict, run_id: str,
     student, _, _ = student_from_checkpoint(state)
     example = torch.zeros(1, *state["io"]["input_shape"])
     try:
-        res = register_model(student, cfg, summary, example, tracker_or_run_id=run_id,
-                             stats=packed_stats(student, state, example), name=cfg.tracking.registered_name,
-                             tracking_uri=cfg.tracking.uri, tags=tags)
+        res = register_model(
+            student,
+            cfg,
+            summary,
+            example,
+            tracker_or_run_id=run_id,
+            stats=packed_stats(student, state, example),
+            name=cfg.tracking.registered_name,
+            tracking_uri=cfg.tracking.uri,
+            tags=tags,
+        )
     except RegistryError as e:
         log.warning("registering %s failed (%s); the checkpoint %s is kept", what, e, checkpoint_path)
         return None

@@ -1,4 +1,5 @@
 """Where runs live: the storage root rule and small file helpers for local paths and remote URIs alike."""
+
 from __future__ import annotations
 
 import json

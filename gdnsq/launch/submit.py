@@ -32,6 +32,7 @@ command line. The token travels in clear text: reach the job server over TLS or 
 Inside the job, the cluster's own environment carries the token to the driver, so ``ray.init`` there needs
 nothing from us.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +56,6 @@ DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 EXCLUDES = [".venv", ".git", "runs", "out", ".gdnsq", "mlruns", "__pycache__", "*.egg-info", "/gdnsq"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _CHECKPOINT_MISSING = "model.checkpoint: no such file"
-
 
 
 @dataclass
@@ -95,9 +95,16 @@ def _submission_id(name: str) -> str:
     return f"gdnsq-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{uuid.uuid4().hex[:8]}"
 
 
-def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *, name: str | None = None,
-                     submission_id: str | None = None, working_dir: str | Path | None = None,
-                     ship_code: bool = False, runtime_env: dict[str, Any] | None = None) -> Submission:
+def build_submission(
+    job: str | Path,
+    overrides: dict[str, str] | None = None,
+    *,
+    name: str | None = None,
+    submission_id: str | None = None,
+    working_dir: str | Path | None = None,
+    ship_code: bool = False,
+    runtime_env: dict[str, Any] | None = None,
+) -> Submission:
     """Validate ``job`` (+ overrides) and describe its submission. Raises ConfigError before any I/O
     with a cluster. ``name`` sets the run name (a new name = a fresh run; the same name resumes).
     ``runtime_env`` (``--runtime-env FILE`` / ``--runtime-env-json``, as in ``ray job submit``) is merged
@@ -119,10 +126,13 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
     from .console import quiet_env
 
     user_env = dict(runtime_env or {})
-    runtime_env = {"working_dir": str(root), "excludes": list(EXCLUDES),
-                   # logs stream while the job runs; the console's switches (no colour codes, no Ray
-                   # result dumps, no doubled worker lines) reach the job's workers too
-                   "env_vars": {"PYTHONUNBUFFERED": "1", **quiet_env(0)}}
+    runtime_env = {
+        "working_dir": str(root),
+        "excludes": list(EXCLUDES),
+        # logs stream while the job runs; the console's switches (no colour codes, no Ray
+        # result dumps, no doubled worker lines) reach the job's workers too
+        "env_vars": {"PYTHONUNBUFFERED": "1", **quiet_env(0)},
+    }
     runtime_env["env_vars"].update(user_env.pop("env_vars", None) or {})
     runtime_env["excludes"] += list(user_env.pop("excludes", None) or [])
     runtime_env.update(user_env)
@@ -133,11 +143,13 @@ def build_submission(job: str | Path, overrides: dict[str, str] | None = None, *
     in_driver = command == "train" and not cfg.ray.enabled
     return Submission(
         submission_id=submission_id or _submission_id(cfg.name or job.stem),
-        entrypoint=entrypoint, runtime_env=runtime_env,
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
         metadata={"gdnsq_name": cfg.name or "", "gdnsq_file": rel, "gdnsq_command": command},
         entrypoint_num_cpus=(cfg.ray.cpus_per_worker or 1) if in_driver else 0,
         entrypoint_num_gpus=1 if in_driver and cfg.ray.use_gpu else 0,
-        warnings=warnings)
+        warnings=warnings,
+    )
 
 
 # ------------------------------------------------------------------------------------- the client
@@ -154,11 +166,14 @@ def resolve_address(address: str | None) -> str:
     if "://" not in chosen:
         chosen = f"http://{chosen}"
     if not re.match(r"https?://", chosen):
-        raise ConfigError(f"{source}: {chosen!r} is not the job server's URL; use HEAD:8265 or http://HEAD:8265 "
-                          "(the dashboard port, not the GCS port)")
+        raise ConfigError(
+            f"{source}: {chosen!r} is not the job server's URL; use HEAD:8265 or http://HEAD:8265 "
+            "(the dashboard port, not the GCS port)"
+        )
     if chosen.rstrip("/").endswith(":6379"):
-        raise ConfigError(f"{source}: {chosen!r} is the GCS port; the job server listens on the dashboard "
-                          "port (8265 by default)")
+        raise ConfigError(
+            f"{source}: {chosen!r} is the GCS port; the job server listens on the dashboard port (8265 by default)"
+        )
     return chosen.rstrip("/")
 
 
@@ -211,8 +226,10 @@ def _cluster_errors(address: str) -> Iterator[None]:
         yield
     except AuthenticationError as e:
         first = str(e).splitlines()[0]
-        raise ClusterError(f"{address}: {first} (the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
-                           "or ~/.ray/auth_token; see `gdnsq submit --help`)") from None
+        raise ClusterError(
+            f"{address}: {first} (the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+            "or ~/.ray/auth_token; see `gdnsq submit --help`)"
+        ) from None
     except (ConnectionError, OSError) as e:
         raise ClusterError(f"{address}: cannot reach the Ray job server ({' '.join(str(e).split())})") from None
     except RuntimeError as e:  # Ray's "Request failed with status code 404: Job ... does not exist."
@@ -241,10 +258,14 @@ def create_client(address: str | None):
 def submit(sub: Submission, address: str | None) -> str:
     client = create_client(address)
     with _cluster_errors(client.get_address()):
-        return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                                 submission_id=sub.submission_id, metadata=sub.metadata,
-                                 entrypoint_num_cpus=sub.entrypoint_num_cpus,
-                                 entrypoint_num_gpus=sub.entrypoint_num_gpus)
+        return client.submit_job(
+            entrypoint=sub.entrypoint,
+            runtime_env=sub.runtime_env,
+            submission_id=sub.submission_id,
+            metadata=sub.metadata,
+            entrypoint_num_cpus=sub.entrypoint_num_cpus,
+            entrypoint_num_gpus=sub.entrypoint_num_gpus,
+        )
 
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
@@ -252,9 +273,19 @@ def list_jobs(address: str | None) -> list[dict[str, Any]]:
     client = create_client(address)
     with _cluster_errors(client.get_address()):
         jobs = client.list_jobs()
-    rows = [{"submission_id": j.submission_id, "status": str(j.status.value), "start_time": j.start_time,
-             "end_time": j.end_time, "name": (j.metadata or {}).get("gdnsq_name", ""),
-             "entrypoint": j.entrypoint, "message": j.message or ""} for j in jobs if j.submission_id]
+    rows = [
+        {
+            "submission_id": j.submission_id,
+            "status": str(j.status.value),
+            "start_time": j.start_time,
+            "end_time": j.end_time,
+            "name": (j.metadata or {}).get("gdnsq_name", ""),
+            "entrypoint": j.entrypoint,
+            "message": j.message or "",
+        }
+        for j in jobs
+        if j.submission_id
+    ]
     return sorted(rows, key=lambda r: r["start_time"] or 0)
 
 
@@ -262,9 +293,15 @@ def job_info(address: str | None, submission_id: str) -> dict[str, Any]:
     client = create_client(address)
     with _cluster_errors(client.get_address()):
         j = client.get_job_info(submission_id)
-    return {"submission_id": j.submission_id, "status": str(j.status.value), "message": j.message or "",
-            "entrypoint": j.entrypoint, "start_time": j.start_time, "end_time": j.end_time,
-            "metadata": j.metadata or {}}
+    return {
+        "submission_id": j.submission_id,
+        "status": str(j.status.value),
+        "message": j.message or "",
+        "entrypoint": j.entrypoint,
+        "start_time": j.start_time,
+        "end_time": j.end_time,
+        "metadata": j.metadata or {},
+    }
 
 
 def job_logs(address: str | None, submission_id: str) -> str:

@@ -22,6 +22,7 @@ quantized structure of the base job and of each listed value of a swept ``model.
 :func:`trial_config` is a trial's job (base + sampled params, named :func:`run_name`, no timestamps, so a
 restored sweep finds its trials). Only :func:`param_space` touches Ray (``ray.tune``'s distributions).
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,23 +83,28 @@ def _check_value(base: dict, key: str, value: Any) -> None:
 def validate_space(space: Any, base: dict, search: str) -> None:
     """Every key a known, sweepable setting; every spec well formed; every value a valid job."""
     if not isinstance(space, dict) or not space:
-        raise SweepError("sweep.space: empty; name at least one dotted setting, "
-                         "e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+        raise SweepError(
+            "sweep.space: empty; name at least one dotted setting, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}"
+        )
     valid = known_keys()
     for key, spec in space.items():
         name = f"sweep.space.{key}"
         if key not in valid:
-            raise SweepError(f"{name}: unknown setting{did_you_mean(key, valid)} (expected a dotted job setting "
-                             "such as optim.lr)")
+            raise SweepError(
+                f"{name}: unknown setting{did_you_mean(key, valid)} (expected a dotted job setting such as optim.lr)"
+            )
         if key.split(".")[0] in FIXED_SECTIONS:
             raise SweepError(f"{name}: cannot be swept (a trial's name, resources and tracking are the sweep's)")
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-            raise SweepError(f"{name}: expected one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
-                             f"{{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {spec!r}")
+            raise SweepError(
+                f"{name}: expected one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
+                f"{{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {spec!r}"
+            )
         kind, args = next(iter(spec.items()))
         if search == "grid" and kind != "grid":
-            raise SweepError(f"{name}: search: grid takes only {{grid: [...]}}; "
-                             f"use search: random or optuna for {kind}")
+            raise SweepError(
+                f"{name}: search: grid takes only {{grid: [...]}}; use search: random or optuna for {kind}"
+            )
         if search == "optuna" and kind == "grid":
             raise SweepError(f"{name}: search: optuna cannot enumerate a grid; use {{choice: [...]}}")
         if kind in ("grid", "choice"):
@@ -108,8 +114,11 @@ def validate_space(space: Any, base: dict, search: str) -> None:
                 _check_value(base, key, value)
             continue
         tp = setting_type(key)
-        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(v, (int, float))
-                                                                   and not isinstance(v, bool) for v in args)):
+        if not (
+            isinstance(args, list)
+            and len(args) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
+        ):
             raise SweepError(f"{name}: {kind} needs [lo, hi] numbers, got {args!r}")
         lo, hi = args
         if not lo < hi:
@@ -121,8 +130,9 @@ def validate_space(space: Any, base: dict, search: str) -> None:
         else:
             if tp is not float:
                 hint = "; use {randint: [lo, hi]}" if tp is int else ""
-                raise SweepError(f"{name}: {kind} needs a real-valued setting, "
-                                 f"{key} is {getattr(tp, '__name__', tp)}{hint}")
+                raise SweepError(
+                    f"{name}: {kind} needs a real-valued setting, {key} is {getattr(tp, '__name__', tp)}{hint}"
+                )
             if kind == "loguniform" and lo <= 0:
                 raise SweepError(f"{name}: loguniform needs lo > 0, got {lo}")
             checks = (lo, hi)
@@ -151,7 +161,7 @@ def check_metric(metric: str) -> None:
 
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict]:
     job = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
-    sweep = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
+    sweep = {k[len("sweep.") :]: v for k, v in overrides.items() if k.startswith("sweep.")}
     return job, sweep
 
 
@@ -169,7 +179,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     for key, value in sweep_over.items():
         value = yaml.safe_load(value) if isinstance(value, str) else value
         if key.startswith("space."):  # space keys are dotted settings themselves: --sweep.space.optim.lr '{...}'
-            sweep_data.setdefault("space", {})[key[len("space."):]] = value
+            sweep_data.setdefault("space", {})[key[len("space.") :]] = value
             continue
         set_dotted(sweep_data, key, value)
     try:
@@ -197,8 +207,13 @@ def param_space(sweep: SweepConfig) -> dict:
     """The Tune search space (flat dotted keys)."""
     from ray import tune
 
-    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
-            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(int(a[0]), int(a[1]))}
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+    }
     return {key: make[kind](args) for key, spec in sweep.space.items() for kind, args in spec.items()}
 
 
@@ -231,11 +246,17 @@ def plan_concurrency(plan: SweepPlan, use_gpu: bool, cluster: dict[str, float]) 
         need["GPU"] = r.num_workers + plan.sweep.trial_resources.get("GPU", 0.0)
     fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
     if fits < 1:
-        raise SweepError(f"ray.num_workers: one trial needs {need} but the cluster has "
-                         f"{ {k: cluster.get(k, 0.0) for k in need} }; lower ray.num_workers or ray.cpus_per_worker")
+        raise SweepError(
+            f"ray.num_workers: one trial needs {need} but the cluster has "
+            f"{ {k: cluster.get(k, 0.0) for k in need} }; lower ray.num_workers or ray.cpus_per_worker"
+        )
     n = min(plan.sweep.max_concurrent_trials, fits)
     if n < plan.sweep.max_concurrent_trials:
-        log.warning("sweep.max_concurrent_trials lowered from %d to %d: the cluster places %d trial(s) of %s at once",
-                    plan.sweep.max_concurrent_trials, n, fits, need)
+        log.warning(
+            "sweep.max_concurrent_trials lowered from %d to %d: the cluster places %d trial(s) of %s at once",
+            plan.sweep.max_concurrent_trials,
+            n,
+            fits,
+            need,
+        )
     return n
-

@@ -2,6 +2,7 @@
 JSON and a PNG, saved next to the experiment and as artifacts of the sweep's MLflow run. When trials carry
 size figures (their run summaries' ``bytes_payload`` / ``bops``), also the Pareto fronts of test top-1 against
 bytes and BOPs (:mod:`gdnsq.launch.pareto`) as ``pareto_front.{csv,png}``."""
+
 from __future__ import annotations
 
 import csv
@@ -56,21 +57,32 @@ def summarize(results, plan: SweepPlan, trials_dir: str) -> tuple[dict, dict[str
             run_summaries[trial_id] = run_summary
         rs = run_summary or {}
         status = "error" if result.error else ("completed" if run_summary is not None else "stopped")
-        rows.append({
-            "trial_id": trial_id, "run_name": name, "params": {k: result.config.get(k) for k in s.space},
-            "status": status, "stopped_early": status == "stopped",
-            "epochs": int(df["epoch"].max()) if has_rows and "epoch" in df else 0,
-            "best_epoch": _value(best, "epoch"), "score": _value(best, s.metric),
-            "ns_top1": _value(best, "val/ns_top1"), "top1": _value(best, "val/top1"),
-            "avg_bits_w": _value(best, "bits/avg_w"), "avg_bits_a": _value(best, "bits/avg_a"),
-            "converged": bool(_value(best, "val/converged") or False),
-            # from the run summary: the final (best) state's test figures, convergence and size (the front's)
-            "test_ns_top1": rs.get("ns_top1"), "test_top1": rs.get("top1"), "test_converged": rs.get("converged"),
-            "bytes_payload": rs.get("bytes_payload"), "bops": rs.get("bops"),
-            "time_s": round(float(_value(df.iloc[-1], "time_total_s") or 0.0), 1) if has_rows else 0.0,
-            "checkpoint": ckpt,
-            "error": str(result.error).strip().splitlines()[0][:300] if result.error else None,
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "run_name": name,
+                "params": {k: result.config.get(k) for k in s.space},
+                "status": status,
+                "stopped_early": status == "stopped",
+                "epochs": int(df["epoch"].max()) if has_rows and "epoch" in df else 0,
+                "best_epoch": _value(best, "epoch"),
+                "score": _value(best, s.metric),
+                "ns_top1": _value(best, "val/ns_top1"),
+                "top1": _value(best, "val/top1"),
+                "avg_bits_w": _value(best, "bits/avg_w"),
+                "avg_bits_a": _value(best, "bits/avg_a"),
+                "converged": bool(_value(best, "val/converged") or False),
+                # from the run summary: the final (best) state's test figures, convergence and size (the front's)
+                "test_ns_top1": rs.get("ns_top1"),
+                "test_top1": rs.get("top1"),
+                "test_converged": rs.get("converged"),
+                "bytes_payload": rs.get("bytes_payload"),
+                "bops": rs.get("bops"),
+                "time_s": round(float(_value(df.iloc[-1], "time_total_s") or 0.0), 1) if has_rows else 0.0,
+                "checkpoint": ckpt,
+                "error": str(result.error).strip().splitlines()[0][:300] if result.error else None,
+            }
+        )
     rows.sort(key=lambda r: r["trial_id"])
     candidates = [r for r in rows if r["score"] is not None and r["checkpoint"]]
     best_row = None
@@ -80,10 +92,16 @@ def summarize(results, plan: SweepPlan, trials_dir: str) -> tuple[dict, dict[str
         best_row = max(candidates, key=lambda r: (sign * r["score"], r["status"] == "completed"))
     for r in rows:
         r["best"], r["registered"] = r is best_row, None
-    summary = {"name": s.name, "metric": s.metric, "mode": s.mode, "params": list(s.space), "trials": rows,
-               "best_trial": best_row["trial_id"] if best_row else None,
-               "front": mark_fronts(rows, front_kind(plan.job.quant.budget.kind)),
-               "counts": {k: sum(r["status"] == k for r in rows) for k in ("completed", "stopped", "error")}}
+    summary = {
+        "name": s.name,
+        "metric": s.metric,
+        "mode": s.mode,
+        "params": list(s.space),
+        "trials": rows,
+        "best_trial": best_row["trial_id"] if best_row else None,
+        "front": mark_fronts(rows, front_kind(plan.job.quant.budget.kind)),
+        "counts": {k: sum(r["status"] == k for r in rows) for k in ("completed", "stopped", "error")},
+    }
     return summary, run_summaries
 
 
@@ -91,14 +109,32 @@ def best_trial(summary: dict) -> dict | None:
     return next((r for r in summary["trials"] if r["best"]), None)
 
 
-
 # ------------------------------------------------------------------------------------ summary io
 
 
 def _csv_rows(summary: dict) -> tuple[list[str], list[dict]]:
-    cols = ["trial_id", "status", "stopped_early", *summary["params"], "ns_top1", "top1", "avg_bits_w", "avg_bits_a",
-            "converged", "best_epoch", "epochs", "test_ns_top1", "test_top1", "bytes_payload", "bops", "time_s", "best",
-            "registered", "run_name", "error"]
+    cols = [
+        "trial_id",
+        "status",
+        "stopped_early",
+        *summary["params"],
+        "ns_top1",
+        "top1",
+        "avg_bits_w",
+        "avg_bits_a",
+        "converged",
+        "best_epoch",
+        "epochs",
+        "test_ns_top1",
+        "test_top1",
+        "bytes_payload",
+        "bops",
+        "time_s",
+        "best",
+        "registered",
+        "run_name",
+        "error",
+    ]
     rows = [{**{k: v for k, v in r.items() if k != "params"}, **r["params"]} for r in summary["trials"]]
     return cols, [{c: r.get(c) for c in cols} for r in rows]
 
@@ -119,18 +155,33 @@ def format_table(summary: dict) -> str:
         bits = f"{_fmt(r['avg_bits_w'])}/{_fmt(r['avg_bits_a'])}"
         status = r["status"] + (" (early)" if r["stopped_early"] else "")
         params = [_fmt(r["params"][k], ".4g") for k in summary["params"]]
-        lines.append([("*" if r["best"] else " ") + r["trial_id"], status, *params, _fmt(r["ns_top1"]),
-                      _fmt(r["top1"]), bits, _fmt(r["converged"]), str(r["epochs"]), _fmt(r["time_s"], ".0f")])
+        lines.append(
+            [
+                ("*" if r["best"] else " ") + r["trial_id"],
+                status,
+                *params,
+                _fmt(r["ns_top1"]),
+                _fmt(r["top1"]),
+                bits,
+                _fmt(r["converged"]),
+                str(r["epochs"]),
+                _fmt(r["time_s"], ".0f"),
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     out += ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in lines]
     c = summary["counts"]
-    out.append(f"{len(lines)} trials: {c['completed']} completed, {c['stopped']} stopped early, {c['error']} failed; "
-               f"metric {summary['metric']} ({summary['mode']}), * = best")
+    out.append(
+        f"{len(lines)} trials: {c['completed']} completed, {c['stopped']} stopped early, {c['error']} failed; "
+        f"metric {summary['metric']} ({summary['mode']}), * = best"
+    )
     front = summary.get("front")
     for name in ("bytes", "bops") if front else ():
-        out.append(f"front, test top-1 vs {name}: {', '.join(front[name]) or 'none'}"
-                   + (f" ({FRONT_STEM}.csv)" if name == front["primary"] else ""))
+        out.append(
+            f"front, test top-1 vs {name}: {', '.join(front[name]) or 'none'}"
+            + (f" ({FRONT_STEM}.csv)" if name == front["primary"] else "")
+        )
     return "\n".join(out)
 
 
@@ -146,8 +197,11 @@ def draw_summary(summary: dict) -> bytes | None:
     n = len(params) + 1
     fig = Figure(figsize=(3.4 * n, 3.2))
     FigureCanvasAgg(fig)
-    style = {"completed": {"marker": "o", "color": "C0"}, "stopped": {"marker": "x", "color": "C1"},
-             "error": {"marker": "s", "color": "C3"}}
+    style = {
+        "completed": {"marker": "o", "color": "C0"},
+        "stopped": {"marker": "x", "color": "C1"},
+        "error": {"marker": "s", "color": "C3"},
+    }
     for i, key in enumerate(params):
         ax = fig.add_subplot(1, n, i + 1)
         values = [r["params"][key] for r in trials]
@@ -197,10 +251,25 @@ def _csv_text(cols: list[str], rows: list[dict]) -> bytes:
 def front_rows(summary: dict) -> tuple[list[str], list[dict]]:
     """The front table: one row per trial with a size figure (converged or not), by bytes; front_bytes /
     front_bops mark the fronts' points, ``registered`` the version."""
-    cols = ["trial_id", *summary["params"], "test_top1", "bytes_payload", "bops", "avg_bits_w", "test_converged",
-            "front_bytes", "front_bops", "registered", "status", "run_name"]
-    rows = [{**{k: v for k, v in r.items() if k != "params"}, **r["params"]} for r in summary["trials"]
-            if any(r.get(c) is not None for c in FRONTS.values())]
+    cols = [
+        "trial_id",
+        *summary["params"],
+        "test_top1",
+        "bytes_payload",
+        "bops",
+        "avg_bits_w",
+        "test_converged",
+        "front_bytes",
+        "front_bops",
+        "registered",
+        "status",
+        "run_name",
+    ]
+    rows = [
+        {**{k: v for k, v in r.items() if k != "params"}, **r["params"]}
+        for r in summary["trials"]
+        if any(r.get(c) is not None for c in FRONTS.values())
+    ]
     rows.sort(key=lambda r: (r["bytes_payload"] is None, r["bytes_payload"] or 0, r["trial_id"]))
     return cols, [{c: r.get(c) for c in cols} for r in rows]
 
@@ -210,13 +279,21 @@ def draw_front(summary: dict) -> bytes | None:
     from ..tracking.plots import draw_pareto_front
 
     def label(r: dict) -> str:  # the trial and its budget
-        return r["trial_id"] + "".join(f" {'budget' if k == 'quant.budget.value' else k.removeprefix('quant.')} {v:g}"
-                                       for k, v in r["params"].items()
-                                       if k.startswith("quant.budget.") and isinstance(v, (int, float)))
+        return r["trial_id"] + "".join(
+            f" {'budget' if k == 'quant.budget.value' else k.removeprefix('quant.')} {v:g}"
+            for k, v in r["params"].items()
+            if k.startswith("quant.budget.") and isinstance(v, (int, float))
+        )
 
-    points = [{"label": label(r), "top1": r["test_top1"], "converged": bool(r["test_converged"]),
-               **{k: r.get(k) for k in ("bytes_payload", "bops", "front_bytes", "front_bops")}}
-              for r in summary["trials"]]
+    points = [
+        {
+            "label": label(r),
+            "top1": r["test_top1"],
+            "converged": bool(r["test_converged"]),
+            **{k: r.get(k) for k in ("bytes_payload", "bops", "front_bytes", "front_bops")},
+        }
+        for r in summary["trials"]
+    ]
     with tempfile.TemporaryDirectory(prefix="gdnsq-front-") as d:
         path = Path(d) / f"{FRONT_STEM}.png"
         title = f"sweep {summary['name']}: test top-1 against size, front in red"
@@ -234,8 +311,10 @@ def _plot(draw, summary: dict) -> bytes | None:
 def save_summary(summary: dict, experiment: str, parent) -> None:
     """sweep_summary.{json,csv,png} (and pareto_front.{csv,png} with a front) next to the experiment and as
     artifacts of the sweep's run."""
-    files = {f"{SUMMARY_STEM}.json": json.dumps(summary, indent=1, default=str).encode(),
-             f"{SUMMARY_STEM}.csv": _csv_text(*_csv_rows(summary))}
+    files = {
+        f"{SUMMARY_STEM}.json": json.dumps(summary, indent=1, default=str).encode(),
+        f"{SUMMARY_STEM}.csv": _csv_text(*_csv_rows(summary)),
+    }
     png = _plot(draw_summary, summary)
     if png:
         files[f"{SUMMARY_STEM}.png"] = png
@@ -258,11 +337,20 @@ def save_summary(summary: dict, experiment: str, parent) -> None:
             parent.log_artifact(Path(d) / name)  # staged (copied) at once
     best = best_trial(summary)
     c = summary["counts"]
-    parent.log_metrics({"sweep/trials": len(summary["trials"]), "sweep/completed": c["completed"],
-                        "sweep/stopped_early": c["stopped"], "sweep/errors": c["error"],
-                        **({f"sweep/best/{summary['metric']}": best["score"]} if best else {}),
-                        **({f"sweep/front_{k}_points": len(front[k]) for k in FRONTS} if front else {})})
-    parent.set_tags({"gdnsq.best_trial": summary["best_trial"] or "none",
-                     **({"gdnsq.pareto_front": ",".join(front[front["primary"]])} if front else {}),
-                     **({"gdnsq.registered_model": summary["registered_model"]}
-                        if summary.get("registered_model") else {})})
+    parent.log_metrics(
+        {
+            "sweep/trials": len(summary["trials"]),
+            "sweep/completed": c["completed"],
+            "sweep/stopped_early": c["stopped"],
+            "sweep/errors": c["error"],
+            **({f"sweep/best/{summary['metric']}": best["score"]} if best else {}),
+            **({f"sweep/front_{k}_points": len(front[k]) for k in FRONTS} if front else {}),
+        }
+    )
+    parent.set_tags(
+        {
+            "gdnsq.best_trial": summary["best_trial"] or "none",
+            **({"gdnsq.pareto_front": ",".join(front[front["primary"]])} if front else {}),
+            **({"gdnsq.registered_model": summary["registered_model"]} if summary.get("registered_model") else {}),
+        }
+    )

@@ -19,6 +19,7 @@ n gets a custom backward, d n / d v = 0 and d n / d s = r / sqrt(3) with r = ±1
 
 Gradients to the clamp bounds: d x̂ / d lo = 1 for x < lo, d x̂ / d hi = 1 for x > hi.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,7 @@ def _all_reduce_mean(*tensors: Tensor) -> None:
         flat /= dist.get_world_size()
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
@@ -93,7 +94,7 @@ def dither_signs(like: Tensor) -> Tensor:
     """
     n = like.numel()
     table = _sign_table(like.device, like.dtype)
-    chunks = [table[o: o + min(_SIGN_WINDOW, n - i * _SIGN_WINDOW)] for i, o in enumerate(_dither_offsets(n))]
+    chunks = [table[o : o + min(_SIGN_WINDOW, n - i * _SIGN_WINDOW)] for i, o in enumerate(_dither_offsets(n))]
     flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return flat.view(like.shape)
 
@@ -108,15 +109,26 @@ class _NoisyRound(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, lo, hi, z: Tensor, s: Tensor, estimator: str, delta: float, noise_ratio: float,
-                fused: bool = False):
+    def forward(
+        ctx,
+        x: Tensor,
+        lo,
+        hi,
+        z: Tensor,
+        s: Tensor,
+        estimator: str,
+        delta: float,
+        noise_ratio: float,
+        fused: bool = False,
+    ):
         ctx.estimator, ctx.delta = estimator, delta
         ctx.groups = _kernel_groups(x, lo, hi, z, s, estimator, noise_ratio) if fused else None
         if ctx.groups is not None:
             ctx.save_for_backward(x, s, z, lo, hi, None)
             vlo, vhi = _grid_bounds(lo, hi, z, s) if lo is not None else (None, None)
-            return _fused.kernels().forward(x, *_per_group(ctx.groups, z, s, vlo, vhi), lo is not None,
-                                            estimator != "ste")
+            return _fused.kernels().forward(
+                x, *_per_group(ctx.groups, z, s, vlo, vhi), lo is not None, estimator != "ste"
+            )
         v = torch.sub(x, z).div_(s)
         if lo is not None:
             v = v.clamp_(*_grid_bounds(lo, hi, z, s))
@@ -219,8 +231,16 @@ def _fused_backward(ctx, g: Tensor):
     # Same offsets, drawn in the same order from torch's RNG, as dither_signs(g) on the torch path.
     offsets = torch.tensor(_dither_offsets(g.numel()) if dither else [], dtype=torch.long)
     grad_x, sums = _fused.kernels().backward(
-        x, g.contiguous(), *_per_group(ctx.groups, z, s, vlo, vhi, lo, hi), clamp, needs[0], table, offsets,
-        _SIGN_WINDOW, dither)
+        x,
+        g.contiguous(),
+        *_per_group(ctx.groups, z, s, vlo, vhi, lo, hi),
+        clamp,
+        needs[0],
+        table,
+        offsets,
+        _SIGN_WINDOW,
+        dither,
+    )
     if needs[0] and not clamp:
         grad_x = g  # no clamp: straight through
     shape = (ctx.groups,) + (1,) * (x.dim() - 1)
@@ -235,9 +255,18 @@ def _fused_backward(ctx, g: Tensor):
     return grad_x if needs[0] else None, grad_lo, grad_hi, grad_z, grad_s, None, None, None, None
 
 
-def noisy_quantize(x: Tensor, lo: Tensor | None, hi: Tensor | None, z: Tensor, s: Tensor, *,
-                   estimator: str = "ste", delta: float = 1e-2, noise_ratio: float = 0.0,
-                   fused: bool = False) -> Tensor:
+def noisy_quantize(
+    x: Tensor,
+    lo: Tensor | None,
+    hi: Tensor | None,
+    z: Tensor,
+    s: Tensor,
+    *,
+    estimator: str = "ste",
+    delta: float = 1e-2,
+    noise_ratio: float = 0.0,
+    fused: bool = False,
+) -> Tensor:
     """Training-time fake quantization: clamp to [lo, hi] (skipped when None), then noisy rounding.
 
     Shapes: x (N, ...), lo/hi/z/s broadcastable to x (scalars or per-channel (C, 1, ...)).
@@ -282,8 +311,18 @@ class _FusedWeightQuantize(torch.autograd.Function):
             g_lo = torch.zeros_like(lo) if g_lo is None else g_lo
             g_hi = torch.zeros_like(lo) if g_hi is None else g_hi
         grad_w, sums = _fused.kernels().weight_backward(
-            w, g.contiguous(), lo, s.detach(), index, empty if g_lo is None else g_lo,
-            empty if g_hi is None else g_hi, table, offsets, _SIGN_WINDOW, dither)
+            w,
+            g.contiguous(),
+            lo,
+            s.detach(),
+            index,
+            empty if g_lo is None else g_lo,
+            empty if g_hi is None else g_hi,
+            table,
+            offsets,
+            _SIGN_WINDOW,
+            dither,
+        )
         grad_s = None
         if step_grad:
             grad_s = sums[0].reshape(s.shape)
@@ -292,8 +331,9 @@ class _FusedWeightQuantize(torch.autograd.Function):
         return grad_w if ctx.needs_input_grad[0] else None, grad_s, None
 
 
-def fused_weight_quantize(w: Tensor, s: Tensor, *, estimator: str = "ste",
-                          noise_ratio: float = 0.0) -> tuple[Tensor, Tensor, Tensor] | None:
+def fused_weight_quantize(
+    w: Tensor, s: Tensor, *, estimator: str = "ste", noise_ratio: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """(x̂, lo, hi) of a per-output-channel weight quantizer in one kernel pass (lo, hi of shape (C,)), or None
     where the kernels do not apply (then: ``channel_range`` and ``noisy_quantize``). Same values as those two:
     x̂, lo, hi and the weight's gradient bit-identical, the step gradient equal to float rounding."""
@@ -389,7 +429,7 @@ def min_bits(target: float, margin: float = 0.0) -> float:
     b_min = log2(2**T - 1/2 + margin). It is capped at T - 2e-3 so it stays below the penalty's aim T - ε
     (ε = 1e-3): from T = 9 on a level is too thin for both, and there the cap, not the levels, decides.
     """
-    return min(math.log2(2.0 ** target - 0.5 + margin), target - 2e-3)
+    return min(math.log2(2.0**target - 0.5 + margin), target - 2e-3)
 
 
 def max_bits(target: float, margin: float = 0.0) -> float:
@@ -399,4 +439,4 @@ def max_bits(target: float, margin: float = 0.0) -> float:
     here), so b_max = log2(2**T + 1/2 - margin); with min_bits it brackets the band of b where the grid has
     exactly 2**T levels.
     """
-    return math.log2(2.0 ** target + 0.5 - margin)
+    return math.log2(2.0**target + 0.5 - margin)

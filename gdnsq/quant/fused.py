@@ -10,6 +10,7 @@ fall back to the pure-torch path of ``functional`` with one warning: same result
 
 On CUDA the torch path runs (no fused CUDA kernel yet).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,7 @@ import torch
 _SOURCE = Path(__file__).with_name("csrc") / "noisy_round.cpp"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels():
     """The compiled module (``forward``, ``backward``), or None where it cannot be built."""
     try:
@@ -44,12 +45,21 @@ def kernels():
         flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64"):
             flags.append("-msse4.1")  # round-to-nearest-even in a vector instruction (every x86-64 CPU since 2008)
-        return load(name="gdnsq_noisy_round", sources=[str(_SOURCE)], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(
+            name="gdnsq_noisy_round",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"gdnsq: the fused quantizer kernel could not be built ({type(e).__name__}: {first}); "
-                      "quantizers use the (slower, equivalent) torch path", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"gdnsq: the fused quantizer kernel could not be built ({type(e).__name__}: {first}); "
+            "quantizers use the (slower, equivalent) torch path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
 
 

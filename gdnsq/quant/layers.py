@@ -4,6 +4,7 @@
 see one weight; ``to_float`` gives back a plain layer sharing them again (optionally with the
 quantized weight baked in).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -102,11 +103,22 @@ class QConv2d(_QuantMixin, nn.Conv2d):
     same_pad = False
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec) -> "QConv2d":
+    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec) -> QConv2d:
         q = cls.__new__(cls)
         nn.Module.__init__(q)
-        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                  "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+        for k in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(q, k, getattr(conv, k))
         q.weight, q.bias = conv.weight, conv.bias  # shared, not copied
         q.same_pad = type(conv).__name__ == "Conv2dSame"
@@ -114,9 +126,19 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         return q.to(conv.weight.device)
 
     def to_float(self, bake: bool = False) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                         device=self.weight.device, dtype=self.weight.dtype)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         if bake:
             with torch.no_grad():
                 conv.weight.copy_(self.weight_quant.eval()(self.weight))
@@ -140,7 +162,7 @@ class QLinear(_QuantMixin, nn.Linear):
     """Linear whose weight and input go through the method's quantizers."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> "QLinear":
+    def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> QLinear:
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.in_features, q.out_features = linear.in_features, linear.out_features
@@ -149,8 +171,13 @@ class QLinear(_QuantMixin, nn.Linear):
         return q.to(linear.weight.device)
 
     def to_float(self, bake: bool = False) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         if bake:
             with torch.no_grad():
                 lin.weight.copy_(self.weight_quant.eval()(self.weight))

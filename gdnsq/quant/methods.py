@@ -5,6 +5,7 @@ A plain registry that imports no method: each method module registers its factor
 once, so importing any part of ``gdnsq.quant`` makes every method selectable. Every method shares
 surgery, objective, schedules, training, tracking and export.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,6 +23,7 @@ _METHODS: dict[str, MethodFactory] = {}
 
 def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
     """Decorator: ``@register_method("lsq")`` makes ``quant.method: lsq`` build quantizers with the factory."""
+
     def deco(fn: MethodFactory) -> MethodFactory:
         _METHODS[name] = fn
         return fn

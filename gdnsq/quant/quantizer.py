@@ -7,6 +7,7 @@ GDNSQ's quantizers also report ``min_levels(...)`` (the fewest levels of any cha
 constant grid, whose ``true_bits`` reads 0) and apply the level guard ``keep_levels_(min_bits, ...)``
 (a projection of log_s so that b >= min_bits).
 """
+
 from __future__ import annotations
 
 import math
@@ -132,7 +133,7 @@ class WeightQuantizer(_GDNSQQuantizer):
         lo, hi = self._range(w)
         span = (hi - lo).clamp_min(1e-8)
         # b_w = log2(span + s) - log2(s) == init_bits  <=>  s = span / (2**init_bits - 1)
-        self.log_s.copy_(torch.log2(span / (2.0 ** init_bits - 1.0)).reshape(self.log_s.shape))
+        self.log_s.copy_(torch.log2(span / (2.0**init_bits - 1.0)).reshape(self.log_s.shape))
         self.calibrated.fill_(True)
 
     def forward(self, w: Tensor) -> Tensor:
@@ -149,8 +150,17 @@ class WeightQuantizer(_GDNSQQuantizer):
         lo, hi = self._range(w)
         if self.training:
             # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
-            return F.noisy_quantize(w, None, None, lo.detach(), s, estimator=self.estimator, fused=self.fused,
-                                    delta=self.delta, noise_ratio=self.noise_ratio)
+            return F.noisy_quantize(
+                w,
+                None,
+                None,
+                lo.detach(),
+                s,
+                estimator=self.estimator,
+                fused=self.fused,
+                delta=self.delta,
+                noise_ratio=self.noise_ratio,
+            )
         return F.exact_quantize(w, None, None, lo, s)
 
     def bits(self, w: Tensor) -> Tensor:
@@ -174,14 +184,14 @@ class WeightQuantizer(_GDNSQQuantizer):
     def keep_levels_(self, min_bits: float, w: Tensor) -> None:
         """Project log_s so every channel keeps b_w >= min_bits: s <= range / (2**min_bits - 1)."""
         lo, hi = self._range(w)
-        cap = torch.log2((hi - lo).clamp_min(1e-12)) - math.log2(2.0 ** min_bits - 1.0)
+        cap = torch.log2((hi - lo).clamp_min(1e-12)) - math.log2(2.0**min_bits - 1.0)
         self.log_s.copy_(torch.minimum(self.log_s, cap).clamp_min(LOG2_FLOOR))
 
     @torch.no_grad()
     def cap_levels_(self, max_bits: float, w: Tensor) -> None:
         """Project log_s so no channel has b_w > max_bits: s >= range / (2**max_bits - 1)."""
         lo, hi = self._range(w)
-        floor = torch.log2((hi - lo).clamp_min(1e-12)) - math.log2(2.0 ** max_bits - 1.0)
+        floor = torch.log2((hi - lo).clamp_min(1e-12)) - math.log2(2.0**max_bits - 1.0)
         self.log_s.copy_(torch.maximum(self.log_s, floor))
 
     @torch.no_grad()
@@ -228,7 +238,7 @@ class ActivationQuantizer(_GDNSQQuantizer):
         self.signed.fill_(signed)
         lo = self.obs_min if signed else torch.zeros_like(self.obs_min)
         span = (self.obs_max - lo).clamp_min(1e-6)
-        s = span / (2.0 ** init_bits - 1.0)
+        s = span / (2.0**init_bits - 1.0)
         self.lo.copy_(lo)
         self.log_s.copy_(torch.log2(s))
         self.log_q.copy_(torch.log2(span + s))  # b_a = log_q - log_s == init_bits
@@ -244,8 +254,17 @@ class ActivationQuantizer(_GDNSQQuantizer):
             return x
         lo, hi, s = self._bounds()
         if self.training:
-            return F.noisy_quantize(x, lo, hi, lo, s, estimator=self.estimator, delta=self.delta,
-                                    noise_ratio=self.noise_ratio, fused=self.fused)
+            return F.noisy_quantize(
+                x,
+                lo,
+                hi,
+                lo,
+                s,
+                estimator=self.estimator,
+                delta=self.delta,
+                noise_ratio=self.noise_ratio,
+                fused=self.fused,
+            )
         return F.exact_quantize(x, lo, hi, lo, s)
 
     def bits(self) -> Tensor:
@@ -297,7 +316,14 @@ def resolve_estimator(estimator: str, target: float) -> str:
 
 @register_method("gdnsq")
 def create_gdnsq(weight_shape: torch.Size, spec) -> tuple[WeightQuantizer, ActivationQuantizer]:
-    return (WeightQuantizer(weight_shape, per_channel=spec.per_channel, delta=spec.delta,
-                            estimator=resolve_estimator(spec.estimator, spec.target_w)),
-            ActivationQuantizer(signed=spec.act_signed, delta=spec.delta,
-                                estimator=resolve_estimator(spec.estimator, spec.target_a)))
+    return (
+        WeightQuantizer(
+            weight_shape,
+            per_channel=spec.per_channel,
+            delta=spec.delta,
+            estimator=resolve_estimator(spec.estimator, spec.target_w),
+        ),
+        ActivationQuantizer(
+            signed=spec.act_signed, delta=spec.delta, estimator=resolve_estimator(spec.estimator, spec.target_a)
+        ),
+    )

@@ -3,6 +3,7 @@
 Everything that leaves the process for the store (params, tags, config.json, the outbox's stored URI)
 goes through :func:`scrub` / :func:`scrub_value` / :func:`scrub_tree` first.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,25 @@ MAX_PARAM_LEN = 6000  # MLflow >= 2.x server limit (older servers: 500); longer 
 MAX_TAG_LEN = 8000
 MAX_KEY_LEN = 250
 
-_SECRET_PARTS = {"password", "passwd", "pwd", "secret", "secrets", "token", "key", "apikey", "credential",
-                 "credentials", "auth", "passphrase"}
+_SECRET_PARTS = {
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "secrets",
+    "token",
+    "key",
+    "apikey",
+    "credential",
+    "credentials",
+    "auth",
+    "passphrase",
+}
 _SECRET_SUBSTRINGS = ("password", "secret", "apikey", "passphrase")
 _URI_PASSWORD = re.compile(r"(?P<pre>\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)(?P<pw>[^\s/]*)(?=@)", re.I)
 _QUERY_SECRET = re.compile(
-    r"(?P<pre>[?&;][\w.\-]*(?:password|passwd|secret|token|key|sig|signature|credential)[\w.\-]*=)[^&;#\s]+", re.I)
+    r"(?P<pre>[?&;][\w.\-]*(?:password|passwd|secret|token|key|sig|signature|credential)[\w.\-]*=)[^&;#\s]+", re.I
+)
 REDACTED = "***"
 
 

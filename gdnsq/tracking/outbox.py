@@ -9,6 +9,7 @@ deliver in time stays in the outbox folder, which :func:`replay` delivers later:
 
     python -m gdnsq.tracking.outbox replay FOLDER [--uri URI] [--timeout SECONDS]
 """
+
 from __future__ import annotations
 
 import json
@@ -231,8 +232,7 @@ class Outbox:
                     log.warning("MLflow refused %s (%s); dropped", kind, str(e).splitlines()[0][:300])
                 else:
                     if backoff == 0.5:
-                        log.warning("MLflow unreachable (%s); buffering and retrying",
-                                    str(e).splitlines()[0][:200])
+                        log.warning("MLflow unreachable (%s); buffering and retrying", str(e).splitlines()[0][:200])
                     if self._stop.is_set():
                         return
                     self._kick.wait(min(backoff, 1.0) if self._urgent else backoff)
@@ -307,8 +307,9 @@ class Outbox:
                 run_id = None
         if not run_id:
             # A create_run whose reply was lost would be retried into a duplicate: look first.
-            found = client.search_runs([self.experiment_id], f"tags.`gdnsq.tracker_id` = '{spec['tracker_id']}'",
-                                       max_results=1)
+            found = client.search_runs(
+                [self.experiment_id], f"tags.`gdnsq.tracker_id` = '{spec['tracker_id']}'", max_results=1
+            )
             if found:
                 run_id = found[0].info.run_id
             else:

@@ -2,6 +2,7 @@
 
 matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, thread-safe.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,6 +79,7 @@ def draw_accuracy_vs_bits(history: list[dict], path: Path, fp_top1: float | None
     fig.savefig(path)
     return True
 
+
 def draw_layer_bits(history: list[dict], path: Path) -> bool:
     """The last epoch's true bits per layer against depth (layer index) and against layer size (weight
     elements, log scale): where a budget's layers kept precision. Weights solid, activations hollow."""
@@ -133,10 +135,18 @@ def draw_pareto_front(points: list[dict], path: Path, title: str = "") -> bool:
         for r in pts:
             on = bool(r.get(flag))
             color = "C3" if on else "C0"
-            ax.scatter([r[cost]], [r["top1"]], s=60 if on else 28, marker="o", edgecolors=color,
-                       facecolors=color if r.get("converged") else "none", zorder=3)
-            ax.annotate(str(r.get("label", "")), (r[cost], r["top1"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.scatter(
+                [r[cost]],
+                [r["top1"]],
+                s=60 if on else 28,
+                marker="o",
+                edgecolors=color,
+                facecolors=color if r.get("converged") else "none",
+                zorder=3,
+            )
+            ax.annotate(
+                str(r.get("label", "")), (r[cost], r["top1"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
         xs = [r[cost] for r in pts]
         if min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
@@ -153,9 +163,11 @@ def draw_pareto_front(points: list[dict], path: Path, title: str = "") -> bool:
 def draw_run_plots(history: list[dict], folder: Path, fp_top1: float | None = None) -> list[str]:
     """Every plot of a run's ``history`` (``[{epoch, metrics, layers}]``) into ``folder``; the file names drawn."""
     drawn = []
-    for name, draw in (("bits_evolution.png", draw_bits_evolution),
-                       ("accuracy_vs_bits.png", lambda h, p: draw_accuracy_vs_bits(h, p, fp_top1=fp_top1)),
-                       ("bits_per_layer.png", draw_layer_bits)):
+    for name, draw in (
+        ("bits_evolution.png", draw_bits_evolution),
+        ("accuracy_vs_bits.png", lambda h, p: draw_accuracy_vs_bits(h, p, fp_top1=fp_top1)),
+        ("bits_per_layer.png", draw_layer_bits),
+    ):
         if draw(history, folder / name):
             drawn.append(name)
     return drawn

@@ -13,6 +13,7 @@ A registered version is one MLflow model directory holding two views of the same
 The ``champion`` alias moves to a new version only when its ``ns_top1`` tag beats the champion's.
 Functions return plain data and print nothing (the CLI formats).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,11 @@ def registered_name(cfg) -> str:
     activation budget (bits per input element) when it has one."""
     b = cfg.quant.budget
     a = b.value_a if b.value_a is not None else cfg.quant.target_a
-    default = (f"{cfg.model.name}-mixed-{b.kind.replace('_', '-')}-a{a:g}" if b.active
-               else f"{cfg.model.name}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}")
+    default = (
+        f"{cfg.model.name}-mixed-{b.kind.replace('_', '-')}-a{a:g}"
+        if b.active
+        else f"{cfg.model.name}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}"
+    )
     name = cfg.tracking.registered_name or default
     return sanitize_model_name(name)
 
@@ -69,7 +73,7 @@ def registered_name(cfg) -> str:
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     """``NAME``, ``NAME/VERSION``, ``NAME/latest``, ``NAME@ALIAS`` (optionally prefixed ``models:/``) ->
     (name, version, alias); ``latest`` and a bare NAME give version None (the highest)."""
-    body = ref[len("models:/"):] if ref.startswith("models:/") else ref
+    body = ref[len("models:/") :] if ref.startswith("models:/") else ref
     name, version, alias = body, None, None
     if "@" in body:
         name, alias = body.rsplit("@", 1)
@@ -78,11 +82,13 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
         if version == "latest":
             version = None
         elif not version.isdigit():
-            raise RegistryError(f"bad model reference {ref!r}: version must be a number (stages are not "
-                                "supported; use NAME@ALIAS)")
+            raise RegistryError(
+                f"bad model reference {ref!r}: version must be a number (stages are not supported; use NAME@ALIAS)"
+            )
     if not name or "/" in name or (alias is not None and not alias):
-        raise RegistryError(f"bad model reference {ref!r}: expected NAME, NAME/VERSION, NAME/latest, "
-                            "NAME@ALIAS or models:/...")
+        raise RegistryError(
+            f"bad model reference {ref!r}: expected NAME, NAME/VERSION, NAME/latest, NAME@ALIAS or models:/..."
+        )
     return name, version, alias
 
 
@@ -181,11 +187,15 @@ def _save_weights(model: nn.Module, folder: Path) -> str:
         from safetensors.torch import save_file
 
         # clone: safetensors refuses tensors that share storage (tied weights)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
-                  str(folder / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+            str(folder / WEIGHTS_SAFETENSORS),
+            metadata={"format": "pt"},
+        )
         return WEIGHTS_SAFETENSORS
-    torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
-               folder / WEIGHTS_TORCH)
+    torch.save(
+        {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, folder / WEIGHTS_TORCH
+    )
     return WEIGHTS_TORCH
 
 
@@ -222,9 +232,19 @@ def _bake_flags(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------- register
 
 
-def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Tensor, *, tracker_or_run_id,
-                   stats: dict | None = None, name: str | None = None, tracking_uri: str | None = None,
-                   alias: str = CHAMPION, tags: dict[str, str] | None = None) -> dict:
+def register_model(
+    model: nn.Module,
+    cfg,
+    summary: dict,
+    example_input: torch.Tensor,
+    *,
+    tracker_or_run_id,
+    stats: dict | None = None,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    alias: str = CHAMPION,
+    tags: dict[str, str] | None = None,
+) -> dict:
     """Log the eval-mode student (pt2 + native files) to the run, register a version, maybe promote.
 
     ``tracker_or_run_id``: a :class:`gdnsq.tracking.run.RunTracker` (flushed first; its store is used) or a
@@ -271,11 +291,19 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
     sizes = manifest_stats(stats, table, student)
 
     manifest = {
-        "format": MANIFEST_FORMAT, "gdnsq_version": __version__, "registered_name": name, "model": cfg.model.name,
-        "num_classes": int(out.shape[-1]), "in_chans": int(x.shape[1]), "input_shape": list(x.shape[1:]),
-        "target_w": float(cfg.quant.target_w), "target_a": float(cfg.quant.target_a),
+        "format": MANIFEST_FORMAT,
+        "gdnsq_version": __version__,
+        "registered_name": name,
+        "model": cfg.model.name,
+        "num_classes": int(out.shape[-1]),
+        "in_chans": int(x.shape[1]),
+        "input_shape": list(x.shape[1:]),
+        "target_w": float(cfg.quant.target_w),
+        "target_a": float(cfg.quant.target_a),
         **{k: summary.get(k) for k in ("top1", "top5", "fp_top1", "ns_top1", "avg_bits_w", "avg_bits_a", "converged")},
-        **sizes, "run_id": run_id, "fp_checkpoint": cfg.model.checkpoint,
+        **sizes,
+        "run_id": run_id,
+        "fp_checkpoint": cfg.model.checkpoint,
     }
     if cfg.quant.budget.active:  # the version was trained under one model-wide budget (mixed precision)
         manifest.update(budget_kind=cfg.quant.budget.kind, budget_value=cfg.quant.budget.value)
@@ -291,15 +319,22 @@ def register_model(model: nn.Module, cfg, summary: dict, example_input: torch.Te
             run = client.get_run(run_id)
             # Created here (not by log_model) so the model lands in the run's experiment, not the
             # fluent API's default experiment.
-            logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
-                                                tags={"gdnsq.registered_name": name})
+            logged = client.create_logged_model(
+                run.info.experiment_id, name="model", source_run_id=run_id, tags={"gdnsq.registered_name": name}
+            )
             with _tracking_uri(uri):
                 mlflow.pytorch.log_model(
-                    student, name="model", run_id=run_id, model_id=logged.model_id, signature=signature,
-                    input_example=x.numpy(), serialization_format="pt2",
+                    student,
+                    name="model",
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    signature=signature,
+                    input_example=x.numpy(),
+                    serialization_format="pt2",
                     extra_files=[str(folder / f) for f in (manifest["weights_file"], CONFIG_FILE, MANIFEST_FILE)],
                     # explicit requirements skip MLflow's slow inference subprocess; pt2 needs only torch
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                )
         except Exception as e:  # noqa: BLE001 - export or upload: the caller keeps its checkpoint either way
             raise _store_error(uri, e, f"logging model {name}") from e
         with _tracking_uri(uri):  # the SQL registry resolves ``models:/<id>`` sources via the global URI
@@ -317,14 +352,20 @@ def _create_version(client, uri, name, model_id, run_id, manifest, alias, tags=N
                 raise
             with contextlib.suppress(MlflowException):  # a concurrent sweep trial may create it first
                 client.create_registered_model(
-                    name, tags={"model": manifest["model"]},
+                    name,
+                    tags={"model": manifest["model"]},
                     description=f"GDNSQ-quantized {manifest['model']} students, target "
-                                f"W{manifest['target_w']:g}A{manifest['target_a']:g}. The `{alias}` alias "
-                                "is the version with the best ns_top1.")
-        mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                         tags={**version_tags(manifest), **(tags or {})},
-                                         description=model_card(name, manifest),
-                                         model_id=model_id)
+                    f"W{manifest['target_w']:g}A{manifest['target_a']:g}. The `{alias}` alias "
+                    "is the version with the best ns_top1.",
+                )
+        mv = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags={**version_tags(manifest), **(tags or {})},
+            description=model_card(name, manifest),
+            model_id=model_id,
+        )
         champion = client.get_registered_model(name).aliases.get(alias)
         new = as_float(manifest.get("ns_top1"))
         old = as_float(client.get_model_version(name, champion).tags.get("ns_top1")) if champion else None
@@ -335,16 +376,30 @@ def _create_version(client, uri, name, model_id, run_id, manifest, alias, tags=N
         client.set_tag(run_id, "gdnsq.registered_model", f"{name}/{mv.version}")
     except Exception as e:  # noqa: BLE001
         raise _store_error(uri, e) from e
-    return {"name": name, "version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}",
-            "model_id": model_id, "run_id": run_id, "champion": promote,
-            "champion_version": None if champion is None else str(champion), "ns_top1": new, "manifest": manifest}
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "model_uri": f"models:/{name}/{mv.version}",
+        "model_id": model_id,
+        "run_id": run_id,
+        "champion": promote,
+        "champion_version": None if champion is None else str(champion),
+        "ns_top1": new,
+        "manifest": manifest,
+    }
 
 
 # ----------------------------------------------------------------------------- load / list / show
 
 
-def load_model(ref: str, device: str | torch.device = "cpu", *, allow_pickle: bool = False,
-               tracking_uri: str | None = None, builder=None) -> nn.Module:
+def load_model(
+    ref: str,
+    device: str | torch.device = "cpu",
+    *,
+    allow_pickle: bool = False,
+    tracking_uri: str | None = None,
+    builder=None,
+) -> nn.Module:
     """The registered student, rebuilt with ``build_student`` and its weights, in eval mode on ``device``.
 
     ``ref``: ``NAME@ALIAS``, ``NAME/VERSION``, ``NAME`` (latest), ``models:/...``, or a folder written
@@ -380,8 +435,18 @@ def list_models(*, tracking_uri: str | None = None) -> list[dict]:
     uri = resolve_read_uri(tracking_uri)
     client = _client(uri)
     out, token = [], None
-    keys = ("ns_top1", "top1", "fp_top1", "avg_bits_w", "avg_bits_a", "target_w", "target_a", "bytes_packed",
-            "compression", "gbops")
+    keys = (
+        "ns_top1",
+        "top1",
+        "fp_top1",
+        "avg_bits_w",
+        "avg_bits_a",
+        "target_w",
+        "target_a",
+        "bytes_packed",
+        "compression",
+        "gbops",
+    )
     try:
         while True:
             page = client.search_registered_models(max_results=1000, page_token=token)
@@ -392,11 +457,18 @@ def list_models(*, tracking_uri: str | None = None) -> list[dict]:
                 shown = str(champ) if champ else latest
                 tags = client.get_model_version(rm.name, shown).tags if shown else {}
                 headline = {"version": shown, **{k: tags.get(k) for k in keys}} if shown else None
-                out.append({"name": rm.name, "latest_version": latest,
-                            "aliases": {k: str(v) for k, v in (rm.aliases or {}).items()},
-                            "description": rm.description, "tags": dict(rm.tags or {}),
-                            "updated_ms": rm.last_updated_timestamp, "headline": headline,
-                            "champion": headline if champ else None})
+                out.append(
+                    {
+                        "name": rm.name,
+                        "latest_version": latest,
+                        "aliases": {k: str(v) for k, v in (rm.aliases or {}).items()},
+                        "description": rm.description,
+                        "tags": dict(rm.tags or {}),
+                        "updated_ms": rm.last_updated_timestamp,
+                        "headline": headline,
+                        "champion": headline if champ else None,
+                    }
+                )
             token = page.token
             if not token:
                 break
@@ -414,18 +486,29 @@ def show_model(ref: str, *, tracking_uri: str | None = None) -> dict:
         path = _download(uri, mv.name, mv.version, f"{NATIVE_DIR}/{MANIFEST_FILE}", Path(tmp))
         manifest = json.loads(path.read_text())
     try:
-        aliases = sorted(a for a, v in (client.get_registered_model(mv.name).aliases or {}).items()
-                         if str(v) == str(mv.version))
+        aliases = sorted(
+            a for a, v in (client.get_registered_model(mv.name).aliases or {}).items() if str(v) == str(mv.version)
+        )
     except Exception as e:  # noqa: BLE001
         raise _store_error(uri, e) from None
-    return {"name": mv.name, "version": str(mv.version), "model_uri": f"models:/{mv.name}/{mv.version}",
-            "aliases": aliases, "run_id": mv.run_id, "source": mv.source, "status": mv.status,
-            "created_ms": mv.creation_timestamp, "description": mv.description, "tags": dict(mv.tags or {}),
-            "manifest": manifest}
+    return {
+        "name": mv.name,
+        "version": str(mv.version),
+        "model_uri": f"models:/{mv.name}/{mv.version}",
+        "aliases": aliases,
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "status": mv.status,
+        "created_ms": mv.creation_timestamp,
+        "description": mv.description,
+        "tags": dict(mv.tags or {}),
+        "manifest": manifest,
+    }
 
 
-def pull_model(ref: str, out_dir: str | os.PathLike, *, tracking_uri: str | None = None,
-               include_mlflow_model: bool = False) -> dict:
+def pull_model(
+    ref: str, out_dir: str | os.PathLike, *, tracking_uri: str | None = None, include_mlflow_model: bool = False
+) -> dict:
     """Write the native files (weights, config.json, manifest.json) and layers.csv into ``out_dir``.
 
     ``load_model(out_dir)`` then works offline. ``include_mlflow_model`` adds the whole MLflow model
@@ -441,14 +524,29 @@ def pull_model(ref: str, out_dir: str | os.PathLike, *, tracking_uri: str | None
             shutil.copy2(f, out / f.name)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     rows = manifest["layers"] + [{**r, "true_bits_w": FP_BITS, "true_bits_a": FP_BITS} for r in manifest["fp_layers"]]
-    cols = ["name", "kind", "true_bits_w", "true_bits_a", "bits_w", "bits_a", "target_w", "target_a",
-            "params", "macs", "bops"]
+    cols = [
+        "name",
+        "kind",
+        "true_bits_w",
+        "true_bits_a",
+        "bits_w",
+        "bits_a",
+        "target_w",
+        "target_a",
+        "params",
+        "macs",
+        "bops",
+    ]
     with open(out / "layers.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    source = {"name": mv.name, "version": str(mv.version), "model_uri": f"models:/{mv.name}/{mv.version}",
-              "run_id": mv.run_id}
+    source = {
+        "name": mv.name,
+        "version": str(mv.version),
+        "model_uri": f"models:/{mv.name}/{mv.version}",
+        "run_id": mv.run_id,
+    }
     (out / "source.json").write_text(json.dumps(source, indent=1))
     if include_mlflow_model:
         import mlflow
@@ -474,8 +572,9 @@ def budget_filter(name: str) -> str:
     return f"name='{name}' AND tags.converged='True'"
 
 
-def select_by_budget(name: str, *, max_bytes: float | None = None, max_bops: float | None = None,
-                     tracking_uri: str | None = None) -> dict:
+def select_by_budget(
+    name: str, *, max_bytes: float | None = None, max_bops: float | None = None, tracking_uri: str | None = None
+) -> dict:
     """The most accurate converged version of ``name`` within the budget: packed file bytes (the exporter's
     ``bytes_file``, tag ``bytes_packed``) <= ``max_bytes`` and BOPs (tag ``bops``) <= ``max_bops``.
 
@@ -493,8 +592,9 @@ def select_by_budget(name: str, *, max_bytes: float | None = None, max_bops: flo
     fits = []
     for v in versions:
         figures = {k: as_float(v.tags.get(k)) for k in ("top1", "bytes_packed", "bops")}
-        if figures["top1"] is None or any(b is not None and (figures[k] is None or figures[k] > b)
-                                          for k, b in bounds.items()):
+        if figures["top1"] is None or any(
+            b is not None and (figures[k] is None or figures[k] > b) for k, b in bounds.items()
+        ):
             continue
         fits.append((figures["top1"], -(figures["bytes_packed"] or 0), int(v.version), figures))
     if not fits:

@@ -8,6 +8,7 @@ Every call goes through the run's :class:`~gdnsq.tracking.outbox.Outbox` and ret
 ``python -m gdnsq.tracking.outbox replay FOLDER`` delivers later. A process that exits without
 ``finish`` ends its runs FAILED (atexit).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,10 +45,12 @@ def code_version() -> dict[str, str]:
     tags = {"gdnsq.version": __version__, "gdnsq.code_version": __version__}
     here = Path(__file__).resolve().parents[1]  # the gdnsq package: "dirty" means any of its files changed
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=3, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno", "--", "."], cwd=here,
-                               capture_output=True, text=True, timeout=3).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=3, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno", "--", "."], cwd=here, capture_output=True, text=True, timeout=3
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return tags
     if sha:
@@ -59,8 +62,15 @@ def code_version() -> dict[str, str]:
 def protocol_tags(cfg: dict) -> dict[str, str]:
     """Tags that say what was quantized how: model, targets, granularity, FP layers, FP checkpoint."""
     m, q = cfg.get("model", {}), cfg.get("quant", {})
-    excluded = [n for n, on in (("first conv", q.get("keep_first_conv")), ("classifier", q.get("keep_classifier")),
-                                ("1x1 convs", q.get("keep_pointwise"))) if on]
+    excluded = [
+        n
+        for n, on in (
+            ("first conv", q.get("keep_first_conv")),
+            ("classifier", q.get("keep_classifier")),
+            ("1x1 convs", q.get("keep_pointwise")),
+        )
+        if on
+    ]
     excluded += [f"/{r['pattern']}/" for r in q.get("rules", []) if r.get("skip")]
     tw, ta = q.get("target_w"), q.get("target_a")
     granularity = "per-channel" if q.get("per_channel") else "per-tensor"
@@ -75,7 +85,8 @@ def protocol_tags(cfg: dict) -> dict[str, str]:
         "gdnsq.per_channel": str(q.get("per_channel")),
         "gdnsq.excluded": ", ".join(excluded) or "none",
         "gdnsq.protocol": f"W{tw:g}A{ta:g}, {granularity} weights, FP: {', '.join(excluded) or 'none'}"
-        if tw is not None and ta is not None else "",
+        if tw is not None and ta is not None
+        else "",
         "gdnsq.fp_checkpoint": str(fp_source),
     }
 
@@ -92,10 +103,20 @@ class RunTracker:
     restarted worker continues the same run instead of leaving a RUNNING orphan.
     """
 
-    def __init__(self, uri: str | None = None, experiment: str = "gdnsq", *, run_id: str | None = None,
-                 parent_run_id: str | None = None, run_name: str | None = None, tags: dict | None = None,
-                 state: dict | None = None, outbox_dir: str | os.PathLike | None = None,
-                 start_timeout: float = 5.0, finish_timeout: float = 60.0):
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment: str = "gdnsq",
+        *,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict | None = None,
+        state: dict | None = None,
+        outbox_dir: str | os.PathLike | None = None,
+        start_timeout: float = 5.0,
+        finish_timeout: float = 60.0,
+    ):
         self.uri = resolve_tracking_uri(uri)
         self.experiment = experiment
         self.finish_timeout = finish_timeout
@@ -109,9 +130,19 @@ class RunTracker:
         self._finished, self._delivered = False, False
         self.tracker_id = uuid.uuid4().hex
         self.outbox = Outbox(default_outbox_dir(outbox_dir) / self.tracker_id, self.uri, None)
-        self.outbox.put(["start", {"experiment": experiment, "run_id": run_id, "run_name": run_name,
-                                   "parent_run_id": parent_run_id, "tracker_id": self.tracker_id,
-                                   "tags": self._clean_tags({**code_version(), **(tags or {})})}])
+        self.outbox.put(
+            [
+                "start",
+                {
+                    "experiment": experiment,
+                    "run_id": run_id,
+                    "run_name": run_name,
+                    "parent_run_id": parent_run_id,
+                    "tracker_id": self.tracker_id,
+                    "tags": self._clean_tags({**code_version(), **(tags or {})}),
+                },
+            ]
+        )
         # Wait a little so the run id can go into the first checkpoint; a down server just delays it.
         self.outbox.wait_run_id(start_timeout)
         _live_trackers.add(self)
@@ -141,19 +172,20 @@ class RunTracker:
         tags["mlflow.note.content"] = (
             f"GDNSQ {tags['gdnsq.model']} {tags['gdnsq.protocol']}. FP weights: {tags['gdnsq.fp_checkpoint']}. "
             f"Code {code_version()['gdnsq.code_version']}. Per-layer bit-widths: metrics `bits/w/*`, `bits/a/*`, "
-            "artifacts `bits/epoch_*.csv`, `bits_evolution.png`.")
+            "artifacts `bits/epoch_*.csv`, `bits_evolution.png`."
+        )
         self.set_tags(tags)
         self.log_dict(scrub_tree(data), "config.json")
 
     def log_params(self, params: dict) -> None:
         items = [[metric_key(k), truncate(str(scrub(str(k), v)), MAX_PARAM_LEN)] for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.outbox.put(["params", items[i:i + 100]])
+            self.outbox.put(["params", items[i : i + 100]])
 
     def set_tags(self, tags: dict) -> None:
         items = [[k, v] for k, v in self._clean_tags(tags).items()]
         for i in range(0, len(items), 100):
-            self.outbox.put(["tags", items[i:i + 100]])
+            self.outbox.put(["tags", items[i : i + 100]])
 
     @staticmethod
     def _clean_tags(tags: dict) -> dict:
@@ -175,7 +207,7 @@ class RunTracker:
             if f is not None:
                 rows.append([metric_key(k), f, ts, int(step or 0)])
         for i in range(0, len(rows), 1000):
-            self.outbox.put(["metrics", rows[i:i + 1000]])
+            self.outbox.put(["metrics", rows[i : i + 1000]])
 
     def log_epoch(self, epoch: int, metrics: dict, bits_table: list[dict]) -> None:
         """Epoch metrics + ``bits/w/<layer>``, ``bits/a/<layer>``, the table as bits/epoch_XXX.{json,csv}."""
@@ -194,8 +226,11 @@ class RunTracker:
         stem = f"epoch_{int(epoch):03d}"
         self.log_dict(bits_table, f"bits/{stem}.json")
         self._log_csv(bits_table, f"bits/{stem}.csv")
-        entry = {"epoch": int(epoch), "metrics": {k: f for k, v in metrics.items() if (f := as_float(v)) is not None},
-                 "layers": [dict(r) for r in bits_table]}
+        entry = {
+            "epoch": int(epoch),
+            "metrics": {k: f for k, v in metrics.items() if (f := as_float(v)) is not None},
+            "layers": [dict(r) for r in bits_table],
+        }
         self._history = [h for h in self._history if h["epoch"] != entry["epoch"]] + [entry]
 
     def log_summary(self, summary: dict) -> None:
@@ -221,6 +256,7 @@ class RunTracker:
                 w = csv.DictWriter(f, fieldnames=cols)
                 w.writeheader()
                 w.writerows(rows)
+
         self._log_file(artifact_file, write)
 
     def _log_file(self, artifact_file: str, write) -> None:
@@ -259,13 +295,18 @@ class RunTracker:
         if self._delivered:
             shutil.rmtree(self.outbox.folder, ignore_errors=True)
         else:
-            log.warning("MLflow store unreachable: %d calls kept in %s; deliver them with `%s %s`",
-                        self.outbox.pending(), self.outbox.folder, REPLAY_COMMAND, self.outbox.folder)
+            log.warning(
+                "MLflow store unreachable: %d calls kept in %s; deliver them with `%s %s`",
+                self.outbox.pending(),
+                self.outbox.folder,
+                REPLAY_COMMAND,
+                self.outbox.folder,
+            )
         if self.outbox.dropped:
             log.warning("MLflow refused %d calls of run %s (see warnings above)", self.outbox.dropped, self.run_id)
         return self._delivered
 
-    def __enter__(self) -> "RunTracker":
+    def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -282,14 +323,28 @@ class RunTracker:
         return [f"{folder.name}/{name}" for name in draw_run_plots(self._history, folder, fp_top1=fp)]
 
 
-def create_tracker(cfg, *, run_id: str | None = None, parent_run_id: str | None = None, run_name: str | None = None,
-                   state: dict | None = None, **kwargs) -> RunTracker | None:
+def create_tracker(
+    cfg,
+    *,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    state: dict | None = None,
+    **kwargs,
+) -> RunTracker | None:
     """A tracker for a JobConfig (``cfg.tracking``); None when tracking is disabled. Only one process of a
     job (rank 0) tracks. ``kwargs`` go to :class:`RunTracker`."""
     if not cfg.tracking.enabled:
         return None
-    return RunTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id, parent_run_id=parent_run_id,
-                      run_name=run_name or cfg.name, state=state, **kwargs)
+    return RunTracker(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        run_id=run_id,
+        parent_run_id=parent_run_id,
+        run_name=run_name or cfg.name,
+        state=state,
+        **kwargs,
+    )
 
 
 def close_trial_runs(uri: str, experiment: str, parent_run_id: str, trial_status: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ in a non-server store get an explicit artifact location next to the database (wi
 started inside a Ray worker put its artifacts in Ray's temporary session folder). With a server
 URI the server's proxied artifact store is used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,10 +41,12 @@ def resolve_read_uri(uri: str | None = None) -> str:
     if uri is None:
         path = Path(os.getcwd()).resolve() / ".gdnsq" / "mlflow.db"
         uri = f"sqlite:///{path}"
-        hint = ("run from the folder a run was started in, or pass --tracking-uri URI / set "
-                "MLFLOW_TRACKING_URI (e.g. http://localhost:5000)")
+        hint = (
+            "run from the folder a run was started in, or pass --tracking-uri URI / set "
+            "MLFLOW_TRACKING_URI (e.g. http://localhost:5000)"
+        )
     else:
-        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         hint = "check --tracking-uri / MLFLOW_TRACKING_URI"
     if path is not None and not path.is_file():
         raise RegistryError(f"no MLflow store at {uri}: {hint}")
@@ -70,7 +73,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     if is_server_uri(uri):
         return None
     if uri.startswith("sqlite:///"):
-        base = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+        base = Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts"
     else:  # postgresql://, mysql://, file:// used directly: keep artifacts beside the working dir
         base = Path(os.getcwd()).resolve() / ".gdnsq" / "mlartifacts"
     return (base / safe_name(experiment)).as_uri()

@@ -20,6 +20,7 @@ With an activation budget (``value_a``, bits per quantized input element) the in
 first (their widths enter the weights' BOPs). Measured why: on the digits CNN at 2,160 steps W2A8 is at W4A4's
 accuracy and W8A2 0.8 under it, so at 2-bit inputs the inputs, not the weights, hold what is left.
 """
+
 from __future__ import annotations
 
 import logging
@@ -178,6 +179,7 @@ def input_prices(model: nn.Module, x: Tensor, y: Tensor, widths: list[int], chun
             t = inp[0] if inp[0].requires_grad else inp[0].detach().requires_grad_(True)
             captured[i] = t
             return (t,) + tuple(inp[1:])
+
         return pre_hook
 
     hooks = [l.register_forward_pre_hook(capture(i)) for i, l in enumerate(layers)]
@@ -212,8 +214,10 @@ def allocate_input_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dic
         costs[r, [j for j, b in enumerate(widths) if b > float(layers[i][1].target_a)]] = math.inf
     chosen = choose_widths(prices, costs, float(cfg.value_a) * sum(elems))
     if chosen is None:
-        raise ConfigError(f"quant.budget.value_a: {cfg.value_a:g} bits per input element is below every input at "
-                         f"{cfg.min_bits} bit(s); raise it or lower quant.budget.min_bits")
+        raise ConfigError(
+            f"quant.budget.value_a: {cfg.value_a:g} bits per input element is below every input at "
+            f"{cfg.min_bits} bit(s); raise it or lower quant.budget.min_bits"
+        )
     result = {layers[i][0]: widths[c] for i, c in zip(rows, chosen)}
     log.info("mixed precision (probe), inputs: %s", " ".join(f"{n}={b}" for n, b in result.items()))
     log.debug("input prices (rows: quantized inputs, columns: %s bits):\n%s", widths, prices)
@@ -237,22 +241,31 @@ def sensitivities(model: nn.Module, x: Tensor, y: Tensor, widths: list[int]) -> 
     return out
 
 
-def allocate_widths(model: nn.Module, x: Tensor, y: Tensor, budget,
-                    input_widths: dict[str, int] | None = None) -> dict[str, int]:
+def allocate_widths(
+    model: nn.Module, x: Tensor, y: Tensor, budget, input_widths: dict[str, int] | None = None
+) -> dict[str, int]:
     """Every quantized layer's weight width under ``budget`` (training.budget.Budget), from the probe
     (``input_widths``: the inputs' allocated widths, which BOPs count; else value_a or each layer's target_a).
 
     Widths run over [min_bits, max_bits] and each layer's own upper bound (its target_w, which a rule may
-    lower). More bits never cost more (a grid can say otherwise: the price is made non-increasing in the width). Raises ConfigError when even every layer at min_bits exceeds the budget.
+    lower). More bits never cost more (a grid can say otherwise: the price is made non-increasing in the width).
+    Raises ConfigError when even every layer at min_bits exceeds the budget.
     """
     cfg = budget.cfg
     layers = list(iter_quantized(model))
     widths = list(range(int(cfg.min_bits), int(cfg.max_bits) + 1))
     losses = sensitivities(model, x, y, widths)
     losses = torch.cummin(losses, dim=1).values  # non-increasing: a width never looks worse than a narrower one
-    act = [float(FP_BITS) if l.act_quant is None
-           else float(input_widths[n]) if input_widths is not None
-           else float(cfg.value_a) if cfg.value_a is not None else float(l.target_a) for n, l in layers]
+    act = [
+        float(FP_BITS)
+        if l.act_quant is None
+        else float(input_widths[n])
+        if input_widths is not None
+        else float(cfg.value_a)
+        if cfg.value_a is not None
+        else float(l.target_a)
+        for n, l in layers
+    ]
     costs = item_costs(cfg.kind, [int(v) for v in budget.n.tolist()], budget.macs.tolist(), act, widths)
     for li, (_, layer) in enumerate(layers):  # a layer's own bound (rules) caps its widths
         costs[li, [j for j, b in enumerate(widths) if b > float(layer.target_w)]] = math.inf
@@ -261,8 +274,10 @@ def allocate_widths(model: nn.Module, x: Tensor, y: Tensor, budget,
         capacity = float(cfg.value) * float(budget.n.sum())
     chosen = choose_widths(losses, costs, capacity)
     if chosen is None:
-        raise ConfigError(f"quant.budget.value: {cfg.value:g} is below the model at {cfg.min_bits} bit(s) in every "
-                         f"layer ({budget.at_bits(cfg.min_bits):.0f}); raise it or lower quant.budget.min_bits")
+        raise ConfigError(
+            f"quant.budget.value: {cfg.value:g} is below the model at {cfg.min_bits} bit(s) in every "
+            f"layer ({budget.at_bits(cfg.min_bits):.0f}); raise it or lower quant.budget.min_bits"
+        )
     result = {name: widths[i] for (name, _), i in zip(layers, chosen)}
     log.info("mixed precision (probe): %s", " ".join(f"{n}={b}" for n, b in result.items()))
     log.debug("probe prices (rows: layers, columns: %s bits):\n%s", widths, losses)

@@ -6,6 +6,7 @@ the example input. BOPs = MACs x b_w x b_a, with the true (storage) bits of a qu
 weights and input, and 32 x 32 for FP layers and FP inputs. Matrix products that are not modules
 (attention scores in a ViT) are not counted.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,18 +24,20 @@ def bits_table(model: nn.Module) -> list[dict]:
     for name, layer in iter_quantized(model):
         bw = layer.weight_bits().detach()
         ba = layer.act_bits()
-        rows.append({
-            "name": name,
-            "kind": "conv" if layer.weight.dim() == 4 else "linear",
-            "bits_w": round(float(bw.max()), 4),
-            "bits_w_mean": round(float(bw.mean()), 4),
-            "bits_a": None if ba is None else round(float(ba.detach()), 4),
-            "true_bits_w": layer.true_weight_bits(),
-            "true_bits_a": layer.true_act_bits(),
-            "target_w": float(layer.target_w),
-            "target_a": float(layer.target_a),
-            "params": layer.weight.numel(),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": "conv" if layer.weight.dim() == 4 else "linear",
+                "bits_w": round(float(bw.max()), 4),
+                "bits_w_mean": round(float(bw.mean()), 4),
+                "bits_a": None if ba is None else round(float(ba.detach()), 4),
+                "true_bits_w": layer.true_weight_bits(),
+                "true_bits_a": layer.true_act_bits(),
+                "target_w": float(layer.target_w),
+                "target_a": float(layer.target_a),
+                "params": layer.weight.numel(),
+            }
+        )
         rows[-1].update(extra_stats(layer))
     return rows
 
@@ -59,8 +62,8 @@ def format_table(table: list[dict]) -> str:
     for r in table:
         ta = "-" if r["true_bits_a"] is None else str(r["true_bits_a"])
         ba = "-" if r["bits_a"] is None else f"{r['bits_a']:.2f}"
-        lines.append(f"{r['name']:<28} {r['true_bits_w']:>7} {ta:>7} "
-                     f"{'W%gA%g' % (r['target_w'], r['target_a']):>8} {r['bits_w']:>7.2f} {ba:>7}")
+        target = f"W{r['target_w']:g}A{r['target_a']:g}"
+        lines.append(f"{r['name']:<28} {r['true_bits_w']:>7} {ta:>7} {target:>8} {r['bits_w']:>7.2f} {ba:>7}")
     return "\n".join(lines)
 
 
@@ -69,8 +72,11 @@ def format_table(table: list[dict]) -> str:
 
 def compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every Conv/Linear (quantized or FP) that owns a weight, in module order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, _COMPUTE) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, _COMPUTE) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
 
 
 @torch.no_grad()
@@ -79,7 +85,8 @@ def measure_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, t
     shapes: dict[str, tuple[int, int]] = {}
     hooks = []
     for name, m in compute_layers(model):
-        def hook(mod, inp, out, name=name, per_out=m.weight[0].numel()):
+        # Defaults bind this iteration's layer (a closure would see the last one).
+        def hook(mod, inp, out, name=name, per_out=m.weight[0].numel()):  # noqa: B008
             macs, elems = shapes.get(name, (0, 0))
             shapes[name] = (macs + (out.numel() // out.shape[0]) * per_out, elems + inp[0].numel() // inp[0].shape[0])
 
@@ -99,8 +106,9 @@ def measure_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
     return {name: macs for name, (macs, _) in measure_shapes(model, example_input).items()}
 
 
-def layer_rows(model: nn.Module, bits: dict[str, tuple[int, int]], example_input: torch.Tensor | None,
-               export_bytes: dict[str, int]) -> list[dict]:
+def layer_rows(
+    model: nn.Module, bits: dict[str, tuple[int, int]], example_input: torch.Tensor | None, export_bytes: dict[str, int]
+) -> list[dict]:
     """One row per Conv/Linear: params, bits, MACs, BOPs, FP32 bytes (weight + bias) and exported bytes.
 
     ``bits``: {quantized layer: (b_w, b_a)}; other layers count as FP (32, 32).
@@ -112,13 +120,20 @@ def layer_rows(model: nn.Module, bits: dict[str, tuple[int, int]], example_input
         bw, ba = bits.get(name, (FP_BITS, FP_BITS))
         n_params = m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
         n_macs = macs.get(name)
-        rows.append({
-            "name": name, "kind": "linear" if isinstance(m, nn.Linear) else "conv",
-            "quantized": isinstance(m, QUANT_LAYERS) and name in bits, "params": int(n_params),
-            "bits_w": int(bw), "bits_a": int(ba),
-            "macs": n_macs, "bops": None if n_macs is None else n_macs * int(bw) * int(ba),
-            "bytes_fp32": int(n_params) * 4, "bytes_export": export_bytes.get(name),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": "linear" if isinstance(m, nn.Linear) else "conv",
+                "quantized": isinstance(m, QUANT_LAYERS) and name in bits,
+                "params": int(n_params),
+                "bits_w": int(bw),
+                "bits_a": int(ba),
+                "macs": n_macs,
+                "bops": None if n_macs is None else n_macs * int(bw) * int(ba),
+                "bytes_fp32": int(n_params) * 4,
+                "bytes_export": export_bytes.get(name),
+            }
+        )
     return rows
 
 
@@ -128,9 +143,12 @@ def totals(rows: list[dict], bytes_fp32: int, bytes_file: int) -> dict:
     macs = sum(r["macs"] for r in rows) if have_macs else None
     bops = sum(r["bops"] for r in rows) if have_macs else None
     return {
-        "bytes_fp32": bytes_fp32, "bytes_file": bytes_file,
+        "bytes_fp32": bytes_fp32,
+        "bytes_file": bytes_file,
         "compression": round(bytes_fp32 / bytes_file, 3) if bytes_file else None,
-        "macs": macs, "bops": bops, "bops_fp32": None if macs is None else macs * FP_BITS * FP_BITS,
+        "macs": macs,
+        "bops": bops,
+        "bops_fp32": None if macs is None else macs * FP_BITS * FP_BITS,
         "bops_reduction": round(macs * FP_BITS * FP_BITS / bops, 3) if bops else None,
     }
 

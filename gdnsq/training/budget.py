@@ -4,7 +4,7 @@ Instead of a bit target per layer, the exterior-point penalty acts on an aggrega
 so layers trade bits and the optimizer decides which keep precision:
 
     avg_bits_w   A = Σ_l n_l·b_l / Σ_l n_l                         (n_l: weight elements of quantized layer l)
-    bytes        A = F + Σ_l n_l·b_l / 8                           (F: the packed file's fixed payload, bits.packed_size_parts)
+    bytes        A = F + Σ_l n_l·b_l / 8                (F: the packed file's fixed payload, bits.packed_size_parts)
     bops         A = Σ_l M_l·b_w,l·b_a,l + Σ_FP M·32·32            (M_l: MACs per sample, bits.measure_macs)
 
     P = max(0, (A - L)/D)**p,   D = ∂A/∂(every b_w raised by one bit), so P is in bits like the per-layer P_w.
@@ -24,6 +24,7 @@ the budget in whole bits, as the true check counts them. The planned level L mov
 layers) to the budget V like the per-layer levels do; ``converged`` = the aggregate of the true integer bits
 is within budget (bytes: exactly :func:`bits.packed_bytes`), every layer within its upper bound, no dead grid.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,8 @@ def whole_bits(b: Tensor, margin: float = 0.1) -> Tensor:
 
 
 def soft_max_bits(b: Tensor) -> Tensor:
-    """τ·logsumexp(b/τ) over channels (≥ max, within τ·ln C): the layer's storage width, gradient on its widest channels."""
+    """τ·logsumexp(b/τ) over channels (≥ max, within τ·ln C): the layer's storage width, gradient on its widest
+    channels."""
     b = b.reshape(-1)
     return b[0] if b.numel() == 1 else _TAU * torch.logsumexp(b / _TAU, dim=0)
 
@@ -100,11 +102,17 @@ class Budget:
         if example_input is not None and (cfg.kind == "bops" or cfg.value_a is not None):
             shapes = measure_shapes(model, example_input)
             self.macs = torch.tensor([float(shapes.get(n, (0, 0))[0]) for n in self.names], device=ref.device)
-            self.elems = has_act * torch.tensor([float(shapes.get(n, (0, 0))[1]) for n in self.names],
-                                                device=ref.device)
+            self.elems = has_act * torch.tensor(
+                [float(shapes.get(n, (0, 0))[1]) for n in self.names], device=ref.device
+            )
             if cfg.kind == "bops":
-                self.fixed = float(sum(shapes[n][0] * FP_BITS * FP_BITS for n, _ in compute_layers(model)
-                                       if n not in set(self.names) and n in shapes))
+                self.fixed = float(
+                    sum(
+                        shapes[n][0] * FP_BITS * FP_BITS
+                        for n, _ in compute_layers(model)
+                        if n not in set(self.names) and n in shapes
+                    )
+                )
         if cfg.kind == "bytes":
             self.fixed = float(packed_size_parts(model)[0])
 
@@ -140,8 +148,15 @@ class Budget:
             lo, hi = (mid, hi) if self.at_bits(mid, bits_a) <= self.cfg.value else (lo, mid)
         return lo
 
-    def penalties(self, model: nn.Module, eps: float, p: float, level_fraction: float = 0.0,
-                  init_bits: float | None = None, level_fraction_a: float | None = None) -> BudgetTerms:
+    def penalties(
+        self,
+        model: nn.Module,
+        eps: float,
+        p: float,
+        level_fraction: float = 0.0,
+        init_bits: float | None = None,
+        level_fraction_a: float | None = None,
+    ) -> BudgetTerms:
         c = self.cfg
         bw, ba = self._bits(model)
         a = aggregate(c.kind, bw, ba, self.n, self.macs, self.fixed)
@@ -190,4 +205,3 @@ def uniform_value(kind: str, model: nn.Module, bits_w: int, bits_a: int, example
         return float(packed_bytes(model, {n: bits_w for n, l in iter_quantized(model) if l.weight_quant.enabled}))
     bw, ba = torch.full_like(b.n, float(bits_w)), torch.full_like(b.n, float(bits_a))
     return float(aggregate(kind, bw, ba, b.n, b.macs, b.fixed))
-

@@ -16,6 +16,7 @@ A checkpoint is a plain dict of tensors and Python values (loadable with ``weigh
 
 Everything that reads one goes through this module, so the schema has one owner.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,11 +36,25 @@ PREVIOUS_FILE = "checkpoint.prev.pt"  # the local run's checkpoint before the la
 log = logging.getLogger("gdnsq")
 
 
-def make_checkpoint(cfg_dict: dict, teacher: nn.Module, engine_state: dict, best: dict, fp_val: dict,
-                    stale: int, teacher_report: dict | None = None) -> dict:
-    return {"config": cfg_dict, "fingerprint": fingerprint(cfg_dict), "teacher": teacher.state_dict(),
-            "engine": engine_state, "best": best, "fp_val": fp_val, "stale": stale,
-            "teacher_report": dict(teacher_report or {})}
+def make_checkpoint(
+    cfg_dict: dict,
+    teacher: nn.Module,
+    engine_state: dict,
+    best: dict,
+    fp_val: dict,
+    stale: int,
+    teacher_report: dict | None = None,
+) -> dict:
+    return {
+        "config": cfg_dict,
+        "fingerprint": fingerprint(cfg_dict),
+        "teacher": teacher.state_dict(),
+        "engine": engine_state,
+        "best": best,
+        "fp_val": fp_val,
+        "stale": stale,
+        "teacher_report": dict(teacher_report or {}),
+    }
 
 
 def save_checkpoint(state: dict, path: str | Path, *, keep_previous: bool = False) -> None:
@@ -65,8 +80,10 @@ def save_checkpoint(state: dict, path: str | Path, *, keep_previous: bool = Fals
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise StorageError(f"ray.storage_path: cannot write checkpoint {path} ({e.strerror or type(e).__name__}); "
-                           "the earlier checkpoints are kept") from None
+        raise StorageError(
+            f"ray.storage_path: cannot write checkpoint {path} ({e.strerror or type(e).__name__}); "
+            "the earlier checkpoints are kept"
+        ) from None
 
 
 def load_latest(path: str | Path) -> dict | None:
@@ -79,10 +96,16 @@ def load_latest(path: str | Path) -> dict | None:
             return load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - torn, truncated, not a zip: any of them means "not usable"
             if not previous.is_file():
-                raise ExportError(f"{path}: the run's checkpoint is unreadable ({type(e).__name__}) and there is "
-                                  "no earlier one; pass --fresh to set it aside") from None
-            log.warning("%s is unreadable (%s): resuming from the checkpoint before it, %s",
-                        path, type(e).__name__, previous.name)
+                raise ExportError(
+                    f"{path}: the run's checkpoint is unreadable ({type(e).__name__}) and there is "
+                    "no earlier one; pass --fresh to set it aside"
+                ) from None
+            log.warning(
+                "%s is unreadable (%s): resuming from the checkpoint before it, %s",
+                path,
+                type(e).__name__,
+                previous.name,
+            )
     if previous.is_file():
         return load_checkpoint(previous)
     return None
@@ -99,8 +122,12 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = load_checkpoint(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
         raise ExportError(f"{path}: not a readable gdnsq checkpoint ({type(e).__name__})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)
-            and isinstance(ckpt.get("engine"), dict) and isinstance(ckpt["engine"].get("model"), dict)):
+    if not (
+        isinstance(ckpt, dict)
+        and isinstance(ckpt.get("config"), dict)
+        and isinstance(ckpt.get("engine"), dict)
+        and isinstance(ckpt["engine"].get("model"), dict)
+    ):
         raise ExportError(f"{path}: not a gdnsq checkpoint (needs 'config' and 'engine' -> 'model')")
     return ckpt
 
@@ -172,8 +199,10 @@ def student_from_checkpoint(ckpt: dict, *, source: str = "checkpoint") -> tuple[
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = str(e).splitlines()
-        raise ExportError(f"{source}: student state does not fit {cfg.model.name} "
-                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from None
+        raise ExportError(
+            f"{source}: student state does not fit {cfg.model.name} "
+            f"({lines[1].strip() if len(lines) > 1 else lines[0]})"
+        ) from None
     return model.eval(), cfg, which
 
 
@@ -183,14 +212,14 @@ def student_from_checkpoint(ckpt: dict, *, source: str = "checkpoint") -> tuple[
 # checkpoint answering a W3A3 job). Every setting defines the run except these harmless ones, which
 # only say how long, where, or with what resources it runs, or where it is reported:
 HARMLESS_SETTINGS = (
-    "name",                      # the run's identity itself
-    "train.epochs",              # more epochs continue the same run; fewer end it at its checkpoint
-    "train.patience",            # early stopping decides when to stop, not what an epoch computes
-    "train.device",              # a checkpoint moves between CPU and GPU
-    "data.num_workers",          # loader processes: throughput only
-    "data.os_cache",             # page cache vs. quasi-random reads: memory use (the shuffle stays seeded)
-    "ray",                       # worker count, resources, address, storage path, retries, checkpoints kept
-    "tracking",                  # MLflow URI, experiment, registration
+    "name",  # the run's identity itself
+    "train.epochs",  # more epochs continue the same run; fewer end it at its checkpoint
+    "train.patience",  # early stopping decides when to stop, not what an epoch computes
+    "train.device",  # a checkpoint moves between CPU and GPU
+    "data.num_workers",  # loader processes: throughput only
+    "data.os_cache",  # page cache vs. quasi-random reads: memory use (the shuffle stays seeded)
+    "ray",  # worker count, resources, address, storage path, retries, checkpoints kept
+    "tracking",  # MLflow URI, experiment, registration
 )
 # Everything else defines the run: model.* (the architecture and FP weights), data.kind / paths / sizes /
 # batch_size / val_fraction, quant.*, objective.*, schedule.*, optim.*, train.seed, train.teacher_epochs
@@ -247,4 +276,5 @@ def check_identity(cfg_dict: dict, ckpt: dict, where: str) -> None:
     more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
     raise RunIdentityError(
         f"name: run {cfg_dict.get('name')!r} at {where} was trained with other settings ({shown}{more}); "
-        f"pass --name NEW for a new run, or --fresh to set the old one aside and start this one there")
+        f"pass --name NEW for a new run, or --fresh to set the old one aside and start this one there"
+    )

@@ -4,12 +4,13 @@
 objective and the schedule state; ``state_dict()`` holds everything a resumed run needs to continue
 exactly where it stopped.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +76,9 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             precision: Precision | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device, precision: Precision | None = None
+) -> dict[str, float]:
     """Top-1 / top-5 (%) and cross-entropy over a loader, in eval mode (exact integer grid),
     under ``precision``'s autocast and memory format (fp32 when None)."""
     precision = precision or Precision(device.type)
@@ -103,8 +105,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor],
-                         precision: Precision | None = None) -> None:
+def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor], precision: Precision | None = None) -> None:
     """Recompute every BatchNorm's running mean and variance as plain averages over ``batches``, through the
     eval-mode (exact grid, no dither) forward. Under DDP rank 0's statistics go to every rank (as calibration
     does), so every rank evaluates and checkpoints the same model.
@@ -135,9 +136,17 @@ def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor],
         broadcast_module(m)
 
 
-def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, device: torch.device,
-             log: Callable[[str], None] = print, val_loader: Iterable | None = None,
-             max_epochs: int = 30, precision: Precision | None = None) -> dict:
+def train_fp(
+    model: nn.Module,
+    loader: Iterable,
+    epochs: int | None,
+    lr: float,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+    val_loader: Iterable | None = None,
+    max_epochs: int = 30,
+    precision: Precision | None = None,
+) -> dict:
     """Plain cross-entropy training of the FP teacher (used when no FP weights are given).
 
     ``epochs`` set: that many epochs under a one-cycle LR. ``epochs`` None: train until the validation
@@ -150,8 +159,11 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     plateau = epochs is None and val_loader is not None
     n_epochs = max_epochs if plateau else (epochs or 1)
-    sched = None if plateau else torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(1, n_epochs * len(loader)))
+    sched = (
+        None
+        if plateau
+        else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, n_epochs * len(loader)))
+    )
     best, best_state, stale, drops, done = -1.0, None, 0, 0, 0
     for epoch in range(n_epochs):
         model.train()
@@ -189,8 +201,14 @@ def train_fp(model: nn.Module, loader: Iterable, epochs: int | None, lr: float, 
 class Engine:
     """One GDNSQ fine-tuning run's moving parts, stepping and checkpointable."""
 
-    def __init__(self, cfg: JobConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device,
-                 precision: Precision | None = None):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        device: torch.device,
+        precision: Precision | None = None,
+    ):
         self.cfg = cfg
         # Autocast dtype, memory format, fp16 loss scaling (modules are put in their format by the caller).
         self.precision = precision or Precision.create(cfg.train, device)
@@ -213,8 +231,9 @@ class Engine:
             teacher.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------- training
-    def train_epoch(self, loader: Iterable, max_steps: int | None = None,
-                    on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    def train_epoch(
+        self, loader: Iterable, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None
+    ) -> dict[str, float]:
         cfg, opt = self.cfg, self.optimizer
         self.model.train()
         sums: dict[str, float] = {}
@@ -242,8 +261,14 @@ class Engine:
                     with torch.no_grad():
                         teacher_logits = self.teacher(x).float()
                 logits = self.model(x).float()
-            loss, parts = self.objective(self.core, logits, teacher_logits, y, self.sched.temperature,
-                                         level_fraction=self.sched.level_fraction(plan))
+            loss, parts = self.objective(
+                self.core,
+                logits,
+                teacher_logits,
+                y,
+                self.sched.temperature,
+                level_fraction=self.sched.level_fraction(plan),
+            )
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
             opt.zero_grad(set_to_none=True)
@@ -253,23 +278,40 @@ class Engine:
                 # Second line behind the level guard: one spike (a dead layer before a train-mode BatchNorm
                 # sends ~1e7) would otherwise sit in Adam's second moment and freeze that quantizer.
                 parts["train/quant_grad_norm"] = float(
-                    torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip))
+                    torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip)
+                )
             self.precision.step(opt)
             if cfg.quant.level_guard:
                 b = cfg.quant.budget  # a budget frees the weights (and with value_a the inputs) down to min_bits
                 free = b.active and self.sched.converged_step is None
-                keep_levels_(self.core, cfg.quant.level_margin, b.min_bits if free else None,
-                             b.min_bits if free and b.value_a is not None else None)
+                keep_levels_(
+                    self.core,
+                    cfg.quant.level_margin,
+                    b.min_bits if free else None,
+                    b.min_bits if free and b.value_a is not None else None,
+                )
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
-            self.sched.advance(cfg.schedule, plan, base_lr=cfg.optim.lr, penalty=penalty,
-                               lag_bits=self.objective.last_terms.lag, check=self.is_converged)
+            self.sched.advance(
+                cfg.schedule,
+                plan,
+                base_lr=cfg.optim.lr,
+                penalty=penalty,
+                lag_bits=self.objective.last_terms.lag,
+                check=self.is_converged,
+            )
             if cfg.quant.budget.active and self.sched.converged_step is not None and not self._allocation_fixed:
                 self._fix_allocation()
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
-            parts.update({"train/loss": loss.item(), "train/temperature": self.sched.temperature,
-                          "train/lr": cfg.optim.lr * factor, "train/lag_bits": max(-99.0, self.objective.last_terms.lag)})
+            parts.update(
+                {
+                    "train/loss": loss.item(),
+                    "train/temperature": self.sched.temperature,
+                    "train/lr": cfg.optim.lr * factor,
+                    "train/lag_bits": max(-99.0, self.objective.last_terms.lag),
+                }
+            )
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             steps += 1
@@ -287,9 +329,16 @@ class Engine:
         self.epoch += 1
         out = {k: v / steps for k, v in sums.items()}
         # The last step's schedule values, not their epoch means, describe where the run stands.
-        out.update({"train/temperature": self.sched.temperature, "train/lr": cfg.optim.lr * factor,
-                    "train/steps": float(steps), "train/samples_per_s": samples / (time.perf_counter() - t0),
-                    "train/noise_ratio": self.sched.noise_ratio, "train/global_step": float(self.sched.step)})
+        out.update(
+            {
+                "train/temperature": self.sched.temperature,
+                "train/lr": cfg.optim.lr * factor,
+                "train/steps": float(steps),
+                "train/samples_per_s": samples / (time.perf_counter() - t0),
+                "train/noise_ratio": self.sched.noise_ratio,
+                "train/global_step": float(self.sched.step),
+            }
+        )
         return out
 
     def _planned_steps(self, loader, max_steps: int | None) -> int:

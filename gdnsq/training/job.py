@@ -4,11 +4,12 @@ The same function runs in-process (``gdnsq quickstart --no-ray``) and inside eve
 the caller injects what differs: rank/world size, device, an ``on_epoch`` hook (Ray report +
 checkpoint, or a local checkpoint file) and the state to resume from.
 """
+
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,34 +40,54 @@ def _take(loader, n: int, device) -> list[torch.Tensor]:
     return out
 
 
-def prepare_teacher(cfg: JobConfig, loaders: Loaders, device: torch.device,
-                    resume: dict | None, precision: Precision | None = None) -> tuple[nn.Module, dict]:
+def prepare_teacher(
+    cfg: JobConfig, loaders: Loaders, device: torch.device, resume: dict | None, precision: Precision | None = None
+) -> tuple[nn.Module, dict]:
     """The frozen FP teacher and a report of how it was obtained (trained in-run: epochs, val top-1)."""
-    teacher = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans,
-                           load_weights=resume is None).to(device)
-    report: dict = {"source": "checkpoint" if cfg.model.checkpoint else "pretrained" if cfg.model.pretrained
-                    else "trained-in-run"}
+    teacher = create_model(
+        cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, load_weights=resume is None
+    ).to(device)
+    report: dict = {
+        "source": "checkpoint" if cfg.model.checkpoint else "pretrained" if cfg.model.pretrained else "trained-in-run"
+    }
     if resume is not None:
         teacher.load_state_dict(resume["teacher"])
         report.update(resume.get("teacher_report", {}))
     elif not has_fp_weights(cfg.model):
         epochs = cfg.train.teacher_epochs
-        log.info("no FP weights given: training the FP teacher %s", f"for {epochs} epochs" if epochs else
-                 f"to a validation plateau (at most {cfg.train.teacher_max_epochs} epochs)")
+        log.info(
+            "no FP weights given: training the FP teacher %s",
+            f"for {epochs} epochs"
+            if epochs
+            else f"to a validation plateau (at most {cfg.train.teacher_max_epochs} epochs)",
+        )
         seed_everything(cfg.train.seed)
-        report.update(train_fp(teacher, loaders.calib, epochs, lr=1e-2, device=device, log=log.info,
-                               val_loader=loaders.val, max_epochs=cfg.train.teacher_max_epochs,
-                               precision=precision))
+        report.update(
+            train_fp(
+                teacher,
+                loaders.calib,
+                epochs,
+                lr=1e-2,
+                device=device,
+                log=log.info,
+                val_loader=loaders.val,
+                max_epochs=cfg.train.teacher_max_epochs,
+                precision=precision,
+            )
+        )
         broadcast_module(teacher)  # every rank distils from the same teacher
         if report["rule"] == "plateau" and not report["plateaued"]:
-            log.warning("the FP teacher was still improving when it hit train.teacher_max_epochs=%d: raise "
-                        "train.teacher_max_epochs or pass model.checkpoint / model.pretrained",
-                        cfg.train.teacher_max_epochs)
+            log.warning(
+                "the FP teacher was still improving when it hit train.teacher_max_epochs=%d: raise "
+                "train.teacher_max_epochs or pass model.checkpoint / model.pretrained",
+                cfg.train.teacher_max_epochs,
+            )
     return teacher.eval().requires_grad_(False), report
 
 
-def prepare_student(cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device,
-                    resume: dict | None) -> tuple[nn.Module, list]:
+def prepare_student(
+    cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device, resume: dict | None
+) -> tuple[nn.Module, list]:
     student = copy.deepcopy(teacher).requires_grad_(True)
     decisions = quantize_model(student, cfg.quant)
     student.to(device)
@@ -85,14 +106,36 @@ def _length(loader) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
 # The metric keys every epoch reports (run_job's on_epoch metrics: validation, bits, the engine's and the
 # objective's train/* means); a sweep's metric must be one of these or of the Ray launcher's additions.
 # tests/launch/test_sweep_metrics.py checks this list against a real epoch's keys.
 EPOCH_METRICS = (
-    "epoch", "fp/val_top1", "val/top1", "val/top5", "val/loss", "val/converged", "val/ns_top1",
-    "bits/avg_w", "bits/avg_a", "train/task", "train/penalty_w", "train/penalty_a", "train/active_w",
-    "train/active_a", "train/loss_mean", "train/extra_loss", "train/loss", "train/temperature", "train/lr",
-    "train/steps", "train/samples_per_s", "train/noise_ratio", "train/global_step", "train/lag_bits",
+    "epoch",
+    "fp/val_top1",
+    "val/top1",
+    "val/top5",
+    "val/loss",
+    "val/converged",
+    "val/ns_top1",
+    "bits/avg_w",
+    "bits/avg_a",
+    "train/task",
+    "train/penalty_w",
+    "train/penalty_a",
+    "train/active_w",
+    "train/active_a",
+    "train/loss_mean",
+    "train/extra_loss",
+    "train/loss",
+    "train/temperature",
+    "train/lr",
+    "train/steps",
+    "train/samples_per_s",
+    "train/noise_ratio",
+    "train/global_step",
+    "train/lag_bits",
     "train/quant_grad_norm",
 )
 
@@ -105,17 +148,30 @@ def epoch_metrics(engine: Engine, loaders: Loaders, device) -> tuple[dict, list[
     conv = engine.is_converged()
     table = bits_table(engine.core)
     avg_w, avg_a = average_bits(table)
-    metrics = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"],
-               "val/converged": float(conv), "val/ns_top1": ns_top1(val["top1"], conv),
-               "bits/avg_w": avg_w, "bits/avg_a": avg_a}
+    metrics = {
+        "val/top1": val["top1"],
+        "val/top5": val["top5"],
+        "val/loss": val["loss"],
+        "val/converged": float(conv),
+        "val/ns_top1": ns_top1(val["top1"], conv),
+        "bits/avg_w": avg_w,
+        "bits/avg_a": avg_a,
+    }
     return metrics, table
 
 
-def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-            resume: dict | None = None, wrap_ddp: Callable[[nn.Module], nn.Module] | None = None,
-            on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None,
-            on_step: Callable[[int, dict], None] | None = None,
-            on_epoch_start: Callable[[int, int | None], None] | None = None) -> dict:
+def run_job(
+    cfg: JobConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    resume: dict | None = None,
+    wrap_ddp: Callable[[nn.Module], nn.Module] | None = None,
+    on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_epoch_start: Callable[[int, int | None], None] | None = None,
+) -> dict:
     """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``;
     ``on_step(global_step, loss_parts)`` after every optimizer step (progress, fault injection);
     ``on_epoch_start(epoch, steps)`` before each epoch (``steps``: the loader's length, None if unknown)."""
@@ -129,9 +185,13 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
     fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device, precision)
     teacher_report["val_top1"] = round(fp_val["top1"], 2)
     if teacher_report["source"] == "trained-in-run" and fp_val["top1"] < WEAK_TEACHER_TOP1:
-        log.warning("weak FP teacher: %.2f %% validation top-1 (trained in-run for %s epochs); quantized accuracy "
-                    "is bounded by it: pass model.checkpoint or model.pretrained, or raise "
-                    "train.teacher_max_epochs", fp_val["top1"], teacher_report.get("epochs"))
+        log.warning(
+            "weak FP teacher: %.2f %% validation top-1 (trained in-run for %s epochs); quantized accuracy "
+            "is bounded by it: pass model.checkpoint or model.pretrained, or raise "
+            "train.teacher_max_epochs",
+            fp_val["top1"],
+            teacher_report.get("epochs"),
+        )
     student, decisions = prepare_student(cfg, teacher, loaders, device, resume)
     precision.prepare_module(student)  # before DDP, whose gradient buckets follow the parameters' strides
     model = maybe_compile(wrap_ddp(student) if wrap_ddp else student, cfg.train)
@@ -154,16 +214,28 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
         metrics.update(train_m)
         metrics.update({"epoch": epoch + 1, "fp/val_top1": fp_val["top1"]})
         improved = metrics["val/ns_top1"] > best["ns_top1"] or (
-            best["ns_top1"] <= 0 and metrics["val/ns_top1"] <= 0 and epoch == cfg.train.epochs - 1)
+            best["ns_top1"] <= 0 and metrics["val/ns_top1"] <= 0 and epoch == cfg.train.epochs - 1
+        )
         if improved:
-            best = {"ns_top1": metrics["val/ns_top1"], "val_top1": metrics["val/top1"], "epoch": epoch + 1,
-                    "state": copy.deepcopy(engine.core.state_dict())}
+            best = {
+                "ns_top1": metrics["val/ns_top1"],
+                "val_top1": metrics["val/top1"],
+                "epoch": epoch + 1,
+                "state": copy.deepcopy(engine.core.state_dict()),
+            }
             stale = 0
         elif metrics["val/converged"]:
             stale += 1
-        log.debug("epoch %d/%d  val top1 %.2f  bits W%.2f A%.2f  converged %s  t %.3f", epoch + 1,
-                 cfg.train.epochs, metrics["val/top1"], metrics["bits/avg_w"], metrics["bits/avg_a"],
-                 bool(metrics["val/converged"]), metrics["train/temperature"])
+        log.debug(
+            "epoch %d/%d  val top1 %.2f  bits W%.2f A%.2f  converged %s  t %.3f",
+            epoch + 1,
+            cfg.train.epochs,
+            metrics["val/top1"],
+            metrics["bits/avg_w"],
+            metrics["bits/avg_a"],
+            bool(metrics["val/converged"]),
+            metrics["train/temperature"],
+        )
         if on_epoch is not None:
             on_epoch(metrics, table, checkpoint)
         if cfg.train.patience and stale >= cfg.train.patience:
@@ -175,8 +247,9 @@ def run_job(cfg: JobConfig, *, rank: int = 0, world_size: int = 1, device: torch
     return summary
 
 
-def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loaders, device, best: dict,
-             fp_val: dict, decisions) -> dict:
+def finalize(
+    cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loaders, device, best: dict, fp_val: dict, decisions
+) -> dict:
     """Restore the best converged state (selected on validation) and report on the held-out test split."""
     if best["state"] is not None:
         engine.core.load_state_dict(best["state"])
@@ -189,19 +262,31 @@ def finalize(cfg: JobConfig, engine: Engine, teacher: nn.Module, loaders: Loader
     avg_w, avg_a = average_bits(table)
     sizes = size_figures(engine.core, _take(eval_loader, 1, device)[0][:1])
     return {
-        "model": cfg.model.name, "split": split,
-        "fp_top1": round(fp["top1"], 2), "top1": round(q["top1"], 2), "top5": round(q["top5"], 2),
-        "fp_val_top1": round(fp_val["top1"], 2), "val_top1": round(best["val_top1"], 2),
-        "target_w": cfg.quant.target_w, "target_a": cfg.quant.target_a,
-        "avg_bits_w": round(avg_w, 3), "avg_bits_a": round(avg_a, 3),
-        "converged": bool(conv), "ns_top1": round(ns_top1(q["top1"], conv), 2),
+        "model": cfg.model.name,
+        "split": split,
+        "fp_top1": round(fp["top1"], 2),
+        "top1": round(q["top1"], 2),
+        "top5": round(q["top5"], 2),
+        "fp_val_top1": round(fp_val["top1"], 2),
+        "val_top1": round(best["val_top1"], 2),
+        "target_w": cfg.quant.target_w,
+        "target_a": cfg.quant.target_a,
+        "avg_bits_w": round(avg_w, 3),
+        "avg_bits_a": round(avg_a, 3),
+        "converged": bool(conv),
+        "ns_top1": round(ns_top1(q["top1"], conv), 2),
         **sizes,  # bytes_payload, macs, bops: a sweep's front reads them
-        "best_epoch": best["epoch"], "epochs_run": engine.epoch, "steps": engine.sched.step,
+        "best_epoch": best["epoch"],
+        "epochs_run": engine.epoch,
+        "steps": engine.sched.step,
         "descent_end_step": engine.sched.converged_step,  # first step whose true-bit check passed
-        "protocol": {"method": cfg.quant.method, "per_channel": cfg.quant.per_channel,
-                     "estimator": cfg.quant.estimator, "batchnorm": cfg.quant.batchnorm,
-                     "fp_layers": [d.name for d in decisions if not d.quantized],
-                     "fp_checkpoint": cfg.model.checkpoint or ("timm-pretrained" if cfg.model.pretrained
-                                                              else "trained-in-run")},
+        "protocol": {
+            "method": cfg.quant.method,
+            "per_channel": cfg.quant.per_channel,
+            "estimator": cfg.quant.estimator,
+            "batchnorm": cfg.quant.batchnorm,
+            "fp_layers": [d.name for d in decisions if not d.quantized],
+            "fp_checkpoint": cfg.model.checkpoint or ("timm-pretrained" if cfg.model.pretrained else "trained-in-run"),
+        },
         "layers": table,
     }

@@ -1,4 +1,5 @@
 """Model factory: timm backbones (any registered name) plus gdnsq's small CNN for the bundled data."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,10 +34,19 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.stem = nn.Sequential(nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.features = nn.Sequential(
-            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(w, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.ReLU())
         self.head = nn.Linear(2 * w, num_classes)
@@ -80,8 +90,10 @@ def create_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, load_weig
         state = load_state_dict_file(cfg.checkpoint)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
-            raise ConfigError(f"model.checkpoint: {cfg.checkpoint} does not fit {cfg.name} "
-                              f"(missing {len(missing)} tensors, e.g. {missing[0]})")
+            raise ConfigError(
+                f"model.checkpoint: {cfg.checkpoint} does not fit {cfg.name} "
+                f"(missing {len(missing)} tensors, e.g. {missing[0]})"
+            )
     return model
 
 

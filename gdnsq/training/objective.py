@@ -10,6 +10,7 @@ m̄ is a running mean of D (so the penalty has the loss's scale): an EMA, or the
 since step 0; ω_w, ω_a weigh the two families by their share of active (violated) constraints, counted
 per layer, or as in the reference per weight channel (activations then descend after the weights).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,9 +67,16 @@ def _level(target: Tensor, level_fraction: float, init_bits: float | None) -> Te
     return target + (init_bits - target).clamp_min(0) * level_fraction
 
 
-def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: float = 0.0,
-                  init_bits: float | None = None, count: str = "layers",
-                  level_fraction_a: float | None = None) -> BitTerms:
+def bit_penalties(
+    model: nn.Module,
+    eps: float,
+    p: float,
+    *,
+    level_fraction: float = 0.0,
+    init_bits: float | None = None,
+    count: str = "layers",
+    level_fraction_a: float | None = None,
+) -> BitTerms:
     """P_w, P_a, the number of active (violated) constraints (``count``: per layer, or per weight channel)
     and the largest lag behind the levels, over every learnable-bit quantizer. ``level_fraction_a``: the
     activations' own (schedule.descent_end_a), else ``level_fraction``."""
@@ -85,7 +93,7 @@ def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: flo
                 active_w += int((bits.detach() > level - eps).sum())
             else:
                 active_w += int(term.detach() > 0)
-            lag = max(lag, float((bits.detach().max() - level)))
+            lag = max(lag, float(bits.detach().max() - level))
         if layer.act_quant is not None and layer.act_quant.learnable_bits:
             bits, level = layer.act_bits(), _level(layer.target_a, frac_a, init_bits)
             term = exterior_penalty(bits, level, eps, p)
@@ -93,15 +101,28 @@ def bit_penalties(model: nn.Module, eps: float, p: float, *, level_fraction: flo
             active_a += int(term.detach() > 0)
             lag = max(lag, float(bits.detach() - level))
     zero = next(model.parameters()).new_zeros(())
-    return BitTerms(torch.stack(pw).mean() if pw else zero, torch.stack(pa).mean() if pa else zero,
-                    active_w, active_a, len(pw), len(pa), lag)
+    return BitTerms(
+        torch.stack(pw).mean() if pw else zero,
+        torch.stack(pa).mean() if pa else zero,
+        active_w,
+        active_a,
+        len(pw),
+        len(pa),
+        lag,
+    )
 
 
 def add_budget(terms: BitTerms, bt) -> BitTerms:
     """The per-layer terms (upper bounds) plus a budget's aggregate terms, counted as one constraint each."""
-    return BitTerms(terms.p_w + bt.p_w, terms.p_a + bt.p_a, terms.active_w + int(float(bt.p_w.detach()) > 0),
-                    terms.active_a + int(float(bt.p_a.detach()) > 0), terms.n_w + 1, terms.n_a + int(bt.p_a.requires_grad),
-                    max(terms.lag, bt.lag))
+    return BitTerms(
+        terms.p_w + bt.p_w,
+        terms.p_a + bt.p_a,
+        terms.active_w + int(float(bt.p_w.detach()) > 0),
+        terms.active_a + int(float(bt.p_a.detach()) > 0),
+        terms.n_w + 1,
+        terms.n_a + int(bt.p_a.requires_grad),
+        max(terms.lag, bt.lag),
+    )
 
 
 def extra_losses(model: nn.Module) -> Tensor | None:
@@ -137,17 +158,30 @@ class GDNSQObjective:
             self.loss_mean = d_val if self.loss_mean is None else c.loss_ema * self.loss_mean + (1 - c.loss_ema) * d_val
         return self.loss_mean
 
-    def __call__(self, model: nn.Module, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
-                 temperature: float,
-                 level_fraction: float | tuple[float, float] = 0.0) -> tuple[Tensor, dict[str, float]]:
+    def __call__(
+        self,
+        model: nn.Module,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        targets: Tensor,
+        temperature: float,
+        level_fraction: float | tuple[float, float] = 0.0,
+    ) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
         d = task_loss(c.distill, student_logits, teacher_logits, targets)
         d_val = float(d.detach())
         self._update_loss_mean(d_val)
         # (weights', activations') level fractions; one number is both
         frac_w, frac_a = level_fraction if isinstance(level_fraction, tuple) else (level_fraction, level_fraction)
-        terms = bit_penalties(model, c.eps, c.p, level_fraction=frac_w, init_bits=self.init_bits,
-                              count=c.count_active, level_fraction_a=frac_a)
+        terms = bit_penalties(
+            model,
+            c.eps,
+            c.p,
+            level_fraction=frac_w,
+            init_bits=self.init_bits,
+            count=c.count_active,
+            level_fraction_a=frac_a,
+        )
         if self.budget is not None:
             terms = add_budget(terms, self.budget.penalties(model, c.eps, c.p, frac_w, self.init_bits, frac_a))
         self.last_terms = terms
@@ -159,9 +193,14 @@ class GDNSQObjective:
             loss = c.task_weight * temperature * d + c.penalty_weight * penalty
         else:
             loss = c.task_weight * d + c.penalty_weight * temperature * penalty
-        parts = {"train/task": d_val, "train/penalty_w": float(terms.p_w.detach()),
-                 "train/penalty_a": float(terms.p_a.detach()), "train/active_w": terms.active_w,
-                 "train/active_a": terms.active_a, "train/loss_mean": self.loss_mean}
+        parts = {
+            "train/task": d_val,
+            "train/penalty_w": float(terms.p_w.detach()),
+            "train/penalty_a": float(terms.p_a.detach()),
+            "train/active_w": terms.active_w,
+            "train/active_a": terms.active_a,
+            "train/loss_mean": self.loss_mean,
+        }
         extra = extra_losses(model)
         if extra is not None:
             loss = loss + extra

@@ -5,6 +5,7 @@ float32 outside autocast (``gdnsq.quant.layers``), so integer grids stay exact: 
 bits, a 10-bit grid does not fit. The loss and the bit penalties are computed in float32 as well.
 fp16 needs loss scaling (a ``GradScaler``), which is CUDA only here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ class Precision:
     scaler: torch.amp.GradScaler | None = None
 
     @classmethod
-    def create(cls, train: TrainConfig, device: torch.device) -> "Precision":
+    def create(cls, train: TrainConfig, device: torch.device) -> Precision:
         dtype = DTYPES[train.precision]
         if dtype is torch.float16 and device.type != "cuda":
             raise ConfigError(f"train.precision: fp16 needs CUDA (loss scaling), the device is {device.type}; use bf16")

@@ -1,4 +1,5 @@
 """Process-level set-up shared by the job and the engine: seeds, the device, DDP helpers."""
+
 from __future__ import annotations
 
 import random
@@ -35,7 +36,6 @@ def all_reduce_sum(t: torch.Tensor) -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
-
 
 
 def broadcast_module(module: nn.Module) -> None:

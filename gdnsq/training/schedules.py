@@ -18,6 +18,7 @@ In both modes the LR follows a linear warm-up, is constant until every layer's *
 its target (checked every ``check_every`` steps), and then anneals by one factor per step *while* the
 model stays converged: the anneal pauses when the model falls out of the feasible set.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,9 @@ def plan_descent(cfg: ScheduleConfig, planned_steps: int, init_bits: float, min_
     rate = 2.0 * max(start - min_target, 0.0) / window
     anneal = cfg.final_lr_ratio ** (1.0 / max(1, n - end))
     quant_lr = _QUANT_LR_HEADROOM * rate if rate > 0 else None
-    return DescentPlan(n, start, warmup, end, anneal, quant_lr, planned=True,
-                       ease=_ease(start, min_target), end_step_a=end_a)
+    return DescentPlan(
+        n, start, warmup, end, anneal, quant_lr, planned=True, ease=_ease(start, min_target), end_step_a=end_a
+    )
 
 
 def _feasible_bits(window: int) -> float:
@@ -111,7 +113,7 @@ def _ease(init_bits: float, target: float) -> float:
     span = init_bits - target
     if span <= 0:
         return 1.0
-    inside = 0.5 * math.log2(1.0 + 0.5 / 2.0 ** target)
+    inside = 0.5 * math.log2(1.0 + 0.5 / 2.0**target)
     return 1.0 - math.sqrt(min(1.0, inside / span))
 
 
@@ -119,7 +121,7 @@ def lr_factor(step: int, warmup_steps: int, annealed_steps: int, anneal: float, 
     """Multiplier of the base LR at ``step`` (0-based) after ``annealed_steps`` converged steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return max(anneal ** annealed_steps, min_ratio)
+    return max(anneal**annealed_steps, min_ratio)
 
 
 def temperature_increment(step: int, warmup_steps: int, base_lr: float, scale_t: float) -> float:
@@ -175,16 +177,27 @@ class ScheduleState:
         if self.converged_step is not None or self.step < release:
             return cfg.max_temperature
         doublings = 16.0 * (self.step - release) / max(1.0, plan.planned_steps - release)
-        return min(cfg.max_temperature * 2.0 ** doublings, _T_MAX_RELEASED)
+        return min(cfg.max_temperature * 2.0**doublings, _T_MAX_RELEASED)
 
-    def advance(self, cfg: ScheduleConfig, plan: DescentPlan, base_lr: float, penalty: float, lag_bits: float,
-                check: "callable[[], bool] | None" = None) -> None:
+    def advance(
+        self,
+        cfg: ScheduleConfig,
+        plan: DescentPlan,
+        base_lr: float,
+        penalty: float,
+        lag_bits: float,
+        check: callable[[], bool] | None = None,
+    ) -> None:
         """After an optimizer step with penalty value ``penalty``; ``lag_bits`` = max over layers of
         (bits - planned level); ``check()`` = the true-bit convergence test, called every check_every steps."""
         if self.step >= plan.warmup_steps:
             if plan.planned:
-                self.temperature = temperature_update(self.temperature or 1.0, lag_bits,
-                                                      plan.end_step - plan.warmup_steps, self.temperature_cap(cfg, plan))
+                self.temperature = temperature_update(
+                    self.temperature or 1.0,
+                    lag_bits,
+                    plan.end_step - plan.warmup_steps,
+                    self.temperature_cap(cfg, plan),
+                )
             else:
                 self.temperature += temperature_increment(self.step, plan.warmup_steps, base_lr, cfg.scale_t)
         if check is not None and self.step >= plan.warmup_steps and (self.step + 1) % cfg.check_every == 0:

@@ -4,6 +4,7 @@ Defaults follow the paper's protocol: the stem conv and the classifier stay FP (
 timm's ``pretrained_cfg``, not guessed from module order); 1x1 convs optionally too. Rules come
 after the defaults; for each layer the first matching rule wins and may override any default.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,6 @@ from ..quant.quantizer import ActivationQuantizer
 from ..quant.spec import QuantSpec
 
 log = logging.getLogger("gdnsq")
-
 
 
 @dataclass
@@ -86,10 +86,12 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
             skip, reason = True, "classifier (pretrained_cfg)"
         elif qcfg.keep_pointwise and kind == "conv" and tuple(m.kernel_size) == (1, 1):
             skip, reason = True, "1x1 conv"
-        fields = dict(target_w=b.max_bits if b.active else qcfg.target_w,
-                      target_a=b.max_bits if b.active and b.value_a is not None else qcfg.target_a,
-                      per_channel=qcfg.per_channel,
-                      quantize_act=not edge_in_budget)
+        fields = dict(
+            target_w=b.max_bits if b.active else qcfg.target_w,
+            target_a=b.max_bits if b.active and b.value_a is not None else qcfg.target_a,
+            per_channel=qcfg.per_channel,
+            quantize_act=not edge_in_budget,
+        )
         first_hit = None
         for i, rx in enumerate(compiled):
             if rx.search(name):
@@ -105,15 +107,26 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
                     fields[k] = getattr(rule, k)
         if not skip and kind == "conv" and not _is_supported_conv(m):
             skip, reason = True, f"unsupported conv type {type(m).__name__}"
-        spec = None if skip else QuantSpec(estimator=qcfg.estimator, delta=qcfg.ewgs_delta, act_signed=qcfg.act_signed,
-                                           method=qcfg.method, method_args=qcfg.method_args, **fields)
+        spec = (
+            None
+            if skip
+            else QuantSpec(
+                estimator=qcfg.estimator,
+                delta=qcfg.ewgs_delta,
+                act_signed=qcfg.act_signed,
+                method=qcfg.method,
+                method_args=qcfg.method_args,
+                **fields,
+            )
+        )
         decisions.append(LayerDecision(name, kind, not skip, reason, spec))
     for i, hits in enumerate(rule_hits):
         if hits == 0:
             raise SurgeryError(f"quant.rules[{i}].pattern: {qcfg.rules[i].pattern!r} matches no Conv2d/Linear layer")
         if rule_applied[i] == 0:
-            log.warning("quant.rules[%d] (%r) is shadowed by earlier rules on every layer it matches",
-                        i, qcfg.rules[i].pattern)
+            log.warning(
+                "quant.rules[%d] (%r) is shadowed by earlier rules on every layer it matches", i, qcfg.rules[i].pattern
+            )
     if not any(d.quantized for d in decisions):
         raise SurgeryError("quant: the model has no Conv2d/Linear layer left to quantize")
     return decisions
@@ -136,8 +149,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     for parent in model.modules():
         prev = None
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) \
-                    and prev.out_channels == child.num_features and child.track_running_stats:
+            if (
+                isinstance(child, nn.BatchNorm2d)
+                and isinstance(prev, nn.Conv2d)
+                and prev.out_channels == child.num_features
+                and child.track_running_stats
+            ):
                 scale = child.weight / torch.sqrt(child.running_var + child.eps)
                 prev.weight.mul_(scale.reshape(-1, 1, 1, 1))
                 bias = prev.bias if prev.bias is not None else torch.zeros_like(child.running_mean)

@@ -1,5 +1,6 @@
 """Discoverable settings and the CLI's manners: config show/keys, did-you-mean, -c, --version, fast help,
 a description and an example on every subcommand, read commands that create no store."""
+
 import os
 import subprocess
 import sys
@@ -18,10 +19,14 @@ JOB = ROOT / "jobs" / "cpu_smallcnn_w2a2.yaml"
 
 
 def gdnsq(*args, cwd, env=None):
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(ROOT),
-           **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gdnsq.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gdnsq.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 def test_every_setting_has_a_doc_and_config_show_is_a_job_file(tmp_path, capsys):
@@ -35,20 +40,31 @@ def test_every_setting_has_a_doc_and_config_show_is_a_job_file(tmp_path, capsys)
     assert load_config(tmp_path / "job.yaml").optim.lr == 0.0005  # the listing round-trips as a job file
     assert main(["config", "show", "-c", str(JOB), "--changed", "--json"]) == 0
     rows = [yaml.safe_load(line) for line in capsys.readouterr().out.splitlines()]
-    assert {"key": "train.epochs", "value": 4, "type": "int", "default": 10,
-            "doc": "Quantization-aware fine-tuning epochs."} in rows
+    assert {
+        "key": "train.epochs",
+        "value": 4,
+        "type": "int",
+        "default": 10,
+        "doc": "Quantization-aware fine-tuning epochs.",
+    } in rows
     assert main(["config", "keys"]) == 0
     assert "quant.method_args" in capsys.readouterr().out.split()
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["config", "show", "--optim.lrr", "1"], "optim.lrr: unknown setting; did you mean optim.lr"),
-    (["config", "show", "--epochs", "1"], "epochs: unknown setting; did you mean train.epochs?"),
-    (["quickstart", "--model.name", "resnet81"], "model.name: unknown timm model 'resnet81'; did you mean resnet18"),
-    (["train", str(JOB), "-c", str(JOB)], "config: two job files given"),
-    (["submit", "-c", str(JOB), str(JOB), "--dry-run"], "config: two job files given"),
-    (["sweep", "--resume"], "config: no sweep file given"),
-])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["config", "show", "--optim.lrr", "1"], "optim.lrr: unknown setting; did you mean optim.lr"),
+        (["config", "show", "--epochs", "1"], "epochs: unknown setting; did you mean train.epochs?"),
+        (
+            ["quickstart", "--model.name", "resnet81"],
+            "model.name: unknown timm model 'resnet81'; did you mean resnet18",
+        ),
+        (["train", str(JOB), "-c", str(JOB)], "config: two job files given"),
+        (["submit", "-c", str(JOB), str(JOB), "--dry-run"], "config: two job files given"),
+        (["sweep", "--resume"], "config: no sweep file given"),
+    ],
+)
 def test_typos_get_a_suggestion_in_one_line(argv, hint, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -60,7 +76,9 @@ def test_job_file_as_option_or_first_word_with_overrides(capsys):
 
     for argv in (["-c", str(JOB), "--train.epochs", "1"], [str(JOB), "--train.epochs", "1"]):
         assert main(["submit", *argv, "--dry-run"]) == 0
-        assert json.loads(capsys.readouterr().out)["entrypoint"] == "gdnsq train cpu_smallcnn_w2a2.yaml --train.epochs=1"
+        assert (
+            json.loads(capsys.readouterr().out)["entrypoint"] == "gdnsq train cpu_smallcnn_w2a2.yaml --train.epochs=1"
+        )
 
 
 def test_a_yaml_typo_gets_a_suggestion(tmp_path, capsys):
@@ -87,8 +105,14 @@ def test_help_is_fast_and_version_names_the_stack(tmp_path):
     r = gdnsq("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("gdnsq ") and "torch " in r.stdout and "ray " in r.stdout
     probe = "import sys, gdnsq.cli.main; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
     assert r.stdout.strip() == "[]", r.stderr
 
 

@@ -6,6 +6,7 @@ folder, which must be unchanged afterwards. Regenerate the doc after changing a 
 
     PYTHONPATH=. python tests/cli/test_errors_table.py > docs/errors.md
 """
+
 from __future__ import annotations
 
 import os
@@ -58,14 +59,56 @@ ROWS = [
     (["train", "{in}/bad.yaml"], "bad.yaml:3:2"),
     (["train", "{in}/list.yaml"], "config"),
     (["train", "{in}/pege.yaml"], "quant.method_args.errr_weight"),
-    (["train", "--no-ray", "--data.kind", "ffcv", "--data.train_path", "/no/t.beton", "--data.val_path", "/no/v.beton"],
-     "data.train_path"),
-    (["train", "--no-ray", "--data.kind", "ffcv", "--data.train_path", "{in}/corrupt.beton",
-      "--data.val_path", "{in}/corrupt.beton"], "data.train_path"),
-    (["train", "--data.kind", "ffcv", "--data.train_path", "{in}/corrupt.beton",
-      "--data.val_path", "{in}/corrupt.beton"], "data.train_path"),
-    (["train", "--data.kind", "imagefolder", "--data.train_path", "{in}/notimages",
-      "--data.val_path", "{in}/notimages"], "data.train_path"),
+    (
+        [
+            "train",
+            "--no-ray",
+            "--data.kind",
+            "ffcv",
+            "--data.train_path",
+            "/no/t.beton",
+            "--data.val_path",
+            "/no/v.beton",
+        ],
+        "data.train_path",
+    ),
+    (
+        [
+            "train",
+            "--no-ray",
+            "--data.kind",
+            "ffcv",
+            "--data.train_path",
+            "{in}/corrupt.beton",
+            "--data.val_path",
+            "{in}/corrupt.beton",
+        ],
+        "data.train_path",
+    ),
+    (
+        [
+            "train",
+            "--data.kind",
+            "ffcv",
+            "--data.train_path",
+            "{in}/corrupt.beton",
+            "--data.val_path",
+            "{in}/corrupt.beton",
+        ],
+        "data.train_path",
+    ),
+    (
+        [
+            "train",
+            "--data.kind",
+            "imagefolder",
+            "--data.train_path",
+            "{in}/notimages",
+            "--data.val_path",
+            "{in}/notimages",
+        ],
+        "data.train_path",
+    ),
     (["sweep", SWEEP, "--sweep.metric", "val/ns_top"], "sweep.metric"),
     (["sweep", SWEEP, "--sweep.space.optim.lrr", "{grid: [0.1]}"], "sweep.space.optim.lrr"),
     (["sweep", SWEEP, "--ray.enabled", "false"], "ray.enabled"),
@@ -91,7 +134,9 @@ def make_inputs(folder: Path) -> None:
     (folder / "notimages").mkdir()
     (folder / "notimages" / "readme.txt").write_text("no class folders here")
     stored = to_dict(load_config(None, {"name": "w1a1run", "quant.target_w": 1, "quant.target_a": 1}))
-    save_checkpoint({"config": stored, "engine": {"epoch": 1, "model": {}}}, folder / "runs" / "w1a1run" / "checkpoint.pt")
+    save_checkpoint(
+        {"config": stored, "engine": {"epoch": 1, "model": {}}}, folder / "runs" / "w1a1run" / "checkpoint.pt"
+    )
 
 
 def tree(folder: Path) -> dict[str, float | None]:
@@ -150,7 +195,10 @@ if __name__ == "__main__":  # regenerate docs/errors.md
         print("Every row is run by `tests/cli/test_errors_table.py` in an empty folder; `{in}` is a folder of bad")
         print("inputs (an invalid YAML file, a zeroed `.beton`, a folder without class folders, a checkpoint of a")
         print("W1A1 run named `w1a1run`, ...). Each exits with status 2, prints one line naming the field or file,")
-        print("and writes nothing. Regenerate with `PYTHONPATH=. python tests/cli/test_errors_table.py > docs/errors.md`.\n")
+        print(
+            "and writes nothing. Regenerate with\n"
+            "`PYTHONPATH=. python tests/cli/test_errors_table.py > docs/errors.md`.\n"
+        )
         print("| command | exit | message |\n|---|---|---|")
         for argv, _ in ROWS:
             work = Path(d) / "work"

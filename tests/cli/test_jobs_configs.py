@@ -1,4 +1,5 @@
 """Every shipped job file parses and validates; broken ones fail with one line naming the field."""
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,9 @@ from gdnsq.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "jobs"
 JOB_FILES = sorted(p for p in JOBS.rglob("*") if p.suffix in (".yaml", ".yml"))
-IMAGENET = [p for p in sorted(JOBS.glob("imagenet_resnet18_w*a*.yaml")) if "sweep" not in p.stem]  # a sweep sizes its trials differently
+IMAGENET = [
+    p for p in sorted(JOBS.glob("imagenet_resnet18_w*a*.yaml")) if "sweep" not in p.stem
+]  # a sweep sizes its trials differently
 
 
 def _id(path: Path) -> str:
@@ -65,7 +68,11 @@ def test_imagenet_jobs_follow_the_paper_protocol(path):
     assert cfg.optim.lr == 5e-4 and cfg.data.batch_size * cfg.ray.num_workers == 1000
     d = cfg.data
     assert (d.kind, d.train_path, d.val_path, d.img_size) == (  # the cluster mount (cluster/README.md)
-        "ffcv", "/mnt/gdnsq/datasets/imagenet-ffcv/train.beton", "/mnt/gdnsq/datasets/imagenet-ffcv/val.beton", 224)
+        "ffcv",
+        "/mnt/gdnsq/datasets/imagenet-ffcv/train.beton",
+        "/mnt/gdnsq/datasets/imagenet-ffcv/val.beton",
+        224,
+    )
     assert cfg.ray.enabled and cfg.ray.num_workers == 8 and cfg.ray.use_gpu
     assert cfg.ray.storage_path == "/mnt/gdnsq/runs"
     # The MLflow server comes from the cluster's MLFLOW_TRACKING_URI: one job file for VMs and KubeRay.
@@ -128,8 +135,13 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nquant:\n  target_w: 17\n")
     summary = tmp_path / "summary.json"
-    r = subprocess.run([sys.executable, "-m", "gdnsq.cli", "train", str(bad), "--summary-json", str(summary)],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "gdnsq.cli", "train", str(bad), "--summary-json", str(summary)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["gdnsq: error: quant.target_w: must be an integer in [1, 16] bits, got 17"]
     assert not summary.exists() and r.stdout == ""

@@ -16,6 +16,7 @@ checkout, each ``bash`` line of the README runs through bash:
 
 Total: ~3 minutes on 2 idle cores (most of it the Ray start and MLflow's model logging).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ def quickstart_recipe() -> str:
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
     (d / "jobs").symlink_to(ROOT / "jobs")
-    shim = f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m gdnsq.cli \"$@\"\n"
+    shim = f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m gdnsq.cli "$@"\n'
     for folder in (d / "bin", d / ".venv" / "bin"):
         folder.mkdir(parents=True)
         (folder / "gdnsq").write_text(shim)
@@ -95,8 +96,14 @@ def test_every_readme_command_runs(workdir):
     epoch_lines = [line for line in lines if line.startswith("epoch 1/1")]
     assert len(epoch_lines) == 1, epoch_lines  # once: no duplicated worker output
     assert len(lines) <= 40, "\n".join(lines)
-    for word in ("gdnsq run gdnsq_smallcnn-w2a2-", "  run       new", "  tracking  sqlite:///", "quantized top-1",
-                 "  checkpoint ", "  MLflow UI   mlflow ui --backend-store-uri sqlite:///"):
+    for word in (
+        "gdnsq run gdnsq_smallcnn-w2a2-",
+        "  run       new",
+        "  tracking  sqlite:///",
+        "quantized top-1",
+        "  checkpoint ",
+        "  MLflow UI   mlflow ui --backend-store-uri sqlite:///",
+    ):
         assert word in out, word
 
     # The registry commands need a registered student: the run registered itself if it converged;
@@ -142,8 +149,10 @@ def _register(d: Path, summary: dict) -> None:
     from gdnsq.launch.register import register_checkpoint
     from gdnsq.training.checkpoint import load_checkpoint
 
-    cfg = load_config(ROOT / "gdnsq" / "configs" / "quickstart.yaml", {
-        "tracking.uri": f"sqlite:///{d / '.gdnsq' / 'mlflow.db'}", "tracking.registered_name": "gdnsq_smallcnn-w2a2"})
+    cfg = load_config(
+        ROOT / "gdnsq" / "configs" / "quickstart.yaml",
+        {"tracking.uri": f"sqlite:///{d / '.gdnsq' / 'mlflow.db'}", "tracking.registered_name": "gdnsq_smallcnn-w2a2"},
+    )
     ckpt = Path(summary["checkpoint"])
     state = load_checkpoint(ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt)
     ref = register_checkpoint(cfg, state, {**summary, "converged": True}, summary["mlflow_run_id"], what="readme")
@@ -158,7 +167,7 @@ def _validate_cluster_command(argv: list[str], d: Path, env: dict) -> None:
     assert not extra or argv[1] in ("submit", "sweep"), argv
     if argv[1] == "submit":
         i = argv.index("--address")
-        r = sh(shlex.join(argv[:i] + argv[i + 2:] + ["--dry-run"]), d, env)
+        r = sh(shlex.join(argv[:i] + argv[i + 2 :] + ["--dry-run"]), d, env)
         assert json.loads(r.stdout)["entrypoint"].startswith("gdnsq train ")
     elif argv[1] == "sweep":
         from gdnsq.launch.sweep_plan import load_sweep

@@ -4,6 +4,7 @@ Loader tests carry a timeout: a badly ordered FFCV pipeline spins forever instea
 The first pass of each FFCV loader JIT-compiles its pipeline (~10 s here), so loaders are
 built once per module and shared.
 """
+
 import gc
 import os
 import subprocess
@@ -46,8 +47,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> Path:
-    return make_jpeg_imagefolder(tmp_path_factory.mktemp("jpegs"), classes=CLASSES, per_class=PER_CLASS,
-                                 val_per_class=VAL_PER_CLASS)
+    return make_jpeg_imagefolder(
+        tmp_path_factory.mktemp("jpegs"), classes=CLASSES, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +79,9 @@ def _collect_now():
 
 @pytest.fixture(scope="module")
 def tv_loaders(jpegs):
-    return create_imagefolder_loaders(_cfg("imagefolder", jpegs / "train", jpegs / "val"),
-                                      distributed=False, device=CPU, seed=0)
+    return create_imagefolder_loaders(
+        _cfg("imagefolder", jpegs / "train", jpegs / "val"), distributed=False, device=CPU, seed=0
+    )
 
 
 def _unnormalise(x: torch.Tensor) -> torch.Tensor:
@@ -151,11 +154,13 @@ def test_order_choice_without_os_cache_and_distributed(betons, jpegs, tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         with pytest.warns(UserWarning, match="os_cache=False is not supported with distributed"):
-            loaders += create_ffcv_loaders(_cfg("ffcv", *betons, os_cache=False), distributed=True,
-                                           device=CPU, seed=0)[:2]
+            loaders += create_ffcv_loaders(_cfg("ffcv", *betons, os_cache=False), distributed=True, device=CPU, seed=0)[
+                :2
+            ]
         assert isinstance(loaders[-2].traversal_order, Random) and loaders[-2].distributed
-        tv_train, _, _ = create_imagefolder_loaders(_cfg("imagefolder", jpegs / "train", jpegs / "val"),
-                                                    distributed=True, device=CPU, seed=0)
+        tv_train, _, _ = create_imagefolder_loaders(
+            _cfg("imagefolder", jpegs / "train", jpegs / "val"), distributed=True, device=CPU, seed=0
+        )
         assert len(tv_train) == CLASSES * PER_CLASS // BATCH
     finally:
         torch.distributed.destroy_process_group()
@@ -183,8 +188,9 @@ def test_device_pipeline_matches_cpu_pipeline(betons, ffcv_loaders):
     """The CUDA order (uint8 ToDevice -> ToTorchImage -> NormalizeOnDevice), run here on the CPU device:
     it builds (no Loader() hang: the op is not jitted) and gives the CPU pipeline's batches."""
     _, cpu_val, _ = ffcv_loaders
-    _, dev_val, _ = create_ffcv_loaders(_cfg("ffcv", *betons), distributed=False, device=CPU, seed=0,
-                                        normalize_on_device=True)
+    _, dev_val, _ = create_ffcv_loaders(
+        _cfg("ffcv", *betons), distributed=False, device=CPU, seed=0, normalize_on_device=True
+    )
     for (xc, yc), (xd, yd) in zip(cpu_val, dev_val):
         _check_batch(xd, yd, BATCH)
         assert xd.is_contiguous(memory_format=torch.channels_last)
@@ -207,8 +213,13 @@ def test_imagefolder_train_loader_matches_ffcv_contract(jpegs, tv_loaders):
         orders.append(labels)
     assert train.next_epoch == 2
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]  # reshuffled per epoch
-    resumed, _, _ = create_imagefolder_loaders(_cfg("imagefolder", jpegs / "train", jpegs / "val", num_workers=0),
-                                               distributed=False, device=CPU, seed=0, epoch=1)
+    resumed, _, _ = create_imagefolder_loaders(
+        _cfg("imagefolder", jpegs / "train", jpegs / "val", num_workers=0),
+        distributed=False,
+        device=CPU,
+        seed=0,
+        epoch=1,
+    )
     assert [label for _, y in resumed for label in y.tolist()] == orders[1]  # resume continues the sequence
 
 
@@ -225,7 +236,7 @@ def test_missing_beton_is_a_one_line_data_error(betons, tmp_path):
 def test_truncated_beton_is_caught_before_loading(betons, tmp_path, keep):
     data = betons[0].read_bytes()
     cut = tmp_path / "cut.beton"
-    cut.write_bytes(data[:int(len(data) * keep) if keep < 1 else int(keep)])
+    cut.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
     with pytest.raises(DataError, match=f"^{cut} is "):
         create_ffcv_loaders(_cfg("ffcv", cut, betons[1]), distributed=False, device=CPU, seed=0)
 
@@ -245,8 +256,9 @@ def test_empty_imagefolder_raises_and_writes_nothing(tmp_path):
         write_beton(tmp_path / "src", out, progress=False)
     assert not out.parent.exists() or not any(out.parent.iterdir())
     with pytest.raises(DataError, match="has no images"):
-        create_imagefolder_loaders(_cfg("imagefolder", tmp_path / "src", tmp_path / "src"),
-                                   distributed=False, device=CPU, seed=0)
+        create_imagefolder_loaders(
+            _cfg("imagefolder", tmp_path / "src", tmp_path / "src"), distributed=False, device=CPU, seed=0
+        )
 
 
 def test_missing_split_fails_before_train_is_written(jpegs, tmp_path):
@@ -280,12 +292,15 @@ def test_config_mistakes_are_named(betons, jpegs):
     with pytest.raises(DataError, match="data.batch_size=1000"):
         create_ffcv_loaders(_cfg("ffcv", *betons, batch_size=1000), distributed=False, device=CPU, seed=0)
     with pytest.raises(DataError, match="data.batch_size=1000"):
-        create_imagefolder_loaders(_cfg("imagefolder", jpegs / "train", jpegs / "val", batch_size=1000),
-                                   distributed=False, device=CPU, seed=0)
+        create_imagefolder_loaders(
+            _cfg("imagefolder", jpegs / "train", jpegs / "val", batch_size=1000), distributed=False, device=CPU, seed=0
+        )
 
 
 def test_data_modules_import_without_loading_ffcv():
-    code = ("import sys, gdnsq.data.ffcv_io, gdnsq.data.imagefolder, gdnsq.data.synthetic; "
-            "assert 'ffcv' not in sys.modules, 'ffcv imported at module import'")
+    code = (
+        "import sys, gdnsq.data.ffcv_io, gdnsq.data.imagefolder, gdnsq.data.synthetic; "
+        "assert 'ffcv' not in sys.modules, 'ffcv imported at module import'"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -2,6 +2,7 @@
 
 Models are W2A2 with real 2-bit grids: calibrated on random batches with ``init_bits=2``.
 """
+
 import json
 import os
 
@@ -69,7 +70,7 @@ def packed_files(tmp_path_factory, resnet, vit):
 def test_bitpack_roundtrip(bits):
     rng = np.random.default_rng(bits)
     for n in (0, 1, 7, 13, 1000):
-        codes = rng.integers(0, 2 ** bits, size=n)
+        codes = rng.integers(0, 2**bits, size=n)
         data = pack_bits(codes, bits)
         assert len(data) == (n * bits + 7) // 8
         assert np.array_equal(unpack_bits(data, bits, n), codes)
@@ -94,8 +95,9 @@ def test_packed_reload_is_exact(key, packed_files, resnet, vit):
     print(f"{key}: packed fp32 reload max |diff| = {diff:.3g}")
     assert diff <= PACKED_TOL
     # Same quantized layers, same true bit-widths, and an evaluable student (not a frozen graph).
-    assert [(n, l.true_weight_bits(), l.true_act_bits()) for n, l in iter_quantized(rebuilt)] == \
-        [(n, l.true_weight_bits(), l.true_act_bits()) for n, l in iter_quantized(model)]
+    assert [(n, l.true_weight_bits(), l.true_act_bits()) for n, l in iter_quantized(rebuilt)] == [
+        (n, l.true_weight_bits(), l.true_act_bits()) for n, l in iter_quantized(model)
+    ]
     assert not any(p.grad is not None for p in rebuilt.parameters())
 
 
@@ -109,8 +111,10 @@ def test_fp16_storage_deviation_is_reported(key, packed_files, resnet, vit):
         out = load_packed(p16)(x)
     diff = float((out - ref).abs().max())
     agree = float((out.argmax(1) == ref.argmax(1)).float().mean())
-    print(f"{key}: fp16 storage {r16['bytes_file']:,} B vs fp32 {r32['bytes_file']:,} B; "
-          f"max |diff| {diff:.3g}, top-1 agreement {agree:.2f}")
+    print(
+        f"{key}: fp16 storage {r16['bytes_file']:,} B vs fp32 {r32['bytes_file']:,} B; "
+        f"max |diff| {diff:.3g}, top-1 agreement {agree:.2f}"
+    )
     assert r16["bytes_file"] < r32["bytes_file"] and np.isfinite(diff)
 
 
@@ -124,8 +128,11 @@ def test_manifest_describes_every_layer(packed_files, resnet):
     layers = dict(iter_quantized(model))
     assert [e["name"] for e in m["layers"]] == list(layers)
     for e in m["layers"]:
-        w, a, c = e["weight"], e["act"], layers[e["name"]].out_features if e["kind"] == "linear" \
-            else layers[e["name"]].out_channels
+        w, a, c = (
+            e["weight"],
+            e["act"],
+            layers[e["name"]].out_features if e["kind"] == "linear" else layers[e["name"]].out_channels,
+        )
         assert w["bits_w"] <= 2 and len(w["bits"]) == c and max(w["bits"]) == w["bits_w"]
         assert all(len(w[k]) == c for k in ("lo", "hi", "z", "s")) and w["z"] == w["lo"]
         assert a["bits"] <= 2 and a["qmin"] == 0 and a["qmax"] <= 3 and a["s"] > 0
@@ -137,8 +144,10 @@ def test_manifest_describes_every_layer(packed_files, resnet):
 def test_resnet_w2a2_is_under_a_tenth_of_fp32(packed_files):
     for fp in ("float32", "float16"):
         path, r = packed_files["resnet", fp]
-        print(f"resnet18 W2A2 ({fp} FP tensors): FP32 {r['bytes_fp32']:,} B -> {r['bytes_file']:,} B "
-              f"(x{r['compression']}), BOPs {r['bops'] / 1e9:.3g} G vs {r['bops_fp32'] / 1e9:.3g} G")
+        print(
+            f"resnet18 W2A2 ({fp} FP tensors): FP32 {r['bytes_fp32']:,} B -> {r['bytes_file']:,} B "
+            f"(x{r['compression']}), BOPs {r['bops'] / 1e9:.3g} G vs {r['bops_fp32'] / 1e9:.3g} G"
+        )
         assert r["bytes_file"] == os.path.getsize(path)
         assert r["bytes_file"] * 10 <= r["bytes_fp32"]
     rows = {row["name"]: row for row in r["layers"]}
@@ -168,9 +177,14 @@ def test_truncated_and_altered_files_are_refused(packed_files, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     _refused(cut, "truncated")
     manifest_end = 56 + int.from_bytes(data[8:16], "little")
-    for where, what in ((0, "not a gdnsq packed model"), (40, "manifest checksum"),
-                        (100, "manifest checksum"), (manifest_end + 10, "checksum mismatch in blob"),
-                        (len(data) // 2, "checksum mismatch in blob"), (len(data) - 1, "checksum mismatch in blob")):
+    for where, what in (
+        (0, "not a gdnsq packed model"),
+        (40, "manifest checksum"),
+        (100, "manifest checksum"),
+        (manifest_end + 10, "checksum mismatch in blob"),
+        (len(data) // 2, "checksum mismatch in blob"),
+        (len(data) - 1, "checksum mismatch in blob"),
+    ):
         bad = tmp_path / f"flip{where}.gdnsq"
         b = bytearray(data)
         b[where] ^= 0x01
@@ -229,8 +243,10 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     model = build_student(cfg, 10, 1)
     calibrate_model(model, [torch.randn(8, 1, 28, 28) for _ in range(2)], init_bits=2)
     ckpt = tmp_path / "checkpoint.pt"
-    torch.save({"config": to_dict(cfg), "engine": {"model": model.state_dict()},
-                "best": {"ns_top1": -1.0, "state": None}}, ckpt)
+    torch.save(
+        {"config": to_dict(cfg), "engine": {"model": model.state_dict()}, "best": {"ns_top1": -1.0, "state": None}},
+        ckpt,
+    )
     out = tmp_path / "export"
     assert main(["export", str(ckpt), "--out", str(out), "--onnx"]) == 0
     printed = capsys.readouterr().out
@@ -263,8 +279,9 @@ def _mixed_student(seed=0, quantize_edges=False):
 
     torch.manual_seed(seed)
     model = SmallCNN()
-    quantize_model(model, QuantConfig(budget=BudgetConfig(kind="bytes", value=1e4, max_bits=8,
-                                                          quantize_edges=quantize_edges)))
+    quantize_model(
+        model, QuantConfig(budget=BudgetConfig(kind="bytes", value=1e4, max_bits=8, quantize_edges=quantize_edges))
+    )
     calibrate_model(model, [torch.randn(8, 1, 28, 28)], init_bits=6.0)
     with torch.no_grad():
         for i, (_, layer) in enumerate(iter_quantized(model)):

@@ -1,4 +1,5 @@
 """Fixtures shared by the sweep tests (test_sweep.py, test_front_sweep.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -14,6 +14,7 @@ never ``ray stop``, which kills every Ray process on the machine.
 ``LocalCluster(dashboard=True)`` also starts the dashboard / job server on ``cluster.dashboard_url``
 (for ``JobSubmissionClient``).
 """
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,16 @@ def _tail(path: Path, n: int = 40) -> str:
 class LocalCluster:
     """``nodes`` Ray nodes on 127.0.0.1 (node 0 is the head), ``cpus_per_node`` CPUs each."""
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, *, dashboard: bool = False,
-                 object_store_mb: int = 200, start_timeout: float = 120.0, node_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        nodes: int = 2,
+        cpus_per_node: int = 1,
+        *,
+        dashboard: bool = False,
+        object_store_mb: int = 200,
+        start_timeout: float = 120.0,
+        node_env: dict[str, str] | None = None,
+    ):
         self.nodes, self.cpus_per_node, self.dashboard = nodes, cpus_per_node, dashboard
         self.extra_node_env = dict(node_env or {})  # e.g. Ray Train tunables, seen by every actor
         self.object_store_mb, self.start_timeout = object_store_mb, start_timeout
@@ -113,8 +122,12 @@ class LocalCluster:
     @property
     def env(self) -> dict[str, str]:
         """What a client of this cluster (driver, ``ray`` CLI, job submission) needs in its env."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                "RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0"}
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_ADDRESS": self.address,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
 
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
@@ -124,16 +137,20 @@ class LocalCluster:
         return env
 
     # ----------------------------------------------------------------------------- lifecycle
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         from ray._private.authentication.authentication_token_generator import (
             generate_new_authentication_token,
         )
 
         self.token_path.write_text(generate_new_authentication_token())
         self.token_path.chmod(0o600)
-        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root)],
-                                          start_new_session=True, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root)],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             self._start_node(0)
             _wait_port(self.port, self.start_timeout, self.procs[0], self.root / "node0.log")
@@ -148,13 +165,24 @@ class LocalCluster:
     def _start_node(self, i: int) -> None:
         temp = self.root / f"n{i}"
         temp.mkdir()
-        cmd = [RAY, "start", "--block", f"--node-ip-address={IP}", f"--num-cpus={self.cpus_per_node}",
-               "--num-gpus=0", f"--temp-dir={temp}", f"--object-store-memory={self.object_store_mb << 20}",
-               "--disable-usage-stats",
-               # Every fixed default port would collide with another cluster on this machine.
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        cmd = [
+            RAY,
+            "start",
+            "--block",
+            f"--node-ip-address={IP}",
+            f"--num-cpus={self.cpus_per_node}",
+            "--num-gpus=0",
+            f"--temp-dir={temp}",
+            f"--object-store-memory={self.object_store_mb << 20}",
+            "--disable-usage-stats",
+            # Every fixed default port would collide with another cluster on this machine.
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
         if i == 0:
             cmd += ["--head", f"--port={self.port}"]
             if self.dashboard:
@@ -165,29 +193,43 @@ class LocalCluster:
             cmd += [f"--address={self.address}"]
         log = open(self.root / f"node{i}.log", "wb")
         # Own session = own process group: teardown signals exactly this node's processes.
-        self.procs.append(subprocess.Popen(cmd, env=self._node_env(), stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root))
+        self.procs.append(
+            subprocess.Popen(
+                cmd,
+                env=self._node_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.root,
+            )
+        )
         with open(self.root / "pgids", "a") as f:
             f.write(f"{self.procs[-1].pid}\n")
 
     def wait_for_nodes(self, n: int, timeout: float) -> None:
         """Block until ``n`` nodes are alive (checked from a separate process)."""
-        code = ("import ray, sys, time\n"
-                f"ray.init(address={self.address!r}, logging_level='ERROR')\n"
-                f"deadline = time.monotonic() + {timeout}\n"
-                f"while sum(x['Alive'] for x in ray.nodes()) < {n} and time.monotonic() < deadline:\n"
-                "    time.sleep(0.5)\n"
-                f"sys.exit(0 if sum(x['Alive'] for x in ray.nodes()) >= {n} else 3)\n")
+        code = (
+            "import ray, sys, time\n"
+            f"ray.init(address={self.address!r}, logging_level='ERROR')\n"
+            f"deadline = time.monotonic() + {timeout}\n"
+            f"while sum(x['Alive'] for x in ray.nodes()) < {n} and time.monotonic() < deadline:\n"
+            "    time.sleep(0.5)\n"
+            f"sys.exit(0 if sum(x['Alive'] for x in ray.nodes()) >= {n} else 3)\n"
+        )
         env = {**self._node_env(), "RAY_ADDRESS": self.address}
         try:
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                               timeout=timeout + 60)
+            r = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout + 60
+            )
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"cluster {self.address}: {n} nodes not alive after {timeout:.0f}s") from None
         if r.returncode != 0:
             logs = "\n".join(f"--- node{i}\n{_tail(self.root / f'node{i}.log')}" for i in range(len(self.procs)))
-            raise TimeoutError(f"cluster {self.address}: {n} nodes not alive after {timeout:.0f}s "
-                               f"(rc {r.returncode})\n{r.stderr[-3000:]}\n{logs}")
+            raise TimeoutError(
+                f"cluster {self.address}: {n} nodes not alive after {timeout:.0f}s "
+                f"(rc {r.returncode})\n{r.stderr[-3000:]}\n{logs}"
+            )
 
     def connect(self, **init_kwargs):
         """``ray.init`` this process to the cluster (the token env is set until ``stop``)."""
@@ -306,7 +348,7 @@ class LocalCluster:
                 self._watchdog.wait()
             self._watchdog = None
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -3,6 +3,7 @@ shared volume, Ray token auth on every Ray process and client, a `gdnsq` job ent
 overrides are real settings, and an MLflow server with a secret backend store, proxied S3
 artifacts, basic auth and a Host allow-list that admits the URI the Ray pods use.
 """
+
 import configparser
 import copy
 import re
@@ -125,8 +126,9 @@ def check_kuberay_cluster(spec: dict, name: str) -> set[str]:
     secrets = set()
     for where, pod in ray_pods(spec):
         where = f"{name} {where}"
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
-                  if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        }
         assert "gdnsq-shared" in claims.values(), f"{where}: shared PVC not mounted"
         for c in pod["containers"]:
             secrets.add(assert_token_env(env_of(c), f"{where} {c['name']}"))
@@ -207,16 +209,24 @@ def test_rayjob_pods_run_locked_down_inside_a_network_policy():
     policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
     assert policies, "rayjob.yaml needs its own NetworkPolicy"
     spec = job["spec"]["rayClusterSpec"]
-    templates = [job["spec"]["submitterPodTemplate"], spec["headGroupSpec"]["template"],
-                 *(g["template"] for g in spec["workerGroupSpecs"])]
+    templates = [
+        job["spec"]["submitterPodTemplate"],
+        spec["headGroupSpec"]["template"],
+        *(g["template"] for g in spec["workerGroupSpecs"]),
+    ]
     for t in templates:
         labels = (t.get("metadata") or {}).get("labels") or {}
-        assert any(p["metadata"]["namespace"] == job["metadata"]["namespace"]
-                   and set(p["spec"]["podSelector"]["matchLabels"].items()) <= set(labels.items())
-                   and p["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}] for p in policies), labels
+        assert any(
+            p["metadata"]["namespace"] == job["metadata"]["namespace"]
+            and set(p["spec"]["podSelector"]["matchLabels"].items()) <= set(labels.items())
+            and p["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+            for p in policies
+        ), labels
         for c in t["spec"]["containers"]:
             sc = c.get("securityContext") or {}
-            assert sc.get("allowPrivilegeEscalation") is False and "ALL" in sc.get("capabilities", {}).get("drop", []), c["name"]
+            assert sc.get("allowPrivilegeEscalation") is False and "ALL" in sc.get("capabilities", {}).get(
+                "drop", []
+            ), c["name"]
 
 
 # ------------------------------------------------------------------------------------------- MLflow

@@ -1,4 +1,5 @@
 """ray.cpus_per_worker: None = a node's CPUs shared by its workers (the quick start uses the machine's cores)."""
+
 import pytest
 
 from gdnsq.config import load_config

@@ -10,6 +10,7 @@ CPU-seconds; four budgets save one round of trials. Each trial's
 Ray Train run (controller, worker, synchronization, dataset and preemption actors, each a fresh process) takes
 ~40 s of wall time before its MLflow run starts and ~5 s after; the four registrations ~4.6 s each.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,11 @@ NAME = "front-model"
 
 def non_dominated(rows: list[dict], cost: str) -> set[str]:
     """The test's own front: converged trials that no other converged trial beats (>= top-1, <= cost, one strict)."""
-    pts = [(float(r["test_top1"]), float(r[cost]), r["trial_id"]) for r in rows
-           if r["test_converged"] == "True" and r[cost] not in ("", None)]
+    pts = [
+        (float(r["test_top1"]), float(r[cost]), r["trial_id"])
+        for r in rows
+        if r["test_converged"] == "True" and r[cost] not in ("", None)
+    ]
     return {t for a, c, t in pts if not any(a2 >= a and c2 <= c and (a2 > a or c2 < c) for a2, c2, _ in pts)}
 
 
@@ -60,16 +64,24 @@ def test_budget_sweep_logs_the_front_and_tags_its_versions(teacher, tmp_path, mo
         with LocalCluster(nodes=1, cpus_per_node=3) as cluster:
             cluster.connect()
             over = {
-                "model.checkpoint": teacher, "ray.address": cluster.address, "ray.storage_path": str(tmp_path / "runs"),
-                "train.epochs": "1", "train.max_steps_per_epoch": "3", "quant.calib_batches": "1",
+                "model.checkpoint": teacher,
+                "ray.address": cluster.address,
+                "ray.storage_path": str(tmp_path / "runs"),
+                "train.epochs": "1",
+                "train.max_steps_per_epoch": "3",
+                "quant.calib_batches": "1",
                 "quant.target_a": "8",
                 # Learning rates ~0: each student stays where calibration put it (the front's machinery is under
                 # test, not the descent; 3 steps at the planned quantizer LR moved bits across widths).
-                "optim.lr": "1e-9", "optim.quant_lr": "1e-9",
+                "optim.lr": "1e-9",
+                "optim.quant_lr": "1e-9",
                 # The penalty allocation: with lr ~0 the probe's per-layer widths could never be reached.
                 "quant.budget.allocate": "penalty",
-                "tracking.uri": server.url, "tracking.experiment": "front-tests", "tracking.registered_name": NAME,
-                "sweep.name": "front", "sweep.max_concurrent_trials": "2",
+                "tracking.uri": server.url,
+                "tracking.experiment": "front-tests",
+                "tracking.registered_name": NAME,
+                "sweep.name": "front",
+                "sweep.max_concurrent_trials": "2",
                 "sweep.space": json.dumps({"quant.budget.value": {"grid": BUDGETS}}),
             }
             argv = ["sweep", str(FRONT_FILE), "--summary-json", str(tmp_path / "summary.json")]
@@ -108,8 +120,10 @@ def test_budget_sweep_logs_the_front_and_tags_its_versions(teacher, tmp_path, mo
         assert all(registered.values()) and by_budget[7000]["registered"] is None
         found = client.search_model_versions(f"name='{NAME}' AND tags.pareto_front='true'")
         exp = client.get_experiment_by_name("front-tests")
-        run_ids = {r.info.run_name: r.info.run_id
-                   for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+        run_ids = {
+            r.info.run_name: r.info.run_id
+            for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+        }
         assert {v.run_id for v in found} == {run_ids[trials[t]["run_name"]] for t in front}
         assert {f"{NAME}/{v.version}" for v in found} == {registered[t].split()[0] for t in front}
         assert len(client.search_model_versions(f"name='{NAME}'")) == len(converged)
@@ -117,8 +131,10 @@ def test_budget_sweep_logs_the_front_and_tags_its_versions(teacher, tmp_path, mo
         for v in found:
             t = next(t for t in front if registered[t].split()[0] == f"{NAME}/{v.version}")
             assert v.tags["sweep"] == "front" and v.tags["pareto_front_bytes"] == "true"
-            assert v.tags["budget_kind"] == "bytes" and float(v.tags["budget_value"]) == trials[t]["params"][
-                "quant.budget.value"]
+            assert (
+                v.tags["budget_kind"] == "bytes"
+                and float(v.tags["budget_value"]) == trials[t]["params"]["quant.budget.value"]
+            )
             # the registry card's size figures are the exporter's, the same rule as the run summary's
             assert int(v.tags["bytes_payload"]) == int(csv_rows[t]["bytes_payload"])
             assert int(v.tags["bops"]) == int(csv_rows[t]["bops"])

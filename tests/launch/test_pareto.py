@@ -1,4 +1,5 @@
 """The Pareto maths of a sweep's front (gdnsq.launch.pareto): exact, no Ray or MLflow."""
+
 from gdnsq.launch.pareto import front_kind, front_tags, is_front_sweep, mark_fronts, pareto_front
 
 
@@ -23,18 +24,24 @@ def test_front_of_nothing_and_of_one():
 
 
 def _row(tid, top1, size, bops, converged=True, status="completed"):
-    return {"trial_id": tid, "status": status, "test_converged": converged, "test_top1": top1,
-            "bytes_payload": size, "bops": bops}
+    return {
+        "trial_id": tid,
+        "status": status,
+        "test_converged": converged,
+        "test_top1": top1,
+        "bytes_payload": size,
+        "bops": bops,
+    }
 
 
 def test_mark_fronts_counts_only_converged_trials_that_ran_to_the_end():
     rows = [
         _row("a", 80.0, 100, 9e6),
-        _row("b", 85.0, 200, 5e6),          # on both fronts: b's BOPs are the lowest
+        _row("b", 85.0, 200, 5e6),  # on both fronts: b's BOPs are the lowest
         _row("c", 99.0, 50, 1e6, converged=False),  # would dominate everything, but is over its budget
         _row("d", 99.0, None, None, status="stopped"),  # stopped early: no run summary, no figures
-        _row("e", 84.0, 300, 8e6),          # dominated on both
-        _row("f", 90.0, 400, None),         # no BOPs figure: a point of the bytes front only
+        _row("e", 84.0, 300, 8e6),  # dominated on both
+        _row("f", 90.0, 400, None),  # no BOPs figure: a point of the bytes front only
     ]
     front = mark_fronts(rows, "bytes")
     assert front == {"primary": "bytes", "bytes": ["a", "b", "f"], "bops": ["b"]}
@@ -53,7 +60,11 @@ def test_no_front_without_size_figures():
 def test_tags_and_kinds():
     row = {"pareto_front": True, "front_bytes": True, "front_bops": False}
     assert front_tags(row, "s", {"primary": "bytes"}) == {
-        "sweep": "s", "pareto_front": "true", "pareto_front_bytes": "true", "pareto_front_bops": "false"}
+        "sweep": "s",
+        "pareto_front": "true",
+        "pareto_front_bytes": "true",
+        "pareto_front_bops": "false",
+    }
     assert front_tags(row, "s", None) == {"sweep": "s"}
     assert (front_kind("bytes"), front_kind("avg_bits_w"), front_kind("bops")) == ("bytes", "bytes", "bops")
     assert is_front_sweep({"quant.budget.value": {}}) and not is_front_sweep({"optim.lr": {}})

@@ -1,4 +1,5 @@
 """Where training connects, checked before Ray starts: job-server URLs, and addresses nothing answers on."""
+
 import logging
 import time
 

@@ -11,6 +11,7 @@ each worker-group start that times out is a retryable controller error (unlimite
 
 Own cluster (it loses a node), not test_ray_train.py's shared one.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,12 +110,25 @@ def test_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp_path)
         teacher = tmp_path / "teacher.pt"
         model_cfg = load_config(None, {"model.name": MODEL}).model
         torch.save(create_model(model_cfg, num_classes=10, in_chans=1).state_dict(), teacher)
-        cfg = load_config(None, {
-            "name": "node-loss", "model.name": MODEL, "model.checkpoint": str(teacher), "ray.address": cluster.address,
-            "ray.storage_path": str(storage), "ray.num_workers": 2, "ray.cpus_per_worker": 1,
-            "ray.max_failures": 1, "ray.checkpoints_to_keep": 10, "train.epochs": epochs,
-            "train.max_steps_per_epoch": STEPS, "data.batch_size": 64, "quant.calib_batches": 2,
-            "tracking.enabled": False})
+        cfg = load_config(
+            None,
+            {
+                "name": "node-loss",
+                "model.name": MODEL,
+                "model.checkpoint": str(teacher),
+                "ray.address": cluster.address,
+                "ray.storage_path": str(storage),
+                "ray.num_workers": 2,
+                "ray.cpus_per_worker": 1,
+                "ray.max_failures": 1,
+                "ray.checkpoints_to_keep": 10,
+                "train.epochs": epochs,
+                "train.max_steps_per_epoch": STEPS,
+                "data.batch_size": 64,
+                "quant.calib_batches": 2,
+                "tracking.enabled": False,
+            },
+        )
         loss = NodeLoss(cluster, str(storage / "node-loss"))
         loss.start()
         t0 = time.monotonic()
@@ -130,9 +144,11 @@ def test_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp_path)
     result = Result.from_path(str(storage / "node-loss"))
     reports = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     k = loss.registered_at_kill
-    print(f"\nnode loss after {k} checkpoint(s), seconds after the kill: "
-          f"{ {e: round(t, 1) for e, t in loss.after_kill.items()} }; fit {wall:.1f}s; "
-          f"epoch wall_s {[round(m['sys/wall_s'], 1) for m in reports]}")
+    print(
+        f"\nnode loss after {k} checkpoint(s), seconds after the kill: "
+        f"{ {e: round(t, 1) for e, t in loss.after_kill.items()} }; fit {wall:.1f}s; "
+        f"epoch wall_s {[round(m['sys/wall_s'], 1) for m in reports]}"
+    )
     # each epoch reported once; the restart resumed from the checkpoint registered before the loss
     assert [m["epoch"] for m in reports] == [float(e) for e in range(1, epochs + 1)]
     assert 1 <= k < epochs, f"the node was lost after the run's last checkpoint ({k})"

@@ -4,6 +4,7 @@ One cluster serves the module (starting it costs ~25 s). Runs are kept short: a 
 a few steps per epoch. The tracked runs write to a throwaway sqlite MLflow store. The whole file
 takes ~5 min at a load average of 7 on 2 cores, ~10 min at 15 (timeouts allow for that).
 """
+
 from __future__ import annotations
 
 import gc
@@ -28,9 +29,27 @@ pytestmark = [
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 STEPS = 6  # optimizer steps per epoch
-SUMMARY_KEYS = {"model", "split", "fp_top1", "top1", "top5", "fp_val_top1", "val_top1", "target_w", "target_a",
-                "avg_bits_w", "avg_bits_a", "converged", "ns_top1", "best_epoch", "epochs_run", "steps", "protocol",
-                "layers", "checkpoint"}
+SUMMARY_KEYS = {
+    "model",
+    "split",
+    "fp_top1",
+    "top1",
+    "top5",
+    "fp_val_top1",
+    "val_top1",
+    "target_w",
+    "target_a",
+    "avg_bits_w",
+    "avg_bits_a",
+    "converged",
+    "ns_top1",
+    "best_epoch",
+    "epochs_run",
+    "steps",
+    "protocol",
+    "layers",
+    "checkpoint",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +67,18 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 def job(cluster: LocalCluster, storage, name: str, **overrides) -> JobConfig:
     settings = {
-        "name": name, "ray.address": cluster.address, "ray.storage_path": str(storage),
-        "ray.num_workers": 2, "ray.cpus_per_worker": 1, "ray.checkpoints_to_keep": 10,
-        "train.epochs": 2, "train.teacher_epochs": 1, "train.max_steps_per_epoch": STEPS,
-        "data.batch_size": 64, "quant.calib_batches": 2, "tracking.enabled": False,
+        "name": name,
+        "ray.address": cluster.address,
+        "ray.storage_path": str(storage),
+        "ray.num_workers": 2,
+        "ray.cpus_per_worker": 1,
+        "ray.checkpoints_to_keep": 10,
+        "train.epochs": 2,
+        "train.teacher_epochs": 1,
+        "train.max_steps_per_epoch": STEPS,
+        "data.batch_size": 64,
+        "quant.calib_batches": 2,
+        "tracking.enabled": False,
     }
     settings.update(overrides)
     return load_config(None, settings)
@@ -80,9 +107,19 @@ def bundled_run(cluster, tmp_path_factory, mlflow_uri):
     """An uninterrupted 2-worker run on the bundled digits, tracked and registered."""
     storage = tmp_path_factory.mktemp("runs")
     # 8-bit targets: the calibrated student is feasible at once, so the run converges and registers.
-    cfg = job(cluster, storage, "ddp", **{"quant.target_w": 8, "quant.target_a": 8, "quant.init_bits": 8,
-                                           "tracking.enabled": True, "tracking.uri": mlflow_uri,
-                                           "tracking.experiment": "ray-tests"})
+    cfg = job(
+        cluster,
+        storage,
+        "ddp",
+        **{
+            "quant.target_w": 8,
+            "quant.target_a": 8,
+            "quant.init_bits": 8,
+            "tracking.enabled": True,
+            "tracking.uri": mlflow_uri,
+            "tracking.experiment": "ray-tests",
+        },
+    )
     return fit(cfg), storage
 
 
@@ -112,9 +149,21 @@ def test_two_nodes_ddp_ffcv(cluster, tmp_path):
 
     jpegs = make_jpeg_imagefolder(tmp_path / "jpegs", classes=4, per_class=16, val_per_class=4, size=(48, 40))
     train, val = write_imagenet(jpegs, tmp_path / "betons", max_resolution=40, num_workers=1, progress=False)
-    cfg = job(cluster, tmp_path / "runs", "ffcv", **{
-        "data.kind": "ffcv", "data.train_path": str(train), "data.val_path": str(val), "data.img_size": 32,
-        "data.val_resize": 36, "data.batch_size": 8, "data.num_workers": 1, "train.max_steps_per_epoch": 3})
+    cfg = job(
+        cluster,
+        tmp_path / "runs",
+        "ffcv",
+        **{
+            "data.kind": "ffcv",
+            "data.train_path": str(train),
+            "data.val_path": str(val),
+            "data.img_size": 32,
+            "data.val_resize": 36,
+            "data.batch_size": 8,
+            "data.num_workers": 1,
+            "train.max_steps_per_epoch": 3,
+        },
+    )
     summary = fit(cfg)
     gc.collect()  # drop FFCV loaders here, where numba's finalizer noise is filtered
     assert SUMMARY_KEYS <= set(summary) and summary["split"] == "val" and summary["epochs_run"] == 2
@@ -134,8 +183,12 @@ def test_same_name_other_settings_refuses_on_the_driver_and_same_settings_return
     other = job(cluster, storage, "ddp", **{"quant.target_w": 1, "quant.target_a": 1, "quant.init_bits": 8})
     with pytest.raises(RunIdentityError, match=r"^name: run 'ddp' .*quant\.target_w 8 -> 1.*--name NEW"):
         fit(other)
-    same = job(cluster, storage, "ddp", **{"quant.target_w": 8, "quant.target_a": 8, "quant.init_bits": 8,
-                                            "ray.num_workers": 1})  # worker count is harmless
+    same = job(
+        cluster,
+        storage,
+        "ddp",
+        **{"quant.target_w": 8, "quant.target_a": 8, "quant.init_bits": 8, "ray.num_workers": 1},
+    )  # worker count is harmless
     again = fit(same)
     assert again["checkpoint"] == summary["checkpoint"] and again["top1"] == summary["top1"]
     assert sorted(p.name for p in (storage / "ddp").iterdir()) == folders, "nothing may have trained"
@@ -152,11 +205,20 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path, bundled_run, m
     marker = tmp_path / "killed"
     reference, _ = bundled_run
     # FP weights from the first run's checkpoint (its teacher): no teacher training here
-    cfg = job(cluster, tmp_path / "runs", "fault", **{
-        "model.checkpoint": os.path.join(reference["checkpoint"], "checkpoint.pt"),
-        "train.epochs": epochs, "ray.max_failures": 1,
-        "tracking.enabled": True, "tracking.uri": mlflow_uri, "tracking.experiment": "ray-fault",
-        "tracking.register": False})
+    cfg = job(
+        cluster,
+        tmp_path / "runs",
+        "fault",
+        **{
+            "model.checkpoint": os.path.join(reference["checkpoint"], "checkpoint.pt"),
+            "train.epochs": epochs,
+            "ray.max_failures": 1,
+            "tracking.enabled": True,
+            "tracking.uri": mlflow_uri,
+            "tracking.experiment": "ray-fault",
+            "tracking.register": False,
+        },
+    )
     summary = fit(cfg, kill=KillWorker(step=kill_step, marker=str(marker)))
 
     assert marker.exists(), "the worker was never killed"
@@ -171,8 +233,11 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path, bundled_run, m
     assert summary["epochs_run"] == epochs and summary["steps"] == epochs * STEPS
     assert set(summary) - {"registered_model"} == set(reference) - {"registered_model"}
     # same fields, same types (descent_end_step is None for a run that never passed its true-bit check)
-    mismatched = [k for k, v in reference.items() if k != "registered_model" and None not in (v, summary[k])
-                  and type(summary[k]) is not type(v)]
+    mismatched = [
+        k
+        for k, v in reference.items()
+        if k != "registered_model" and None not in (v, summary[k]) and type(summary[k]) is not type(v)
+    ]
     assert not mismatched, {k: (reference[k], summary[k]) for k in mismatched}
     # the restarted rank 0 reattached to the same MLflow run (no orphan left RUNNING)
     client = MlflowClient(mlflow_uri)

@@ -1,6 +1,7 @@
 """Issue 12's two-run case, in-process (``--no-ray``): W1A1 then W3A3 in the same folder never hands back
 W1A1 weights. Default names differ; a shared name refuses in one line; the same settings return the
 finished run's summary without training; --fresh sets the old run aside; --resume needs the run."""
+
 import json
 import logging
 import os
@@ -9,11 +10,23 @@ import pytest
 
 from gdnsq.cli import main
 
-SECRET_ENV = {"MLFLOW_TRACKING_PASSWORD": "mlflowPw-7f3Kq9Zr", "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
-              "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}
+SECRET_ENV = {
+    "MLFLOW_TRACKING_PASSWORD": "mlflowPw-7f3Kq9Zr",
+    "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+}
 CONFIG_TOKEN = "rayTok-9d8e7f6a5b"  # a token inside a config value (a harmless setting for --no-ray)
-SHORT = ["--no-ray", "--train.epochs", "1", "--train.max_steps_per_epoch", "3", "--train.teacher_epochs", "1",
-         "--quant.calib_batches", "1"]
+SHORT = [
+    "--no-ray",
+    "--train.epochs",
+    "1",
+    "--train.max_steps_per_epoch",
+    "3",
+    "--train.teacher_epochs",
+    "1",
+    "--quant.calib_batches",
+    "1",
+]
 
 
 @pytest.fixture
@@ -33,8 +46,10 @@ def quickstart(target, *extra):
 @pytest.mark.timeout(600)
 def test_second_target_in_the_same_folder_trains_its_own_run_or_refuses(in_tmp, capsys, caplog):
     caplog.set_level(logging.INFO, logger="gdnsq")
-    assert quickstart("W1A1", "--summary-json", "w1.json",
-                      "--ray.address", f"ray://alice:{CONFIG_TOKEN}@10.0.0.1:10001") == 0
+    assert (
+        quickstart("W1A1", "--summary-json", "w1.json", "--ray.address", f"ray://alice:{CONFIG_TOKEN}@10.0.0.1:10001")
+        == 0
+    )
     assert quickstart("W3A3", "--summary-json", "w3.json") == 0
     w1, w3 = (json.loads((in_tmp / f).read_text()) for f in ("w1.json", "w3.json"))
     assert (w3["target_w"], w3["target_a"]) == (3.0, 3.0) and all(r["target_w"] == 3.0 for r in w3["layers"])

@@ -4,6 +4,7 @@ One single-node cluster (dashboard on 127.0.0.1, a private token) serves the mod
 processes get the token the way a laptop would (``RAY_AUTH_TOKEN_PATH``, with ``RAY_AUTH_MODE`` unset and
 an empty HOME), so these tests fail if gdnsq stops sending it. Total ~2-3 minutes on 2 shared cores.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,18 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_JOB = ROOT / "jobs" / "cpu_smallcnn_w2a2.yaml"
-QUICK = ["--train.epochs", "1", "--train.max_steps_per_epoch", "3", "--train.teacher_epochs", "1",
-         "--ray.enabled", "false", "--tracking.enabled", "false"]
+QUICK = [
+    "--train.epochs",
+    "1",
+    "--train.max_steps_per_epoch",
+    "3",
+    "--train.teacher_epochs",
+    "1",
+    "--ray.enabled",
+    "false",
+    "--tracking.enabled",
+    "false",
+]
 JOB_TIMEOUT = 240
 
 
@@ -64,8 +75,9 @@ def laptop_env(cluster, tmp_path, monkeypatch):
 
 
 def gdnsq(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gdnsq.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gdnsq.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
 
 
 def wait_for(url: str, submission_id: str, timeout: float) -> dict:
@@ -80,8 +92,18 @@ def wait_for(url: str, submission_id: str, timeout: float) -> dict:
 def test_submit_runs_the_job_and_its_logs_have_the_summary(cluster, laptop_env, tmp_path, capsys):
     url = cluster.dashboard_url
     # As `ray job submit`: an address without a scheme, and it waits, streaming the job's logs.
-    r = gdnsq("submit", "-c", str(CPU_JOB), "--address", url.removeprefix("http://"), "--name", "smoke", *QUICK,
-              env=laptop_env, timeout=JOB_TIMEOUT)
+    r = gdnsq(
+        "submit",
+        "-c",
+        str(CPU_JOB),
+        "--address",
+        url.removeprefix("http://"),
+        "--name",
+        "smoke",
+        *QUICK,
+        env=laptop_env,
+        timeout=JOB_TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     submission_id = r.stdout.strip().splitlines()[0]
     assert submission_id.startswith("gdnsq-smoke-")
@@ -116,9 +138,11 @@ def test_a_broken_job_never_reaches_the_cluster(cluster, laptop_env, tmp_path, c
     before = sm.list_jobs(url)
     r = gdnsq("submit", str(bad), "--address", url, env=laptop_env)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["gdnsq: error: quant_typo: unknown setting; did you mean quant? "
-                                             "(known here: name, model, data, quant, objective, schedule, optim, "
-                                             "train, ray, tracking)"]
+    assert r.stderr.strip().splitlines() == [
+        "gdnsq: error: quant_typo: unknown setting; did you mean quant? "
+        "(known here: name, model, data, quant, objective, schedule, optim, "
+        "train, ray, tracking)"
+    ]
     assert r.stdout == ""
     # A bad override is refused the same way.
     assert main(["submit", str(CPU_JOB), "--address", url, "--quant.target_w", "17"]) == 2
@@ -191,11 +215,15 @@ def test_addresses_and_runtime_env_as_ray_job_submit_takes_them(tmp_path, monkey
 
 def test_a_checkpoint_only_the_cluster_sees_is_left_to_the_cluster(tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text(CPU_JOB.read_text().replace("  name: gdnsq_smallcnn", "  name: gdnsq_smallcnn\n"
-                                                "  checkpoint: /mnt/cluster-only/fp.pth"))
+    job.write_text(
+        CPU_JOB.read_text().replace(
+            "  name: gdnsq_smallcnn", "  name: gdnsq_smallcnn\n  checkpoint: /mnt/cluster-only/fp.pth"
+        )
+    )
     sub = sm.build_submission(job)
-    assert sub.warnings == ["model.checkpoint: no such file '/mnt/cluster-only/fp.pth' here; "
-                            "it must exist on the cluster"]
+    assert sub.warnings == [
+        "model.checkpoint: no such file '/mnt/cluster-only/fp.pth' here; it must exist on the cluster"
+    ]
     assert sub.entrypoint == "gdnsq train job.yaml"
     with pytest.raises(ConfigError, match="^quant.target_w"):  # every other error still stops here
         sm.build_submission(job, {"quant.target_w": "0"})

@@ -6,6 +6,7 @@ serves the module. Trials are kept tiny: an FP teacher trained once in a fixture
 ``quant.init_bits``: students calibrated at 5 bits meet the 8-bit targets at once, students at 12
 bits cannot come down 4 bits in 9 steps, so they never converge and their ns_top1 stays 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,15 +49,23 @@ def cluster():
 def settings(cluster: LocalCluster, tmp: Path, teacher: str, name: str, space: dict, **extra) -> dict[str, str]:
     """Dotted overrides (as the CLI passes them: strings) for a tiny sweep of the shipped CPU sweep file."""
     out = {
-        "model.checkpoint": teacher, "ray.address": cluster.address, "ray.storage_path": str(tmp / "runs"),
-        "train.epochs": str(EPOCHS), "train.max_steps_per_epoch": "3", "quant.calib_batches": "1",
-        "quant.target_w": "8", "quant.target_a": "8", "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "model.checkpoint": teacher,
+        "ray.address": cluster.address,
+        "ray.storage_path": str(tmp / "runs"),
+        "train.epochs": str(EPOCHS),
+        "train.max_steps_per_epoch": "3",
+        "quant.calib_batches": "1",
+        "quant.target_w": "8",
+        "quant.target_a": "8",
+        "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
         # The sweep machinery is under test, not the method: without the level guard a student calibrated
         # below its 8-bit target stays there (converged from step 0), while the guard would lift it to the
         # edge of 8 bits, where 9 steps of weight updates without penalty (warm-up) can push it to 9.
         "quant.level_guard": "false",
-        "tracking.experiment": "sweep-tests", "tracking.registered_name": f"{name}-model",
-        "sweep.name": name, "sweep.space": json.dumps(space),
+        "tracking.experiment": "sweep-tests",
+        "tracking.registered_name": f"{name}-model",
+        "sweep.name": name,
+        "sweep.space": json.dumps(space),
     }
     out.update(extra)
     return out
@@ -78,9 +87,17 @@ def test_asha_sweep_stops_weak_trials_and_registers_the_best(cluster, teacher, t
     from gdnsq.launch.ray_tune import run_sweep
 
     space = {"quant.init_bits": {"grid": [5, 12]}, "optim.lr": {"grid": [0.002, 0.001]}}
-    over = settings(cluster, tmp_path, teacher, "asha", space, **{
-        "sweep.max_concurrent_trials": "2",
-        "sweep.scheduler": json.dumps({"type": "asha", "grace_period": 1, "reduction_factor": 2})})
+    over = settings(
+        cluster,
+        tmp_path,
+        teacher,
+        "asha",
+        space,
+        **{
+            "sweep.max_concurrent_trials": "2",
+            "sweep.scheduler": json.dumps({"type": "asha", "grace_period": 1, "reduction_factor": 2}),
+        },
+    )
     caplog.set_level(logging.INFO, logger="gdnsq")
     summary = run_sweep(SWEEP_FILE, over)
 
@@ -114,7 +131,10 @@ def test_asha_sweep_stops_weak_trials_and_registers_the_best(cluster, teacher, t
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["gdnsq.best_trial"] == best["trial_id"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "sweep_summary.csv", "sweep_summary.json", "sweep_summary.png"}
+        "sweep_summary.csv",
+        "sweep_summary.json",
+        "sweep_summary.png",
+    }
     exp = client.get_experiment_by_name("sweep-tests")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
@@ -164,9 +184,19 @@ def results(experiment: Path, run: str) -> list[dict]:
 @pytest.mark.timeout(900)
 def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, teacher, tmp_path):
     space = {"optim.lr": {"grid": [0.002, 0.001]}}
-    over = settings(cluster, tmp_path, teacher, "resumed", space, **{
-        "sweep.scheduler": json.dumps({"type": "fifo"}), "sweep.max_concurrent_trials": "1",
-        "tracking.enabled": "false", "quant.init_bits": "5"})
+    over = settings(
+        cluster,
+        tmp_path,
+        teacher,
+        "resumed",
+        space,
+        **{
+            "sweep.scheduler": json.dumps({"type": "fifo"}),
+            "sweep.max_concurrent_trials": "1",
+            "tracking.enabled": "false",
+            "quant.init_bits": "5",
+        },
+    )
     args = [sys.executable, "-m", "gdnsq.cli", "sweep", str(SWEEP_FILE)]
     for k, v in over.items():
         args += [f"--{k}", v]
@@ -183,8 +213,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, teache
                 time.sleep(1)
                 states = experiment_trials(experiment)
                 done = next((t for t, s in states.items() if s == "TERMINATED"), None)
-                running = next((t for t, s in states.items() if s != "TERMINATED"
-                                and results(experiment, f"resumed-{t}")), None)
+                running = next(
+                    (t for t, s in states.items() if s != "TERMINATED" and results(experiment, f"resumed-{t}")), None
+                )
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)  # its trials, controllers and workers die with its Ray job
@@ -197,8 +228,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, teache
     assert [r["epoch"] for r in before[1]] == [1, 2, 3]
 
     out = tmp_path / "summary.json"
-    r = subprocess.run(args + ["--resume", "--summary-json", str(out)], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        args + ["--resume", "--summary-json", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert [t["status"] for t in summary["trials"]] == ["completed", "completed"]
@@ -235,10 +267,14 @@ BAD_SPACES = {
     "no_distribution": ({"optim.lr": 0.1}, "sweep.space.optim.lr: expected one of"),
     "unknown_distribution": ({"optim.lr": {"normal": [0, 1]}}, "sweep.space.optim.lr: expected one of"),
     "empty_grid": ({"optim.lr": {"grid": []}}, "sweep.space.optim.lr: grid needs a non-empty list"),
-    "invalid_value": ({"quant.init_bits": {"grid": [8, 30]}},
-                      "sweep.space.quant.init_bits: value 30 makes an invalid job"),
-    "bad_choice": ({"objective.distill": {"choice": ["jeffreys", "mse"]}},
-                   "sweep.space.objective.distill: value 'mse'"),
+    "invalid_value": (
+        {"quant.init_bits": {"grid": [8, 30]}},
+        "sweep.space.quant.init_bits: value 30 makes an invalid job",
+    ),
+    "bad_choice": (
+        {"objective.distill": {"choice": ["jeffreys", "mse"]}},
+        "sweep.space.objective.distill: value 'mse'",
+    ),
     "reversed_range": ({"optim.lr": {"loguniform": [1e-2, 1e-4]}}, "sweep.space.optim.lr: loguniform needs lo < hi"),
     "log_of_zero": ({"optim.lr": {"loguniform": [0, 1e-2]}}, "sweep.space.optim.lr: loguniform needs lo > 0"),
     "float_on_int": ({"schedule.warmup_steps": {"uniform": [10, 100]}}, "use {randint: [lo, hi]}"),
@@ -255,15 +291,18 @@ def test_bad_space_is_rejected_with_one_line_naming_the_key(case, tmp_path):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("sweep, message", [
-    ({"search": "grid", "space": {"optim.lr": {"uniform": [1e-4, 1e-2]}}}, "search: grid takes only {grid"),
-    ({"search": "optuna", "space": {"optim.lr": {"grid": [1e-3]}}}, "optuna cannot enumerate a grid"),
-    ({"scheduler": {"type": "hyperband"}}, "sweep.scheduler.type: must be one of asha, fifo"),
-    ({"scheduler": {"max_t": 99}}, "sweep.scheduler.max_t: 99 exceeds train.epochs"),
-    ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials: must be >= 1"),
-    ({"space": {"train.epochs": {"grid": [2, 4]}}}, "sweep.space.train.epochs: cannot be swept with ASHA"),
-    ({"metric_typo": 1}, "sweep.metric_typo: unknown setting"),
-])
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"search": "grid", "space": {"optim.lr": {"uniform": [1e-4, 1e-2]}}}, "search: grid takes only {grid"),
+        ({"search": "optuna", "space": {"optim.lr": {"grid": [1e-3]}}}, "optuna cannot enumerate a grid"),
+        ({"scheduler": {"type": "hyperband"}}, "sweep.scheduler.type: must be one of asha, fifo"),
+        ({"scheduler": {"max_t": 99}}, "sweep.scheduler.max_t: 99 exceeds train.epochs"),
+        ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials: must be >= 1"),
+        ({"space": {"train.epochs": {"grid": [2, 4]}}}, "sweep.space.train.epochs: cannot be swept with ASHA"),
+        ({"metric_typo": 1}, "sweep.metric_typo: unknown setting"),
+    ],
+)
 def test_bad_sweep_settings_are_rejected(sweep, message, tmp_path):
     sweep = {"space": {"optim.lr": {"grid": [1e-3]}}, **sweep}
     space = sweep.pop("space")
@@ -273,8 +312,15 @@ def test_bad_sweep_settings_are_rejected(sweep, message, tmp_path):
 
 
 def test_overrides_reach_the_base_job_and_the_sweep_section():
-    plan = load_sweep(SWEEP_FILE, {"train.epochs": "3", "sweep.max_concurrent_trials": "2",
-                                   "sweep.space.optim.lr": "{loguniform: [1.0e-4, 1.0e-2]}", "sweep.search": "random"})
+    plan = load_sweep(
+        SWEEP_FILE,
+        {
+            "train.epochs": "3",
+            "sweep.max_concurrent_trials": "2",
+            "sweep.space.optim.lr": "{loguniform: [1.0e-4, 1.0e-2]}",
+            "sweep.search": "random",
+        },
+    )
     assert plan.job.train.epochs == 3 and plan.max_t == 3 and plan.sweep.max_concurrent_trials == 2
     assert plan.sweep.space["optim.lr"] == {"loguniform": [1e-4, 1e-2]} and "schedule.scale_t" in plan.sweep.space
     with pytest.raises(SweepError, match=r"^quant.target_w: must be an integer in \[1, 16\] bits"):
@@ -283,8 +329,10 @@ def test_overrides_reach_the_base_job_and_the_sweep_section():
 
 def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
     """Exit status 2, one line on stderr, in a fresh process that never imports Ray."""
-    code = ("import sys\nfrom gdnsq.cli.main import main\nrc = main(sys.argv[1:])\n"
-            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\nsys.exit(rc)\n")
+    code = (
+        "import sys\nfrom gdnsq.cli.main import main\nrc = main(sys.argv[1:])\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\nsys.exit(rc)\n"
+    )
     for space, message in (BAD_SPACES["unknown_key"], BAD_SPACES["empty"]):
         path = write_sweep(tmp_path, space)
         t0 = time.monotonic()

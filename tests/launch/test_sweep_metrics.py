@@ -1,4 +1,5 @@
 """A sweep metric is validated against the keys runs really report (run_job's epoch metrics)."""
+
 import pytest
 
 from gdnsq.config import load_config
@@ -9,8 +10,17 @@ from gdnsq.training.job import EPOCH_METRICS, run_job
 
 @pytest.mark.timeout(300)
 def test_epoch_metrics_list_is_what_run_job_reports():
-    cfg = load_config(None, {"ray.enabled": False, "train.epochs": 1, "train.max_steps_per_epoch": 2,
-                             "train.teacher_epochs": 1, "quant.calib_batches": 1, "data.batch_size": 64})
+    cfg = load_config(
+        None,
+        {
+            "ray.enabled": False,
+            "train.epochs": 1,
+            "train.max_steps_per_epoch": 2,
+            "train.teacher_epochs": 1,
+            "quant.calib_batches": 1,
+            "data.batch_size": 64,
+        },
+    )
     seen = []
     run_job(cfg, on_epoch=lambda metrics, table, ckpt: seen.append(set(metrics)))
     assert seen and seen[0] <= set(EPOCH_METRICS)

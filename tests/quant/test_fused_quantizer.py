@@ -3,6 +3,7 @@
 x̂ and the input gradient are bit-identical; the step and clamp gradients are sums, accumulated in another
 order by the kernels than by torch, so they agree to float rounding.
 """
+
 import copy
 import math
 
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from gdnsq.config import QuantConfig
-from gdnsq.quant import fused
 from gdnsq.quant import functional as F
+from gdnsq.quant import fused
 from gdnsq.quant.layers import iter_quantizers, set_fused
 from gdnsq.training.models import SmallCNN
 from gdnsq.training.surgery import calibrate_model, quantize_model
@@ -48,9 +49,14 @@ def _run(case, estimator: str, on: bool, seed: int = 1):
     return y.detach(), torch.autograd.grad(y, leaves, g)
 
 
-CASES = [((16, 8, 3, 3), True, None), ((32, 64), True, None), ((10, 20), False, None),
-         ((4, 8, 9, 9), False, "unsigned"), ((4, 8, 9, 9), False, "signed"),
-         ((3000, 700), True, None)]  # 2.1 M elements: more than one window of the sign table
+CASES = [
+    ((16, 8, 3, 3), True, None),
+    ((32, 64), True, None),
+    ((10, 20), False, None),
+    ((4, 8, 9, 9), False, "unsigned"),
+    ((4, 8, 9, 9), False, "signed"),
+    ((3000, 700), True, None),
+]  # 2.1 M elements: more than one window of the sign table
 
 
 @pytest.mark.parametrize("shape,per_channel,clamp", CASES)
@@ -98,8 +104,13 @@ def test_where_the_kernels_do_not_apply_the_torch_path_runs(why):
     x, g, lo, hi, z, s = _case((4, 8, 6, 6), False, "unsigned", seed=5)
     kw = {"estimator": "ewgs" if why == "ewgs" else "ste", "noise_ratio": 0.3 if why == "noise" else 0.0}
     if why == "float64":
-        x, g, lo, hi, s = x.double(), g.double(), lo.double(), hi.detach().double().requires_grad_(True), \
-            s.detach().double().requires_grad_(True)
+        x, g, lo, hi, s = (
+            x.double(),
+            g.double(),
+            lo.double(),
+            hi.detach().double().requires_grad_(True),
+            s.detach().double().requires_grad_(True),
+        )
         z = lo
     if why == "strided":
         x, g = x.transpose(2, 3), g.transpose(2, 3)

@@ -1,4 +1,5 @@
 """Under bf16 autocast the quantizers still run in float32: integral codes, equal to the fp32 path's."""
+
 import torch
 from torch import nn
 
@@ -37,12 +38,14 @@ def test_bf16_autocast_keeps_10_bit_codes_exact():
     assert y16.dtype == torch.bfloat16  # the conv itself ran in bf16
     assert w16.dtype == a16.dtype == torch.float32
     assert torch.equal(w16, w32) and torch.equal(a16, a32)
-    for out, (lo, hi, z, s), src in ((w16, layer.weight_quant.grid(layer.weight), layer.weight),
-                                     (a16, layer.act_quant.grid(), x.float())):
+    for out, (lo, hi, z, s), src in (
+        (w16, layer.weight_quant.grid(layer.weight), layer.weight),
+        (a16, layer.act_quant.grid(), x.float()),
+    ):
         codes, off = _codes(out, z, s)
         assert off < 1e-3
         assert torch.equal(codes.round(), integer_codes(src, lo, hi, z, s))
-        assert codes.round().max() > 2 ** 9  # a real 10-bit grid, which bf16 cannot hold:
+        assert codes.round().max() > 2**9  # a real 10-bit grid, which bf16 cannot hold:
         assert _codes(out.bfloat16().float(), z, s)[1] > 0.1
 
 
@@ -55,7 +58,10 @@ def test_training_forward_codes_exact_under_autocast():
     lo, hi, z, s = layer.act_quant.grid()
     assert a16.dtype == w16.dtype == torch.float32
     assert _codes(a16.detach(), z, s)[1] < 1e-3
-    assert _codes(w16.detach(), layer.weight_quant.grid(layer.weight)[2], layer.weight_quant.grid(layer.weight)[3])[1] < 1e-3
+    assert (
+        _codes(w16.detach(), layer.weight_quant.grid(layer.weight)[2], layer.weight_quant.grid(layer.weight)[3])[1]
+        < 1e-3
+    )
 
 
 def test_whole_model_eval_codes_match_fp32():
@@ -70,6 +76,7 @@ def test_whole_model_eval_codes_match_fp32():
     def hook(name):
         def record(module, args, out):
             captured.setdefault(name, []).append(out)
+
         return record
 
     for name, layer in iter_quantized(model):

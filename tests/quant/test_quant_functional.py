@@ -1,4 +1,5 @@
 """Exact tests of the quantizer maths (pure torch)."""
+
 import math
 
 import pytest
@@ -31,11 +32,15 @@ def test_forward_with_zero_point_signed():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=64),
-       st.floats(-3, 0), st.floats(0.01, 4), st.floats(-6, 1))
+@given(
+    st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=64),
+    st.floats(-3, 0),
+    st.floats(0.01, 4),
+    st.floats(-6, 1),
+)
 def test_eval_codes_integral_and_inside_clamps(values, lo, width, log_s):
     x = t(values)
-    s = t(2.0 ** log_s)
+    s = t(2.0**log_s)
     lo_t = t(lo)
     hi_t = lo_t + t(width)
     q = F.integer_codes(x, lo_t, hi_t, lo_t, s)
@@ -122,8 +127,9 @@ def test_step_gradient_equals_autograd_through_the_reference_graph(estimator, pe
     torch.manual_seed(5)
     x = torch.randn(6, 16, dtype=D) * 0.8
     g = torch.randn(6, 16, dtype=D)
-    log_s = (torch.full((6, 1), -2.3, dtype=D) + 0.1 * torch.arange(6, dtype=D)[:, None]) if per_channel \
-        else t([[-2.0]])
+    log_s = (
+        (torch.full((6, 1), -2.3, dtype=D) + 0.1 * torch.arange(6, dtype=D)[:, None]) if per_channel else t([[-2.0]])
+    )
     log_s.requires_grad_(True)
     lo, hi = t(-0.9, True), t(1.1, True)
     seed = 99
@@ -182,11 +188,11 @@ def test_min_bits_keeps_every_level():
     for target in range(1, 17):
         b = F.min_bits(target, 0.1)
         assert b < target - 1e-3  # below the penalty's aim, so the two never fight
-        levels = F.grid_levels(torch.tensor(2.0 ** b - 1.0, dtype=D), t(1.0))
+        levels = F.grid_levels(torch.tensor(2.0**b - 1.0, dtype=D), t(1.0))
         # all levels wherever half a level is wider than the penalty's eps (every practical target)
-        assert levels.item() == 2 ** target or target >= 9
-        below = F.grid_levels(torch.tensor(2.0 ** (math.log2(2 ** target - 0.5) - 1e-6) - 1.0, dtype=D), t(1.0))
-        assert below.item() < 2 ** target  # the boundary is tight: a hair lower loses a level
+        assert levels.item() == 2**target or target >= 9
+        below = F.grid_levels(torch.tensor(2.0 ** (math.log2(2**target - 0.5) - 1e-6) - 1.0, dtype=D), t(1.0))
+        assert below.item() < 2**target  # the boundary is tight: a hair lower loses a level
 
 
 def test_bit_width_gradients_gradcheck():

@@ -1,4 +1,5 @@
 """Exact tests of the method zoo (LSQ, DoReFa, PACT, PEGE, BNN++, CoDeQ) and its hooks in the shared harness."""
+
 import importlib.util
 import math
 from pathlib import Path
@@ -47,9 +48,13 @@ def test_every_zoo_method_is_registered():
     assert set(ZOO) | {"gdnsq"} <= set(available_methods())
 
 
-@pytest.mark.parametrize("method, target, message", [
-    ("bnnpp", 2, "W1A1"), ("codeq", 1, "at least 2 bits"),
-])
+@pytest.mark.parametrize(
+    "method, target, message",
+    [
+        ("bnnpp", 2, "W1A1"),
+        ("codeq", 1, "at least 2 bits"),
+    ],
+)
 def test_methods_refuse_targets_they_do_not_define(method, target, message):
     with pytest.raises(ConfigError, match=message):
         QConv2d.from_float(nn.Conv2d(2, 2, 3), QuantSpec(target_w=target, target_a=target, method=method))
@@ -158,7 +163,11 @@ def test_lsq_activation_calibration_unsigned_and_signed():
     q.calibrate_(8.0)
     assert not bool(q.is_signed)
     lo, hi, z, s = q.grid()
-    assert s.item() == pytest.approx(2 * 2.0 / math.sqrt(3)) and lo.item() == 0 and hi.item() == pytest.approx(3 * s.item())
+    assert (
+        s.item() == pytest.approx(2 * 2.0 / math.sqrt(3))
+        and lo.item() == 0
+        and hi.item() == pytest.approx(3 * s.item())
+    )
     q2 = lsq.LSQActQuantizer(2)
     q2.observing = True
     q2(torch.tensor([-1.0, 3.0]))
@@ -324,8 +333,10 @@ def test_bnnpp_matching_backward_gradcheck():
     wq.set_progress(0.3)
     assert torch.autograd.gradcheck(wq, (torch.randn(3, 5, dtype=D, requires_grad=True),))
     for signed in (False, True):
-        assert torch.autograd.gradcheck(lambda x, a: bnnpp.proximal_binarize(x, a, signed, 7.0),
-                                        (torch.randn(6, dtype=D, requires_grad=True), t(1.3, True)))
+        assert torch.autograd.gradcheck(
+            lambda x, a, signed=signed: bnnpp.proximal_binarize(x, a, signed, 7.0),
+            (torch.randn(6, dtype=D, requires_grad=True), t(1.3, True)),
+        )
     aq = bnnpp.BNNppActQuantizer(beta_start=1.0, beta_end=50.0, ramp_end=0.8).double()
     aq.set_progress(0.5)
     x = torch.rand(6, dtype=D, requires_grad=True)
@@ -422,13 +433,13 @@ def test_eval_is_integral_inside_the_grid_and_fixed_bit(method, bits):
         codes = F.integer_codes(w_hat, lo, hi, z, s)
         assert torch.equal(codes, codes.round()) and torch.equal(codes * s + z, w_hat)
         assert bool((codes >= torch.floor((lo - z) / s)).all() and (codes <= torch.ceil((hi - z) / s)).all())
-        assert int(codes.amax() - codes.amin()) < 2 ** bits
+        assert int(codes.amax() - codes.amin()) < 2**bits
         if wq.grid_domain == "input":
             assert torch.equal(F.exact_quantize(q.weight, lo, hi, z, s), w_hat)
         probe = torch.linspace(-3, 6, 2001)
         assert torch.equal(aq(probe), F.exact_quantize(probe, *aq.grid()))
         a_codes = aq.codes(probe)
-        assert torch.equal(a_codes, a_codes.round()) and int(a_codes.max() - a_codes.min()) < 2 ** bits
+        assert torch.equal(a_codes, a_codes.round()) and int(a_codes.max() - a_codes.min()) < 2**bits
         # the whole layer equals integer inference on the two grids
         xq = F.exact_quantize(x, *aq.grid())
         ref = torch.nn.functional.conv2d(xq, codes * s + z, conv.bias, padding=1)
@@ -460,8 +471,9 @@ def test_objective_adds_the_extra_loss_terms():
     obj = GDNSQObjective(ObjectiveConfig(distill="ce"))
     logits, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     loss, parts = obj(model, logits, None, y, temperature=1.0)
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item()
-                                        + parts["train/extra_loss"], rel=1e-5)
+    assert loss.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item() + parts["train/extra_loss"], rel=1e-5
+    )
     gdnsq_model = SmallCNN()
     quantize_model(gdnsq_model, QuantConfig())
     assert extra_losses(gdnsq_model) is None
@@ -470,8 +482,16 @@ def test_objective_adds_the_extra_loss_terms():
 def test_engine_drives_set_progress_through_the_run():
     from gdnsq.training.engine import Engine
 
-    cfg = load_config(None, {"quant.method": "pege", "train.epochs": 2, "objective.distill": "ce",
-                             "schedule.warmup_steps": 1, "optim.name": "adamw"})
+    cfg = load_config(
+        None,
+        {
+            "quant.method": "pege",
+            "train.epochs": 2,
+            "objective.distill": "ce",
+            "schedule.warmup_steps": 1,
+            "optim.name": "adamw",
+        },
+    )
     model = SmallCNN()
     quantize_model(model, cfg.quant)
     batches = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(4)]
@@ -507,9 +527,17 @@ def test_pipeline_runs_a_zoo_method_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(bundled, "load_bundled", functools.lru_cache(maxsize=1)(bundled.load_bundled))
     teacher = tmp_path / "teacher.pt"
     torch.save(SmallCNN().state_dict(), teacher)
-    cfg = load_config(ROOT / "gdnsq" / "configs" / "quickstart.yaml",
-                      {"quant.method": "pege", "model.checkpoint": str(teacher), "train.epochs": 1,
-                       "train.max_steps_per_epoch": 2, "ray.enabled": False, "train.device": "cpu"})
+    cfg = load_config(
+        ROOT / "gdnsq" / "configs" / "quickstart.yaml",
+        {
+            "quant.method": "pege",
+            "model.checkpoint": str(teacher),
+            "train.epochs": 1,
+            "train.max_steps_per_epoch": 2,
+            "ray.enabled": False,
+            "train.device": "cpu",
+        },
+    )
     summary = run_job(cfg)
     assert summary["protocol"]["method"] == "pege" and summary["converged"]
     assert summary["avg_bits_w"] == 2.0 and summary["avg_bits_a"] == 2.0 and summary["steps"] == 2

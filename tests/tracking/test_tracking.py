@@ -3,6 +3,7 @@
 One server (sqlite backend, proxied artifacts in a tmp dir) serves the module; the run test kills
 it mid-run and restarts it on the same port and backend.
 """
+
 from __future__ import annotations
 
 import json
@@ -141,8 +142,20 @@ def test_run_survives_worker_restart_and_server_outage(server):
     assert b.outbox.pending() > 0
 
     server.start()
-    b.log_summary({"fp_top1": 0.8, "top1": 0.7, "top5": 0.95, "ns_top1": 0.69, "target_w": 2.0, "target_a": 2.0,
-                   "avg_bits_w": 2.0, "avg_bits_a": 2.0, "converged": True, "layers": bits_table(model)})
+    b.log_summary(
+        {
+            "fp_top1": 0.8,
+            "top1": 0.7,
+            "top5": 0.95,
+            "ns_top1": 0.69,
+            "target_w": 2.0,
+            "target_a": 2.0,
+            "avg_bits_w": 2.0,
+            "avg_bits_a": 2.0,
+            "converged": True,
+            "layers": bits_table(model),
+        }
+    )
     assert b.finish() is True
     assert b.run_id == a.run_id
 
@@ -165,9 +178,17 @@ def test_run_survives_worker_restart_and_server_outage(server):
     assert tags["api_token"] == "***"
     # artifacts: per-epoch tables, plots, config
     root = [f.path for f in client.list_artifacts(a.run_id)]
-    assert {"bits_evolution.png", "accuracy_vs_bits.png", "bits_per_layer.png", "config.json", "summary.json", "bits"} <= set(root)
-    assert {f"bits/epoch_00{e}.{ext}" for e in range(3) for ext in ("json", "csv")} <= \
-        {f.path for f in client.list_artifacts(a.run_id, "bits")}
+    assert {
+        "bits_evolution.png",
+        "accuracy_vs_bits.png",
+        "bits_per_layer.png",
+        "config.json",
+        "summary.json",
+        "bits",
+    } <= set(root)
+    assert {f"bits/epoch_00{e}.{ext}" for e in range(3) for ext in ("json", "csv")} <= {
+        f.path for f in client.list_artifacts(a.run_id, "bits")
+    }
     table = json.loads(Path(client.download_artifacts(a.run_id, "bits/epoch_002.json")).read_text())
     assert [r["name"] for r in table] == layers
     # no secret anywhere
@@ -195,8 +216,16 @@ def test_registry_champion_load_pull(server, tmp_path, monkeypatch):
         model, _ = train_student(cfg, steps=1 + i)
         tracker = create_tracker(cfg)
         tracker.log_config(cfg)
-        summary = {"fp_top1": 0.9, "top1": ns + 0.01, "top5": 0.99, "ns_top1": ns, "converged": True,
-                   "avg_bits_w": 3.0, "avg_bits_a": 4.0, "layers": bits_table(model)}
+        summary = {
+            "fp_top1": 0.9,
+            "top1": ns + 0.01,
+            "top5": 0.99,
+            "ns_top1": ns,
+            "converged": True,
+            "avg_bits_w": 3.0,
+            "avg_bits_a": 4.0,
+            "layers": bits_table(model),
+        }
         if i == 1:  # registering after the run ended works as well
             tracker.finish()
         model.train()
@@ -240,8 +269,11 @@ def test_registry_champion_load_pull(server, tmp_path, monkeypatch):
     assert listed[name]["latest_version"] == "3" and listed[name]["champion"]["version"] == "2"
 
     # one-line errors for bad references
-    for ref, msg in (("nope@champion", "unknown model 'nope'"), (f"{name}@staging", "has no alias 'staging'"),
-                     (f"{name}/99", "has no version 99")):
+    for ref, msg in (
+        ("nope@champion", "unknown model 'nope'"),
+        (f"{name}@staging", "has no alias 'staging'"),
+        (f"{name}/99", "has no version 99"),
+    ):
         with pytest.raises(RegistryError, match=msg) as err:
             registry.load_model(ref)
         assert "\n" not in str(err.value)
@@ -270,8 +302,16 @@ def test_pull_the_most_accurate_version_within_a_byte_budget(server, tmp_path, m
                 layer.weight_quant.log_s.add_(shift + 0.5 * j)  # layers at different widths
         report = export_packed(model, tmp_path / f"v{i}.gdnsq", example_input=x)
         assert report["bytes_file"] == os.path.getsize(tmp_path / f"v{i}.gdnsq")
-        summary = {"fp_top1": 0.97, "top1": top1, "top5": 0.99, "ns_top1": top1, "converged": True,
-                   "avg_bits_w": 2.0, "avg_bits_a": 2.0, "layers": bits_table(model)}
+        summary = {
+            "fp_top1": 0.97,
+            "top1": top1,
+            "top5": 0.99,
+            "ns_top1": top1,
+            "converged": True,
+            "avg_bits_w": 2.0,
+            "avg_bits_a": 2.0,
+            "layers": bits_table(model),
+        }
         tracker = create_tracker(cfg)
         tracker.log_config(cfg)
         res = registry.register_model(model, cfg, summary, x[:1], tracker_or_run_id=tracker, stats=report, name=name)
@@ -279,7 +319,9 @@ def test_pull_the_most_accurate_version_within_a_byte_budget(server, tmp_path, m
         sizes.append(report["bytes_file"])
         tags = MlflowClient(server.url).get_model_version(name, res["version"]).tags
         # the registry's figure is the exported file's size; the other searchable figures are there too
-        assert tags["bytes_packed"] == str(report["bytes_file"]) and tags["bytes_payload"] == str(report["bytes_payload"])
+        assert tags["bytes_packed"] == str(report["bytes_file"]) and tags["bytes_payload"] == str(
+            report["bytes_payload"]
+        )
         assert {"bops", "avg_bits_w", "avg_bits_w_params", "top1", "fp_top1", "budget_kind"} <= set(tags)
     assert sizes[0] > sizes[1] > sizes[2]
 

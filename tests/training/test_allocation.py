@@ -1,5 +1,6 @@
 """quant.budget.allocate: probe — the knapsack against brute force, the probe's bookkeeping, and a job
 whose layers end at the widths the probe chose, within the budget."""
+
 from __future__ import annotations
 
 import itertools
@@ -199,8 +200,17 @@ def test_engine_probe_sets_the_inputs_targets_then_the_weights():
     probe = BudgetConfig(kind="bytes", value=1.0, value_a=2.0)
     student, _ = _student_and_teacher(probe, x)
     value = float(uniform_value("bytes", student, 2, 2, None))
-    cfg = load_config(None, {"quant.budget.kind": "bytes", "quant.budget.value": value, "quant.budget.value_a": 2.0,
-                             "ray.enabled": False, "tracking.enabled": False, "objective.distill": "ce"})
+    cfg = load_config(
+        None,
+        {
+            "quant.budget.kind": "bytes",
+            "quant.budget.value": value,
+            "quant.budget.value_a": 2.0,
+            "ray.enabled": False,
+            "tracking.enabled": False,
+            "objective.distill": "ce",
+        },
+    )
     probe.value = value
     expected_inputs = A.allocate_input_widths(student, x, y, Budget(probe, student, x[:1]))
     eng = Engine(cfg, student, None, torch.device("cpu"))

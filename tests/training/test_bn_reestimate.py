@@ -1,4 +1,5 @@
 """BatchNorm re-estimation before validation: plain averages over batches, through the eval-mode forward."""
+
 import pytest
 import torch
 from torch import nn
@@ -9,8 +10,14 @@ from gdnsq.training.engine import reestimate_batchnorm
 def _net():
     torch.manual_seed(0)
     # Dropout differs between train and eval: the statistics must be those of the eval-mode network.
-    return nn.Sequential(nn.Dropout(0.5), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5, momentum=0.3))
+    return nn.Sequential(
+        nn.Dropout(0.5),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3),
+        nn.BatchNorm2d(5, momentum=0.3),
+    )
 
 
 def test_statistics_are_plain_averages_of_the_eval_forward():

@@ -1,4 +1,6 @@
-"""quant.budget: the aggregate's maths (values, gradients; the penalty allocation), the shared size rule and the convergence rule."""
+"""quant.budget: the aggregate's maths (values, gradients; the penalty allocation), the shared size rule and the
+convergence rule."""
+
 import math
 
 import pytest
@@ -55,8 +57,11 @@ def test_aggregate_values_and_gradients(kind):
     bw = torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64, requires_grad=True)
     ba = torch.tensor([4.0, 2.0, 2.0], dtype=torch.float64, requires_grad=True)
     a = B.aggregate(kind, bw, ba, n, macs, fixed=77.0)
-    expected = {"avg_bits_w": (200 + 900 + 600) / 1000, "bytes": 77 + (200 + 900 + 600) / 8,
-                "bops": 77 + 5e4 * 8 + 2e4 * 6 + 1e3 * 2}[kind]
+    expected = {
+        "avg_bits_w": (200 + 900 + 600) / 1000,
+        "bytes": 77 + (200 + 900 + 600) / 8,
+        "bops": 77 + 5e4 * 8 + 2e4 * 6 + 1e3 * 2,
+    }[kind]
     assert float(a) == pytest.approx(expected, rel=1e-12)
     assert torch.autograd.gradcheck(lambda w, x: B.aggregate(kind, w, x, n, macs, 77.0), (bw, ba))
     a.backward()
@@ -113,7 +118,9 @@ def test_a_budget_met_exactly_in_whole_bits_switches_the_penalty_off():
     m = _model(bits=1.9)  # every weight grid inside W2's band
     from gdnsq.training.budget import uniform_value
 
-    exact = B.Budget(BudgetConfig(allocate="penalty", kind="bytes", value=uniform_value("bytes", m, 2, 2, None)), m, None)
+    exact = B.Budget(
+        BudgetConfig(allocate="penalty", kind="bytes", value=uniform_value("bytes", m, 2, 2, None)), m, None
+    )
     assert float(exact.penalties(m, 1e-3, 1.0).p_w) == 0.0 and exact.within(m)
 
 
@@ -126,14 +133,19 @@ def test_convergence_rule_uses_true_bits_and_exact_bytes():
     x = torch.randn(2, 1, 28, 28)
     macs = measure_macs(m, x)
     bops = B.Budget(BudgetConfig(allocate="penalty", kind="bops", value=1.0), m, x).true_value(m)
-    want = sum(macs[n] * true_w.get(n, 32) * (l.true_act_bits() if n in true_w else 32)
-               for n, l in m.named_modules() if n in macs)
+    want = sum(
+        macs[n] * true_w.get(n, 32) * (l.true_act_bits() if n in true_w else 32)
+        for n, l in m.named_modules()
+        if n in macs
+    )
     assert bops == pytest.approx(want)
 
 
 def test_bounds_are_the_targets_and_the_guard_uses_min_bits():
-    cfg = QuantConfig(budget=BudgetConfig(allocate="penalty", kind="bytes", value=100.0, min_bits=1, max_bits=6),
-                      rules=[{"pattern": r"features\.4", "target_w": 3}])
+    cfg = QuantConfig(
+        budget=BudgetConfig(allocate="penalty", kind="bytes", value=100.0, min_bits=1, max_bits=6),
+        rules=[{"pattern": r"features\.4", "target_w": 3}],
+    )
     torch.manual_seed(0)
     m = SmallCNN(width=4)
     quantize_model(m, cfg)

@@ -1,5 +1,6 @@
 """Checkpoints that can't hurt: a torn latest falls back to the one before it; a full or unwritable
 storage path is one line and leaves no partial file; the checkpoints already there are untouched."""
+
 import logging
 import os
 

@@ -1,4 +1,5 @@
 """A resumed run continues exactly where it stopped (engine + pipeline, no Ray)."""
+
 import copy
 
 import pytest
@@ -7,9 +8,18 @@ import torch
 from gdnsq.config import load_config
 from gdnsq.training.job import run_job
 
-OVERRIDES = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "data.batch_size": 128, "train.teacher_epochs": 1,
-             "schedule.warmup_steps": 2, "ray.enabled": False, "tracking.enabled": False,
-             "optim.name": "adamw", "optim.quant_lr": 0.05, "schedule.scale_t": 10.0}
+OVERRIDES = {
+    "train.epochs": 2,
+    "train.max_steps_per_epoch": 4,
+    "data.batch_size": 128,
+    "train.teacher_epochs": 1,
+    "schedule.warmup_steps": 2,
+    "ray.enabled": False,
+    "tracking.enabled": False,
+    "optim.name": "adamw",
+    "optim.quant_lr": 0.05,
+    "schedule.scale_t": 10.0,
+}
 
 
 def _run(epochs, resume=None, **extra):

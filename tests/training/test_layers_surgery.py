@@ -1,4 +1,5 @@
 """Quantizer modules, quantized layers and surgery on real timm models."""
+
 import copy
 
 import pytest
@@ -87,11 +88,14 @@ def test_surgery_on_timm_resnet18_keeps_edges_fp():
 
 def test_rules_first_match_wins_and_per_layer_targets():
     m = timm.create_model("resnet18", num_classes=10)
-    cfg = QuantConfig(keep_pointwise=True, rules=[
-        QuantRuleConfig(pattern=r"^layer4\.", target_w=4, target_a=4),
-        QuantRuleConfig(pattern=r"layer4\.1\.conv2", skip=True),  # never reached: the rule above wins
-        QuantRuleConfig(pattern=r"^conv1$", skip=False),
-    ])
+    cfg = QuantConfig(
+        keep_pointwise=True,
+        rules=[
+            QuantRuleConfig(pattern=r"^layer4\.", target_w=4, target_a=4),
+            QuantRuleConfig(pattern=r"layer4\.1\.conv2", skip=True),  # never reached: the rule above wins
+            QuantRuleConfig(pattern=r"^conv1$", skip=False),
+        ],
+    )
     quantize_model(m, cfg)
     layers = dict(iter_quantized(m))
     assert float(layers["layer4.1.conv2"].target_w) == 4.0
@@ -104,9 +108,17 @@ def test_auto_estimator_is_aewgs_on_1_bit_grids_only():
     from gdnsq.training.models import SmallCNN
 
     m = SmallCNN(width=4)
-    quantize_model(m, QuantConfig(target_w=2, target_a=2,
-                                  rules=[QuantRuleConfig(pattern=r"^features\.4$", target_w=1, target_a=1),
-                                         QuantRuleConfig(pattern=r"^fc\.0$", target_a=1)]))
+    quantize_model(
+        m,
+        QuantConfig(
+            target_w=2,
+            target_a=2,
+            rules=[
+                QuantRuleConfig(pattern=r"^features\.4$", target_w=1, target_a=1),
+                QuantRuleConfig(pattern=r"^fc\.0$", target_a=1),
+            ],
+        ),
+    )
     est = {n: (l.weight_quant.estimator, l.act_quant.estimator) for n, l in iter_quantized(m)}
     assert est.pop("features.4") == ("aewgs", "aewgs") and est.pop("fc.0") == ("ste", "aewgs")
     assert set(est.values()) == {("ste", "ste")}
@@ -153,7 +165,9 @@ def test_freeze_batchnorm_mode():
     m = timm.create_model("resnet18", num_classes=10)
     quantize_model(m, QuantConfig(batchnorm="freeze"))
     assert not any(type(mod) is nn.BatchNorm2d for mod in m.modules())
-    assert not m.bn1.weight.requires_grad if hasattr(m.bn1, "weight") and isinstance(m.bn1.weight, nn.Parameter) else True
+    assert (
+        not m.bn1.weight.requires_grad if hasattr(m.bn1, "weight") and isinstance(m.bn1.weight, nn.Parameter) else True
+    )
 
 
 def test_small_cnn_pool_matches_torch_max_pool_values_and_gradients():

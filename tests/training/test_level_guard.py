@@ -1,4 +1,5 @@
 """The level guard: no learnable grid loses levels, and a dead grid never counts as converged."""
+
 import pytest
 import torch
 
@@ -32,11 +33,13 @@ def test_guard_restores_every_level_after_direct_pushes(target):
     m = _model(target)
     with torch.no_grad():
         for i, (_, layer) in enumerate(iter_quantized(m)):
-            layer.weight_quant.log_s.add_(torch.linspace(8, 30, layer.weight.shape[0]).view_as(layer.weight_quant.log_s))
+            layer.weight_quant.log_s.add_(
+                torch.linspace(8, 30, layer.weight.shape[0]).view_as(layer.weight_quant.log_s)
+            )
             layer.act_quant.log_s.add_(5.0 + 10 * i)  # far past log_q: hi < lo
     assert min(_levels(m)) < 2 and not converged(m)  # the pushes killed grids
     keep_levels_(m, margin=0.1)
-    assert min(_levels(m)) == 2 ** target
+    assert min(_levels(m)) == 2**target
     for _, layer in iter_quantized(m):
         assert float(layer.weight_bits().detach().min()) >= F.min_bits(target, 0.1) - 1e-6
         lo, hi, _, _ = layer.act_quant.grid()
@@ -46,15 +49,27 @@ def test_guard_restores_every_level_after_direct_pushes(target):
 
 def test_guard_holds_under_huge_gradient_steps_in_training():
     """Adam steps with an absurd quantizer LR and a loss that rewards coarse grids, guard after each step."""
-    cfg = load_config(None, {"quant.target_w": 1, "quant.target_a": 1, "optim.name": "adamw",
-                             "optim.quant_lr": 50.0, "optim.quant_grad_clip": None, "schedule.mode": "absolute",
-                             "schedule.warmup_steps": 0, "ray.enabled": False, "tracking.enabled": False,
-                             "objective.distill": "ce"})
+    cfg = load_config(
+        None,
+        {
+            "quant.target_w": 1,
+            "quant.target_a": 1,
+            "optim.name": "adamw",
+            "optim.quant_lr": 50.0,
+            "optim.quant_grad_clip": None,
+            "schedule.mode": "absolute",
+            "schedule.warmup_steps": 0,
+            "ray.enabled": False,
+            "tracking.enabled": False,
+            "objective.distill": "ce",
+        },
+    )
     m = _model(1, bits=3.0)
     eng = Engine(cfg, m, None, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 1, 28, 28, generator=gen) * 1e3, torch.randint(0, 10, (16,), generator=gen))
-               for _ in range(5)]
+    batches = [
+        (torch.randn(16, 1, 28, 28, generator=gen) * 1e3, torch.randint(0, 10, (16,), generator=gen)) for _ in range(5)
+    ]
     eng.sched.temperature = 1e6  # the penalty dominates: every step pushes bits down as hard as it can
     eng.train_epoch(batches)
     assert min(_levels(m)) == 2  # T = 1: both levels kept by every grid after 5 huge steps

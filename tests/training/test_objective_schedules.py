@@ -1,4 +1,5 @@
 """Exact tests of the objective and the schedules (pure torch / pure Python)."""
+
 import math
 
 import pytest
@@ -28,7 +29,8 @@ def test_jeffreys_zero_on_equal_and_symmetric():
     assert jeffreys_divergence(a, a).item() == 0.0
     assert jeffreys_divergence(a, b).item() == pytest.approx(jeffreys_divergence(b, a).item(), rel=1e-6)
     assert jeffreys_divergence(a, b).item() == pytest.approx(
-        (kl_divergence(a, b) + kl_divergence(b, a)).item(), rel=1e-6)
+        (kl_divergence(a, b) + kl_divergence(b, a)).item(), rel=1e-6
+    )
     assert jeffreys_divergence(a, b).item() > 0
 
 
@@ -42,7 +44,8 @@ def test_kl_hand_computed():
 def test_task_loss_ce_uses_labels():
     logits = torch.tensor([[2.0, 0.0]])
     assert task_loss("ce", logits, None, torch.tensor([0])).item() == pytest.approx(
-        math.log(1 + math.exp(-2.0)), rel=1e-6)
+        math.log(1 + math.exp(-2.0)), rel=1e-6
+    )
 
 
 def test_penalty_zero_inside_positive_outside():
@@ -50,7 +53,7 @@ def test_penalty_zero_inside_positive_outside():
     assert exterior_penalty(bits, 2.0, 1e-3, 1.0).item() == 0.0
     # max(0, 3 - 1.999) = 1.001 and max(0, 1 - 1.999) = 0 -> mean 0.5005
     assert exterior_penalty(torch.tensor([3.0, 1.0]), 2.0, 1e-3, 1.0).item() == pytest.approx(0.5005)
-    assert exterior_penalty(torch.tensor([4.0]), 2.0, 1e-3, 2.0).item() == pytest.approx(2.001 ** 2)
+    assert exterior_penalty(torch.tensor([4.0]), 2.0, 1e-3, 2.0).item() == pytest.approx(2.001**2)
 
 
 def _tiny_quantized(target=2.0, bits=8.0):
@@ -114,8 +117,7 @@ def _absolute(**kw):
 
 
 def test_absolute_schedule_state_warmup_growth_and_convergence():
-    cfg, plan = _absolute(warmup_steps=2, scale_t=10.0, anneal=0.5, noise_ratio=0.02, noise_step=0.01,
-                          check_every=1)
+    cfg, plan = _absolute(warmup_steps=2, scale_t=10.0, anneal=0.5, noise_ratio=0.02, noise_step=0.01, check_every=1)
     st = ScheduleState(noise_ratio=cfg.noise_ratio)
     for penalty, conv in ((1.0, False), (1.0, False), (1.0, False), (0.0, True), (0.0, True)):
         st.advance(cfg, plan, base_lr=0.01, penalty=penalty, lag_bits=0.0, check=lambda c=conv: c)
@@ -181,8 +183,10 @@ def test_activations_descend_first_when_their_window_ends_earlier():
     same = plan_descent(ScheduleConfig(descent_end=0.5, warmup=0.1), 1000, 8.0, 1.0)
     together = plan_descent(ScheduleConfig(descent_end=0.5, descent_end_a=0.5, warmup=0.1), 1000, 8.0, 1.0)
     assert same.end_step_a is None and together.end_step_a == 500 and same.init_bits == together.init_bits
-    assert all(same.level_fraction_a(s) == same.level_fraction(s) == together.level_fraction_a(s)
-               for s in (0, 150, 300, 499, 700))
+    assert all(
+        same.level_fraction_a(s) == same.level_fraction(s) == together.level_fraction_a(s)
+        for s in (0, 150, 300, 499, 700)
+    )
     with pytest.raises(ConfigError, match="schedule.descent_end_a"):
         ScheduleConfig(warmup=0.1, descent_end_a=0.1)
 
@@ -203,7 +207,9 @@ def test_objective_level_moves_from_init_bits_to_the_target():
     obj = GDNSQObjective(ObjectiveConfig(), init_bits=8.0)
     s, te, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     _, at_start = obj(m, s, te, y, temperature=1.0, level_fraction=1.0)
-    assert at_start["train/penalty_w"] == pytest.approx(1e-3, abs=1e-4) and at_start["train/penalty_a"] == pytest.approx(1e-3, abs=1e-4)
+    assert at_start["train/penalty_w"] == pytest.approx(1e-3, abs=1e-4) and at_start[
+        "train/penalty_a"
+    ] == pytest.approx(1e-3, abs=1e-4)
     _, half = obj(m, s, te, y, temperature=1.0, level_fraction=0.5)  # level 2 + 6·0.5 = 5 -> 3 bits above
     assert half["train/penalty_a"] == pytest.approx(3.001, abs=1e-4)
     assert obj.last_terms.lag == pytest.approx(3.0, abs=1e-3)
@@ -266,4 +272,4 @@ def test_temperature_cap_is_released_late_in_a_run_that_has_not_converged():
             if state.step == int(release):
                 assert state.temperature == 8.0
     assert converged.temperature == 8.0
-    assert lagging.temperature > 8.0 * 2 ** 8
+    assert lagging.temperature > 8.0 * 2**8

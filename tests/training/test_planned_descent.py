@@ -1,4 +1,5 @@
 """The planned (budget-aware) descent ends where the user said, whatever the budget."""
+
 import copy
 
 import pytest
@@ -22,14 +23,24 @@ def _one_thread():
 def _run(steps: int, descent_end: float, target: int = 2, lr: float = 3e-3):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 1, 12, 12, generator=gen), torch.randint(0, 10, (8,), generator=gen))
-               for _ in range(10)]
+    batches = [(torch.randn(8, 1, 12, 12, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(10)]
     epochs = steps // len(batches)
     # check_every 1: the test resolves the end to the step (the default cadence, 10, would be 8 % of 120 steps)
-    cfg = load_config(None, {"quant.target_w": target, "quant.target_a": target, "quant.init_bits": 8,
-                             "optim.name": "adamw", "optim.lr": lr, "train.epochs": epochs,
-                             "schedule.descent_end": descent_end, "schedule.check_every": 1,
-                             "ray.enabled": False, "tracking.enabled": False})
+    cfg = load_config(
+        None,
+        {
+            "quant.target_w": target,
+            "quant.target_a": target,
+            "quant.init_bits": 8,
+            "optim.name": "adamw",
+            "optim.lr": lr,
+            "train.epochs": epochs,
+            "schedule.descent_end": descent_end,
+            "schedule.check_every": 1,
+            "ray.enabled": False,
+            "tracking.enabled": False,
+        },
+    )
     fp = SmallCNN(width=4)
     teacher = copy.deepcopy(fp).eval()
     student = copy.deepcopy(fp)

@@ -1,5 +1,6 @@
 """train.precision / train.channels_last: config checks, and a short QAT run in bf16 + channels_last that
 trains like the fp32 one (same teacher, same start, same batches; bundled digits, small CNN, CPU)."""
+
 import copy
 
 import pytest
@@ -13,9 +14,19 @@ from gdnsq.training.models import create_model
 from gdnsq.training.precision import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
-BASE = {"ray.enabled": False, "tracking.enabled": False, "optim.name": "adamw", "optim.lr": 0.003,
-        "optim.quant_lr": 0.01, "schedule.warmup_steps": 10, "schedule.scale_t": 10.0, "quant.init_bits": 3,
-        "quant.target_w": 4, "quant.target_a": 4, "data.batch_size": 64}
+BASE = {
+    "ray.enabled": False,
+    "tracking.enabled": False,
+    "optim.name": "adamw",
+    "optim.lr": 0.003,
+    "optim.quant_lr": 0.01,
+    "schedule.warmup_steps": 10,
+    "schedule.scale_t": 10.0,
+    "quant.init_bits": 3,
+    "quant.target_w": 4,
+    "quant.target_a": 4,
+    "data.batch_size": 64,
+}
 CPU = torch.device("cpu")
 
 
@@ -52,8 +63,11 @@ def _qat(teacher, loaders, calib, precision: str, channels_last: bool, steps: in
     t = prec.prepare_module(copy.deepcopy(teacher))
     seen = {}
     conv = t.features[0]
-    conv.register_forward_hook(lambda m, a, out: seen.update(dtype=out.dtype, cl=a[0].is_contiguous(
-        memory_format=torch.channels_last) and not a[0].is_contiguous()))
+    conv.register_forward_hook(
+        lambda m, a, out: seen.update(
+            dtype=out.dtype, cl=a[0].is_contiguous(memory_format=torch.channels_last) and not a[0].is_contiguous()
+        )
+    )
     engine = Engine(cfg, student.train(), t, CPU, prec)
     start = evaluate(engine.model, loaders.val, CPU, prec)
     tasks = []
@@ -75,8 +89,10 @@ def test_bf16_channels_last_trains_like_fp32(one_thread):
     calib = [x for (x, _), _ in zip(loaders.calib, range(2))]
     t32, s32, v32, b32, seen32 = _qat(teacher, loaders, calib, "fp32", False, steps=40)
     t16, s16, v16, b16, seen16 = _qat(teacher, loaders, calib, "bf16", True, steps=40)
-    print(f"teacher {fp_top1:.1f}; top1 / mean weight bits: fp32 {v32['top1']:.1f} / {b32:.3f}, "
-          f"bf16 {v16['top1']:.1f} / {b16:.3f}")
+    print(
+        f"teacher {fp_top1:.1f}; top1 / mean weight bits: fp32 {v32['top1']:.1f} / {b32:.3f}, "
+        f"bf16 {v16['top1']:.1f} / {b16:.3f}"
+    )
     # The teacher really ran in bf16 on channels_last inputs, the fp32 one in fp32.
     assert seen16 == {"dtype": torch.bfloat16, "cl": True} and seen32["dtype"] == torch.float32
     # The 3-bit start costs accuracy; both runs win it back, by a similar amount, along similar losses.

@@ -1,4 +1,5 @@
 """GDNSQ on the bundled digits: from ~8 bits down to the target with every layer converged."""
+
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
@@ -41,9 +42,16 @@ def _quantize(ckpt, target):
     from gdnsq.training.job import run_job
 
     torch.set_num_threads(1)
-    cfg = load_config(_quickstart_config(), {"ray.enabled": False, "tracking.enabled": False,
-                                             "model.checkpoint": ckpt, "quant.target_w": target,
-                                             "quant.target_a": target})
+    cfg = load_config(
+        _quickstart_config(),
+        {
+            "ray.enabled": False,
+            "tracking.enabled": False,
+            "model.checkpoint": ckpt,
+            "quant.target_w": target,
+            "quant.target_a": target,
+        },
+    )
     return run_job(cfg)
 
 

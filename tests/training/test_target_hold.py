@@ -1,4 +1,5 @@
 """The target hold: once the descent has reached the targets, no learnable grid gets more than 2**T levels."""
+
 import math
 
 import pytest
@@ -14,10 +15,12 @@ from tests.training.test_level_guard import _levels, _model
 
 @pytest.mark.parametrize("target", [1, 2, 3, 4, 8])
 def test_max_bits_is_the_widest_grid_with_2_to_the_t_levels(target):
-    levels = lambda b: F.grid_levels(torch.tensor(2.0 ** b - 1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    assert levels(F.max_bits(target, 0.1)) == 2 ** target
-    assert levels(F.max_bits(target, 0.0) - 1e-9) == 2 ** target  # just under the boundary: still 2**T
-    assert levels(F.max_bits(target, 0.0) + 1e-9) == 2 ** target + 1  # just over: one level too many
+    def levels(b):
+        return F.grid_levels(torch.tensor(2.0**b - 1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+
+    assert levels(F.max_bits(target, 0.1)) == 2**target
+    assert levels(F.max_bits(target, 0.0) - 1e-9) == 2**target  # just under the boundary: still 2**T
+    assert levels(F.max_bits(target, 0.0) + 1e-9) == 2**target + 1  # just over: one level too many
     assert F.min_bits(target, 0.1) < target - 1e-3 < F.max_bits(target, 0.1)  # the penalty's aim is inside the band
 
 
@@ -26,16 +29,18 @@ def test_hold_brings_every_grid_back_to_its_target(target):
     m = _model(target, bits=4.0)
     with torch.no_grad():
         for i, (_, layer) in enumerate(iter_quantized(m)):  # far finer than the target, channel by channel
-            layer.weight_quant.log_s.sub_(torch.linspace(1, 12, layer.weight.shape[0]).view_as(layer.weight_quant.log_s))
+            layer.weight_quant.log_s.sub_(
+                torch.linspace(1, 12, layer.weight.shape[0]).view_as(layer.weight_quant.log_s)
+            )
             layer.act_quant.log_s.sub_(3.0 + i)
     assert not converged(m)
     cap_levels_(m, margin=0.1)
     for _, layer in iter_quantized(m):
         assert layer.true_weight_bits() == target and layer.true_act_bits() == target
         assert float(layer.weight_bits().detach().max()) <= F.max_bits(target, 0.1) + 1e-5
-    assert min(_levels(m)) == max(_levels(m)) == 2 ** target  # coarse enough, and no grid lost a level
+    assert min(_levels(m)) == max(_levels(m)) == 2**target  # coarse enough, and no grid lost a level
     keep_levels_(m, margin=0.1)  # the two guards agree: the lower one has nothing left to do
-    assert min(_levels(m)) == max(_levels(m)) == 2 ** target and converged(m)
+    assert min(_levels(m)) == max(_levels(m)) == 2**target and converged(m)
 
 
 def test_hold_leaves_coarser_grids_alone():
@@ -47,10 +52,22 @@ def test_hold_leaves_coarser_grids_alone():
 
 
 def _engine(hold: bool, lr: float = 0.3):
-    cfg = load_config(None, {"quant.target_w": 2, "quant.target_a": 2, "optim.name": "adamw", "optim.lr": lr,
-                             "optim.quant_lr": 1e-8,
-                             "schedule.mode": "absolute", "schedule.warmup_steps": 0, "ray.enabled": False,
-                             "tracking.enabled": False, "objective.distill": "ce", "quant.hold_targets": hold})
+    cfg = load_config(
+        None,
+        {
+            "quant.target_w": 2,
+            "quant.target_a": 2,
+            "optim.name": "adamw",
+            "optim.lr": lr,
+            "optim.quant_lr": 1e-8,
+            "schedule.mode": "absolute",
+            "schedule.warmup_steps": 0,
+            "ray.enabled": False,
+            "tracking.enabled": False,
+            "objective.distill": "ce",
+            "quant.hold_targets": hold,
+        },
+    )
     m = _model(2, bits=2.0)
     keep_levels_(m, 0.1)
     assert converged(m)
@@ -62,8 +79,7 @@ def _engine(hold: bool, lr: float = 0.3):
 
 def _batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
-            for _ in range(n)]
+    return [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen)) for _ in range(n)]
 
 
 def test_engine_holds_a_converged_model_at_its_targets_while_the_weights_spread():

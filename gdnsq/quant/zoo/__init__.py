@@ -12,4 +12,5 @@ bnnpp      BNN++ / ProxConnect++: sign-Swish forward annealed to sign, matching 
 codeq      CoDeQ: learnable dead zone that prunes, uniform grid outside; sparsity / entropy stats
 =========  =====================================================================================
 """
+
 from . import bnnpp, codeq, dorefa, lsq, pact, pege  # noqa: F401  (registration side effects)

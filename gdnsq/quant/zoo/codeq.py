@@ -21,6 +21,7 @@ Activations: LSQ (``lsq.LSQActQuantizer``); the dead zone is a weight-pruning de
 ``grid_domain = "output"`` (the dead zone is not an affine grid on the raw weight).
 Init: s from LSQ's rule 2·mean|w|/sqrt(Q). A 1-bit target is a configuration error (no zero level).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,11 +68,20 @@ def dead_zone_quantize(w: Tensor, s: Tensor, delta: Tensor, qmax: int, g: float 
 class CoDeQWeightQuantizer(FixedBitWeightQuantizer):
     grid_domain = "output"
 
-    def __init__(self, weight_shape: torch.Size, bits: int, *, per_channel: bool = True,
-                 sparsity_weight: float = 0.001, init_dead_zone: float = 0.5):
+    def __init__(
+        self,
+        weight_shape: torch.Size,
+        bits: int,
+        *,
+        per_channel: bool = True,
+        sparsity_weight: float = 0.001,
+        init_dead_zone: float = 0.5,
+    ):
         super().__init__(weight_shape, bits, per_channel=per_channel)
         if self.n_bits < 2:
-            raise ConfigError("quant.target_w: codeq needs at least 2 bits (a 1-bit grid has no zero level to prune to)")
+            raise ConfigError(
+                "quant.target_w: codeq needs at least 2 bits (a 1-bit grid has no zero level to prune to)"
+            )
         self.qmax = 2 ** (self.n_bits - 1) - 1
         self.sparsity_weight, self.init_dead_zone = float(sparsity_weight), float(init_dead_zone)
         self.log_s = nn.Parameter(torch.full(self.param_shape, -8.0))
@@ -118,5 +128,7 @@ class CoDeQWeightQuantizer(FixedBitWeightQuantizer):
 @register_method("codeq")
 def create_codeq(weight_shape, spec):
     args = method_args(spec, "codeq", DEFAULTS)
-    return (CoDeQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-            LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed))
+    return (
+        CoDeQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
+        LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed),
+    )

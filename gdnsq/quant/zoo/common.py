@@ -16,6 +16,7 @@ The base's optional hooks (no-op by default) are what some zoo methods add: ``ex
 to the training loss), ``set_progress(fraction)`` (training progress in [0, 1], for curricula and
 annealing) and ``extra_stats(...)`` (a dict shown in the bits table).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,7 @@ def int_bits(target: float) -> int:
 
 def range_grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Uniform grid of 2**bits levels spanning [lo, hi] exactly: (lo, hi, z = lo, s = (hi - lo)/(2**bits - 1))."""
-    return lo, hi, lo, (hi - lo) / (2 ** bits - 1)
+    return lo, hi, lo, (hi - lo) / (2**bits - 1)
 
 
 def lsq_levels(bits: int, signed: bool) -> tuple[int, int, bool]:
@@ -91,7 +92,7 @@ def lsq_levels(bits: int, signed: bool) -> tuple[int, int, bool]:
     {-1, 0}, so signed 1-bit uses the binary grid {-s, +s} instead (Q_n = Q_p = 1 in LSQ's formulas).
     """
     if not signed:
-        return 0, 2 ** bits - 1, False
+        return 0, 2**bits - 1, False
     if bits == 1:
         return 1, 1, True
     return 2 ** (bits - 1), 2 ** (bits - 1) - 1, False
@@ -123,8 +124,11 @@ def code_stats(codes: Tensor) -> dict[str, float]:
     p = counts.double() / counts.sum()
     entropy = float(-(p * torch.log2(p)).sum())
     zero = counts[values == 0].sum() if (values == 0).any() else counts.new_zeros(())
-    return {"sparsity": round(float(zero) / codes.numel(), 4), "entropy_bits": round(abs(entropy), 4),
-            "used_bits": round(math.log2(max(1, values.numel())), 4)}
+    return {
+        "sparsity": round(float(zero) / codes.numel(), 4),
+        "entropy_bits": round(abs(entropy), 4),
+        "used_bits": round(math.log2(max(1, values.numel())), 4),
+    }
 
 
 # ------------------------------------------------------------------------------------ base modules
@@ -154,8 +158,9 @@ class FixedBitWeightQuantizer(FixedBitQuantizer):
     def __init__(self, weight_shape: torch.Size, bits: int, *, per_channel: bool = True):
         super().__init__(bits)
         self.per_channel = per_channel
-        self.param_shape = ((weight_shape[0],) + (1,) * (len(weight_shape) - 1) if per_channel
-                            else (1,) * len(weight_shape))
+        self.param_shape = (
+            (weight_shape[0],) + (1,) * (len(weight_shape) - 1) if per_channel else (1,) * len(weight_shape)
+        )
         self._dims = tuple(range(1, len(weight_shape))) if per_channel else tuple(range(len(weight_shape)))
         self.group_size = math.prod(weight_shape) // math.prod(self.param_shape)  # elements per step
 
@@ -247,6 +252,8 @@ def method_args(spec, method: str, defaults: dict[str, float]) -> dict[str, floa
     given = dict(getattr(spec, "method_args", None) or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ConfigError(f"quant.method_args.{unknown[0]}: not a setting of method {method!r} "
-                          f"(known: {', '.join(sorted(defaults)) or 'none'})")
+        raise ConfigError(
+            f"quant.method_args.{unknown[0]}: not a setting of method {method!r} "
+            f"(known: {', '.join(sorted(defaults)) or 'none'})"
+        )
     return {k: float(given.get(k, v)) for k, v in defaults.items()}

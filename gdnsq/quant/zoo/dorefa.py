@@ -15,6 +15,7 @@ Grids: ``grid(w)`` of k-bit weights is {-1, -1 + 2/n, ..., 1} over t (``grid_dom
 codes are those of the eval output, or of t, not of the raw weight); 1-bit weights {-E, +E} on the raw
 weight; activations [0, 1] or [-1, 1].
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,5 +76,7 @@ class DoReFaActQuantizer(FixedBitActQuantizer):
 @register_method("dorefa")
 def create_dorefa(weight_shape, spec):
     method_args(spec, "dorefa", {})
-    return (DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-            DoReFaActQuantizer(int_bits(spec.target_a), signed=spec.act_signed))
+    return (
+        DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
+        DoReFaActQuantizer(int_bits(spec.target_a), signed=spec.act_signed),
+    )

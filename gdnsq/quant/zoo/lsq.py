@@ -14,6 +14,7 @@ Choices of ours: the step is learned as ``log_s`` (s = 2**log_s), like GDNSQ's, 
 LR is a relative rate for every method and s stays positive; the gradient reaching s is LSQ's (times g),
 the chain rule then multiplies it by s·ln 2. Activation steps start from the calibration batches' mean|x|.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,5 +91,7 @@ class LSQActQuantizer(FixedBitActQuantizer):
 @register_method("lsq")
 def create_lsq(weight_shape, spec):
     method_args(spec, "lsq", {})
-    return (LSQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-            LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed))
+    return (
+        LSQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
+        LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed),
+    )

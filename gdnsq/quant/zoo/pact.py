@@ -12,6 +12,7 @@ Optional L2 on α (PACT's regulariser), ``quant.method_args.alpha_l2`` = λ_α (
 Init: α = the calibration batches' max |x| (the shared min/max protocol; the paper starts at α = 10).
 Weights: ``dorefa.DoReFaWeightQuantizer``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,5 +63,7 @@ class PACTActQuantizer(FixedBitActQuantizer):
 @register_method("pact")
 def create_pact(weight_shape, spec):
     args = method_args(spec, "pact", DEFAULTS)
-    return (DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-            PACTActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, alpha_l2=args["alpha_l2"]))
+    return (
+        DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
+        PACTActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, alpha_l2=args["alpha_l2"]),
+    )

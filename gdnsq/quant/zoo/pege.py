@@ -31,6 +31,7 @@ The abstract states two things; each is implemented here, every detail beyond it
 The forward quantizer Q: the abstract says PEGE works with any forward method; we use LSQ's
 (``lsq.py``: learned step, gradient scale, same grids), so ``pege`` vs ``lsq`` isolates PEGE's part.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,15 @@ class _PEGEMixin:
 
 
 class PEGEWeightQuantizer(_PEGEMixin, LSQWeightQuantizer):
-    def __init__(self, weight_shape: torch.Size, bits: int, *, per_channel: bool = True, error_weight: float = 0.1,
-                 ramp_end: float = 0.8):
+    def __init__(
+        self,
+        weight_shape: torch.Size,
+        bits: int,
+        *,
+        per_channel: bool = True,
+        error_weight: float = 0.1,
+        ramp_end: float = 0.8,
+    ):
         super().__init__(weight_shape, bits, per_channel=per_channel)
         self._init_pege(error_weight, ramp_end)
         self.register_buffer("priority", torch.rand(weight_shape))
@@ -112,5 +120,7 @@ class PEGEActQuantizer(_PEGEMixin, LSQActQuantizer):
 @register_method("pege")
 def create_pege(weight_shape, spec):
     args = method_args(spec, "pege", DEFAULTS)
-    return (PEGEWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-            PEGEActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, **args))
+    return (
+        PEGEWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
+        PEGEActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, **args),
+    )
