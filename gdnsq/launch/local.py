@@ -12,7 +12,7 @@ from ..training.job import run_job
 from ..training.runtime import resolve_device
 from . import console
 from .identity import run_dir, stored_summary
-from .session import RunSession, register_run
+from .session import RunSession, register_run, with_tracking_uri
 from .storage import SUMMARY_FILE, write_json_atomic
 
 
@@ -25,7 +25,9 @@ def run_local(cfg: JobConfig) -> dict:
     if stored is not None:
         return stored
     console.header(cfg, devices=f"in-process (no Ray), {resolve_device(cfg.train.device)}")
-    session = RunSession(cfg, resume, progress=console.Progress(cfg))
+    # The session's store is resolved here, the checkpoint's config keeps what the user gave (no environment value
+    # reaches a file).
+    session = RunSession(with_tracking_uri(cfg), resume, progress=console.Progress(cfg))
 
     def on_epoch(metrics: dict, table: list[dict], get_checkpoint) -> None:
         save_checkpoint(session.record_epoch(metrics, table, get_checkpoint()), ckpt_path, keep_previous=True)
@@ -39,6 +41,6 @@ def run_local(cfg: JobConfig) -> dict:
         raise
     summary["checkpoint"] = str(ckpt_path)
     run_id = session.finish(summary)
-    summary.update(register_run(cfg, summary, run_id, lambda: load_checkpoint(ckpt_path), str(ckpt_path)))
+    summary.update(register_run(session.cfg, summary, run_id, lambda: load_checkpoint(ckpt_path), str(ckpt_path)))
     write_json_atomic(folder / SUMMARY_FILE, summary)
     return summary

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 from ..config import JobConfig
-from ..errors import ClusterError, ConfigError, DataError, StorageError
+from ..data.facts import DatasetFacts, scan_data
+from ..errors import ClusterError, StorageError
 from .storage import storage_root
 
 log = logging.getLogger("gdnsq")
@@ -73,13 +74,19 @@ def ray_address(cfg: JobConfig) -> str | None:
     return address
 
 
-def preflight(cfg: JobConfig) -> None:
-    """Checks that need no data loading or Ray, so bad input fails in one line before anything starts."""
+def preflight(cfg: JobConfig) -> tuple[JobConfig, DatasetFacts | None]:
+    """Checks that need no data loading or Ray, so bad input fails in one line before anything starts.
 
+    Returns the config the run will use and the data's facts. The order is the cheapest first; a check that
+    needs the data's facts (classes, sizes, the steps a budget gives) takes them from :func:`check_data`, and a
+    check that changes the plan (more epochs for a descent that cannot finish) returns a new config, which the
+    run header reports.
+    """
     check_structure(cfg)
     if cfg.ray.enabled:
         ray_address(cfg)
-    check_data(cfg)
+    facts = check_data(cfg)
+    return cfg, facts
 
 
 def check_storage(cfg: JobConfig) -> None:
@@ -102,26 +109,8 @@ def check_storage(cfg: JobConfig) -> None:
                 break
 
 
-def check_data(cfg: JobConfig) -> None:
+def check_data(cfg: JobConfig) -> DatasetFacts | None:
     """Local data opened here as the loaders will open it (a .beton's header and sizes, an ImageFolder's
     class folders), so a corrupt file or a folder of the wrong shape fails in one line on the driver,
-    not inside a Ray worker after the cluster started."""
-    if cfg.data.kind == "bundled":
-        return
-    for key in ("train_path", "val_path"):
-        path = getattr(cfg.data, key)
-        if "://" in path:
-            continue
-        if not Path(path).exists():
-            raise ConfigError(f"data.{key}: no such file or directory {path!r}")
-        try:
-            if cfg.data.kind == "ffcv":
-                from ..data.ffcv_io import open_beton
-
-                open_beton(path)
-            else:
-                from ..data.imagefolder import open_imagefolder
-
-                open_imagefolder(path)
-        except DataError as e:
-            raise DataError(f"data.{key}: {e}") from None
+    not inside a Ray worker after the cluster started. Returns what the scan learnt (None for remote data)."""
+    return scan_data(cfg.data)

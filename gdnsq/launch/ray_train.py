@@ -28,7 +28,7 @@ from .faults import KillWorker
 from .identity import run_dir, stored_summary, with_run_name
 from .preflight import ray_address
 from .ray_worker import load_ray_checkpoint, load_resume_checkpoint, raise_user_error, train_loop_per_worker
-from .session import register_run
+from .session import register_run, with_tracking_uri
 from .storage import SUMMARY_FILE, storage_root
 
 log = logging.getLogger("gdnsq")
@@ -142,12 +142,8 @@ def check_resources(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> None:
 def _driver_config(cfg: JobConfig) -> JobConfig:
     """Paths the workers must see as the driver means them (their cwd is elsewhere): the storage root, and the
     tracking URI (the default sqlite store lives under the driver's cwd)."""
-    tracking = cfg.tracking
-    if tracking.enabled:
-        from ..tracking.store import resolve_tracking_uri
-
-        tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri))
-    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage_root(cfg)), tracking=tracking)
+    cfg = with_tracking_uri(cfg)
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage_root(cfg)))
 
 
 def create_trainer(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import config_from_dict
-from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint
+from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .faults import KillWorker
 from .session import RunSession
 
@@ -221,9 +221,7 @@ def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     node_id = ray.get_runtime_context().get_node_id()
-    resume = _load_resume()
-    if resume is not None:  # the driver checked already; this guards a checkpoint that changed since
-        check_identity(config, resume, cfg.name)
+    resume = _load_resume()  # its identity was checked on the driver (check_existing_run) before Ray started
     start_epoch = float(resume["engine"]["epoch"]) if resume else 0.0
     progress = Progress(cfg, world_size=world_size, in_ray=True) if console and rank == 0 else None
     session = RunSession(cfg, resume, rank=rank, parent_run_id=parent_run_id, progress=progress)

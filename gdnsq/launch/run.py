@@ -15,8 +15,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
     """Run a job and return its summary. ``resume``: the named run must exist; ``fresh``: an existing one is set
     aside first (``<name>.old-<time>``). Otherwise a run of the same name resumes, or returns its stored summary
     when it had finished; a stored run with other defining settings is refused in one line."""
-    cfg = with_run_name(cfg)
-    preflight(cfg)
+    cfg, _ = preflight(with_run_name(cfg))
     check_storage(cfg)
     if resume and not exists(run_dir(cfg)):
         raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")

@@ -22,8 +22,21 @@ EPOCH_FLUSH_S = 30.0
 ABORT_FLUSH_S = 10.0
 
 
+def with_tracking_uri(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with ``tracking.uri`` resolved as this process means it (explicit, else $MLFLOW_TRACKING_URI, else
+    the default sqlite store under this working directory), for a session in a process whose cwd differs."""
+    if not cfg.tracking.enabled:
+        return cfg
+    from ..tracking.store import resolve_tracking_uri
+
+    return dataclasses.replace(
+        cfg, tracking=dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
+    )
+
+
 class RunSession:
     """Rank 0's record of one run: console progress, the MLflow run and what a checkpoint keeps to reattach.
+    ``cfg.tracking.uri`` must be resolved (:func:`with_tracking_uri`).
 
     ``progress`` (a :class:`gdnsq.launch.console.Progress`, or None) draws the epoch lines; ``parent_run_id``
     nests the MLflow run under a sweep's. A session of another rank records nothing.
@@ -41,12 +54,6 @@ class RunSession:
         self.cfg, self.resume = cfg, resume or {}
         self.is_main = rank == 0
         self.tracking = self.is_main and cfg.tracking.enabled
-        if self.tracking:  # the store as this process means it (the default sqlite file lives under its cwd)
-            from ..tracking.store import resolve_tracking_uri
-
-            self.cfg = dataclasses.replace(
-                cfg, tracking=dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
-            )
         self.parent_run_id = parent_run_id
         self.progress = progress if self.is_main else None
         self.tracker = None

@@ -29,6 +29,9 @@ log = logging.getLogger("gdnsq")
 
 # Below this validation top-1 (%) an in-run FP teacher is reported as weak (a warning naming the fix).
 WEAK_TEACHER_TOP1 = 60.0
+# Peak AdamW LR of an in-run FP teacher (train_fp): a from-scratch small network on the bundled digits plateaus
+# within its epoch cap at this rate; it is not a fine-tuning rate (FP weights given: no teacher training at all).
+TEACHER_LR = 1e-2
 
 
 def _take(loader, n: int, device) -> list[torch.Tensor]:
@@ -67,7 +70,7 @@ def prepare_teacher(
                 teacher,
                 loaders.calib,
                 epochs,
-                lr=1e-2,
+                lr=TEACHER_LR,
                 device=device,
                 log=log.info,
                 val_loader=loaders.val,
