@@ -7,13 +7,11 @@ exactly where it stopped.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import JobConfig, OptimConfig
@@ -25,23 +23,17 @@ from ..quant.layers import (
     set_fused,
     set_noise_ratio,
 )
+from .evaluation import evaluate as evaluate  # re-exported: the job, tests and benchmarks import these from here
+from .evaluation import reestimate_batchnorm as reestimate_batchnorm
 from .objective import GDNSQObjective, converged
 from .precision import Precision
-from .runtime import all_reduce_sum, broadcast_module, unwrap
+from .runtime import unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
 from .targets import create_targets
+from .teacher import train_fp as train_fp
 
 # optim.name sgd: Nesterov momentum 0.9, the usual ImageNet CNN setting (timm's and torchvision's recipes).
 SGD_MOMENTUM = 0.9
-
-# The in-run FP teacher (train_fp), trained only when no FP weights are given. Not settings: it has to be good
-# enough to distil from, and a user who wants a better one passes model.checkpoint or model.pretrained.
-TEACHER_LR = 1e-2  # AdamW's LR (the one-cycle's peak, the plateau rule's start): high for Adam, so a few epochs do
-TEACHER_WEIGHT_DECAY = 1e-4  # light regularisation: the teacher trains a few epochs, on a small dataset at most
-PLATEAU_MIN_GAIN = 0.1  # points of validation top-1: a smaller gain is noise, not progress
-PLATEAU_PATIENCE = 2  # epochs without a gain before the LR drops: one flat epoch alone is noise too
-PLATEAU_LR_DROP = 0.3  # the LR's factor at a plateau: two drops take it to 9 % of the start
-PLATEAU_DROPS = 3  # the third plateau ends training instead: at 9 % of the start LR more epochs gain little
 
 # train/lag_bits is -inf when no quantizer has learnable bits (zoo methods); a finite floor keeps it loggable.
 _LAG_LOG_FLOOR = -99.0
@@ -74,131 +66,6 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups)
     return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, nesterov=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, precision: Precision | None = None
-) -> dict[str, float]:
-    """Top-1 / top-5 (%) and cross-entropy over a loader, in eval mode (exact integer grid),
-    under ``precision``'s autocast and memory format (fp32 when None)."""
-    precision = precision or Precision(device.type)
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for x, y in loader:
-        x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x).float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(-1).sum())
-        total += y.numel()
-    model.train(was_training)
-    counts = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=device)
-    all_reduce_sum(counts)  # sharded val loaders: every rank must see the same metrics (early stopping)
-    correct1, correct5, total, loss_sum = counts.tolist()
-    if total == 0:
-        raise ValueError("evaluation loader yielded no samples")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
-
-
-@torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor], precision: Precision | None = None) -> None:
-    """Recompute every BatchNorm's running mean and variance as plain averages over ``batches``, through the
-    eval-mode (exact grid, no dither) forward. Under DDP rank 0's statistics go to every rank (as calibration
-    does), so every rank evaluates and checkpoints the same model.
-
-    Why: the running averages are an EMA over the last few hundred training steps, each with other rounded
-    weights and with the training forward's dither; at 1-2 bits that mix can be several points of top-1 away
-    from the network actually evaluated (Nagel et al. 2022, "Overcoming oscillations in QAT")."""
-    if not batches:
-        raise ValueError("BatchNorm re-estimation got no batches")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    precision = precision or Precision(next(model.parameters()).device.type)
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-        m.train()
-    try:
-        for x in batches:
-            with precision.autocast():
-                model(precision.prepare_input(x))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    for m in norms:
-        broadcast_module(m)
-
-
-def train_fp(
-    model: nn.Module,
-    loader: Iterable,
-    epochs: int | None,
-    *,
-    device: torch.device,
-    lr: float = TEACHER_LR,
-    log: Callable[[str], None] = print,
-    val_loader: Iterable | None = None,
-    max_epochs: int = 30,
-    precision: Precision | None = None,
-) -> dict:
-    """Plain cross-entropy training of the FP teacher (used when no FP weights are given).
-
-    ``epochs`` set: that many epochs under a one-cycle LR. ``epochs`` None: train until the validation
-    top-1 plateaus (PLATEAU_PATIENCE epochs without a PLATEAU_MIN_GAIN-point gain drop the LR ×PLATEAU_LR_DROP;
-    plateau number PLATEAU_DROPS ends it), at most ``max_epochs``, and keep the best validation state.
-    Returns {rule, epochs, plateaued}.
-    Forward passes under ``precision`` (fp32 when None).
-    """
-    precision = precision or Precision(device.type)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=TEACHER_WEIGHT_DECAY)
-    plateau = epochs is None and val_loader is not None
-    n_epochs = max_epochs if plateau else (epochs or 1)
-    sched = (
-        None
-        if plateau
-        else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, n_epochs * len(loader)))
-    )
-    best, best_state, stale, drops, done = -1.0, None, 0, 0, 0
-    for epoch in range(n_epochs):
-        model.train()
-        for x, y in loader:
-            x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            with precision.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            precision.backward_step(loss, opt)
-            if sched is not None:
-                sched.step()
-        done = epoch + 1
-        if not plateau:
-            log(f"teacher epoch {done}/{n_epochs}: loss {loss.item():.4f}")
-            continue
-        top1 = evaluate(model, val_loader, device, precision)["top1"]
-        log(f"teacher epoch {done} (cap {n_epochs}): loss {loss.item():.4f}, val top-1 {top1:.2f}")
-        if top1 > best + PLATEAU_MIN_GAIN:
-            best, best_state, stale = top1, copy.deepcopy(model.state_dict()), 0
-            continue
-        stale += 1
-        if stale >= PLATEAU_PATIENCE:
-            drops, stale = drops + 1, 0
-            if drops == PLATEAU_DROPS:
-                break
-            for g in opt.param_groups:
-                g["lr"] *= PLATEAU_LR_DROP
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return {"rule": "plateau" if plateau else "fixed", "epochs": done, "plateaued": plateau and drops == PLATEAU_DROPS}
 
 
 class Engine:
