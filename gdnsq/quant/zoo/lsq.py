@@ -92,6 +92,6 @@ class LSQActQuantizer(FixedBitActQuantizer):
 def create_lsq(weight_shape, spec):
     method_args(spec, "lsq", {})
     return (
-        LSQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-        LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed),
+        LSQWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel),
+        LSQActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed),
     )
