@@ -23,14 +23,11 @@ from ..quant.layers import (
     set_fused,
     set_noise_ratio,
 )
-from .evaluation import evaluate as evaluate  # re-exported: the job, tests and benchmarks import these from here
-from .evaluation import reestimate_batchnorm as reestimate_batchnorm
 from .objective import GDNSQObjective, converged
 from .precision import Precision
 from .runtime import unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
 from .targets import create_targets
-from .teacher import train_fp as train_fp
 
 # optim.name sgd: Nesterov momentum 0.9, the usual ImageNet CNN setting (timm's and torchvision's recipes).
 SGD_MOMENTUM = 0.9
