@@ -29,7 +29,8 @@ The abstract states two things; each is implemented here, every detail beyond it
    activations alike; λ = ``quant.method_args.error_weight`` (0.1).
 
 The forward quantizer Q: the abstract says PEGE works with any forward method; we use LSQ's
-(``lsq.py``: learned step, gradient scale, same grids), so ``pege`` vs ``lsq`` isolates PEGE's part.
+(``lsq.py``: learned step, gradient scale, same grids, the same MSE init of the activation steps), so
+``pege`` vs ``lsq`` isolates PEGE's part.
 """
 
 from __future__ import annotations
@@ -106,8 +107,16 @@ class PEGEWeightQuantizer(_PEGEMixin, LSQWeightQuantizer):
 
 
 class PEGEActQuantizer(_PEGEMixin, LSQActQuantizer):
-    def __init__(self, bits: int, *, signed: str = "auto", error_weight: float = 0.1, ramp_end: float = 0.8):
-        super().__init__(bits, signed=signed)
+    def __init__(
+        self,
+        bits: int,
+        *,
+        signed: str = "auto",
+        error_weight: float = 0.1,
+        ramp_end: float = 0.8,
+        mse_init: bool = False,
+    ):
+        super().__init__(bits, signed=signed, mse_init=mse_init)
         self._init_pege(error_weight, ramp_end)
 
     def _train(self, x: Tensor) -> Tensor:
@@ -122,5 +131,5 @@ def create_pege(weight_shape, spec):
     args = method_args(spec, "pege", DEFAULTS)
     return (
         PEGEWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-        PEGEActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, **args),
+        PEGEActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, mse_init=True, **args),
     )
