@@ -19,17 +19,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
+NOT_CODE = (":!results", ":!docs", ":!*.md", ":!tests")  # git pathspecs that never change a measurement
 
 
 def commit() -> str:
-    """``git rev-parse --short HEAD``, plus ``-dirty`` when tracked code differs from it (results/ excepted:
-    the harness's own rows must not mark the next row dirty); ``unknown`` outside a git checkout."""
+    """``git rev-parse --short HEAD``, plus ``-dirty`` when tracked files that can change a measurement differ
+    from it (results/, docs, Markdown and tests excepted: the harness's own rows and the page generated from
+    them must not mark the next row dirty); ``unknown`` outside a git checkout."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE],
             cwd=ROOT,
             capture_output=True,
             text=True,
