@@ -14,7 +14,7 @@ Backward (straight-through, LSQ-style; g = 1/sqrt(N·Q) scales the s and δ grad
     dŵ/dδ = -sign(w)·s on live weights, 0 elsewhere.
 Sparsity pressure: ``extra_loss()`` = λ·mean|k| (an L1 rate proxy on the codes; λ =
 ``quant.method_args.sparsity_weight``, default 0.001); it shrinks live weights and widens the dead zone.
-λ trades accuracy for sparsity (figures: docs/results.md, "Figures formerly in docstrings").
+λ trades accuracy for sparsity (figures: docs/results.md, "Decisions").
 Stats: ``extra_stats(w)`` gives the share of zero codes (sparsity), the entropy of the codes in bits (an
 effective bit-width after entropy coding) and log2 of the levels used.
 Activations: LSQ (``lsq.LSQActQuantizer``, its step MSE-initialised as ``lsq``'s); the dead zone is a

@@ -25,7 +25,7 @@ The abstract states two things; each is implemented here, every detail beyond it
    elements (not only the replaced ones; sg = stop-gradient): it pulls x towards its level and fits the
    step s to x (an MSE-optimal step). Relative, so one λ fits every layer and bit-width; clipping is
    included because without it shrinking s until everything clips is a zero-error optimum (a rounding-only
-   version did exactly that; docs/results.md, "Figures formerly in docstrings"). Applied to weights and
+   version did exactly that; docs/results.md, "Decisions"). Applied to weights and
    activations alike; λ = ``quant.method_args.error_weight`` (0.1).
 
 The forward quantizer Q: the abstract says PEGE works with any forward method; we use LSQ's
