@@ -3,11 +3,12 @@
     python benchmarks/quickstart_seeds.py --targets W4A4,W3A3,W2A2,W1A1 --seeds 0,1,2
     python benchmarks/quickstart_seeds.py --targets W1A1 --seeds 0-5 -- --schedule.descent_end_a 0.3
 
-Each run is ``python -m gdnsq.cli quickstart --target T --train.seed S --fresh --summary-json ...`` in its own
-process (Ray and MLflow as the quick start has them; every seed trains its own FP teacher in-run), then its
-summary becomes a row of ``results/quickstart.csv``: the command, commit, date, seed, the in-run teacher's test
-top-1 and the quantized one, the gap, converged, steps and minutes. Arguments after ``--`` go to every run
-(they are the row's ``settings``). Runs one after the other; a failed run is reported and skipped.
+Each run is ``python -m gdnsq.cli quickstart --target T --train.seed S --fresh --summary-json ...
+--ray.address local`` in its own process (Ray and MLflow as the quick start has them; every seed trains its own
+FP teacher in-run), then its summary becomes a row of ``results/quickstart.csv``: the command, commit, date,
+seed, the in-run teacher's test top-1 and the quantized one, the gap, converged, steps and minutes. Arguments
+after ``--`` go to every run (they are the row's ``settings``). Runs one after the other; a failed run is
+reported and skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def parse_seeds(text: str) -> list[int]:
 def run_one(target: str, seed: int, extra: list[str], out: Path, stamp: dict) -> dict | None:
     summary = out / f"{target}_s{seed}.json"
     cli = ["quickstart", "--target", target, "--train.seed", str(seed), "--fresh", "--summary-json", str(summary)]
+    if "--no-ray" not in extra and "--ray.address" not in extra:
+        # A fresh local Ray instance per run, as on a user's machine: never join a `ray start` cluster that
+        # other work on a shared machine may have left running (and may stop mid-run). Numerics unchanged.
+        cli += ["--ray.address", "local"]
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "gdnsq.cli", *cli, *extra], cwd=provenance.ROOT)
     minutes = (time.perf_counter() - t0) / 60
