@@ -21,13 +21,24 @@ def storage_root(cfg: JobConfig) -> str:
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+    """Write JSON through a temporary file and a rename: a reader never sees half a file. A write that fails
+    (full disk, unwritable folder) is one StorageError line and leaves no temporary file."""
+    from ..errors import StorageError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk or Ctrl-C: no temporary file left beside the target
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StorageError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
+        raise
 
 
 def fs_of(uri: str):

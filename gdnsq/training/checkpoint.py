@@ -61,12 +61,16 @@ def make_checkpoint(
     }
 
 
-def save_checkpoint(state: dict, path: str | Path, *, keep_previous: bool = False) -> None:
+def save_checkpoint(
+    state: dict, path: str | Path, *, keep_previous: bool = False, where: str = "ray.storage_path"
+) -> None:
     """Write through a temporary file and a rename: a crash never leaves half a checkpoint.
 
     ``keep_previous``: the file it replaces becomes PREVIOUS_FILE beside it (a torn latest falls back to
-    it, :func:`load_latest`). A write that fails (unwritable, disk full) removes its temporary file and
-    raises one StorageError line; the checkpoints already there are untouched.
+    it, :func:`load_latest`). A write that fails for any reason (unwritable, disk full, a file-size limit:
+    torch then raises a RuntimeError about the zip stream after the OSError) removes its temporary file
+    and raises one StorageError line naming ``where`` (the setting or folder at fault); the checkpoints
+    already there are untouched. An interrupt (Ctrl-C) during the write removes the temporary file too.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -79,15 +83,26 @@ def save_checkpoint(state: dict, path: str | Path, *, keep_previous: bool = Fals
         if keep_previous and path.is_file():
             os.replace(path, path.with_name(PREVIOUS_FILE))
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a storage fault
+            raise
         raise StorageError(
-            f"ray.storage_path: cannot write checkpoint {path} ({e.strerror or type(e).__name__}); "
-            "the earlier checkpoints are kept"
+            f"{where}: cannot write checkpoint {path} ({_reason(e)}); the earlier checkpoints are kept"
         ) from None
+
+
+def _reason(error: BaseException) -> str:
+    """The OS's words for a failed write: the OSError behind torch's RuntimeError when there is one."""
+    seen = error
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__context__
+    if isinstance(seen, OSError):
+        return seen.strerror or type(seen).__name__
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
 
 
 def load_latest(path: str | Path) -> dict | None:

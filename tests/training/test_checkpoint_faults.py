@@ -3,6 +3,9 @@ storage path is one line and leaves no partial file; the checkpoints already the
 
 import logging
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,3 +66,51 @@ def test_unwritable_storage_is_one_line(tmp_path):
     with pytest.raises(StorageError, match=r"^ray\.storage_path: cannot write checkpoint"):
         save_checkpoint(state(1), tmp_path / "file" / "run" / CHECKPOINT_FILE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _save_under_file_size_limit(path, limit: int) -> subprocess.CompletedProcess:
+    """save_checkpoint of a ~400 kB state in a child process whose files may not exceed ``limit`` bytes (``ulimit
+    -f``: the kernel refuses the write past the limit with EFBIG; Python ignores SIGXFSZ, so it is an OSError)."""
+    code = (
+        "import resource, sys, torch\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from gdnsq.training.checkpoint import save_checkpoint\n"
+        "from gdnsq.errors import StorageError\n"
+        "try:\n"
+        "    save_checkpoint({'engine': {'epoch': 2, 'model': {'w': torch.zeros(100_000)}}}, sys.argv[1],"
+        " keep_previous=True)\n"
+        "except StorageError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(2)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+
+
+def test_file_size_limit_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """torch reports a write past ``ulimit -f`` as a RuntimeError about its zip stream, raised while handling the
+    OSError: still one StorageError line naming the OS's reason, no temporary file, the earlier checkpoint kept."""
+    path = tmp_path / CHECKPOINT_FILE
+    save_checkpoint(state(1), path, keep_previous=True)
+    before = path.read_bytes()
+    out = _save_under_file_size_limit(path, limit=64 * 1024)
+    assert out.returncode == 2, out.stderr
+    line = out.stdout.strip()
+    assert "\n" not in line and not out.stderr.strip(), out
+    expected = rf"ray\.storage_path: cannot write checkpoint {re.escape(str(path))} \(File too large\); .*"
+    assert re.fullmatch(expected, line)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # no .tmp, no checkpoint.prev.pt
+
+
+class _InterruptWhilePickled:
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_interrupt_during_a_save_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / CHECKPOINT_FILE
+    save_checkpoint(state(1), path, keep_previous=True)
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is not a storage fault: it stays an interrupt
+        save_checkpoint({"engine": {"epoch": 2}, "x": _InterruptWhilePickled()}, path, keep_previous=True)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
