@@ -1,14 +1,19 @@
-"""A run's identity: its name, its folder, and whether a stored run can be resumed or is already finished.
+"""A run's identity: its name, its folder (held by one live run at a time), and whether a stored run can be
+resumed or is already finished.
 
 Shared by both executors (in-process and Ray Train) and by sweeps; imports no Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import JobConfig, to_dict
@@ -73,3 +78,59 @@ def set_aside(cfg: JobConfig) -> str | None:
     Path(folder).rename(aside)
     log.warning("--fresh: the earlier run %s was moved to %s", cfg.name, aside)
     return aside
+
+
+# The lock a live run holds in its folder. An fcntl lock (filelock's UnixFileLock): the kernel releases it when the
+# holding process ends in any way, SIGKILL included, so a killed run never blocks the next one.
+LOCK_FILE = ".gdnsq.lock"
+
+
+@contextlib.contextmanager
+def own_folder(cfg: JobConfig, *, fresh: bool = False) -> Iterator[None]:
+    """Hold the run's folder for the run's life (on the driver, for Ray): a second live run of the same name is
+    refused in one line. ``fresh``: the existing folder is set aside (:func:`set_aside`) while held, and the new
+    folder is held in its place. Remote storage (``s3://``) takes no lock: filelock needs a local or mounted
+    file system."""
+    folder = run_dir(cfg)
+    if "://" in folder:
+        if fresh:
+            set_aside(cfg)
+        yield
+        return
+    lock = _lock(cfg, folder)
+    try:
+        if fresh and set_aside(cfg) is not None:  # the lock file moved with the old folder: hold the new one
+            old, lock = lock, _lock(cfg, folder)
+            old.release()
+        yield
+    finally:
+        lock.release()
+
+
+def _lock(cfg: JobConfig, folder: str):
+    from filelock import FileLock, Timeout
+
+    from ..errors import StorageError
+
+    path = Path(folder) / LOCK_FILE
+
+    def note_owner(fd: int) -> None:  # who holds it, for the refusal's line
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, timeout=0, on_acquired=note_owner)
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = path.read_text().strip() or "another process"
+        except OSError:
+            owner = "another process"
+        raise RunIdentityError(
+            f"name: run {cfg.name!r} is already running ({owner} holds {path}); wait for it to end, "
+            "or pass --name NEW for another run"
+        ) from None
+    except OSError as e:
+        raise StorageError(f"ray.storage_path: cannot lock {path} ({e.strerror or type(e).__name__})") from None
+    return lock

@@ -16,6 +16,12 @@ from .session import RunSession, register_run, with_tracking_uri
 from .storage import SUMMARY_FILE, write_json_atomic
 
 
+def check_existing_run(cfg: JobConfig) -> dict | None:
+    """:func:`gdnsq.launch.identity.stored_summary` of the run's checkpoint (refuse other defining settings; a
+    finished run returns its stored summary)."""
+    return stored_summary(cfg, load_latest(Path(run_dir(cfg)) / CHECKPOINT_FILE), run_dir(cfg))
+
+
 def run_local(cfg: JobConfig) -> dict:
     """Train (or resume, or return the stored summary of a finished run) in this process; returns the summary."""
     folder = Path(run_dir(cfg))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..config import JobConfig
 from ..errors import RunIdentityError
-from .identity import run_dir, set_aside, with_run_name
+from .identity import own_folder, run_dir, with_run_name
 from .preflight import check_storage, preflight
 from .storage import exists, storage_root
 
@@ -14,17 +14,22 @@ from .storage import exists, storage_root
 def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
     """Run a job and return its summary. ``resume``: the named run must exist; ``fresh``: an existing one is set
     aside first (``<name>.old-<time>``). Otherwise a run of the same name resumes, or returns its stored summary
-    when it had finished; a stored run with other defining settings is refused in one line."""
+    when it had finished; a stored run with other defining settings is refused in one line, and so is a second
+    live run of the same name (the first holds the run's folder, :func:`gdnsq.launch.identity.own_folder`)."""
     cfg, _ = preflight(with_run_name(cfg))
     check_storage(cfg)
     if resume and not exists(run_dir(cfg)):
         raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")
-    if fresh:
-        set_aside(cfg)
     if cfg.ray.enabled:
-        from .ray_train import fit
-
-        return fit(cfg)
-    from .local import run_local
-
-    return run_local(cfg)
+        from .ray_train import check_existing_run
+        from .ray_train import fit as execute
+    else:
+        from .local import check_existing_run
+        from .local import run_local as execute
+    if not fresh:
+        # Before the folder is held (which writes its lock file): a refusal or a finished run writes nothing.
+        stored = check_existing_run(cfg)
+        if stored is not None:
+            return stored
+    with own_folder(cfg, fresh=fresh):
+        return execute(cfg)  # checks the stored run again, now that no other run can write it
