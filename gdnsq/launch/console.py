@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..redaction import redact_logging, scrub_value
+
 VERBOSITY_ENV = "GDNSQ_VERBOSITY"
 TTY_ENV = "GDNSQ_CONSOLE_TTY"
 PLAIN_EVERY_S = float(os.environ.get("GDNSQ_PROGRESS_EVERY_S", "300"))  # plain progress lines, at most this far apart
@@ -72,6 +74,7 @@ def setup_logging(level: int) -> None:
     for k, v in quiet_env(level).items():
         os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.DEBUG if level > 1 else logging.WARNING, format="%(message)s")
+    redact_logging()  # every record any logger writes through the root's handler
     logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
 
 
@@ -84,6 +87,7 @@ def setup_worker_logging() -> None:
     """
     level = verbosity()
     logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
+    redact_logging()  # Ray's handlers on the worker's root logger
     if level <= 0:
         try:
             from ray.train.v2._internal.execution import context
@@ -96,7 +100,12 @@ def setup_worker_logging() -> None:
 def say(line: str = "") -> None:
     """One console line (stdout, flushed: a worker's stdout reaches the driver line by line)."""
     if verbosity() >= 0:
-        print(line, flush=True)
+        show(line)
+
+
+def show(line: str) -> None:
+    """Print one line, credentials redacted (:mod:`gdnsq.redaction`): every console line of a run goes here."""
+    print(scrub_value(line), flush=True)
 
 
 # ----------------------------------------------------------------------------------- header
@@ -126,10 +135,9 @@ def header(cfg, *, devices: str) -> None:
         tracking = f"{scrub_value(uri)}  (experiment {cfg.tracking.experiment})"
         if uri.startswith("sqlite:") and cfg.ray.enabled and (cfg.ray.address or cfg.ray.num_workers > 1):
             tracking += "  -- a store on this machine: a cluster wants MLFLOW_TRACKING_URI=http://..."
-    print(
+    show(
         f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
-        f"({cfg.quant.method}), {cfg.train.epochs} epochs, data {cfg.data.kind}",
-        flush=True,
+        f"({cfg.quant.method}), {cfg.train.epochs} epochs, data {cfg.data.kind}"
     )
     for key, value in (
         ("run", _run_state(cfg, storage)),
@@ -137,7 +145,7 @@ def header(cfg, *, devices: str) -> None:
         ("tracking", tracking),
         ("devices", devices),
     ):
-        print(f"  {key:<9} {value}", flush=True)
+        show(f"  {key:<9} {value}")
 
 
 # --------------------------------------------------------------------------------- progress
@@ -276,7 +284,7 @@ def footer(cfg, summary: dict) -> None:
     elif ckpt and "://" not in ckpt:
         rows.append(("export it", f"gdnsq export {ckpt} --out out/export"))
     for key, value in rows:
-        print(f"  {key:<11} {value}")
+        show(f"  {key:<11} {value}")
 
 
 def _is_default(uri: str) -> bool:

@@ -22,8 +22,12 @@ def storage_root(cfg: JobConfig) -> str:
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename: a reader never sees half a file. A write that fails
-    (full disk, unwritable folder) is one StorageError line and leaves no temporary file."""
+    (full disk, unwritable folder) is one StorageError line and leaves no temporary file. Credentials are
+    redacted (:mod:`gdnsq.redaction`)."""
     from ..errors import StorageError
+    from ..redaction import scrub_tree
+
+    data = scrub_tree(data)
 
     path = Path(path)
     tmp = None

@@ -1,7 +1,8 @@
 """Names and values MLflow accepts: metric/param/tag keys, string limits, and secret scrubbing.
 
-Everything that leaves the process for the store (params, tags, config.json, the outbox's stored URI)
-goes through :func:`scrub` / :func:`scrub_value` / :func:`scrub_tree` first.
+Everything that leaves the process for the store (params, tags, artifacts such as config.json and
+summary.json, the outbox's stored URI) goes through :func:`scrub` / :func:`scrub_value` /
+:func:`scrub_tree` first: the one redaction rule of :mod:`gdnsq.redaction`, re-exported here.
 """
 
 from __future__ import annotations
@@ -10,58 +11,15 @@ import json
 import re
 from typing import Any
 
+from ..redaction import REDACTED as REDACTED
+from ..redaction import is_secret_key as is_secret_key
+from ..redaction import scrub as scrub
+from ..redaction import scrub_tree as scrub_tree
+from ..redaction import scrub_value as scrub_value
+
 MAX_PARAM_LEN = 6000  # MLflow >= 2.x server limit (older servers: 500); longer values go to config.json
 MAX_TAG_LEN = 8000
 MAX_KEY_LEN = 250
-
-_SECRET_PARTS = {
-    "password",
-    "passwd",
-    "pwd",
-    "secret",
-    "secrets",
-    "token",
-    "key",
-    "apikey",
-    "credential",
-    "credentials",
-    "auth",
-    "passphrase",
-}
-_SECRET_SUBSTRINGS = ("password", "secret", "apikey", "passphrase")
-_URI_PASSWORD = re.compile(r"(?P<pre>\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)(?P<pw>[^\s/]*)(?=@)", re.I)
-_QUERY_SECRET = re.compile(
-    r"(?P<pre>[?&;][\w.\-]*(?:password|passwd|secret|token|key|sig|signature|credential)[\w.\-]*=)[^&;#\s]+", re.I
-)
-REDACTED = "***"
-
-
-def is_secret_key(key: str) -> bool:
-    """True for names like ``db.password``, ``api_key``, ``access-token`` (not ``num_tokens``)."""
-    parts = [p for p in re.split(r"[._\-/\s]+", key.lower()) if p]
-    return any(p in _SECRET_PARTS or any(s in p for s in _SECRET_SUBSTRINGS) for p in parts)
-
-
-def scrub_value(value: str) -> str:
-    """Redact passwords in URIs (``postgresql://u:pw@h``) and secret-looking query parameters."""
-    value = _URI_PASSWORD.sub(lambda m: m.group("pre") + REDACTED, value)
-    return _QUERY_SECRET.sub(lambda m: m.group("pre") + REDACTED, value)
-
-
-def scrub(key: str, value: Any) -> Any:
-    """``value`` redacted when ``key`` names a secret, else with secrets inside a string redacted."""
-    if is_secret_key(key) and value not in (None, ""):
-        return REDACTED
-    return scrub_value(value) if isinstance(value, str) else value
-
-
-def scrub_tree(data: Any, key: str = "") -> Any:
-    """Scrubbed deep copy of a nested dict/list (for config.json)."""
-    if isinstance(data, dict):
-        return {k: scrub_tree(v, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [scrub_tree(v, key) for v in data]
-    return scrub(key, data)
 
 
 def metric_key(name: str) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import JobConfig, config_from_dict
 from ..errors import ExportError, StorageError
+from ..redaction import scrub, scrub_tree
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_FILE = "checkpoint.prev.pt"  # the local run's checkpoint before the latest: a torn latest falls back to it
@@ -47,9 +48,11 @@ def make_checkpoint(
     io: dict | None = None,
 ) -> dict:
     """The one checkpoint dict (its schema lives here); ``io`` = {input_shape: [C, H, W], num_classes}, what
-    registration and export need to rebuild the student without the data."""
+    registration and export need to rebuild the student without the data. The stored config has its
+    credentials redacted (:mod:`gdnsq.redaction`: a tracking URI's password, a signed data URL); the run's
+    identity compares redacted values on both sides (:func:`defining_settings`)."""
     return {
-        "config": cfg_dict,
+        "config": scrub_tree(cfg_dict),
         "fingerprint": fingerprint(cfg_dict),
         "teacher": teacher.state_dict(),
         "engine": engine_state,
@@ -263,7 +266,7 @@ def defining_settings(cfg_dict: dict) -> dict:
             value = {legacy.get(k, k): v for k, v in value.items()}
         stored[section] = value
     flat = {**flatten(to_dict(JobConfig(name="x"))), **flatten(stored)}
-    return {k: v for k, v in sorted(flat.items()) if not _harmless(k)}
+    return {k: scrub(k, v) for k, v in sorted(flat.items()) if not _harmless(k)}
 
 
 def fingerprint(cfg_dict: dict) -> str:
