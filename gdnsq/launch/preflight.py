@@ -36,6 +36,8 @@ def check_structure(cfg: JobConfig) -> None:
 
 GCS_PORT = 6379
 PROBE_TIMEOUT_S = 10.0
+# Seconds for what answers TCP to prove it is a gRPC server (a Ray GCS is one): a local one takes milliseconds.
+GCS_PROBE_S = 5.0
 
 
 def ray_address(cfg: JobConfig) -> str | None:
@@ -44,7 +46,8 @@ def ray_address(cfg: JobConfig) -> str | None:
     A job-server URL (``http://HEAD:8265``, what ``gdnsq submit`` takes) in ``ray.address`` is refused in one
     line; in $RAY_ADDRESS (where our submit hint puts it) it is dropped with a warning, since ``ray.init``
     would read it. A host:port that nothing answers on fails within PROBE_TIMEOUT_S instead of Ray's
-    minutes-long retries.
+    minutes-long retries, and one that answers but is not a gRPC server (a web server, the dashboard's port,
+    a database) within GCS_PROBE_S more, where ``ray.init`` waited past two minutes.
     """
     field, address = "ray.address", cfg.ray.address
     if address is None:
@@ -71,7 +74,27 @@ def ray_address(cfg: JobConfig) -> str | None:
             f"{field}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
             "start the Ray head there or fix the address"
         ) from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true") and not _speaks_grpc(host, int(port)):
+        raise ClusterError(
+            f"{field}: {host}:{port} answers but is not a Ray cluster (no gRPC server there after "
+            f"{GCS_PROBE_S:g} s); give the head's GCS address, HOST:{GCS_PORT} unless `ray start --port` said other"
+        )
     return address
+
+
+def _speaks_grpc(host: str, port: int) -> bool:
+    """Whether ``host:port`` completes a gRPC (HTTP/2) connection within GCS_PROBE_S, as a Ray GCS does. gRPC's
+    own readiness check (grpc ships with Ray); a TLS cluster (``RAY_USE_TLS``) is not probed."""
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=GCS_PROBE_S)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 def preflight(cfg: JobConfig) -> tuple[JobConfig, DatasetFacts | None]:

@@ -67,6 +67,10 @@ class Outbox:
     Ops (one JSON list per line): ``["start", spec]``, ``["metrics", [[key, value, ts_ms, step], ...]]``,
     ``["params", [[k, v], ...]]``, ``["tags", [[k, v], ...]]``, ``["artifact", relpath, artifact_path]``,
     ``["end", status, ts_ms]``. Delivered lines are forgotten; the journal is truncated whenever empty.
+
+    A store that does not answer (``down``: a connection refused or timed out, not a refusal) costs a run one
+    warning and, per wait (:meth:`drain`, :meth:`wait_run_id`), at most one more delivery attempt: one HTTP
+    request, bounded by MLflow's own ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (see ``store.set_http_defaults``).
     """
 
     MERGE_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow log_batch limits
@@ -81,6 +85,8 @@ class Outbox:
         self.journal = folder / "journal.jsonl"
         self.run_id, self.experiment_id = run_id, None
         self.dropped = 0
+        self.down = False  # the last delivery attempt found no store answering
+        self._attempts = 0  # delivery attempts made (a wait on a down store waits for one more)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._wfh = open(self.journal, "a", encoding="utf-8")
@@ -121,18 +127,23 @@ class Outbox:
         return self._pending
 
     def wait_run_id(self, timeout: float) -> str | None:
-        with self._cond:
-            self._cond.wait_for(lambda: self.run_id is not None, timeout=timeout)
+        """The run id once the store has given it, waiting at most ``timeout`` (one attempt on a down store)."""
+        self._wait(lambda: self.run_id is not None, timeout)
         return self.run_id
 
     def drain(self, timeout: float) -> bool:
-        """Wait (bounded) until every queued call is delivered; retries speed up meanwhile."""
+        """Wait (bounded: ``timeout``, or one more attempt on a down store) until every queued call is delivered;
+        retries speed up meanwhile."""
+        return self._wait(lambda: self._pending == 0, timeout)
+
+    def _wait(self, done, timeout: float) -> bool:
         self._urgent = True
         self._kick.set()
         try:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending == 0, timeout=max(0.0, timeout))
-                return self._pending == 0
+                start = self._attempts
+                self._cond.wait_for(lambda: done() or (self.down and self._attempts > start), max(0.0, timeout))
+                return done()
         finally:
             self._urgent = False
 
@@ -221,18 +232,27 @@ class Outbox:
             kind, payload, end, n = group
             try:
                 self._deliver(kind, payload)
+                self._attempted(down=False)
             except _Permanent as e:
+                self._attempted(down=False)
                 self.dropped += n
                 log.warning("MLflow refused %s (%s); dropped", kind, e)
             except Exception as e:  # noqa: BLE001 - any failure of the store: back off and retry
                 state = _classify(e)
                 server_errors += state == "server"
                 if state == "permanent" or server_errors > self.MAX_SERVER_ERRORS:
+                    self._attempted(down=False)
                     self.dropped += n
-                    log.warning("MLflow refused %s (%s); dropped", kind, str(e).splitlines()[0][:300])
+                    log.warning("MLflow refused %s (%s); dropped", kind, _first_line(e, 300))
                 else:
-                    if backoff == 0.5:
-                        log.warning("MLflow unreachable (%s); buffering and retrying", str(e).splitlines()[0][:200])
+                    if not self.down and state == "down":  # once per outage; the retries are silent
+                        log.warning(
+                            "MLflow unreachable at %s (%s); the run goes on, its calls wait in %s",
+                            scrub_value(self.uri),
+                            _first_line(e, 200),
+                            self.folder,
+                        )
+                    self._attempted(down=state == "down")
                     if self._stop.is_set():
                         return
                     self._kick.wait(min(backoff, 1.0) if self._urgent else backoff)
@@ -242,6 +262,12 @@ class Outbox:
             backoff, server_errors = 0.5, 0
             if not self._advance(end, n):
                 return
+
+    def _attempted(self, *, down: bool) -> None:
+        with self._cond:
+            self.down = down
+            self._attempts += 1
+            self._cond.notify_all()
 
     def _get_client(self):
         if self._client is None:
@@ -321,6 +347,11 @@ class Outbox:
             self.run_id = run_id
             self._cond.notify_all()
         self._write_meta()
+
+
+def _first_line(error: BaseException, limit: int) -> str:
+    """An exception's first line, credentials redacted (MLflow names the URL it called, user info included)."""
+    return scrub_value((str(error).strip().splitlines() or [type(error).__name__])[0][:limit])
 
 
 def replay(folder: str | os.PathLike, uri: str | None = None, timeout: float = 300.0) -> bool:

@@ -98,8 +98,12 @@ def ensure_experiment(client, name: str, uri: str) -> str:
 
 
 def set_http_defaults() -> None:
-    # MLflow's defaults (120 s timeout, 7 retries with backoff) can hold one call for minutes; the
-    # outbox retries on its own, so each attempt should fail fast. User settings win.
+    """MLflow's own HTTP settings for a run's tracking server (user settings win).
+
+    MLflow's defaults (a 120 s timeout, 7 retries with exponential backoff) hold one call for minutes, and
+    urllib3 logs a "Retrying (Retry(total=...))" warning per retry. A run's calls go through the outbox, which
+    is the retry loop (backoff, replay) and keeps the wait bounded, so each attempt is one request: no retry
+    inside MLflow (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, so no backoff either) and a 10 s timeout, what a
+    server that accepts the connection but does not answer costs one wait."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
