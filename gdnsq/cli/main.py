@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..errors import GdnsqError
+from ..redaction import scrub_value
 from . import cluster, config, export, models, sweep, train
 from .args import formatter
 
@@ -104,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, extra)
     except (GdnsqError, FileNotFoundError) as e:  # user errors: one line; anything else keeps its traceback
-        print(f"gdnsq: error: {e}", file=sys.stderr)
+        print(scrub_value(f"gdnsq: error: {e}"), file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line (a run's names the epoch it resumes from)
+        print(f"gdnsq: {e or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

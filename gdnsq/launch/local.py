@@ -22,6 +22,12 @@ def check_existing_run(cfg: JobConfig) -> dict | None:
     return stored_summary(cfg, load_latest(Path(run_dir(cfg)) / CHECKPOINT_FILE), run_dir(cfg))
 
 
+def saved_epoch(cfg: JobConfig) -> int:
+    """The epoch of the run's checkpoint (what the same command resumes from); 0 when there is none."""
+    ckpt = load_latest(Path(run_dir(cfg)) / CHECKPOINT_FILE)
+    return int(ckpt["engine"]["epoch"]) if ckpt else 0
+
+
 def run_local(cfg: JobConfig) -> dict:
     """Train (or resume, or return the stored summary of a finished run) in this process; returns the summary."""
     folder = Path(run_dir(cfg))
@@ -37,13 +43,14 @@ def run_local(cfg: JobConfig) -> dict:
 
     def on_epoch(metrics: dict, table: list[dict], get_checkpoint) -> None:
         save_checkpoint(session.record_epoch(metrics, table, get_checkpoint()), ckpt_path, keep_previous=True)
+        session.epoch_saved(metrics)
 
     try:
         summary = run_job(
             cfg, resume=resume, on_epoch=on_epoch, on_step=session.on_step, on_epoch_start=session.on_epoch_start
         )
-    except BaseException:
-        session.abort()
+    except BaseException as e:
+        session.abort(interrupted=isinstance(e, KeyboardInterrupt))
         raise
     summary["checkpoint"] = str(ckpt_path)
     run_id = session.finish(summary)

@@ -168,10 +168,17 @@ def create_trainer(
 
     from .console import train_log_level
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            # Ray 2.60's fit() replaces the driver's SIGINT handler with one that aborts the run and exits with
+            # status 0; the run path's own handler (gdnsq.launch.run: SIGINT and SIGTERM alike) stays, and
+            # stop_trainer aborts the controller kept here.
+            self.controller = controller
+
     # Worker-only options are bound to the loop function (the Ray Train examples' way); the config stays the
     # JobConfig alone.
     loop = functools.partial(train_loop_per_worker, parent_run_id=parent_run_id, console=console, kill=kill)
-    return TorchTrainer(
+    return Trainer(
         loop,
         train_loop_config=to_dict(cfg),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -212,12 +219,13 @@ def fit(
         return stored
     use_gpu = place(cfg)
     cfg = _driver_config(with_cpu_share(cfg, use_gpu))
+    remove_orphan_checkpoints(run_dir(cfg))
     single = callbacks is None  # a Tune trial passes its callbacks; its console is Tune's
     if single:
         from .console import header
 
         header(cfg, devices=_devices(cfg, use_gpu))
-    result = create_trainer(
+    trainer = create_trainer(
         cfg,
         use_gpu=use_gpu,
         kill=kill,
@@ -225,7 +233,12 @@ def fit(
         parent_run_id=parent_run_id,
         controller_failure_limit=controller_failure_limit,
         console=single,
-    ).fit()
+    )
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM on the driver (gdnsq.launch.run turns both into this)
+        stop_trainer(trainer, run_dir(cfg))
+        raise
     if result.error:  # Train V2 raises from fit() already; kept for a result that carries it
         raise result.error
     out = result.return_value
@@ -276,6 +289,67 @@ def latest_checkpoint(folder: str):
         return None
 
 
+# Seconds the driver waits for Ray's controller to end the workers after an interrupt.
+ABORT_TIMEOUT_S = 30.0
+
+
+def stop_trainer(trainer, folder: str) -> None:
+    """After an interrupt on the driver: end the run's workers through Ray's controller (bounded), then remove the
+    checkpoint folders Ray never registered (:func:`remove_orphan_checkpoints`)."""
+    import ray
+
+    controller = getattr(trainer, "controller", None)
+    if controller is not None:
+        try:
+            ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the controller ends itself in abort(): its actor error is the success
+            pass
+    remove_orphan_checkpoints(folder)
+
+
+def remove_orphan_checkpoints(folder: str) -> list[str]:
+    """Remove the ``checkpoint_*`` folders of ``folder`` that Ray's checkpoint snapshot does not list: a worker
+    stopped between its upload and the controller's registration left them. Ray never resumes from them nor
+    deletes them, and their epoch was neither shown nor logged (ray_worker._wait_registered). Called only where
+    no live run writes the folder: after its trainer stopped, and before a run starts (the driver holds the
+    run's folder, :func:`gdnsq.launch.identity.own_folder`). Returns the paths removed."""
+    import pyarrow.fs
+    from ray.train import Result
+
+    from .storage import exists, fs_of
+
+    if not exists(folder):
+        return []
+    fs, path = fs_of(folder)
+    found = [
+        i.path.rstrip("/")
+        for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
+        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    ]
+    if not found:
+        return []
+    try:
+        result = Result.from_path(folder)
+        registered = {c.path.rstrip("/") for c, _ in result.best_checkpoints}
+    except RuntimeError:  # no snapshot: nothing was ever registered
+        registered = set()
+    orphans = [p for p in found if p not in registered]
+    for orphan in orphans:
+        fs.delete_dir(orphan)
+        log.info("removed %s: a checkpoint Ray Train never registered (its epoch is trained again)", orphan)
+    return orphans
+
+
+def saved_epoch(cfg: JobConfig) -> int:
+    """The last epoch whose checkpoint Ray registered (what the same command resumes from); 0 when none."""
+    from ray.train import Result
+
+    try:
+        return int((Result.from_path(run_dir(cfg)).metrics or {}).get("epoch", 0))
+    except (RuntimeError, OSError):
+        return 0
+
+
 def check_existing_run(cfg: JobConfig) -> dict | None:
     """On the driver, before Ray starts: :func:`gdnsq.launch.identity.stored_summary` of the run's latest Ray
     checkpoint (refuse other defining settings; a finished run returns its stored summary)."""
@@ -285,6 +359,8 @@ def check_existing_run(cfg: JobConfig) -> dict | None:
 
 
 def _write_summary(result, summary: dict) -> None:
-    """summary.json in the run's storage folder (local path or remote URI alike)."""
+    """summary.json in the run's storage folder (local path or remote URI alike), credentials redacted."""
+    from ..redaction import scrub_tree
+
     with result.filesystem.open_output_stream(f"{result.path.rstrip('/')}/{SUMMARY_FILE}") as f:
-        f.write(json.dumps(summary, indent=1, default=str).encode())
+        f.write(json.dumps(scrub_tree(summary), indent=1, default=str).encode())

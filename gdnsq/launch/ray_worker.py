@@ -9,17 +9,21 @@ does not retry bad input ``ray.max_failures`` times. The driver is :mod:`gdnsq.l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import config_from_dict
-from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .faults import KillWorker
 from .session import RunSession
 
@@ -121,6 +125,31 @@ def _load_resume() -> dict | None:
     return None if checkpoint is None else load_resume_checkpoint(checkpoint)
 
 
+def _wait_registered(name: str, timeout: float = REPORT_TAKEN_TIMEOUT_S) -> bool:
+    """Block (bounded) until Ray's controller has registered the checkpoint folder ``name``: it is in the run's
+    checkpoint snapshot (``checkpoint_manager_snapshot.json``), the list a restarted or resumed run starts from.
+
+    Registration follows the report by a controller poll or two. A stop in between (Ctrl-C on the driver, a lost
+    worker) redoes this epoch, so rank 0 shows it on the console and logs it to MLflow only once it is registered:
+    an epoch shown is never redone, and an epoch redone was never logged.
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs, path = storage.storage_filesystem, storage.checkpoint_manager_snapshot_path
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with fs.open_input_stream(path) as f:
+                if name in f.read().decode():
+                    return True
+        except OSError:  # no snapshot yet (pyarrow's FileNotFoundError), or one being replaced
+            pass
+        time.sleep(0.1)
+    log.warning("checkpoint %s not registered by Ray Train after %.0f s", name, timeout)
+    return False
+
+
 def _wait_report_taken(timeout: float = REPORT_TAKEN_TIMEOUT_S) -> None:
     """Block (bounded) until Ray's controller has taken this rank's last report.
 
@@ -139,6 +168,51 @@ def _wait_report_taken(timeout: float = REPORT_TAKEN_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while getattr(result_queue, "unfinished_tasks", 0) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+STAGING_PREFIX = "gdnsq-ckpt-"
+
+
+@contextlib.contextmanager
+def staged_checkpoint(state: dict) -> Iterator[str]:
+    """Rank 0's checkpoint written into a temporary folder for ``ray.train.report`` (which copies it to the run's
+    storage). A failed write (full disk, a file-size limit) is one StorageError line and leaves no file behind:
+    :func:`save_checkpoint` removes its temporary file, and the folder goes with the ``with``. A worker killed
+    while its folder existed (Ctrl-C on the driver ends workers with SIGKILL) left it behind: the next staging on
+    that machine removes the folders of processes that no longer exist."""
+    _remove_stale_staging()
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as folder:
+        save_checkpoint(state, Path(folder) / CHECKPOINT_FILE, where=f"TMPDIR ({tempfile.gettempdir()})")
+        yield folder
+
+
+def _remove_stale_staging() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive (another user's): not ours to touch
+            pass
+
+
+def raise_on_every_rank(error: Exception | None, world_size: int) -> None:
+    """Rank 0's failure (its checkpoint could not be staged) raised on every rank, so all of them return the same
+    one line to the driver; a rank that went on alone would wait forever in the next collective."""
+    import torch.distributed as dist
+
+    from .. import errors
+
+    message = [None if error is None else (type(error).__name__, str(error))]
+    if world_size > 1 and dist.is_initialized():
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        name, line = message[0]
+        cls = getattr(errors, name, errors.StorageError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, errors.GdnsqError) else errors.StorageError)(line)
 
 
 def ddp_wrapper(world_size: int, device: torch.device, sync_batchnorm: bool = True):
@@ -210,6 +284,7 @@ def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill:
     import ray.train
     import ray.train.torch
 
+    from ..errors import GdnsqError
     from ..training.job import run_job
     from .console import Progress, setup_worker_logging
 
@@ -234,13 +309,24 @@ def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill:
         metrics["sys/wall_s"] = time.perf_counter() - clock["wall"]
         metrics.update(rank_metrics(state["engine"]["model"], node_id, time.process_time() - clock["cpu"], world_size))
         state = session.record_epoch(metrics, table, state)
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="gdnsq-ckpt-") as d:
-                torch.save(state, Path(d) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        with contextlib.ExitStack() as stack:
+            folder, failed = None, None
+            if rank == 0:
+                try:
+                    folder = stack.enter_context(staged_checkpoint(state))
+                except GdnsqError as e:
+                    failed = e
+            raise_on_every_rank(failed, world_size)
+            # rank 0 names the checkpoint folder (Ray's default form, checkpoint_<time>) to wait for its registration
+            name = ray.train.get_context().get_storage().make_default_checkpoint_dir_name() if folder else None
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+            # a barrier: every rank reports once per epoch, rank 0 with the checkpoint
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if name is not None:
+            _wait_registered(name)
         else:
-            ray.train.report(metrics)  # a barrier: every rank reports once per epoch
-        _wait_report_taken()
+            _wait_report_taken()
+        session.epoch_saved(metrics)
         clock.update(cpu=time.process_time(), wall=time.perf_counter())
 
     try:

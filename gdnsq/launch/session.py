@@ -3,7 +3,8 @@
 A :class:`RunSession` lives in the process that trains: in-process, or inside every Ray Train worker, where only
 rank 0's session records anything. Its MLflow run starts at the first epoch (a worker that dies before its first
 checkpoint leaves no run behind) or reattaches to the run its resumed checkpoint names; each epoch gets the console
-line, the metrics and bits table, and leaves in the checkpoint what a restart needs to reattach. After the run,
+line, the metrics and bits table once its checkpoint is saved, and leaves in the checkpoint what a restart needs to
+reattach and to deliver that epoch's metrics again. After the run,
 :func:`register_run` registers the best converged student (in-process: here; Ray: on the driver, which holds the
 final checkpoint).
 """
@@ -15,8 +16,9 @@ from collections.abc import Callable
 
 from ..config import JobConfig
 
-# Seconds an epoch waits for its metrics to reach the store before its checkpoint claims the epoch (a process
-# killed right after would otherwise lose them from its outbox); once the store proved unreachable, no wait.
+# Seconds an epoch waits, once its checkpoint is saved, for its metrics to reach the store (an outbox left by a
+# killed process is delivered again by the resumed run, from the checkpoint). A store that does not answer costs
+# each wait one delivery attempt at most (gdnsq.tracking.outbox), not these seconds.
 EPOCH_FLUSH_S = 30.0
 # Seconds a failing run spends delivering what it logged; its MLflow run stays RUNNING for a restart to reattach.
 ABORT_FLUSH_S = 10.0
@@ -57,7 +59,7 @@ class RunSession:
         self.parent_run_id = parent_run_id
         self.progress = progress if self.is_main else None
         self.tracker = None
-        self.reachable = True
+        self.record: dict | None = None  # the epoch recorded in the checkpoint being saved, logged once it is
 
     def _get_tracker(self):
         if self.tracker is None:
@@ -80,22 +82,41 @@ class RunSession:
             self.progress.step(step, parts)
 
     def record_epoch(self, metrics: dict, table: list[dict], state: dict) -> dict:
-        """One finished epoch: its console line, its metrics and bits table in MLflow (waited for, boundedly),
-        and the MLflow run's id and outbox state put into ``state``, the epoch's checkpoint. Returns ``state``."""
+        """One finished epoch, before its checkpoint is saved: the MLflow run's id, its outbox state and the epoch's
+        metrics and bits table (timestamped, not logged yet) put into ``state``, the epoch's checkpoint. Returns
+        ``state``; :meth:`epoch_saved` shows and logs the epoch once the checkpoint holds it."""
         if not self.is_main:
             return state
-        if self.progress is not None:
-            self.progress.epoch_end(metrics)
         if self.tracking:
             tracker = self._get_tracker()
-            tracker.log_epoch(int(metrics["epoch"]), {k: float(v) for k, v in metrics.items()}, table)
-            self.reachable = tracker.flush(EPOCH_FLUSH_S if self.reachable else 0.0)
+            if tracker.run_id is None:  # the checkpoint should name the run a restart reattaches to
+                tracker.outbox.wait_run_id(EPOCH_FLUSH_S)
+            self.record = tracker.epoch_record(int(metrics["epoch"]), {k: float(v) for k, v in metrics.items()}, table)
             state.update(mlflow_run_id=tracker.run_id, tracker=tracker.state_dict())
         return state
 
-    def abort(self) -> None:
-        """The run failed: deliver what was logged (bounded), leave the MLflow run RUNNING for a restart."""
-        if self.tracker is not None:
+    def epoch_saved(self, metrics: dict) -> None:
+        """The epoch's checkpoint is saved (Ray: registered, the one a restart resumes from): its console line and
+        its metrics in MLflow (waited for, boundedly). An epoch shown or logged is never redone after a restart,
+        and an epoch redone was never logged (no metric twice in the store)."""
+        if not self.is_main:
+            return
+        if self.progress is not None:
+            self.progress.epoch_end(metrics)
+        if self.tracking and self.record is not None:
+            self.tracker.log_record(self.record)
+            self.record = None
+            self.tracker.flush(EPOCH_FLUSH_S)
+
+    def abort(self, *, interrupted: bool = False) -> None:
+        """The run failed: deliver what was logged (bounded), leave the MLflow run RUNNING for a restart to
+        reattach. ``interrupted`` (Ctrl-C, SIGTERM): the MLflow run ends KILLED (a restart sets it RUNNING
+        again)."""
+        if self.tracker is None:
+            return
+        if interrupted:
+            self.tracker.finish("KILLED", timeout=ABORT_FLUSH_S)
+        else:
             self.tracker.flush(ABORT_FLUSH_S)
 
     def finish(self, summary: dict) -> str | None:
@@ -104,9 +125,8 @@ class RunSession:
             return None
         tracker = self._get_tracker()
         tracker.log_summary(summary)
-        run_id = tracker.run_id
         tracker.finish("FINISHED")
-        return run_id
+        return tracker.run_id  # after finish's bounded wait: known unless the store never answered
 
 
 def register_run(

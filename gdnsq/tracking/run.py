@@ -127,6 +127,7 @@ class RunTracker:
         self._requested_run_id = run_id
         self._history: list[dict] = list(state.get("history", []))
         self._summary: dict | None = state.get("summary")
+        self._last_record: dict | None = state.get("last_record")
         self._finished, self._delivered = False, False
         self.tracker_id = uuid.uuid4().hex
         self.outbox = Outbox(default_outbox_dir(outbox_dir) / self.tracker_id, self.uri, None)
@@ -143,6 +144,8 @@ class RunTracker:
                 },
             ]
         )
+        if self._last_record is not None:  # a resumed run: its last checkpointed epoch may not have been delivered
+            self.log_record(self._last_record)
         # Wait a little so the run id can go into the first checkpoint; a down server just delays it.
         self.outbox.wait_run_id(start_timeout)
         _live_trackers.add(self)
@@ -154,8 +157,13 @@ class RunTracker:
         return self.outbox.run_id or self._requested_run_id
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs to reattach and to keep drawing the full history."""
-        return {"run_id": self.run_id, "history": self._history, "summary": self._summary}
+        """What a checkpoint needs to reattach, to keep drawing the full history, and to deliver its epoch again."""
+        return {
+            "run_id": self.run_id,
+            "history": self._history,
+            "summary": self._summary,
+            "last_record": self._last_record,
+        }
 
     # ------------------------------------------------------------------ params and tags
     def log_config(self, cfg, *, fp_layers: list[str] | None = None) -> None:
@@ -211,6 +219,16 @@ class RunTracker:
 
     def log_epoch(self, epoch: int, metrics: dict, bits_table: list[dict]) -> None:
         """Epoch metrics + ``bits/w/<layer>``, ``bits/a/<layer>``, the table as bits/epoch_XXX.{json,csv}."""
+        self.log_record(self.epoch_record(epoch, metrics, bits_table))
+
+    def epoch_record(self, epoch: int, metrics: dict, bits_table: list[dict]) -> dict:
+        """What :meth:`log_epoch` logs, timestamped now but not logged yet; :meth:`state_dict` keeps it.
+
+        A run logs an epoch once its checkpoint holds it (:meth:`log_record` after the save): an epoch lost with
+        a killed process was never logged, so the epoch redone after a resume is logged once. A resumed tracker
+        logs the record of the checkpoint it resumes from again, in case the process ended before delivering
+        it; the store keeps one row of a metric logged twice with the same key, step, timestamp and value.
+        """
         all_metrics = dict(metrics)
         bw = [r["bits_w"] for r in bits_table if r.get("bits_w") is not None]
         ba = [r["bits_a"] for r in bits_table if r.get("bits_a") is not None]
@@ -222,16 +240,25 @@ class RunTracker:
             all_metrics["bits/mean_w"] = sum(bw) / len(bw)
         if ba:
             all_metrics["bits/mean_a"] = sum(ba) / len(ba)
-        self.log_metrics(all_metrics, step=epoch)
-        stem = f"epoch_{int(epoch):03d}"
-        self.log_dict(bits_table, f"bits/{stem}.json")
-        self._log_csv(bits_table, f"bits/{stem}.csv")
+        ts = _now_ms()
+        rows = [[metric_key(k), f, ts, int(epoch)] for k, v in all_metrics.items() if (f := as_float(v)) is not None]
         entry = {
             "epoch": int(epoch),
             "metrics": {k: f for k, v in metrics.items() if (f := as_float(v)) is not None},
             "layers": [dict(r) for r in bits_table],
         }
         self._history = [h for h in self._history if h["epoch"] != entry["epoch"]] + [entry]
+        self._last_record = {"epoch": int(epoch), "rows": rows, "table": [dict(r) for r in bits_table]}
+        return self._last_record
+
+    def log_record(self, record: dict) -> None:
+        """Log an :meth:`epoch_record` (again: a row the store already has is not added twice)."""
+        rows = record["rows"]
+        for i in range(0, len(rows), 1000):
+            self.outbox.put(["metrics", rows[i : i + 1000]])
+        stem = f"epoch_{int(record['epoch']):03d}"
+        self.log_dict(record["table"], f"bits/{stem}.json")
+        self._log_csv(record["table"], f"bits/{stem}.csv")
 
     def log_summary(self, summary: dict) -> None:
         """End-of-training summary: ``final/<key>`` metrics, summary.json, tags; the FP line in plots."""
@@ -247,7 +274,9 @@ class RunTracker:
         self.outbox.put(["artifact", self.outbox.stage(path), artifact_path])
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        self._log_file(artifact_file, lambda p: p.write_text(json.dumps(data, indent=1, default=str)))
+        """``data`` as a JSON artifact, credentials redacted (a summary names the FP checkpoint, maybe a URI)."""
+        clean = scrub_tree(data)
+        self._log_file(artifact_file, lambda p: p.write_text(json.dumps(clean, indent=1, default=str)))
 
     def _log_csv(self, rows: list[dict], artifact_file: str) -> None:
         def write(p: Path):
