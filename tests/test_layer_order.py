@@ -1,8 +1,8 @@
 """The layer order between gdnsq's own folders, read from the source (an AST scan of every import, inside
 functions too): no import points to a higher floor, and no set of modules imports itself round in a circle.
 
-Floors, bottom up (README "Layout"): errors, redaction, config -> quant -> data -> training -> tracking -> export -> launch
--> cli. The package's ``__init__`` (the public API, lazy) sits above them all.
+Floors, bottom up (README "Layout"): errors, redaction, config -> quant -> data -> training -> tracking -> export
+-> launch -> cli. The package's ``__init__`` (the public API, lazy) sits above them all.
 """
 
 import ast
@@ -11,7 +11,19 @@ from pathlib import Path
 import gdnsq
 
 PACKAGE = Path(gdnsq.__file__).parent
-FLOORS = ["_version", "errors", "redaction", "config", "quant", "data", "training", "tracking", "export", "launch", "cli"]
+FLOORS = [
+    "_version",
+    "errors",
+    "redaction",
+    "config",
+    "quant",
+    "data",
+    "training",
+    "tracking",
+    "export",
+    "launch",
+    "cli",
+]
 
 
 def _module(path: Path) -> str:

@@ -104,6 +104,11 @@ def set_http_defaults() -> None:
     urllib3 logs a "Retrying (Retry(total=...))" warning per retry. A run's calls go through the outbox, which
     is the retry loop (backoff, replay) and keeps the wait bounded, so each attempt is one request: no retry
     inside MLflow (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, so no backoff either) and a 10 s timeout, what a
-    server that accepts the connection but does not answer costs one wait."""
+    server that accepts the connection but does not answer costs one wait.
+
+    MLflow prints "View run NAME at: URL" to stdout when a run ends, its URL built from the tracking URI with its
+    user info, password included (a write gdnsq's redaction never sees); the run's footer names the run and the
+    UI, so that print is off too."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "launch"))
+from fault_runs import FAULTS  # noqa: E402 - the fault suite's rows (tests/launch/test_fault_suite_*.py)
+
 SWEEP = str(ROOT / "jobs" / "cpu_smallcnn_sweep.yaml")
 JOB = str(ROOT / "jobs" / "cpu_smallcnn_w2a2.yaml")
 QS = ["quickstart", "--no-ray"]
@@ -181,6 +184,12 @@ def test_docs_list_every_row():
     doc = (ROOT / "docs" / "errors.md").read_text()
     for argv, _ in ROWS:
         assert f"`gdnsq {' '.join(argv)}`".replace(str(ROOT) + "/", "") in doc, argv
+    for fault in FAULTS.values():
+        assert fault_row(fault) in doc, fault.what
+
+
+def fault_row(fault) -> str:
+    return f"| {fault.what} | `{fault.command}` | {fault.exit} | {fault.line.replace('|', '/')} | `{fault.test}` |"
 
 
 if __name__ == "__main__":  # regenerate docs/errors.md
@@ -210,4 +219,10 @@ if __name__ == "__main__":  # regenerate docs/errors.md
             cmd = " ".join(argv).replace(str(ROOT) + "/", "")
             print(f"| `gdnsq {cmd}` | {rc} | {line.replace('|', '/')} |")
             os.rmdir(work)
+        print("\n## Faults: one line, nothing half-written\n")
+        print("Each row is the last line its test asserts (`{...}`: what the test fills in). A run ended by a fault")
+        print("resumes with the same command, losing at most the epoch in flight (docs/reliability.md).\n")
+        print("| fault | command | exit | line | test |\n|---|---|---|---|---|")
+        for fault in FAULTS.values():
+            print(fault_row(fault))
         sys.stdout.flush()

@@ -1,0 +1,185 @@
+"""The fault suite, Ray Train path: real CLI processes (the driver) on a real local Ray cluster, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ray.train")
+
+from fault_runs import (  # noqa: E402
+    SMALL,
+    assert_each_metric_logged_once,
+    fault_pattern,
+    files_under,
+    interrupt,
+    interrupted_line,
+    no_traceback,
+    run,
+    start,
+)
+from mlflow_server import MlflowServer  # noqa: E402
+from ray_cluster import LocalCluster  # noqa: E402
+
+pytestmark = [
+    pytest.mark.integration,
+    # numba's dispatcher finalizer raises when a dropped FFCV loader is collected; not ours.
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+STAGE_UNDER_LIMIT = """
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+from gdnsq.errors import StorageError
+from gdnsq.launch.ray_worker import staged_checkpoint
+try:
+    with staged_checkpoint({"engine": {"epoch": 1, "model": {"w": torch.zeros(100_000)}}}):
+        pass
+except StorageError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_staged_is_one_line_and_leaves_no_folder(tmp_path):
+    """Rank 0 writes its checkpoint into a temporary folder for ray.train.report: under ``ulimit -f`` that write
+    fails as one StorageError line, and neither the temporary file nor the folder stays in TMPDIR."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-c", STAGE_UNDER_LIMIT]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    line = out.stdout.strip()
+    assert "\n" not in line and not out.stderr.strip(), out
+    # the worker returns its StorageError to the driver (ray_worker.USER_ERROR), whose CLI prints it so
+    assert fault_pattern("staging", tmp=tmp_path).fullmatch(f"gdnsq: error: {line}"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- on a cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One node (the driver is the CLI child process, connecting with its address and token). Its workers stage
+    checkpoints in their own TMPDIR, so a staging folder left by a killed worker would show."""
+    staging = tmp_path_factory.mktemp("staging")
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "TMPDIR": str(staging)}
+    with LocalCluster(nodes=1, cpus_per_node=2, node_env=env) as c:
+        c.staging = staging
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    srv.start()
+    yield srv
+    srv.kill(signal.SIGTERM)
+
+
+def quickstart(cluster, teacher: str, name: str, *extra: str) -> list[str]:
+    return [
+        "quickstart",
+        "--name",
+        name,
+        "--model.checkpoint",
+        teacher,
+        "--ray.address",
+        cluster.address,
+        "--ray.num_workers",
+        "1",
+        "--ray.cpus_per_worker",
+        "1",
+        "--ray.checkpoints_to_keep",
+        "10",
+        *SMALL,
+        *extra,
+    ]
+
+
+def checkpoint_folders(folder) -> tuple[list[str], list[str]]:
+    """(every checkpoint_* folder, the ones Ray's snapshot lists), as names."""
+    from ray.train import Result
+
+    found = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir())
+    try:
+        registered = sorted(os.path.basename(c.path) for c, _ in Result.from_path(str(folder)).best_checkpoints)
+    except RuntimeError:
+        registered = []
+    return found, registered
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_at_a_random_step_then_the_same_command_resumes(sig, cluster, teacher, server, tmp_path):
+    """Ctrl-C or SIGTERM to the driver at a step drawn at random: one line naming the last epoch shown (the last
+    one Ray registered), exit 128 + signal, no checkpoint folder Ray does not know; the same command resumes from
+    that epoch, and MLflow holds every epoch once (the issue's run resumed one epoch further back than the console
+    showed, left an orphan checkpoint folder and logged that epoch twice)."""
+    # Epochs take about a second on the cluster and a worker's lines reach the driver's console up to a second
+    # late: the signal lands in one of the first three epochs of ten, never after the run ended.
+    epochs = 10
+    draw = random.Random(f"ray-{sig.name}")
+    epoch, step = draw.randint(1, 3), draw.randint(1, 2)
+    experiment = f"ray-{sig.name}"
+    args = quickstart(
+        cluster,
+        teacher,
+        "sig",
+        "--train.epochs",
+        str(epochs),
+        "--tracking.uri",
+        server.url,
+        "--tracking.experiment",
+        experiment,
+        "--tracking.register",
+        "false",
+    )
+    child = start(args, tmp_path, env=cluster.env)
+    child.wait_for(rf"^\s+epoch {epoch}/{epochs}\s+step {step}/", timeout=900)
+    interrupt(child, sig)
+    assert child.finish(timeout=300) == 128 + sig, child.output[-3000:]
+    saved = interrupted_line(child.output, epochs, console_lag=1)
+    assert saved >= epoch - 1, (epoch, step, saved)
+    folder = tmp_path / "runs" / "sig"
+    found, registered = checkpoint_folders(folder)
+    assert found == registered and len(found) == saved, (found, registered, saved)
+
+    rc, out = run([*args, "--summary-json", "summary.json"], tmp_path, env=cluster.env)
+    assert rc == 0, out
+    no_traceback(out)
+    shown = [line.split()[1] for line in out.splitlines() if re.match(r"^epoch\s+\d+/", line)]
+    assert shown == [f"{e}/{epochs}" for e in range(saved + 1, epochs + 1)], out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_run"] == epochs and summary["steps"] == epochs * 3
+    found, registered = checkpoint_folders(folder)
+    assert found == registered and len(found) == epochs, (found, registered)
+    assert_each_metric_logged_once(server.url, experiment, epochs)
+    assert not list(cluster.staging.glob("gdnsq-ckpt-*")), "a staging folder of a killed worker was left"
+    assert not files_under(tmp_path / "outbox"), "an MLflow outbox was left undelivered"
+
+
+@pytest.mark.timeout(1200)
+def test_a_second_live_run_of_the_same_name_is_refused(cluster, teacher, tmp_path):
+    """The driver holds the run's folder for the run's life: a second driver of the same name stops in one line
+    before it connects to Ray; SIGTERM then ends the first."""
+    args = quickstart(cluster, teacher, "twice", "--train.epochs", "50", "--tracking.enabled", "false")
+    first = start(args, tmp_path, env=cluster.env)
+    first.wait_for(r"^\s+epoch 1/50\s+step 1/", timeout=900)
+    rc, out = run(args, tmp_path, env=cluster.env)
+    assert rc == 2, out
+    last = out.strip().splitlines()[-1]
+    holder = fault_pattern("twice_ray", name="twice", pid=first.proc.pid, run=tmp_path / "runs" / "twice")
+    assert holder.fullmatch(last), out
+    assert "gdnsq run twice" not in out  # refused before the header: no Ray, nothing trained
+    assert first.proc.poll() is None, "the first run must go on"
+    interrupt(first, signal.SIGTERM)
+    assert first.finish(timeout=300) == 128 + signal.SIGTERM
+    interrupted_line(first.output, 50, console_lag=1)
