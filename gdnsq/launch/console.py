@@ -26,7 +26,8 @@ from ..redaction import redact_logging, scrub_value
 
 VERBOSITY_ENV = "GDNSQ_VERBOSITY"
 TTY_ENV = "GDNSQ_CONSOLE_TTY"
-PLAIN_EVERY_S = float(os.environ.get("GDNSQ_PROGRESS_EVERY_S", "300"))  # plain progress lines, at most this far apart
+PROGRESS_ENV = "GDNSQ_PROGRESS_EVERY_S"
+PLAIN_EVERY_S = float(os.environ.get(PROGRESS_ENV, "300"))  # plain progress lines, at most this far apart
 
 log = logging.getLogger("gdnsq")
 
@@ -54,10 +55,12 @@ def quiet_env(level: int) -> dict[str, str]:
 def worker_env() -> dict[str, str]:
     """Environment for every Ray task and actor of our job (``ray.init(runtime_env={"env_vars": ...})``)."""
     level = verbosity()
+    pace = {PROGRESS_ENV: os.environ[PROGRESS_ENV]} if PROGRESS_ENV in os.environ else {}  # rank 0 prints progress
     return {
         **quiet_env(level),
         VERBOSITY_ENV: str(level),
         TTY_ENV: os.environ.get(TTY_ENV, "1" if sys.stdout.isatty() else "0"),
+        **pace,
     }
 
 

@@ -61,6 +61,22 @@ def connect(cfg: JobConfig) -> None:
             f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: no Ray cluster at {address} "
             f"({str(e).splitlines()[-1]})"
         ) from None
+    _restore_signal_handlers()
+
+
+def _restore_signal_handlers() -> None:
+    """``ray.init`` starts a core worker in this process whose failure handler (a stack dump, then abort: the
+    process ends with SIGABRT) replaces, at the OS level, the SIGTERM handler Python holds. Install Python's
+    handlers again, so SIGTERM on the driver ends the run as the run path says (gdnsq.launch.run: one line)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):  # a Python function (ours, or the caller's): only such a handler was displaced
+            signal.signal(signum, handler)
 
 
 def place(cfg: JobConfig) -> bool:
