@@ -52,8 +52,13 @@ def connect(cfg: JobConfig) -> None:
     address = ray_address(cfg)
     # Our console settings reach every worker; a submitted job already has its runtime env (and ours in it).
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    # The job's processes are told which cluster they belong to: Train V2's controller asks the state API, which
+    # otherwise looks the cluster up and fails ("Found multiple active Ray instances") on a machine with several.
+    gcs = address and "://" not in address and ":" in address  # HOST:PORT, not "auto"/"local"/a client URL
+    env = {**worker_env(), **({"RAY_ADDRESS": address} if gcs else {})}
+    handlers = _signal_handlers()
     try:
-        ray.init(address=address, logging_level="WARNING", runtime_env=None if in_job else {"env_vars": worker_env()})
+        ray.init(address=address, logging_level="WARNING", runtime_env=None if in_job else {"env_vars": env})
     except ConnectionError as e:  # something answers there, but not a Ray GCS (Ray gives up after ~20 s)
         from ..errors import ClusterError
 
@@ -61,21 +66,28 @@ def connect(cfg: JobConfig) -> None:
             f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: no Ray cluster at {address} "
             f"({str(e).splitlines()[-1]})"
         ) from None
-    _restore_signal_handlers()
+    _restore(handlers)
 
 
-def _restore_signal_handlers() -> None:
-    """``ray.init`` starts a core worker in this process whose failure handler (a stack dump, then abort: the
-    process ends with SIGABRT) replaces, at the OS level, the SIGTERM handler Python holds. Install Python's
-    handlers again, so SIGTERM on the driver ends the run as the run path says (gdnsq.launch.run: one line)."""
+def _signal_handlers() -> dict:
+    """The SIGINT and SIGTERM handlers this process holds (in the main thread; none elsewhere)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if callable(handler):  # a Python function (ours, or the caller's): only such a handler was displaced
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(handlers: dict) -> None:
+    """Put back the handlers ``ray.init`` replaced: it installs a Python SIGTERM handler that exits at once
+    (``sys.exit``), and its core worker a failure handler at the OS level (a stack dump, then SIGABRT). The run
+    path's (gdnsq.launch.run) turns SIGTERM into one line, the same command resuming; only a Python function
+    the process held is put back, so a caller without one keeps Ray's."""
+    import signal
+
+    for signum, handler in handlers.items():
+        if callable(handler):
             signal.signal(signum, handler)
 
 
