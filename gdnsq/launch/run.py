@@ -56,8 +56,9 @@ def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
         if stored is not None:
             return stored
     with own_folder(cfg, fresh=fresh):
+        received: list[int] = []
         try:
-            with signals_interrupt():
+            with signals_interrupt(received):
                 return execute(cfg)  # checks the stored run again, now that no other run can write it
         except KeyboardInterrupt as e:
             epoch = saved_epoch(cfg)
@@ -67,19 +68,23 @@ def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
                 if epoch
                 else f"interrupted before epoch 1 of {cfg.train.epochs} ended; {again} starts it again"
             )
-            raise RunInterrupted(getattr(e, "signum", signal.SIGINT), line) from None
+            # The signal as received: what reaches here may be another KeyboardInterrupt (Ray's get raises its own)
+            signum = received[-1] if received else getattr(e, "signum", signal.SIGINT)
+            raise RunInterrupted(signum, line) from None
 
 
 @contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
+def signals_interrupt(received: list[int] | None = None) -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`RunInterrupted` in the main thread (SIGTERM's default would end the process
-    without cleanup: no lock released in order, no MLflow run ended, Ray's workers left to die on their own).
-    Elsewhere than the main thread (a sweep trial) nothing changes."""
+    without cleanup: no lock released in order, no MLflow run ended, Ray's workers left to die on their own);
+    ``received`` gets each signal's number. Elsewhere than the main thread (a sweep trial) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum, frame):
+        if received is not None:
+            received.append(signum)
         raise RunInterrupted(signum)
 
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
