@@ -118,6 +118,35 @@ ROWS = [
     (["export", "{in}/corrupt.pt", "--out", "out"], "corrupt.pt"),
     (["export", "/no/such/checkpoint.pt", "--out", "out"], "checkpoint.pt"),
     (["submit", JOB, "--working-dir", "/no/such/dir", "--dry-run"], "--working-dir"),
+    # Every setting's declared bounds and its type's rules (issue 28): checked where the value enters.
+    (QS + ["--optim.lr", "inf"], "optim.lr: must be a finite number"),
+    (QS + ["--optim.lr", "nan"], "optim.lr"),
+    (QS + ["--optim.quant_lr", "-inf"], "optim.quant_lr"),
+    (QS + ["--optim.weight_decay", "-0.1"], "optim.weight_decay"),
+    (QS + ["--data.img_size", "0"], "data.img_size"),
+    (QS + ["--data.img_size", "100000"], "data.img_size"),
+    (QS + ["--data.num_workers", "-1"], "data.num_workers"),
+    (QS + ["--data.val_fraction", "1.5"], "data.val_fraction"),
+    (QS + ["--data.batch_size", "1e30"], "data.batch_size"),
+    (QS + ["--train.max_steps_per_epoch", "0"], "train.max_steps_per_epoch"),
+    (QS + ["--train.seed", "-1"], "train.seed"),
+    (QS + ["--train.epochs", "9" * 40], "train.epochs: must be within"),
+    (QS + ["--train.patience", "-3"], "train.patience"),
+    (QS + ["--objective.p", "nan"], "objective.p"),
+    (QS + ["--objective.eps", "0"], "objective.eps"),
+    (QS + ["--schedule.warmup", "-inf"], "schedule.warmup"),
+    (QS + ["--schedule.check_every", "0"], "schedule.check_every"),
+    (QS + ["--quant.init_bits", "30"], "quant.init_bits"),
+    (QS + ["--quant.method_args", "{error_weight: nan}"], "quant.method_args.error_weight"),
+    (QS + ["--quant.rules", "[{pattern: conv, pattern: fc}]"], "quant.rules: not valid YAML (duplicate key"),
+    (QS + ["--quant.budget.value_a", "0.5"], "quant.budget.value_a"),
+    (QS + ["--ray.max_failures", "-2"], "ray.max_failures"),
+    (QS + ["--tracking.uri", ""], "tracking.uri: must not be empty"),
+    (QS + ["--model.name", "resnet18\trm -rf"], "model.name: must not contain control characters"),
+    (["train", "{in}/dup.yaml"], "dup.yaml:4:3 is not valid YAML (duplicate key 'lr', first on line 2)"),
+    (["train", "{in}/latin1.yaml"], "latin1.yaml:3 is not UTF-8 text"),
+    (["train", "{in}/notimages"], "is a directory; give a YAML job file"),
+    (["train", "{in}/overrides_a_list.yaml", "--quant.target_w", "2"], "quant: must be a mapping"),
 ]
 
 
@@ -130,6 +159,9 @@ def make_inputs(folder: Path) -> None:
     (folder / "list.yaml").write_text("- 1\n- 2\n")
     (folder / "pege.yaml").write_text("ray: {enabled: false}\nquant: {method: pege, method_args: {errr_weight: 0.1}}\n")
     (folder / "corrupt.beton").write_bytes(b"\0" * 4096)
+    (folder / "dup.yaml").write_text("optim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n")
+    (folder / "latin1.yaml").write_bytes("train:\n  epochs: 2\nname: caf\u00e9\n".encode("latin-1"))
+    (folder / "overrides_a_list.yaml").write_text("quant: [1, 2]\n")
     (folder / "corrupt.pt").write_bytes(b"not a checkpoint")
     (folder / "notimages").mkdir()
     (folder / "notimages" / "readme.txt").write_text("no class folders here")
