@@ -151,6 +151,26 @@ def _bounds_problem(value: Any, b: Bounds, integer: bool) -> str | None:
     return b.test(value) if b.test is not None else None
 
 
+# A run name is a folder under the storage path (and the same name in MLflow). Linux allows 255 bytes for one
+# folder name; '--fresh' appends '.old-YYYYmmdd-HHMMSS' (20 bytes), and MLflow keeps 250 characters of a run name.
+RUN_NAME_BYTES = 200
+SWEEP_NAME_BYTES = RUN_NAME_BYTES - 40  # a trial's run is '<sweep.name>-<trial id>'
+
+
+def run_name_problem(name: str, limit: int = RUN_NAME_BYTES) -> str | None:
+    """What keeps ``name`` from being one safe folder name under the storage path, or None."""
+    if name.startswith("."):
+        return f"must not start with '.' ('..' is the folder above, '.x' a hidden one), got {_show(name)}"
+    if "/" in name or "\\" in name:
+        return f"must be one folder name, without '/' or '\\', got {_show(name)}"
+    if name != name.strip():
+        return f"must not start or end with a space, got {_show(name)}"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        return f"must be at most {limit} bytes (one folder name, with room for '.old-<time>'), got {size}"
+    return None
+
+
 def check_section(section: Any, prefix: str) -> None:
     """Every field of the dataclass instance ``section`` (dotted under ``prefix``) against its type and bounds."""
     types_ = _field_types(type(section))
@@ -525,7 +545,7 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class JobConfig:
-    name: str | None = None
+    name: str | None = checked(None, test=run_name_problem)
     """Run name; a run with an existing name and storage path resumes (only with the same defining settings).
     None = '<model>-w<W>a<A>-<hash of the defining settings>', so jobs with other settings never collide."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -540,11 +560,6 @@ class JobConfig:
 
     def __post_init__(self):
         check_section(self, "")
-        _check(
-            self.name is None or (bool(self.name) and "/" not in self.name),
-            "name",
-            f"must be a non-empty name without '/', got {self.name!r}",
-        )
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -603,8 +618,9 @@ class SweepConfig:
     """Dotted job setting -> {grid|choice: [...]} or {uniform|loguniform|randint: [lo, hi]}."""
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise SweepError(f"sweep.name: must be a non-empty name without '/', got {self.name!r}")
+        problem = "must not be empty" if not self.name else run_name_problem(self.name, SWEEP_NAME_BYTES)
+        if problem:
+            raise SweepError(f"sweep.name: {problem}")
         if self.mode not in ("max", "min"):
             raise SweepError(f"sweep.mode: must be max or min, got {self.mode!r}")
         if self.search not in SWEEP_SEARCHES:

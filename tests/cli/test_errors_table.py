@@ -147,6 +147,15 @@ ROWS = [
     (["train", "{in}/latin1.yaml"], "latin1.yaml:3 is not UTF-8 text"),
     (["train", "{in}/notimages"], "is a directory; give a YAML job file"),
     (["train", "{in}/overrides_a_list.yaml", "--quant.target_w", "2"], "quant: must be a mapping"),
+    # A run name is one safe folder name under the storage path, checked before anything trains or moves.
+    (QS + ["--name", "..", "--ray.storage_path", "{in}/runs"], "name: must not start with '.'"),
+    (QS + ["--name", "..", "--fresh", "--ray.storage_path", "{in}/runs"], "name: must not start with '.'"),
+    (QS + ["--name", ".hidden"], "name: must not start with '.'"),
+    (QS + ["--name", "../../etc"], "name: must not start with '.'"),
+    (QS + ["--name", "a\\b"], "name: must be one folder name"),
+    (QS + ["--name", "n" * 240], "name: must be at most 200 bytes"),
+    (QS + ["--resume", "x/.."], "name: must be one folder name"),
+    (["sweep", SWEEP, "--sweep.name", ".."], "sweep.name: must not start with '.'"),
 ]
 
 
