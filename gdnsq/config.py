@@ -183,6 +183,7 @@ ESTIMATORS = ("auto", "ste", "lsq", "ewgs", "aewgs")
 DISTILL_LOSSES = ("jeffreys", "kl", "ce")
 BATCHNORM_MODES = ("keep", "freeze", "fold")
 DATA_KINDS = ("bundled", "ffcv", "imagefolder")
+BAD_IMAGE_POLICIES = ("error", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 IMG_SIZE_LIMIT = 8192  # the longest crop side taken: one 8192² RGB float image is 768 MiB
 
@@ -451,6 +452,10 @@ class DataConfig:
     """Loader worker threads/processes per Ray worker; None = its CPU share (torch's thread count there)."""
     os_cache: bool = True
     """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
+    bad_images: str = checked("error", choices=BAD_IMAGE_POLICIES)
+    """An image that cannot be decoded (imagefolder, and gdnsq data write): error (stop, naming the file) or skip
+    (train on the next image instead; the summary counts the skipped files). Not skip by default: a dataset that
+    silently shrinks gives figures no other run can be compared with."""
     val_fraction: float = checked(0.1, gt=0, le=0.5)
     """Bundled data: share of the 5,000 digits held out for checkpoint selection (the 1,000 test digits are fixed
     and reported separately); other kinds take validation from data.val_path."""

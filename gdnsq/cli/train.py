@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 
+from ..config import BAD_IMAGE_POLICIES, DataConfig
 from ..errors import ConfigError
 from .args import job_config
 
@@ -47,6 +49,8 @@ def print_summary(s: dict) -> None:
     print(f"  quantized top-1  {s['top1']:6.2f} %   (ns_top1 {s['ns_top1']:.2f})")
     print(f"  average bits     W {s['avg_bits_w']:.2f}   A {s['avg_bits_a']:.2f}")
     print(f"  converged        {'yes' if s['converged'] else 'NO'}")
+    if s.get("skipped_images"):
+        print(f"  skipped images   {s['skipped_images']} unreadable (data.bad_images: skip)")
     print(format_table(s["layers"]))
 
 
@@ -84,6 +88,8 @@ def cmd_data(args, extra) -> int:
         max_resolution=args.max_resolution,
         jpeg_quality=args.jpeg_quality,
         compress_probability=args.compress_probability,
+        bad_images=args.bad_images,
+        progress=sys.stderr.isatty(),  # a bar in a log file is a screenful of carriage returns
     )
     return 0
 
@@ -151,5 +157,12 @@ def register(subparsers, formatter) -> None:
         type=float,
         default=0.5,
         help="share of images stored as JPEG rather than raw (default 0.5)",
+    )
+    w.add_argument(
+        "--bad-images",
+        choices=BAD_IMAGE_POLICIES,
+        default=DataConfig.bad_images,
+        help="an image that cannot be decoded: error (stop, naming it; the default, as data.bad_images) or skip "
+        "(leave it out, with a count)",
     )
     w.set_defaults(func=cmd_data)

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SWEEP = str(ROOT / "jobs" / "cpu_smallcnn_sweep.yaml")
 JOB = str(ROOT / "jobs" / "cpu_smallcnn_w2a2.yaml")
 QS = ["quickstart", "--no-ray"]
+IMAGES = ["train", "--no-ray", "--data.kind", "imagefolder", "--data.img_size", "16", "--data.batch_size", "2"]
+IMAGES += ["--data.train_path"]
 
 # (command, what the one line must name). {in} is the inputs folder (see make_inputs).
 ROWS = [
@@ -156,11 +158,27 @@ ROWS = [
     (QS + ["--name", "n" * 240], "name: must be at most 200 bytes"),
     (QS + ["--resume", "x/.."], "name: must be one folder name"),
     (["sweep", SWEEP, "--sweep.name", ".."], "sweep.name: must not start with '.'"),
+    # The data against the job, in pre-flight: a listing, never a decode.
+    (IMAGES + ["{in}/oneclass/train", "--data.val_path", "{in}/oneclass/val"], "has 1 class (a); a classifier"),
+    (IMAGES + ["{in}/images/train", "--data.val_path", "{in}/oneclass/val"], "data.val_path: its class folders"),
+    (IMAGES + ["{in}/images/train", "--data.val_path", "{in}/images/val", "--data.batch_size", "5"], "data.batch_size"),
+    (IMAGES + ["{in}/bad.yaml", "--data.val_path", "{in}/images/val"], "data.train_path"),
+    (IMAGES + ["{in}/images/train", "--data.val_path", "{in}/images/val", "--data.val_resize", "8"], "data.img_size"),
+    (
+        IMAGES + ["{in}/images/train", "--data.val_path", "{in}/images/val", "--model.name", "vit_tiny_patch16_224"],
+        "data.img_size: vit_tiny_patch16_224 cannot take 16x16 images",
+    ),
+    (QS + ["--data.batch_size", "5000"], "data.batch_size: 5000 is more than the 3500 training samples per rank"),
+    (["quickstart", "--ray.num_workers", "4", "--data.batch_size", "1000"], "data.batch_size: 1000 is more than"),
+    (QS + ["--model.num_classes", "2"], "model.num_classes: 2 is fewer than the data's 10 classes"),
+    (QS + ["--model.in_chans", "3"], "model.in_chans: 3, but the data has 1 channel"),
+    (QS + ["--data.bad_images", "ignore"], "data.bad_images: must be one of error, skip"),
 ]
 
 
 def make_inputs(folder: Path) -> None:
     from gdnsq.config import load_config, to_dict
+    from gdnsq.data.synthetic import make_jpeg_imagefolder
     from gdnsq.training.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,6 +189,10 @@ def make_inputs(folder: Path) -> None:
     (folder / "dup.yaml").write_text("optim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n")
     (folder / "latin1.yaml").write_bytes("train:\n  epochs: 2\nname: caf\u00e9\n".encode("latin-1"))
     (folder / "overrides_a_list.yaml").write_text("quant: [1, 2]\n")
+    make_jpeg_imagefolder(folder / "images", classes=2, per_class=2, val_per_class=1, size=(16, 16))
+    make_jpeg_imagefolder(folder / "oneclass", classes=1, per_class=2, val_per_class=1, size=(16, 16))
+    for split in ("train", "val"):
+        (folder / "oneclass" / split / "c000").rename(folder / "oneclass" / split / "a")
     (folder / "corrupt.pt").write_bytes(b"not a checkpoint")
     (folder / "notimages").mkdir()
     (folder / "notimages" / "readme.txt").write_text("no class folders here")
