@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import IMG_SIZE_LIMIT
+from ..errors import ConfigError
+
 EXAMPLES = """examples:
   gdnsq export runs/quickstart/checkpoint_000019/checkpoint.pt --out out/export --onnx
   gdnsq export gdnsq_smallcnn-w2a2@champion --out out/export
@@ -55,16 +58,25 @@ def register(subparsers, formatter) -> None:
 def cmd_export(args, extra) -> int:
     import torch
 
-    from ..export import export_onnx, export_packed, format_report
     from ..export.sources import load_student
+    from .args import writing_into
 
+    for flag, value, top in (("--input-size", args.input_size, IMG_SIZE_LIMIT), ("--batch", args.batch, 1024)):
+        if value is not None and not 1 <= value <= top:
+            raise ConfigError(f"{flag}: must be in [1, {top}], got {value}")
     model, recipe, cfg, meta = load_student(args.source, tracking_uri=args.tracking_uri)
     size = args.input_size or (28 if cfg.data.kind == "bundled" else cfg.data.img_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, recipe["in_chans"], size, size, generator=gen)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing_into(args.out) as out:  # checked before the first byte; a failed export leaves no new folder
+        _write(args, out, model, recipe, meta, x)
+    return 0
+
+
+def _write(args, out: Path, model, recipe: dict, meta: dict, x) -> None:
+    from ..export import export_onnx, export_packed, format_report
+
     packed = export_packed(
         model,
         out / "model.gdnsq",
@@ -86,4 +98,3 @@ def cmd_export(args, extra) -> int:
             + ("" if ok else "  (codes at a rounding boundary flip under float noise; see gdnsq.export docs)")
         )
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    return 0

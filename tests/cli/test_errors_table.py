@@ -173,13 +173,24 @@ ROWS = [
     (QS + ["--model.num_classes", "2"], "model.num_classes: 2 is fewer than the data's 10 classes"),
     (QS + ["--model.in_chans", "3"], "model.in_chans: 3, but the data has 1 channel"),
     (QS + ["--data.bad_images", "ignore"], "data.bad_images: must be one of error, skip"),
+    # Export and pull write into --out: checked before the first byte.
+    (["export", "{in}/student.pt", "--out", "{in}/bad.yaml"], "bad.yaml is a file, not a folder"),
+    (["export", "{in}/student.pt", "--out", "{in}/bad.yaml/export"], "which is not a folder"),
+    (["export", "{in}/student.pt", "--out", "/sys/gdnsq-export"], "--out: cannot write"),
+    (["export", "{in}/student.pt", "--out", "out", "--input-size", "0"], "--input-size: must be in [1, 8192]"),
+    (["export", "{in}/student.pt", "--out", "out", "--batch", "-1"], "--batch: must be in [1, 1024]"),
+    (["models", "pull", "x/1", "--out", "{in}/bad.yaml", "--tracking-uri", "sqlite:///{in}/mlflow.db"], "--out:"),
 ]
 
 
 def make_inputs(folder: Path) -> None:
+    import mlflow
+    import torch
+
     from gdnsq.config import load_config, to_dict
     from gdnsq.data.synthetic import make_jpeg_imagefolder
     from gdnsq.training.checkpoint import save_checkpoint
+    from gdnsq.training.surgery import build_student, calibrate_model
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bad.yaml").write_text("train:\n  epochs: 3\n bad: [1\n")
@@ -196,6 +207,11 @@ def make_inputs(folder: Path) -> None:
     (folder / "corrupt.pt").write_bytes(b"not a checkpoint")
     (folder / "notimages").mkdir()
     (folder / "notimages" / "readme.txt").write_text("no class folders here")
+    student = build_student(load_config(None, {}), 10, 1)
+    calibrate_model(student, [torch.randn(8, 1, 28, 28) for _ in range(2)], init_bits=2)
+    state = {"config": to_dict(load_config(None, {})), "engine": {"model": student.state_dict()}, "best": {}}
+    torch.save({**state, "best": {"ns_top1": -1.0, "state": None}}, folder / "student.pt")
+    mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_registered_models()  # an empty store
     stored = to_dict(load_config(None, {"name": "w1a1run", "quant.target_w": 1, "quant.target_a": 1}))
     save_checkpoint(
         {"config": stored, "engine": {"epoch": 1, "model": {}}}, folder / "runs" / "w1a1run" / "checkpoint.pt"
