@@ -130,7 +130,9 @@ def check_value(name: str, value: Any, tp: Any, bounds: Bounds | None = None) ->
     if tp is int and isinstance(value, float) and not value.is_integer():
         span = f" in [{_num(b.ge)}, {_num(b.le)}]{b.unit}" if b.ge is not None and b.le is not None else ""
         problem = f"must be an integer{span}, got {value}"
-    if problem is None and value is not None:  # a declared range names NaN's problem better than "finite" does
+    if problem is None and isinstance(value, str):  # a control character first: it explains an odd range or name
+        problem = _type_problem(value, tp) or _bounds_problem(value, b, integer=False)
+    elif problem is None and value is not None:  # a declared range names NaN's problem better than "finite" does
         problem = _bounds_problem(value, b, integer=tp is int) or _type_problem(value, tp)
     if problem is not None:
         raise ConfigError(f"{name}: {problem}")
@@ -214,7 +216,9 @@ class ModelConfig:
         _check(bool(self.name), "model.name", "must name a timm model")
         check_section(self, "model")
         if self.checkpoint is not None:
-            _check(path_kind(self.checkpoint) == "file", "model.checkpoint", f"no such file {self.checkpoint!r}")
+            kind = path_kind(self.checkpoint)
+            _check(kind != "dir", "model.checkpoint", f"{self.checkpoint!r} is a folder; give the weights file in it")
+            _check(kind == "file", "model.checkpoint", f"no such file {self.checkpoint!r}")
 
 
 @dataclass(kw_only=True)
@@ -856,6 +860,16 @@ def setting_type(key: str):
     for part in key.split("."):
         tp, _ = _unwrap_optional(_field_types(tp)[part])
     return tp
+
+
+def setting_bounds(key: str) -> Bounds:
+    """The declared :class:`Bounds` of a dotted JobConfig setting (empty where it declares none)."""
+    *parents, leaf = key.split(".")
+    cls = JobConfig
+    for part in parents:
+        cls, _ = _unwrap_optional(_field_types(cls)[part])
+    f = next(f for f in dataclasses.fields(cls) if f.name == leaf)
+    return f.metadata.get("bounds") or Bounds()
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:

@@ -71,11 +71,28 @@ def cmd_train(args, extra) -> int:
         cfg = job_config(args.config, extra, **fixed)
     from ..launch.console import footer
 
+    if args.dry_run:
+        return dry_run(cfg, fresh=args.fresh, resume=bool(args.resume))
     summary = run(cfg, fresh=args.fresh, resume=bool(args.resume))
     print_summary(summary)
     footer(cfg, summary)
     if args.summary_json:
         write_json_atomic(args.summary_json, summary)
+    return 0
+
+
+def dry_run(cfg, *, fresh: bool, resume: bool) -> int:
+    """``--dry-run``: the run's checks and what they found; nothing trains, starts or is left behind."""
+    from ..launch.run import check_run
+
+    cfg, found = check_run(cfg, fresh=fresh, resume=resume)
+    print(
+        f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
+        f"({cfg.quant.method}), {cfg.train.epochs} epochs, {'Ray Train' if cfg.ray.enabled else 'in-process'}"
+    )
+    for line in found:
+        print(f"  {line}")
+    print("checks passed (settings, model, data, storage); nothing trained: --dry-run")
     return 0
 
 
@@ -129,6 +146,11 @@ def register(subparsers, formatter) -> None:
             "--fresh",
             action="store_true",
             help="start afresh: an existing run of this name is moved to NAME.old-<time>",
+        )
+        sp.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check the job (settings, model, data, storage, the stored run) and exit: nothing trains or starts",
         )
         sp.set_defaults(func=cmd_train, takes_overrides=True)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from gdnsq.config import DataConfig
+from gdnsq.config import DataConfig, path_kind
 from gdnsq.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -146,7 +146,9 @@ def open_imagefolder(path: str | Path, transform=None):
     """An ImageFolder listing (no image decoded) that follows no link into a loop, or DataError naming the folder
     when it is missing or empty."""
     path = Path(path)
-    if not path.is_dir():
+    if path_kind(path) not in (None, "dir"):
+        raise DataError(f"{path} is a file, not an ImageFolder directory (data.kind=ffcv reads .beton files)")
+    if path_kind(path) != "dir":
         raise DataError(f"no such ImageFolder directory: {path}")
     try:
         return _image_folder_class()(str(path), transform=transform)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -36,6 +37,8 @@ def check_structure(cfg: JobConfig) -> None:
 
 BUNDLED_SIDE = 28  # the bundled digits' side in pixels (data.img_size does not apply to them)
 GCS_PORT = 6379
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]{2,45}")  # a DNS name or an IP
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -63,13 +66,16 @@ def ray_address(cfg: JobConfig) -> str | None:
         return None
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", str(GCS_PORT))
-    if not port.isdigit():
-        raise ClusterError(f"{field}: expected HOST:PORT, got {address!r}")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
+    if not (_PORT.fullmatch(port) and 0 < int(port) < 65536 and _HOST.fullmatch(host)):
+        raise ClusterError(
+            f"{field}: expected HOST:PORT (a host name or IP address, a port in 1-65535), got {address!r}"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as e:
+    except (OSError, UnicodeError) as e:
         raise ClusterError(
-            f"{field}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+            f"{field}: nothing answers at {host}:{port} ({getattr(e, 'strerror', None) or type(e).__name__}); "
             "start the Ray head there or fix the address"
         ) from None
     return address

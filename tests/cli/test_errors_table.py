@@ -173,6 +173,12 @@ ROWS = [
     (QS + ["--model.num_classes", "2"], "model.num_classes: 2 is fewer than the data's 10 classes"),
     (QS + ["--model.in_chans", "3"], "model.in_chans: 3, but the data has 1 channel"),
     (QS + ["--data.bad_images", "ignore"], "data.bad_images: must be one of error, skip"),
+    (["quickstart", "--ray.address", "\u6a21\u578b:1"], "ray.address: expected HOST:PORT"),
+    (["quickstart", "--ray.address", "127.0.0.1:99999"], "ray.address: expected HOST:PORT"),
+    (QS + ["--model.checkpoint", "{in}"], "is a folder; give the weights file in it"),
+    (["quickstart", "--dry-run", "--data.batch_size", "5000"], "data.batch_size: 5000 is more than"),
+    (["train", "--dry-run", "{in}/dup.yaml"], "duplicate key 'lr'"),
+    (QS + ["--dry-run", "--target", "W3A3", "--name", "w1a1run", "--ray.storage_path", "{in}/runs"], "1 -> 3"),
     # Export and pull write into --out: checked before the first byte.
     (["export", "{in}/student.pt", "--out", "{in}/bad.yaml"], "bad.yaml is a file, not a folder"),
     (["export", "{in}/student.pt", "--out", "{in}/bad.yaml/export"], "which is not a folder"),
