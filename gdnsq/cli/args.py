@@ -65,6 +65,22 @@ def writing_into(path: str, flag: str = "--out") -> Iterator[Path]:
         raise
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """A file a command will write when it ends (``--summary-json``), checked before it starts: a folder there, a
+    file above it or a folder that refuses writes is one line now, not a traceback after the training."""
+    out = Path(path)
+    if path_kind(out) == "dir":
+        raise StorageError(f"{flag}: {path} is a folder; give a file path")
+    above = next(p for p in out.parents if path_kind(p) is not None)
+    if path_kind(above) != "dir":
+        raise StorageError(f"{flag}: {path} is inside {above}, which is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=above, prefix=".gdnsq-probe-"):
+            pass
+    except OSError as e:
+        raise StorageError(f"{flag}: cannot write into {above} ({e.strerror or type(e).__name__})") from None
+
+
 def _remove(created: list[Path]) -> None:
     if created:
         shutil.rmtree(created[-1], ignore_errors=True)  # the outermost folder this call made

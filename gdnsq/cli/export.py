@@ -1,7 +1,8 @@
 """``gdnsq export``: a trained student -> packed integer file (+ ONNX) and its size / BOPs report.
 
-The source is a gdnsq checkpoint file (``runs/<name>/checkpoint.pt``: the job config, the engine's
-student state and the best converged state), a folder written by ``gdnsq models pull``, or a registry
+The source is a gdnsq checkpoint file (``runs/<name>/checkpoint.pt`` in-process, ``runs/<name>/checkpoint_<time>/
+checkpoint.pt`` on Ray: the job config, the engine's student state and the best converged state), a run's folder
+(its latest checkpoint), a folder written by ``gdnsq models pull``, or a registry
 reference ``NAME@ALIAS`` / ``NAME/VERSION``.
 """
 
@@ -14,7 +15,8 @@ from ..config import IMG_SIZE_LIMIT
 from ..errors import ConfigError
 
 EXAMPLES = """examples:
-  gdnsq export runs/quickstart/checkpoint_000019/checkpoint.pt --out out/export --onnx
+  gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80 --out out/export --onnx   # a run's folder: its latest checkpoint
+  gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80/checkpoint_2026-01-05_10-42-07.123456/checkpoint.pt --out out/x
   gdnsq export gdnsq_smallcnn-w2a2@champion --out out/export
   gdnsq export resnet18-w2a2/latest --out out/export --tracking-uri http://localhost:5000"""
 
@@ -33,8 +35,8 @@ def register(subparsers, formatter) -> None:
     p.add_argument(
         "source",
         metavar="CHECKPOINT_OR_REF",
-        help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or a registry reference "
-        "NAME@ALIAS / NAME/VERSION / NAME/latest",
+        help="gdnsq checkpoint file, a run's folder (runs/NAME), a folder from 'gdnsq models pull', or a registry "
+        "reference NAME@ALIAS / NAME/VERSION / NAME/latest",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")

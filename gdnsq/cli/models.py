@@ -7,6 +7,8 @@ commands only read, so they never create a store (a missing local one is an erro
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
 URI_HELP = (
     "MLflow tracking URI: http(s)://HOST:PORT for a server, sqlite:///PATH for a local store "
@@ -119,7 +121,10 @@ def format_models(rows: list[dict], uri: str) -> str:
         ).rstrip()
         for x in [head, *body]
     ]
-    return "\n".join(lines) + f"\n({len(rows)} model{'s' if len(rows) != 1 else ''} in {uri})"
+    return "\n".join(lines) + (
+        f"\n({len(rows)} model{'s' if len(rows) != 1 else ''} in {uri}; PACKED is the file registered with the "
+        "version: its payload plus a manifest naming its source, so an export from elsewhere differs a little)"
+    )
 
 
 def cmd_models(args, extra) -> int:
@@ -147,5 +152,5 @@ def cmd_models(args, extra) -> int:
         with writing_into(args.out):  # checked before the download; a failed pull leaves no new folder
             out = registry.pull_model(ref, args.out, tracking_uri=uri, include_mlflow_model=args.mlflow_model)
         print(f"pulled {out['name']} version {out['version']} ({ref}) into {out['dir']}")
-        print(f"  load it: python -c \"import gdnsq; m = gdnsq.load_model('{out['dir']}')\"")
+        print(f"  load it: {shlex.quote(sys.executable)} -c \"import gdnsq; m = gdnsq.load_model('{out['dir']}')\"")
     return 0

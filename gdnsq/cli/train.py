@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import BAD_IMAGE_POLICIES, DataConfig
 from ..errors import ConfigError
-from .args import job_config
+from .args import check_output_file, job_config
 
 TRAIN_EXAMPLES = """examples:
   gdnsq train jobs/cpu_smallcnn_w2a2.yaml
@@ -71,6 +71,8 @@ def cmd_train(args, extra) -> int:
         cfg = job_config(args.config, extra, **fixed)
     from ..launch.console import footer
 
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
     if args.dry_run:
         return dry_run(cfg, fresh=args.fresh, resume=bool(args.resume))
     summary = run(cfg, fresh=args.fresh, resume=bool(args.resume))
