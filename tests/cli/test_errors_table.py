@@ -186,6 +186,8 @@ ROWS = [
     (["export", "{in}/student.pt", "--out", "out", "--input-size", "0"], "--input-size: must be in [1, 8192]"),
     (["export", "{in}/student.pt", "--out", "out", "--batch", "-1"], "--batch: must be in [1, 1024]"),
     (["models", "pull", "x/1", "--out", "{in}/bad.yaml", "--tracking-uri", "sqlite:///{in}/mlflow.db"], "--out:"),
+    (QS + ["--summary-json", "{in}/images"], "images is a folder; give a file path"),
+    (QS + ["--summary-json", "{in}/bad.yaml/summary.json"], "which is not a folder"),
 ]
 
 
