@@ -7,6 +7,9 @@ turn, round after round, and the median per-step time of each is reported, so th
 processes on the machine hits all three alike.
 
     python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto]
+
+Appends one row per variant to ``results/speed.csv`` (ms/step of FP; the others' ratio to FP), with the load
+average, device and threads (``--record CSV``, ``--no-record``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -32,6 +37,9 @@ from gdnsq.quant.layers import set_fused
 from gdnsq.training.objective import bit_penalties
 from gdnsq.training.runtime import resolve_device
 from gdnsq.training.surgery import _set_submodule, calibrate_model, plan, quantize_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 
 class AOFakeQuantLayer(nn.Module):
@@ -93,7 +101,11 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--record", default=str(provenance.RESULTS / "speed.csv"), metavar="CSV")
+    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
+    stamp = {"date": provenance.today(), "commit": provenance.commit(), "source": "measured"}
+    stamp["command"] = provenance.command()
     device = resolve_device(args.device)
     models, x, y = make_models(device, args.batch, args.size)
     opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, m in models.items()}
@@ -129,6 +141,29 @@ def main():
     print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.3x)")
     print(f"unfused / FP step time:  {med['unfused'] / med['fp']:.2f}x   (quant.fused off)")
     print(f"torch.ao / FP step time: {med['torch.ao'] / med['fp']:.2f}x   (reference)")
+    if args.no_record:
+        return
+    machine = f"{device.type}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, {machine}"
+    setup = f"timm ResNet-18, batch {args.batch}, {args.size} px, {args.steps} steps (median)"
+    names = {"fp": "fp", "gdnsq": "gdnsq_fused", "unfused": "gdnsq_torch", "torch.ao": "torch_ao"}
+    rows = [
+        {
+            **stamp,
+            "benchmark": "step_overhead",
+            "machine": machine,
+            "load": f"{os.getloadavg()[0]:.1f}",
+            "variant": names[k],
+            "metric": "ms_per_step" if k == "fp" else "ratio_to_fp",
+            "value": round(v * 1000, 1) if k == "fp" else round(v / med["fp"], 3),
+            "unit": "ms" if k == "fp" else "x",
+            "seed": 0,
+            "notes": setup,
+        }
+        for k, v in med.items()
+    ]
+    print(f"written: {provenance.record('speed.csv', rows, Path(args.record))}")
 
 
 if __name__ == "__main__":

@@ -384,7 +384,7 @@ class ScheduleConfig:
     descent_end_a: float | None = checked(None, gt=0, le=1)
     """planned: fraction of the planned steps by which the activations reach their targets (None = descent_end).
     Earlier, the inputs go first while the weights still have bits (the order of two-step binary-network
-    training); measured both ways at W1A1, so not a default (docs/results.md, sixth pass)."""
+    training); measured both ways at W1A1, so not a default (docs/results.md, "Decisions")."""
     warmup: float = checked(0.05, ge=0, lt=1)
     """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
     final_lr_ratio: float = checked(0.05, gt=0, le=1)
@@ -501,7 +501,7 @@ class TrainConfig:
     """Before each validation, recompute the student's BatchNorm statistics over this many training batches
     with the quantized forward (0 = keep the running averages, the default). Low-bit weights flip between
     grid points late in training, so the running averages mix statistics of networks that no longer exist;
-    on the bundled digits it did not change W1A1 (docs/results.md), on other data it may."""
+    on the bundled digits it did not change W1A1 (docs/results.md, "Decisions"), on other data it may."""
 
     def __post_init__(self):
         check_section(self, "train")

@@ -18,20 +18,19 @@ from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .bits import average_bits, bits_table, size_figures
 from .checkpoint import make_checkpoint
-from .engine import Engine, create_plan, evaluate, planned_steps, reestimate_batchnorm, train_fp
+from .engine import Engine, create_plan, planned_steps
+from .evaluation import evaluate, reestimate_batchnorm
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
 from .precision import Precision, maybe_compile
 from .runtime import broadcast_module, resolve_device, seed_everything
 from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
+from .teacher import train_fp
 
 log = logging.getLogger("gdnsq")
 
 # Below this validation top-1 (%) an in-run FP teacher is reported as weak (a warning naming the fix).
 WEAK_TEACHER_TOP1 = 60.0
-# Peak AdamW LR of an in-run FP teacher (train_fp): a from-scratch small network on the bundled digits plateaus
-# within its epoch cap at this rate; it is not a fine-tuning rate (FP weights given: no teacher training at all).
-TEACHER_LR = 1e-2
 
 
 def _take(loader, n: int, device) -> list[torch.Tensor]:
@@ -70,7 +69,6 @@ def prepare_teacher(
                 teacher,
                 loaders.calib,
                 epochs,
-                lr=TEACHER_LR,
                 device=device,
                 log=log.info,
                 val_loader=loaders.val,

@@ -12,7 +12,7 @@ from gdnsq.data.loaders import create_loaders
 from gdnsq.training.job import prepare_teacher
 
 # Two full quick-start runs (40 epochs = 2,160 steps each, plus the plateau-trained teacher) against single-seed
-# bounds. docs/results.md has the same runs with 3 seeds ("The quick start's gaps").
+# bounds. docs/results.md has the same runs with 3 seeds ("What the quick start gets").
 pytestmark = pytest.mark.integration
 
 
