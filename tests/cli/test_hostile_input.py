@@ -5,7 +5,8 @@ empty, unicode, '..', control characters, very long, broken YAML), as CLI overri
 
 * exit 0, or exit 2 with exactly one stderr line ``gdnsq: error: ...``;
 * no exception escapes the CLI (no traceback);
-* nothing is written anywhere in the sandbox, which holds the working folder, the storage folder and the inputs.
+* nothing is written anywhere in the sandbox, which holds the working folder, the storage folder, the inputs and
+  the folders a library writes to unasked ($HOME, $XDG_CACHE_HOME, the temporary folder).
 
 The draws are random on every run (hypothesis prints a reproducing blob on failure); 500 of them take well under
 two minutes (the timing is in the test's output with ``-s``).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,12 +87,12 @@ def _valid(key: str) -> st.SearchStrategy:
     return st.text(max_size=20)
 
 
-def _value(key: str) -> st.SearchStrategy:
+def _value(key: str, hostile: bool) -> st.SearchStrategy:
     if key in WORLD:
         return st.sampled_from(WORLD[key])
-    # Mostly inside the bounds, so a draw gets past validation often enough to reach pre-flight's checks.
-    kinds = [_valid(key), st.sampled_from(HOSTILE), st.text(max_size=40)]
-    return st.sampled_from([0, 0, 0, 1, 2]).flatmap(lambda i: kinds[i])
+    if not hostile:
+        return _valid(key)
+    return st.one_of(st.sampled_from(HOSTILE), st.text(max_size=40))
 
 
 DATA = st.fixed_dictionaries(
@@ -102,21 +104,30 @@ DATA = st.fixed_dictionaries(
         "data.batch_size": st.sampled_from(["1", "2", "6", "7", "128"]),
     }
 )
+# Runs stored under the default storage folder (see _make_inputs): one readable, one torn.
+STORED = ["r1", "torn"]
 
 
 @st.composite
 def jobs(draw) -> tuple[list[str], dict[str, str] | None]:
     """(argv, job file settings or None): a command, an executor, data (sometimes a folder of images) and 1-6
-    drawn settings."""
+    drawn settings. A third of the jobs hold no hostile value (all inside their declared bounds: they get past
+    validation and reach pre-flight, storage and the stored run's identity), a third exactly one, a third any
+    number, with now and then a key that is no setting."""
+    mode = draw(st.sampled_from(["clean", "one", "many"]))
     command = draw(st.sampled_from([["quickstart"], ["train"]]))
     flags = ["--dry-run"] + draw(st.sampled_from([["--no-ray"], [], ["--fresh"], ["--no-ray", "--fresh"]]))
     values = draw(DATA) if draw(st.booleans()) else {}
     chosen = draw(st.lists(st.sampled_from(KEYS + ["model.name", "name"] * 3), min_size=1, max_size=6))
-    values |= {key: draw(_value(key)) for key in chosen}
-    if draw(st.integers(0, 9)) == 0:  # now and then a key that is no setting, or names a section or a level below
+    spoilt = {draw(st.sampled_from(chosen))} if mode == "one" else set(chosen) if mode == "many" else set()
+    for key in chosen:
+        hostile = key in spoilt and (mode == "one" or draw(st.booleans()))
+        values[key] = draw(st.sampled_from(STORED)) if key == "name" and not hostile else draw(_value(key, hostile))
+    if mode == "many" and draw(st.integers(0, 3)) == 0:  # a key that is no setting, or names a section or below
         values[draw(st.sampled_from(BAD_KEYS))] = draw(st.sampled_from(HOSTILE + ["1", "{lr: 0.1}"]))
     if draw(st.booleans()) and "name" not in values:
-        flags += ["--resume", draw(st.sampled_from(["r1", "..", "", "x" * 250]))]
+        names = STORED + (["..", "", "x" * 250] if mode == "many" else [])
+        flags += ["--resume", draw(st.sampled_from(names))]
     if command == ["train"] and draw(st.booleans()):
         return command + flags + ["job.yaml"], values  # the settings go into a job file
     argv = command + flags
@@ -132,6 +143,18 @@ def _make_inputs(folder: Path) -> None:
     make_jpeg_imagefolder(folder / "oneclass", classes=1, per_class=2, val_per_class=1, size=(16, 16))
     (folder / "junk.pt").write_bytes(b"not a checkpoint")
     (folder / "zero.beton").write_bytes(b"")
+
+
+def _store_runs(storage: Path) -> None:
+    """A stored quick-start run named r1 (its config as the quick start stores it) and a torn one."""
+    from gdnsq.config import load_config, to_dict
+    from gdnsq.training.checkpoint import save_checkpoint
+
+    quickstart = Path(__file__).resolve().parents[2] / "gdnsq" / "configs" / "quickstart.yaml"
+    stored = to_dict(load_config(quickstart, {"name": "r1"}))
+    save_checkpoint({"config": stored, "engine": {"epoch": 1, "model": {}}}, storage / "r1" / "checkpoint.pt")
+    (storage / "torn").mkdir(parents=True)
+    (storage / "torn" / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip")
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
@@ -154,17 +177,23 @@ def _write_job(path: Path, values: dict[str, str]) -> None:
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):  # 'model.name.x' beside 'model.name': the level below wins
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
     path.write_text(yaml.safe_dump(nested, allow_unicode=True), encoding="utf-8", errors="surrogateescape")
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    """<sandbox>/a/b/work is the working folder ('..' thrice stays inside); inputs sit beside it in work/inputs."""
+    """<sandbox>/a/b/work is the working folder ('..' thrice stays inside); inputs sit beside it in work/inputs;
+    <sandbox>/home and <sandbox>/tmp stand in for the user's home and the temporary folder."""
     root = tmp_path_factory.mktemp("sandbox")
     work = root / "a" / "b" / "work"
     _make_inputs(work / "inputs")
+    _store_runs(work / "runs")
+    for place in ("home", "tmp"):
+        (root / place).mkdir()
     return root, work
 
 
@@ -173,6 +202,15 @@ def test_drawn_jobs_exit_0_or_2_with_one_line_and_write_nothing(sandbox, monkeyp
     root, work = sandbox
     monkeypatch.chdir(work)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # The places a library writes to unasked (caches, config, temporary files) are inside the sandbox too, so a
+    # write there is seen like one into the storage folder or the working folder.
+    for var, place in (("HOME", "home"), ("XDG_CACHE_HOME", "home/.cache"), ("TMPDIR", "tmp")):
+        monkeypatch.setenv(var, str(root / place))
+    monkeypatch.setattr(tempfile, "tempdir", str(root / "tmp"))
+    # torch makes its compile cache folder ($TMPDIR/torchinductor_$USER) when torch._dynamo is first imported (timm
+    # imports it): torch's, once per process, not a run's write; imported here, before the first snapshot.
+    import torch._dynamo  # noqa: F401
+
     tally = {0: 0, 2: 0}
     t0 = time.perf_counter()
 
@@ -189,6 +227,7 @@ def test_drawn_jobs_exit_0_or_2_with_one_line_and_write_nothing(sandbox, monkeyp
         if job_file is not None:
             _write_job(work / "job.yaml", job_file)
         before = _snapshot(root)
+        started = time.perf_counter()
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -205,7 +244,9 @@ def test_drawn_jobs_exit_0_or_2_with_one_line_and_write_nothing(sandbox, monkeyp
         tally[rc] += 1
         if os.environ.get("GDNSQ_HOSTILE_LOG"):  # every draw and its outcome, for a look at what was searched
             with open(os.environ["GDNSQ_HOSTILE_LOG"], "a") as f:
-                f.write(repr((argv, job_file, rc, err.getvalue().strip())) + "\n")
+                f.write(
+                    repr((argv, job_file, rc, err.getvalue().strip(), round(time.perf_counter() - started, 3))) + "\n"
+                )
 
     drawn()
     elapsed = time.perf_counter() - t0
