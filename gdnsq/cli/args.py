@@ -17,6 +17,15 @@ def formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error (an unknown command, a missing argument, a flag given a value) is one line and exit 2, as
+    every other bad input is, instead of argparse's usage block above it; the line says where the usage is.
+    Subcommands' parsers are of the same class (``add_subparsers`` makes them with ``type(self)``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"gdnsq: error: {message}; '{self.prog} --help' shows the usage\n")
+
+
 def job_path(path: str | None, extra: list[str]) -> str | None:
     """The job file: ``-c/--config`` or the first bare word of ``extra`` (taken out of it; argparse cannot
     tell a positional job file from an override's value)."""

@@ -188,6 +188,14 @@ ROWS = [
     (["models", "pull", "x/1", "--out", "{in}/bad.yaml", "--tracking-uri", "sqlite:///{in}/mlflow.db"], "--out:"),
     (QS + ["--summary-json", "{in}/images"], "images is a folder; give a file path"),
     (QS + ["--summary-json", "{in}/bad.yaml/summary.json"], "which is not a folder"),
+    # Usage errors (argparse's): one line saying where the usage is, not the usage block above an error line.
+    (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    (["models", "nosuch"], "'gdnsq models --help' shows the usage"),
+    (["export"], "the following arguments are required: CHECKPOINT_OR_REF, --out"),
+    (["export", "{in}/student.pt", "--out"], "argument --out: expected one argument"),
+    (QS + ["--dry-run=3"], "--dry-run: ignored explicit argument '3'"),
+    (QS + ["--=nan"], "ambiguous option: --=nan"),
+    (["models", "list", "--bogus"], "unrecognized arguments: --bogus"),
 ]
 
 
@@ -239,6 +247,8 @@ def run_row(argv: list[str], inputs: Path, work: Path) -> tuple[int, str]:
     os.chdir(work)
     try:
         return main([a.replace("{in}", str(inputs)) for a in argv]), ""
+    except SystemExit as e:  # argparse's usage errors
+        return e.code, ""
     finally:
         os.chdir(cwd)
 
