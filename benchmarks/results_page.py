@@ -265,6 +265,7 @@ def decisions_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        r = {k: v.replace("|", "\\|") for k, v in r.items()}  # a | inside a cell would split it
         out.append(
             f"| {r['option']} | `{r['setting']}` | {r['target']}, {int(r['steps']):,} steps, seeds {r['seeds']}"
             + (f", teacher {r['teacher_top1']}" if r["teacher_top1"] else "")
