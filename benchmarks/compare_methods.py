@@ -120,7 +120,7 @@ def job_overrides(args, method: str, target: tuple[int, int], teacher: str | Non
 def train_teacher(args, recipe: dict, out: Path) -> Path:
     """The one FP teacher of every run: the pipeline's own recipe, trained once and saved."""
     from gdnsq.data.loaders import create_loaders
-    from gdnsq.training.engine import evaluate
+    from gdnsq.training.evaluation import evaluate
     from gdnsq.training.job import prepare_teacher
     from gdnsq.training.runtime import seed_everything
 

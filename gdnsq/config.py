@@ -363,11 +363,13 @@ class DataConfig:
     os_cache: bool = True
     """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
     val_fraction: float = 0.1
-    """Bundled data: share held out for checkpoint selection (test is reported separately)."""
+    """Bundled data: share of the 5,000 digits held out for checkpoint selection (the 1,000 test digits are fixed
+    and reported separately); other kinds take validation from data.val_path."""
 
     def __post_init__(self):
         _check(self.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(0 < self.val_fraction <= 0.5, "data.val_fraction", f"must be in (0, 0.5], got {self.val_fraction}")
         if self.val_resize is None:  # the usual 0.875 crop ratio, whatever the image size
             self.val_resize = round(self.img_size * 256 / 224)
         if self.kind != "bundled":
@@ -492,7 +494,7 @@ class JobConfig:
 
 
 # ------------------------------------------------------------------------------------------ sweep
-# The ``sweep:`` section of a sweep file (a job file plus a search space); gdnsq.launch.sweep_plan reads it.
+# The ``sweep:`` section of a sweep file (a job file plus a search space); gdnsq.launch.sweep.plan reads it.
 
 SWEEP_SEARCHES = ("grid", "random", "optuna")
 SWEEP_SCHEDULERS = ("asha", "fifo")

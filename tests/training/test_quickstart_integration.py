@@ -6,7 +6,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-from gdnsq.cli.main import _quickstart_config
+from gdnsq.cli.train import _quickstart_config
 from gdnsq.config import load_config
 from gdnsq.data.loaders import create_loaders
 from gdnsq.training.job import prepare_teacher

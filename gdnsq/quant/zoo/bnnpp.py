@@ -106,10 +106,10 @@ class BNNppActQuantizer(_Annealed, FixedBitActQuantizer):
 @register_method("bnnpp")
 def create_bnnpp(weight_shape, spec):
     args = method_args(spec, "bnnpp", DEFAULTS)
-    if int_bits(spec.target_w) != 1 or int_bits(spec.target_a) != 1:
+    if int_bits(spec.bound_w) != 1 or int_bits(spec.bound_a) != 1:
         raise ConfigError(
             f"quant.method: bnnpp binarises weights and activations (W1A1); got target "
-            f"W{spec.target_w:g}A{spec.target_a:g}"
+            f"W{spec.bound_w:g}A{spec.bound_a:g}"
         )
     return (
         BNNppWeightQuantizer(weight_shape, per_channel=spec.per_channel, **args),

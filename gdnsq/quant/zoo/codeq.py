@@ -129,6 +129,6 @@ class CoDeQWeightQuantizer(FixedBitWeightQuantizer):
 def create_codeq(weight_shape, spec):
     args = method_args(spec, "codeq", DEFAULTS)
     return (
-        CoDeQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-        LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, mse_init=True),
+        CoDeQWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel, **args),
+        LSQActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, mse_init=True),
     )

@@ -116,6 +116,6 @@ class LSQActQuantizer(FixedBitActQuantizer):
 def create_lsq(weight_shape, spec):
     args = method_args(spec, "lsq", {"act_mse_init": 1.0})
     return (
-        LSQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-        LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, mse_init=bool(args["act_mse_init"])),
+        LSQWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel),
+        LSQActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, mse_init=bool(args["act_mse_init"])),
     )

@@ -68,6 +68,6 @@ class PACTActQuantizer(FixedBitActQuantizer):
 def create_pact(weight_shape, spec):
     args = method_args(spec, "pact", DEFAULTS)
     return (
-        DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-        PACTActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, alpha_l2=args["alpha_l2"]),
+        DoReFaWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel),
+        PACTActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, alpha_l2=args["alpha_l2"]),
     )

@@ -130,6 +130,6 @@ class PEGEActQuantizer(_PEGEMixin, LSQActQuantizer):
 def create_pege(weight_shape, spec):
     args = method_args(spec, "pege", DEFAULTS)
     return (
-        PEGEWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-        PEGEActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, mse_init=True, **args),
+        PEGEWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel, **args),
+        PEGEActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, mse_init=True, **args),
     )
