@@ -221,7 +221,9 @@ def mixed_section(mixed: list[dict]) -> list[str]:
         "",
         "`benchmarks/mixed_vs_uniform.py`: the budget is the packed bytes of the uniform GDNSQ WkAk student;",
         "*mixed* learns each layer's weight width (and with `--act-budget` the inputs' widths, k bits per input",
-        "element on average) within it. Digits CNN, 2,160 steps, test top-1 %, mean ± sd.",
+        "element on average) within it. Digits CNN, "
+        + " / ".join(f"{int(v):,}" for v in sorted({r["steps"] for r in mixed}, key=int))
+        + " steps, test top-1 %, mean ± sd.",
         "",
         "| teacher | budget | recipe | arm | seeds | top-1 | mixed − best uniform |",
         "|---|---|---|---|---|---|---|",
