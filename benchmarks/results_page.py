@@ -48,11 +48,16 @@ def pm(values: list[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"  # one seed has no spread to show
 
 
-def difference(a: list[float], b: list[float]) -> str:
-    """mean(a) − mean(b), ± its standard error sqrt(sd_a²/n_a + sd_b²/n_b) when both cells have two seeds or more."""
+def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """mean(a) − mean(b) and its standard error sqrt(sd_a²/n_a + sd_b²/n_b) (None unless both have 2+ seeds)."""
     (ma, sa), (mb, sb) = stats(a), stats(b)
-    text = f"**{ma - mb:+.2f}**"
-    return text if min(len(a), len(b)) < 2 else f"{text} ± {(sa**2 / len(a) + sb**2 / len(b)) ** 0.5:.2f}"
+    return ma - mb, (None if min(len(a), len(b)) < 2 else (sa**2 / len(a) + sb**2 / len(b)) ** 0.5)
+
+
+def verdict(margin: float, se: float | None) -> str:
+    if se is None:
+        return "one seed"
+    return "ahead" if margin > 2 * se else "behind" if margin < -2 * se else "level"
 
 
 def seeds(rows: list[dict]) -> str:
@@ -189,7 +194,7 @@ def methods_section(methods: list[dict]) -> list[str]:
             text += "" if all(r["converged"] == "True" for r in rs) else " *"
             cells.append(f"**{text}**" if arm == "gdnsq" else text)
         out.append(f"| {arm} | " + " | ".join(cells) + " |")
-    margins = []
+    margins, verdicts = [], defaultdict(list)
     for s, t in cols:
         g = cell.get(("gdnsq", s, t))
         others = {a: statistics.fmean(num(r["top1"]) for r in cell[(a, s, t)]) for a in arms if (a, s, t) in cell}
@@ -198,10 +203,14 @@ def methods_section(methods: list[dict]) -> list[str]:
             margins.append("–")
             continue
         best = max(others, key=others.get)
-        margins.append(difference([num(r["top1"]) for r in g], [num(r["top1"]) for r in cell[(best, s, t)]]))
-        margins[-1] += f" vs {best}"
+        margin, se = difference([num(r["top1"]) for r in g], [num(r["top1"]) for r in cell[(best, s, t)]])
+        margins.append(f"**{margin:+.2f}**" + ("" if se is None else f" ± {se:.2f}") + f" vs {best}")
+        verdicts[verdict(margin, se)].append(f"{t} {int(s):,}")
     out.append("| GDNSQ − best other arm | " + " | ".join(margins) + " |")
-    out += ["", "Reproduce:", ""]
+    said = {"ahead": "ahead by more than two standard errors", "level": "level within two", "behind": "behind"}
+    said["one seed"] = "not judged (one seed)"
+    summary = " and ".join(f"{said[v]} ({', '.join(verdicts[v])} steps)" for v in said if verdicts[v])
+    out += ["", f"Against the best other arm of each column, GDNSQ is {summary}.", "", "Reproduce:", ""]
     return out + code_block(commands(rows)) + [""]
 
 

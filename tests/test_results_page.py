@@ -102,8 +102,10 @@ def test_the_margin_is_over_the_best_other_arm_of_each_column(tmp_path):
     for r in cell:
         r["top1"] = "99.9"  # Brevitas now leads that column by far
     write_methods(folder, data)
-    after = margin_row(page.build(folder))[0]
+    text = page.build(folder)
+    after = margin_row(text)[0]
     assert after != before
+    assert "behind (W2A2 432" in text and "behind (W2A2 432" not in page.build(RESULTS)  # the sentence follows
     gdnsq = [
         float(r["top1"])
         for r in data
