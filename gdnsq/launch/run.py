@@ -13,9 +13,11 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
-from ..config import JobConfig
+from ..config import JobConfig, to_dict
 from ..errors import RunIdentityError
+from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_latest
 from .identity import own_folder, run_dir, with_run_name
 from .preflight import check_storage, preflight
 from .storage import exists, storage_root
@@ -93,3 +95,30 @@ def signals_interrupt(received: list[int] | None = None) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def check_run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> tuple[JobConfig, list[str]]:
+    """``--dry-run``: every check :func:`run` makes before its executor starts (name, pre-flight, storage, the stored
+    run's identity), with nothing trained, moved or left behind. Returns the config the run would use and what
+    was found, one line each; a problem raises as it would in :func:`run`."""
+    cfg, facts = preflight(with_run_name(cfg))
+    found = []
+    if facts is not None:
+        found.append(
+            f"data: {facts.train.size:,} training / {facts.val.size:,} validation samples, {facts.num_classes} classes"
+        )
+    folder = run_dir(cfg)
+    if "://" in folder:
+        found.append(f"storage: {folder} (remote: not checked without the cluster)")
+        return cfg, found
+    check_storage(cfg)
+    stored = Path(folder).exists()
+    if resume and not stored:
+        raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")
+    if stored and not fresh and (Path(folder) / CHECKPOINT_FILE).is_file():
+        ckpt = load_latest(Path(folder) / CHECKPOINT_FILE)
+        if ckpt is not None:
+            check_identity(to_dict(cfg), ckpt, folder)
+    state = "set aside by --fresh, then new" if stored and fresh else "resumed" if stored else "new"
+    found.append(f"storage: {folder} ({state})")
+    return cfg, found
