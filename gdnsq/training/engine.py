@@ -24,8 +24,7 @@ from ..quant.layers import (
     set_noise_ratio,
 )
 from .objective import GDNSQObjective, converged
-from .precision import Precision
-from .runtime import unwrap
+from .runtime import Precision
 from .schedules import DescentPlan, ScheduleState, plan_descent
 from .targets import create_targets
 
@@ -34,6 +33,15 @@ SGD_MOMENTUM = 0.9
 
 # train/lag_bits is -inf when no quantizer has learnable bits (zoo methods); a finite floor keeps it loggable.
 _LAG_LOG_FLOOR = -99.0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The engine's core: the plain model inside torch.compile's (``_orig_mod``) and DDP's (``module``) wrappers,
+    either order."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
@@ -74,25 +82,26 @@ class Engine:
         student: nn.Module,
         teacher: nn.Module | None,
         device: torch.device,
-        precision: Precision | None = None,
+        precision: Precision,
     ):
         self.cfg = cfg
-        # Autocast dtype, memory format, fp16 loss scaling (modules are put in their format by the caller).
-        self.precision = precision or Precision.create(cfg.train, device)
+        # Autocast dtype and fp16 loss scaling; modules and batches come in the run's memory format
+        # (Precision.prepare_module, Precision.prepare_loaders).
+        self.precision = precision
         self.model = student  # may be DDP-wrapped; quantizer maths read the unwrapped core
         self.core = unwrap(student)
         self.teacher = teacher
         self.device = device
         self.optimizer = create_optimizer(self.core, cfg.optim)
-        self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
-        self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
-        self._planned_quant_lr = False
-        self.targets = create_targets(cfg.quant, self.objective)  # who sets the layers' targets, and when
         set_noise_ratio(self.core, self.sched.noise_ratio)
         set_fused(self.core, cfg.quant.fused)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
         self._progress_hooks = list(iter_quantizers(self.core))
+        self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
+        self.targets = create_targets(cfg.quant, self.objective)  # who sets the layers' targets, and when
+        self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
+        self._planned_quant_lr = False
         self.epoch = 0
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -101,6 +110,8 @@ class Engine:
     def train_epoch(
         self, loader: Iterable, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None
     ) -> dict[str, float]:
+        """One epoch (at most ``max_steps`` steps) over ``loader``, whose batches are on the device in the run's
+        memory format (:meth:`Precision.prepare_loaders`); returns the epoch's train/* metrics."""
         cfg, opt = self.cfg, self.optimizer
         self.model.train()
         sums: dict[str, float] = {}
@@ -113,8 +124,6 @@ class Engine:
         for x, y in loader:
             if max_steps is not None and steps >= max_steps:
                 break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            x = self.precision.prepare_input(x)
             self.targets.start(self.core, x, y, self.sched.step)
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:

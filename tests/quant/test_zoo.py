@@ -481,6 +481,7 @@ def test_objective_adds_the_extra_loss_terms():
 
 def test_engine_drives_set_progress_through_the_run():
     from gdnsq.training.engine import Engine
+    from gdnsq.training.runtime import Precision
 
     cfg = load_config(
         None,
@@ -500,7 +501,7 @@ def test_engine_drives_set_progress_through_the_run():
     layer = next(layer for _, layer in iter_quantized(model))
     original = layer.weight_quant.set_progress
     layer.weight_quant.set_progress = lambda p: (seen.append(p), original(p))[1]
-    engine = Engine(cfg, model, None, torch.device("cpu"))
+    engine = Engine(cfg, model, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     engine.train_epoch(batches)
     engine.train_epoch(batches, max_steps=3)  # planned steps: epochs x min(len(loader), max_steps) = 6
     assert seen[:4] == [0.0, 0.125, 0.25, 0.375]

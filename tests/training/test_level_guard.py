@@ -9,6 +9,7 @@ from gdnsq.quant.layers import iter_quantized, keep_levels_
 from gdnsq.training.engine import Engine
 from gdnsq.training.models import SmallCNN
 from gdnsq.training.objective import converged
+from gdnsq.training.runtime import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 
@@ -65,7 +66,7 @@ def test_guard_holds_under_huge_gradient_steps_in_training():
         },
     )
     m = _model(1, bits=3.0)
-    eng = Engine(cfg, m, None, torch.device("cpu"))
+    eng = Engine(cfg, m, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     gen = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(16, 1, 28, 28, generator=gen) * 1e3, torch.randint(0, 10, (16,), generator=gen)) for _ in range(5)

@@ -8,6 +8,7 @@ import torch
 from gdnsq.config import load_config
 from gdnsq.training.engine import Engine, create_plan
 from gdnsq.training.models import SmallCNN
+from gdnsq.training.runtime import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 
@@ -47,7 +48,7 @@ def _run(steps: int, descent_end: float, target: int = 2, lr: float = 3e-3):
     quantize_model(student, cfg.quant)
     plan = create_plan(cfg, student, epochs * len(batches))
     calibrate_model(student, [x for x, _ in batches[:2]], plan.init_bits)
-    engine = Engine(cfg, student, teacher, torch.device("cpu"))
+    engine = Engine(cfg, student, teacher, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     for _ in range(epochs):
         engine.train_epoch(batches)
     return engine, plan

@@ -10,6 +10,7 @@ from gdnsq.quant import functional as F
 from gdnsq.quant.layers import cap_levels_, iter_quantized, keep_levels_
 from gdnsq.training.engine import Engine
 from gdnsq.training.objective import converged
+from gdnsq.training.runtime import Precision
 from tests.training.test_level_guard import _levels, _model
 
 
@@ -71,7 +72,7 @@ def _engine(hold: bool, lr: float = 0.3):
     m = _model(2, bits=2.0)
     keep_levels_(m, 0.1)
     assert converged(m)
-    eng = Engine(cfg, m, None, torch.device("cpu"))
+    eng = Engine(cfg, m, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     eng.sched.converged_step, eng.sched.converged = 0, True  # the descent has ended: the model is at its targets
     eng.sched.temperature = 0.0  # no penalty; big weight steps under still steps: the weights' ranges grow
     return eng, m
