@@ -43,9 +43,9 @@ def test_lsq_activation_step_starts_at_the_mse_fit_and_the_paper_rule_stays_sele
 
 def test_lsq_method_uses_the_mse_init_unless_told_otherwise():
     shape = torch.Size((4, 3, 3, 3))
-    _, act = lsq.create_lsq(shape, QuantSpec(target_w=2, target_a=2, method="lsq"))
+    _, act = lsq.create_lsq(shape, QuantSpec(bound_w=2, bound_a=2, method="lsq"))
     assert act.mse_init
-    _, act = lsq.create_lsq(shape, QuantSpec(target_w=2, target_a=2, method="lsq", method_args={"act_mse_init": 0}))
+    _, act = lsq.create_lsq(shape, QuantSpec(bound_w=2, bound_a=2, method="lsq", method_args={"act_mse_init": 0}))
     assert not act.mse_init
 
 
