@@ -3,6 +3,7 @@ an epoch's validation metrics and the run's final report. Imports neither Ray no
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from ..config import JobConfig
 from ..data.loaders import Loaders
 from .bits import average_bits, bits_table, size_figures
 from .objective import ns_top1
-from .runtime import Precision, all_reduce_sum, broadcast_module, take
+from .runtime import Precision, all_reduce_sum, broadcast_module
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,15 +51,18 @@ def evaluate(
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor], precision: Precision | None = None) -> None:
-    """Recompute every BatchNorm's running mean and variance as plain averages over ``batches`` (on the model's
-    device, in the run's memory format), through the eval-mode (exact grid, no dither) forward. Under DDP rank 0's
-    statistics go to every rank (as calibration does), so every rank evaluates and checkpoints the same model.
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], precision: Precision | None = None) -> None:
+    """Recompute every BatchNorm's running mean and variance as plain averages over ``batches`` (input tensors on
+    the model's device, in the run's memory format; each is used once, as it comes), through the eval-mode (exact
+    grid, no dither) forward. Under DDP rank 0's statistics go to every rank (as calibration does), so every rank
+    evaluates and checkpoints the same model.
 
     Why: the running averages are an EMA over the last few hundred training steps, each with other rounded
     weights and with the training forward's dither; at 1-2 bits that mix can be several points of top-1 away
     from the network actually evaluated (Nagel et al. 2022, "Overcoming oscillations in QAT")."""
-    if not batches:
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
         raise ValueError("BatchNorm re-estimation got no batches")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     precision = precision or Precision(next(model.parameters()).device)
@@ -70,7 +74,7 @@ def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor], precisio
         m.momentum = None  # cumulative average over the batches below
         m.train()
     try:
-        for x in batches:
+        for x in itertools.chain([first], batches):
             with precision.autocast():
                 model(x)
     finally:
@@ -85,7 +89,7 @@ def epoch_metrics(engine: Engine, loaders: Loaders) -> tuple[dict, list[dict]]:
     """An epoch's validation metrics (after BatchNorm re-estimation, ``train.bn_reestimate_batches``) and bits table."""
     n = engine.cfg.train.bn_reestimate_batches
     if n:
-        reestimate_batchnorm(engine.core, take(loaders.calib, n), engine.precision)
+        reestimate_batchnorm(engine.core, (x for x, _ in itertools.islice(loaders.calib, n)), engine.precision)
     val = evaluate(engine.model, loaders.val, engine.device, engine.precision)
     conv = engine.is_converged()
     table = bits_table(engine.core)

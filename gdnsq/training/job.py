@@ -12,48 +12,20 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from ..config import JobConfig, to_dict
-from ..data.loaders import Loaders, create_loaders
+from ..data.loaders import create_loaders
 from .checkpoint import make_checkpoint
-from .engine import Engine, create_plan, planned_steps
+from .engine import Engine
 from .evaluation import epoch_metrics, evaluate, final_report
-from .runtime import Precision, distribute, maybe_compile, resolve_device, seed_everything, take
-from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
+from .runtime import Precision, distribute, maybe_compile, resolve_device, seed_everything
+from .surgery import prepare_student
 from .teacher import prepare_teacher
 
 log = logging.getLogger("gdnsq")
 
 # Below this validation top-1 (%) an in-run FP teacher is reported as weak (a warning naming the fix).
 WEAK_TEACHER_TOP1 = 60.0
-
-
-def prepare_student(
-    cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device, resume: dict | None
-) -> tuple[nn.Module, list, dict]:
-    """The quantized, calibrated student (or the resumed one), surgery's decisions, and the run's ``io``:
-    {input_shape: [C, H, W], num_classes}, what registration and export need to rebuild the student without the
-    data (read off the calibration batches, as the student sees its input in training)."""
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    decisions = quantize_model(student, cfg.quant)
-    student.to(device)
-    if resume is None:
-        # A planned schedule may start a short budget below quant.init_bits (schedules.plan_descent).
-        steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
-        plan = create_plan(cfg, student, steps)
-        batches = take(loaders.calib, cfg.quant.calib_batches)
-        calibrate_model(student, batches, plan.init_bits)
-        broadcast_quantizer_state(student)  # calibration before DDP: rank 0's result everywhere
-        return student.train(), decisions, _describe_io(batches, loaders.num_classes)
-    student.load_state_dict(resume["engine"]["model"])
-    # Every checkpoint since the executors recorded io has it; an older one gets it from one batch.
-    io = resume.get("io") or _describe_io(take(loaders.calib, 1), loaders.num_classes)
-    return student.train(), decisions, dict(io)
-
-
-def _describe_io(batches: list[torch.Tensor], num_classes: int) -> dict:
-    return {"input_shape": list(batches[0].shape[1:]), "num_classes": int(num_classes)}
 
 
 # The metric keys every epoch reports (run_job's on_epoch metrics: validation, bits, the engine's and the
