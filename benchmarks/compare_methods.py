@@ -123,8 +123,8 @@ def train_teacher(args, recipe: dict, out: Path) -> Path:
     """The one FP teacher of every run: the pipeline's own recipe, trained once and saved."""
     from gdnsq.data.loaders import create_loaders
     from gdnsq.training.evaluation import evaluate
-    from gdnsq.training.job import prepare_teacher
     from gdnsq.training.runtime import seed_everything
+    from gdnsq.training.teacher import prepare_teacher
 
     path = out / "teacher.pt"
     if path.is_file() and not args.retrain_teacher:

@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # run from a checkout; ben
 from bench_step_overhead import AOFakeQuantLayer  # noqa: E402
 
 from gdnsq.config import load_config  # noqa: E402
-from gdnsq.training.precision import Precision  # noqa: E402
+from gdnsq.training.runtime import Precision  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 JOB = ROOT / "jobs" / "imagenet_resnet18_w2a2.yaml"

@@ -391,7 +391,8 @@ class ScheduleConfig:
     """planned: LR at the end of the run (as a fraction of the base LR), reached by the anneal after descent_end."""
     max_temperature: float = checked(32.0, ge=1)
     """planned: cap of the penalty multiplier t (in units of the running task loss). Past it the task term is
-    noise next to the penalty: W1A1 runs whose bits lagged the plan drove t to ~900 and fell to 22 % top-1."""
+    noise next to the penalty: uncapped, W1A1 runs whose bits lagged the plan drove t up until the task loss
+    collapsed (docs/results.md, "Decisions": temperature cap)."""
     warmup_steps: int = checked(100, ge=0)
     """absolute: steps with temperature 0 and linear LR warm-up."""
     scale_t: float = checked(2.0, ge=0)

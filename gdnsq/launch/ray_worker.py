@@ -1,5 +1,5 @@
 """The Ray Train executor's worker side: where the checkpoint goes (a Ray ``Checkpoint`` attached to rank 0's
-report), the per-epoch report every rank makes, and the DDP wrap. What the run records is
+report) and the per-epoch report every rank makes. What the run records is
 :class:`gdnsq.launch.session.RunSession`'s, as in-process.
 
 Every rank calls ``ray.train.report`` once per epoch (a barrier); rank 0 alone attaches ``checkpoint.pt``
@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import config_from_dict
 from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -215,24 +214,6 @@ def raise_on_every_rank(error: Exception | None, world_size: int) -> None:
         raise (cls if isinstance(cls, type) and issubclass(cls, errors.GdnsqError) else errors.StorageError)(line)
 
 
-def ddp_wrapper(world_size: int, device: torch.device, sync_batchnorm: bool = True):
-    """``run_job``'s ``wrap_ddp``: the student in DistributedDataParallel over the worker group (the frozen
-    teacher is never wrapped: only the student's gradients are averaged); None for a single worker."""
-    if world_size == 1:
-        return None
-
-    def wrap(student: nn.Module) -> nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if sync_batchnorm and device.type == "cuda":
-            # Batch statistics over the global batch, as the reference trainer does (torch's SyncBatchNorm
-            # runs on GPUs only; CPU ranks keep per-rank statistics).
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-    return wrap
-
-
 def _both(first, second):
     if first is None or second is None:
         return first or second
@@ -336,7 +317,6 @@ def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill:
             world_size=world_size,
             device=device,
             resume=resume,
-            wrap_ddp=ddp_wrapper(world_size, device, cfg.train.sync_batchnorm),
             on_epoch=on_epoch,
             on_step=_both(session.on_step if progress is not None else None, kill and kill.step_hook(rank)),
             on_epoch_start=session.on_epoch_start if progress is not None else None,

@@ -252,6 +252,20 @@ def cap_levels_(model: nn.Module, margin: float) -> None:
         layer.cap_levels_(margin)
 
 
+def within_targets(model: nn.Module) -> bool:
+    """Every quantized layer's true bit-width is at most its target (weights and activations), and no
+    grid is dead (fewer than 2 levels, which includes a clamp with hi < lo): a constant layer never counts."""
+    for _, layer in iter_quantized(model):
+        if layer.has_dead_grid():
+            return False
+        if layer.true_weight_bits() > float(layer.target_w):
+            return False
+        ta = layer.true_act_bits()
+        if ta is not None and ta > float(layer.target_a):
+            return False
+    return True
+
+
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that belong to quantizers (their own optimizer group: own LR, no weight decay)."""
     return [p for q in iter_quantizers(model) for p in q.parameters(recurse=False) if p.requires_grad]

@@ -306,9 +306,9 @@ class ActivationQuantizer(_GDNSQQuantizer):
 
 
 def resolve_estimator(estimator: str, target: float) -> str:
-    """``auto``: adaptive EWGS on a 1-bit grid (the reference's W1A1 setting; measured on the digits CNN at 432
-    steps, 3 seeds: W1A1 89.1 vs 86.0 with ste), the straight-through estimator elsewhere (the fused kernels'
-    path; at W2A2 aewgs measured level with ste). Any other name is kept."""
+    """``auto``: adaptive EWGS on a 1-bit grid (the reference's W1A1 setting, ahead of ste there), the
+    straight-through estimator elsewhere (the fused kernels' path; no worse than aewgs at 2 bits and up). The
+    measurements: docs/results.md, "Decisions". Any other name is kept."""
     if estimator != "auto":
         return estimator
     return "aewgs" if target <= 1 else "ste"

@@ -263,10 +263,11 @@ class RunTracker:
     def log_summary(self, summary: dict) -> None:
         """End-of-training summary: ``final/<key>`` metrics, summary.json, tags; the FP line in plots."""
         self._summary = {k: v for k, v in summary.items() if k != "layers"}
-        scalars = {f"final/{k}": v for k, v in summary.items() if k != "layers" and as_float(v) is not None}
+        scalars = {f"final/{k}": v for k, v in self._summary.items()}  # log_metrics keeps the numbers among them
         self.log_metrics(scalars, step=self._history[-1]["epoch"] if self._history else 0)
-        self.set_tags({f"gdnsq.{k}": summary[k] for k in ("converged", "ns_top1", "top1") if k in summary})
         self.log_dict(summary, "summary.json")
+        # Last: a run that shows its summary tags has its final metrics and summary.json in the store too.
+        self.set_tags({f"gdnsq.{k}": summary[k] for k in ("converged", "ns_top1", "top1") if k in summary})
 
     # ------------------------------------------------------------------ artifacts
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:

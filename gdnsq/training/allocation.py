@@ -4,8 +4,7 @@
 Why not let the aggregate penalty alone decide: its gradient reaches layer l in proportion to the layer's
 share of the budget (n_l/Σn for bytes), but Adam divides every parameter's step by its own gradient scale,
 so each layer's bit-width falls at the same rate whatever its size. Every layer reaches the budget's uniform
-width at the same time, the penalty switches off, and the "learned" allocation is the uniform one (measured:
-all four layers of the digits CNN at 2/2 bits under uniform W2's bytes, in every run).
+width at the same time, the penalty switches off, and the "learned" allocation is the uniform one.
 
 The probe instead prices, once at the start of the descent on the first training batch, every layer at
 every width in its bounds: the Fisher-weighted error of its weights on that width's best clipped grid, the second-order
@@ -17,8 +16,8 @@ init_bits to its own target, as with hand-set per-layer targets.
 
 With an activation budget (``value_a``, bits per quantized input element) the inputs are priced the same way,
 Σ (∂L/∂x)² ⊙ (Q(x) - x)² over the probe batch on each width's best clipped grid, and share their own budget
-first (their widths enter the weights' BOPs). Measured why: on the digits CNN at 2,160 steps W2A8 is at W4A4's
-accuracy and W8A2 0.8 under it, so at 2-bit inputs the inputs, not the weights, hold what is left.
+first (their widths enter the weights' BOPs): at 2-bit inputs it is the inputs, not the weights, that hold what
+accuracy is left (docs/method.md, "Mixed precision under one budget"; docs/results.md, "Decisions").
 """
 
 from __future__ import annotations

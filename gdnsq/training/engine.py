@@ -22,11 +22,11 @@ from ..quant.layers import (
     quantizer_parameters,
     set_fused,
     set_noise_ratio,
+    within_targets,
 )
-from .objective import GDNSQObjective, converged
-from .precision import Precision
-from .runtime import unwrap
-from .schedules import DescentPlan, ScheduleState, plan_descent
+from .objective import GDNSQObjective
+from .runtime import Precision
+from .schedules import DescentPlan, ScheduleState, plan_descent, planned_steps
 from .targets import create_targets
 
 # optim.name sgd: Nesterov momentum 0.9, the usual ImageNet CNN setting (timm's and torchvision's recipes).
@@ -36,22 +36,18 @@ SGD_MOMENTUM = 0.9
 _LAG_LOG_FLOOR = -99.0
 
 
-def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
-    """Optimizer steps of the whole run: train.epochs epochs of this loader (capped per epoch)."""
-    per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
-    return max(1, per_epoch * cfg.train.epochs)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The engine's core: the plain model inside torch.compile's (``_orig_mod``) and DDP's (``module``) wrappers,
+    either order."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
-def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
-    """The run's schedule constants (schedules.plan_descent) for the target the run's targets strategy plans
-    for (training.targets: the smallest layer target, or a budget's uniform width)."""
-    target = create_targets(cfg.quant).plan_target(unwrap(model), cfg.quant.init_bits)
-    return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, target)
-
-
-def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Two groups: network weights (lr, weight decay) and quantizer parameters (quant_lr, no decay)."""
-    quant = quantizer_parameters(model)
+def create_optimizer(model: nn.Module, cfg: OptimConfig, quant: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Two groups: network weights (lr, weight decay) and ``quant``, the quantizers' parameters (quant_lr, no
+    decay)."""
     quant_ids = {id(p) for p in quant}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
     groups = [{"params": weights, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
@@ -74,25 +70,27 @@ class Engine:
         student: nn.Module,
         teacher: nn.Module | None,
         device: torch.device,
-        precision: Precision | None = None,
+        precision: Precision,
     ):
         self.cfg = cfg
-        # Autocast dtype, memory format, fp16 loss scaling (modules are put in their format by the caller).
-        self.precision = precision or Precision.create(cfg.train, device)
+        # Autocast dtype and fp16 loss scaling; modules and batches come in the run's memory format
+        # (Precision.prepare_module, Precision.prepare_loaders).
+        self.precision = precision
         self.model = student  # may be DDP-wrapped; quantizer maths read the unwrapped core
         self.core = unwrap(student)
         self.teacher = teacher
         self.device = device
-        self.optimizer = create_optimizer(self.core, cfg.optim)
-        self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
+        # Every quantizer is told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
+        self.quantizers = list(iter_quantizers(self.core))
+        self.quant_params = quantizer_parameters(self.core)  # their own optimizer group, clipped on their own
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
-        self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
-        self._planned_quant_lr = False
-        self.targets = create_targets(cfg.quant, self.objective)  # who sets the layers' targets, and when
         set_noise_ratio(self.core, self.sched.noise_ratio)
         set_fused(self.core, cfg.quant.fused)
-        # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
-        self._progress_hooks = list(iter_quantizers(self.core))
+        self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
+        self.targets = create_targets(cfg.quant, self.objective)  # who sets the layers' targets, and when
+        self.optimizer = create_optimizer(self.core, cfg.optim, self.quant_params)
+        self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
+        self._planned_quant_lr = False
         self.epoch = 0
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -101,23 +99,22 @@ class Engine:
     def train_epoch(
         self, loader: Iterable, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None
     ) -> dict[str, float]:
+        """One epoch (at most ``max_steps`` steps) over ``loader``, whose batches are on the device in the run's
+        memory format (:meth:`Precision.prepare_loaders`); returns the epoch's train/* metrics."""
         cfg, opt = self.cfg, self.optimizer
         self.model.train()
         sums: dict[str, float] = {}
         steps = 0
         t0 = time.perf_counter()
         samples = 0
-        total = self._planned_steps(loader, max_steps)
-        plan = self._ensure_plan(total)
-        quant_params = quantizer_parameters(self.core)
+        plan = self._ensure_plan(loader, max_steps)
+        total = planned_steps(cfg, loader, max_steps)  # this call's: the quantizers' progress
         for x, y in loader:
             if max_steps is not None and steps >= max_steps:
                 break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            x = self.precision.prepare_input(x)
             self.targets.start(self.core, x, y, self.sched.step)
             factor = self.sched.lr_factor(cfg.schedule, plan)
-            for q in self._progress_hooks:
+            for q in self.quantizers:
                 q.set_progress(min(1.0, self.sched.step / total))
             quant_factor = plan.quant_lr_factor(self.sched.step) if self._planned_quant_lr else 1.0
             for g in opt.param_groups:
@@ -140,12 +137,12 @@ class Engine:
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
             opt.zero_grad(set_to_none=True)
             self.precision.backward(loss)
-            if cfg.optim.quant_grad_clip and quant_params:
+            if cfg.optim.quant_grad_clip and self.quant_params:
                 self.precision.unscale_(opt)  # clip true gradients, not fp16-scaled ones
                 # Second line behind the level guard: one spike (a dead layer before a train-mode BatchNorm
                 # sends ~1e7) would otherwise sit in Adam's second moment and freeze that quantizer.
                 parts["train/quant_grad_norm"] = float(
-                    torch.nn.utils.clip_grad_norm_(quant_params, cfg.optim.quant_grad_clip)
+                    torch.nn.utils.clip_grad_norm_(self.quant_params, cfg.optim.quant_grad_clip)
                 )
             self.precision.step(opt)
             if cfg.quant.level_guard:
@@ -200,16 +197,17 @@ class Engine:
         )
         return out
 
-    def _planned_steps(self, loader, max_steps: int | None) -> int:
-        return planned_steps(self.cfg, loader, max_steps)
-
-    def _ensure_plan(self, planned_steps: int) -> DescentPlan:
-        """The run's schedule constants; planned mode also sets the quantizer group's LR unless configured."""
+    def _ensure_plan(self, loader: Iterable, max_steps: int | None) -> DescentPlan:
+        """The run's schedule constants, fixed on the first epoch from the planned steps of its loader, for the
+        width the targets strategy plans the descent for; planned mode also sets the quantizer group's LR unless
+        configured."""
         if self.plan is None:
-            self.plan = create_plan(self.cfg, self.core, planned_steps)
+            steps = planned_steps(self.cfg, loader, max_steps)
+            target = self.targets.plan_target(self.core, self.cfg.quant.init_bits)
+            self.plan = plan_descent(self.cfg.schedule, steps, self.cfg.quant.init_bits, target)
             self.objective.init_bits = self.plan.init_bits
             # Only learnable bits descend; fixed-bit (zoo) quantizers keep the configured LR.
-            descends = any(q.learnable_bits for q in iter_quantizers(self.core))
+            descends = any(q.learnable_bits for q in self.quantizers)
             if self.plan.quant_lr is not None and self.cfg.optim.quant_lr is None and descends:
                 self._planned_quant_lr = True
                 for g in self.optimizer.param_groups:
@@ -219,7 +217,7 @@ class Engine:
 
     def is_converged(self) -> bool:
         """Every layer within its target, no dead grid, and (budget) the true aggregate within the budget."""
-        return converged(self.core) and self.targets.within(self.core)
+        return within_targets(self.core) and self.targets.within(self.core)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -208,20 +208,6 @@ class GDNSQObjective:
         return loss, parts
 
 
-def converged(model: nn.Module) -> bool:
-    """Every quantized layer's true bit-width is at most its target (weights and activations), and no
-    grid is dead (fewer than 2 levels, which includes a clamp with hi < lo): a constant layer never counts."""
-    for _, layer in iter_quantized(model):
-        if layer.has_dead_grid():
-            return False
-        if layer.true_weight_bits() > float(layer.target_w):
-            return False
-        ta = layer.true_act_bits()
-        if ta is not None and ta > float(layer.target_a):
-            return False
-    return True
-
-
 def ns_top1(top1: float, is_converged: bool) -> float:
     """Only converged models count: top-1 if converged, else 0."""
     return top1 * float(is_converged)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..config import ScheduleConfig
+from ..config import JobConfig, ScheduleConfig
 
 # Adam moves a log-parameter by about its LR per step when one gradient sign dominates; a margin over the
 # planned rate leaves room for the task gradient pulling back and for weight bits' weaker response at low bits.
@@ -81,6 +81,12 @@ class DescentPlan:
         return max(1.0 - self.progress(step), _QUANT_LR_FLOOR)
 
 
+def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
+    """Optimizer steps of the whole run: train.epochs epochs of this loader (capped per epoch)."""
+    per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
+    return max(1, per_epoch * cfg.train.epochs)
+
+
 def plan_descent(cfg: ScheduleConfig, planned_steps: int, init_bits: float, min_target: float) -> DescentPlan:
     """The run's schedule constants from its planned optimizer steps (epochs × steps per epoch)."""
     n = max(1, int(planned_steps))
@@ -89,8 +95,8 @@ def plan_descent(cfg: ScheduleConfig, planned_steps: int, init_bits: float, min_
     warmup = int(round(cfg.warmup * n))
     end = max(warmup + 1, int(round(cfg.descent_end * n)))
     end_a = None if cfg.descent_end_a is None else max(warmup + 1, int(round(cfg.descent_end_a * n)))
-    # The quantizer LR and the feasible span follow the faster of the two descents (an earlier descent_end_a
-    # in a short run lowers every layer's start: measured at 90-432 steps, W1A1 -13 and -3 points).
+    # The quantizer LR and the feasible span follow the faster of the two descents, so an earlier descent_end_a
+    # in a short run lowers every layer's start (one reason it is off by default: docs/results.md, "Decisions").
     window = min(end, end_a or end) - warmup
     start = min(init_bits, min_target + _feasible_bits(window))
     rate = 2.0 * max(start - min_target, 0.0) / window

@@ -3,10 +3,14 @@
 Defaults follow the paper's protocol: the stem conv and the classifier stay FP (located through
 timm's ``pretrained_cfg``, not guessed from module order); 1x1 convs optionally too. Rules come
 after the defaults; for each layer the first matching rule wins and may override any default.
+
+The student a job trains is made here from its teacher (:func:`prepare_student`: surgery, then calibration at the
+planned start width), and a student's bare structure for loading a checkpoint (:func:`build_student`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -15,10 +19,14 @@ import torch
 from torch import nn
 
 from ..config import JobConfig, QuantConfig
+from ..data.loaders import Loaders
 from ..errors import SurgeryError
 from ..quant.layers import QConv2d, QLinear, iter_quantized, iter_quantizers
 from ..quant.quantizer import ActivationQuantizer
 from ..quant.spec import QuantSpec
+from .runtime import take
+from .schedules import plan_descent, planned_steps
+from .targets import create_targets
 
 log = logging.getLogger("gdnsq")
 
@@ -236,6 +244,34 @@ def broadcast_quantizer_state(model: nn.Module, src: int = 0) -> None:
     for q in iter_quantizers(model):
         if isinstance(q, ActivationQuantizer):  # GDNSQ's lower bound trains only for rank 0's signedness
             q.lo.requires_grad_(bool(q.signed))
+
+
+def prepare_student(
+    cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device, resume: dict | None
+) -> tuple[nn.Module, list, dict]:
+    """The quantized, calibrated student (or the resumed one), surgery's decisions, and the run's ``io``:
+    {input_shape: [C, H, W], num_classes}, what registration and export need to rebuild the student without the
+    data (read off the calibration batches, as the student sees its input in training)."""
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    decisions = quantize_model(student, cfg.quant)
+    student.to(device)
+    if resume is None:
+        # A planned schedule may start a short budget below quant.init_bits (schedules.plan_descent).
+        target = create_targets(cfg.quant).plan_target(student, cfg.quant.init_bits)
+        steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
+        plan = plan_descent(cfg.schedule, steps, cfg.quant.init_bits, target)
+        batches = take(loaders.calib, cfg.quant.calib_batches)
+        calibrate_model(student, batches, plan.init_bits)
+        broadcast_quantizer_state(student)  # calibration before DDP: rank 0's result everywhere
+        return student.train(), decisions, _describe_io(batches, loaders.num_classes)
+    student.load_state_dict(resume["engine"]["model"])
+    # Every checkpoint since the executors recorded io has it; an older one gets it from one batch.
+    io = resume.get("io") or _describe_io(take(loaders.calib, 1), loaders.num_classes)
+    return student.train(), decisions, dict(io)
+
+
+def _describe_io(batches: list[torch.Tensor], num_classes: int) -> dict:
+    return {"input_shape": list(batches[0].shape[1:]), "num_classes": int(num_classes)}
 
 
 def build_student(cfg: JobConfig, num_classes: int, in_chans: int) -> nn.Module:

@@ -1,17 +1,23 @@
-"""The in-run FP teacher: plain cross-entropy training when no FP weights are given (model.checkpoint,
-model.pretrained). Imports neither Ray nor MLflow nor FFCV."""
+"""The FP teacher a job distils from: created with its FP weights (model.checkpoint, model.pretrained), resumed,
+or trained in-run with plain cross-entropy when none are given. Imports neither Ray nor MLflow nor FFCV."""
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import JobConfig
+from ..data.loaders import Loaders
 from .evaluation import evaluate
-from .precision import Precision
+from .models import create_model, has_fp_weights
+from .runtime import Precision, broadcast_module, seed_everything
+
+logger = logging.getLogger("gdnsq")
 
 # Not settings: the teacher has to be good enough to distil from, and a user who wants a better one passes
 # model.checkpoint or model.pretrained.
@@ -41,9 +47,10 @@ def train_fp(
     top-1 plateaus (PLATEAU_PATIENCE epochs without a PLATEAU_MIN_GAIN-point gain drop the LR ×PLATEAU_LR_DROP;
     plateau number PLATEAU_DROPS ends it), at most ``max_epochs``, and keep the best validation state.
     Returns {rule, epochs, plateaued}.
-    Forward passes under ``precision`` (fp32 when None).
+    Batches come on ``device`` in the run's memory format (:meth:`Precision.prepare_loaders`); forward passes under
+    ``precision`` (fp32 when None).
     """
-    precision = precision or Precision(device.type)
+    precision = precision or Precision(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=TEACHER_WEIGHT_DECAY)
     plateau = epochs is None and val_loader is not None
@@ -57,7 +64,6 @@ def train_fp(
     for epoch in range(n_epochs):
         model.train()
         for x, y in loader:
-            x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
             with precision.autocast():
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -85,3 +91,50 @@ def train_fp(
         model.load_state_dict(best_state)
     model.eval()
     return {"rule": "plateau" if plateau else "fixed", "epochs": done, "plateaued": plateau and drops == PLATEAU_DROPS}
+
+
+def prepare_teacher(
+    cfg: JobConfig, loaders: Loaders, device: torch.device, resume: dict | None, precision: Precision | None = None
+) -> tuple[nn.Module, dict]:
+    """The frozen FP teacher (in ``precision``'s memory format) and a report of how it was obtained (trained in-run:
+    epochs, whether it plateaued)."""
+    teacher = create_model(
+        cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, load_weights=resume is None
+    ).to(device)
+    report: dict = {
+        "source": "checkpoint" if cfg.model.checkpoint else "pretrained" if cfg.model.pretrained else "trained-in-run"
+    }
+    if resume is not None:
+        teacher.load_state_dict(resume["teacher"])
+        report.update(resume.get("teacher_report", {}))
+    elif not has_fp_weights(cfg.model):
+        epochs = cfg.train.teacher_epochs
+        logger.info(
+            "no FP weights given: training the FP teacher %s",
+            f"for {epochs} epochs"
+            if epochs
+            else f"to a validation plateau (at most {cfg.train.teacher_max_epochs} epochs)",
+        )
+        seed_everything(cfg.train.seed)
+        report.update(
+            train_fp(
+                teacher,
+                loaders.calib,
+                epochs,
+                device=device,
+                log=logger.info,
+                val_loader=loaders.val,
+                max_epochs=cfg.train.teacher_max_epochs,
+                precision=precision,
+            )
+        )
+        broadcast_module(teacher)  # every rank distils from the same teacher
+        if report["rule"] == "plateau" and not report["plateaued"]:
+            logger.warning(
+                "the FP teacher was still improving when it hit train.teacher_max_epochs=%d: raise "
+                "train.teacher_max_epochs or pass model.checkpoint / model.pretrained",
+                cfg.train.teacher_max_epochs,
+            )
+    if precision is not None:
+        precision.prepare_module(teacher)
+    return teacher.eval().requires_grad_(False), report

@@ -13,15 +13,11 @@ from gdnsq.config import ObjectiveConfig, QuantConfig, load_config
 from gdnsq.errors import ConfigError
 from gdnsq.quant import QConv2d, QuantSpec, available_methods, iter_quantized
 from gdnsq.quant import functional as F
+from gdnsq.quant.layers import within_targets
 from gdnsq.quant.zoo import bnnpp, codeq, common, dorefa, lsq, pact, pege
 from gdnsq.training.bits import bits_table
 from gdnsq.training.models import SmallCNN
-from gdnsq.training.objective import (
-    GDNSQObjective,
-    bit_penalties,
-    converged,
-    extra_losses,
-)
+from gdnsq.training.objective import GDNSQObjective, bit_penalties, extra_losses
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 D = torch.float64
@@ -454,7 +450,7 @@ def test_penalty_ignores_fixed_bit_methods_and_they_count_as_converged(method):
     calibrate_model(model, [torch.randn(8, 1, 28, 28)], 8.0)
     terms = bit_penalties(model, 1e-3, 1.0)
     assert terms.n_w == terms.n_a == 0 and float(terms.p_w) == float(terms.p_a) == 0.0
-    assert converged(model)
+    assert within_targets(model)
 
 
 # --------------------------------------------------------------------------------------- hooks in the harness
@@ -481,6 +477,7 @@ def test_objective_adds_the_extra_loss_terms():
 
 def test_engine_drives_set_progress_through_the_run():
     from gdnsq.training.engine import Engine
+    from gdnsq.training.runtime import Precision
 
     cfg = load_config(
         None,
@@ -500,7 +497,7 @@ def test_engine_drives_set_progress_through_the_run():
     layer = next(layer for _, layer in iter_quantized(model))
     original = layer.weight_quant.set_progress
     layer.weight_quant.set_progress = lambda p: (seen.append(p), original(p))[1]
-    engine = Engine(cfg, model, None, torch.device("cpu"))
+    engine = Engine(cfg, model, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     engine.train_epoch(batches)
     engine.train_epoch(batches, max_steps=3)  # planned steps: epochs x min(len(loader), max_steps) = 6
     assert seen[:4] == [0.0, 0.125, 0.25, 0.375]

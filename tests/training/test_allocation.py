@@ -194,6 +194,7 @@ def test_activation_budget_counts_bits_per_element():
 def test_engine_probe_sets_the_inputs_targets_then_the_weights():
     from gdnsq.config import load_config
     from gdnsq.training.engine import Engine
+    from gdnsq.training.runtime import Precision
 
     torch.manual_seed(0)
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
@@ -213,7 +214,7 @@ def test_engine_probe_sets_the_inputs_targets_then_the_weights():
     )
     probe.value = value
     expected_inputs = A.allocate_input_widths(student, x, y, Budget(probe, student, x[:1]))
-    eng = Engine(cfg, student, None, torch.device("cpu"))
+    eng = Engine(cfg, student, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     eng.targets.start(eng.core, x, y, eng.sched.step)
     got = {n: int(l.target_a) for n, l in iter_quantized(student) if l.act_quant is not None}
     assert got == expected_inputs

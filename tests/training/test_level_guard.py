@@ -5,10 +5,10 @@ import torch
 
 from gdnsq.config import ConfigError, JobConfig, QuantConfig, load_config
 from gdnsq.quant import functional as F
-from gdnsq.quant.layers import iter_quantized, keep_levels_
+from gdnsq.quant.layers import iter_quantized, keep_levels_, within_targets
 from gdnsq.training.engine import Engine
 from gdnsq.training.models import SmallCNN
-from gdnsq.training.objective import converged
+from gdnsq.training.runtime import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 
@@ -37,14 +37,14 @@ def test_guard_restores_every_level_after_direct_pushes(target):
                 torch.linspace(8, 30, layer.weight.shape[0]).view_as(layer.weight_quant.log_s)
             )
             layer.act_quant.log_s.add_(5.0 + 10 * i)  # far past log_q: hi < lo
-    assert min(_levels(m)) < 2 and not converged(m)  # the pushes killed grids
+    assert min(_levels(m)) < 2 and not within_targets(m)  # the pushes killed grids
     keep_levels_(m, margin=0.1)
     assert min(_levels(m)) == 2**target
     for _, layer in iter_quantized(m):
         assert float(layer.weight_bits().detach().min()) >= F.min_bits(target, 0.1) - 1e-6
         lo, hi, _, _ = layer.act_quant.grid()
         assert float(hi) > float(lo)
-    assert converged(m)  # every grid at the target with all of its levels
+    assert within_targets(m)  # every grid at the target with all of its levels
 
 
 def test_guard_holds_under_huge_gradient_steps_in_training():
@@ -65,7 +65,7 @@ def test_guard_holds_under_huge_gradient_steps_in_training():
         },
     )
     m = _model(1, bits=3.0)
-    eng = Engine(cfg, m, None, torch.device("cpu"))
+    eng = Engine(cfg, m, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     gen = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(16, 1, 28, 28, generator=gen) * 1e3, torch.randint(0, 10, (16,), generator=gen)) for _ in range(5)
@@ -78,24 +78,24 @@ def test_guard_holds_under_huge_gradient_steps_in_training():
 
 def test_dead_grids_are_not_converged():
     m = _model(2)
-    assert not converged(m)  # 4-bit start, target 2
+    assert not within_targets(m)  # 4-bit start, target 2
     keep_levels_(m, 0.1)
     with torch.no_grad():
         for _, layer in iter_quantized(m):  # exactly at the target: converged
             layer.weight_quant.log_s.add_(3.0)  # coarser than the target, then the guard brings it to b_min
             layer.weight_quant.keep_levels_(F.min_bits(2, 0.1), layer.weight)
             layer.act_quant.log_s.copy_(layer.act_quant.log_q - F.min_bits(2, 0.1))
-    assert converged(m)
+    assert within_targets(m)
     _, layer = next(iter_quantized(m))
     with torch.no_grad():
         layer.weight_quant.log_s[0] += 20.0  # one channel becomes a constant: 1 level, 0 true bits
     assert layer.weight_quant.min_levels(layer.weight) == 1 and layer.has_dead_grid()
-    assert not converged(m)
+    assert not within_targets(m)
     keep_levels_(m, 0.1)
-    assert converged(m)
+    assert within_targets(m)
     with torch.no_grad():
         layer.act_quant.log_s.copy_(layer.act_quant.log_q + 0.5)  # negative clip span: hi < lo
-    assert layer.act_quant.true_bits() == 0 and layer.has_dead_grid() and not converged(m)
+    assert layer.act_quant.true_bits() == 0 and layer.has_dead_grid() and not within_targets(m)
 
 
 @pytest.mark.parametrize("field", ["quant.target_w", "quant.target_a"])

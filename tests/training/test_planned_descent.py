@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from gdnsq.config import load_config
-from gdnsq.training.engine import Engine, create_plan
+from gdnsq.training.engine import Engine
 from gdnsq.training.models import SmallCNN
+from gdnsq.training.runtime import Precision
+from gdnsq.training.schedules import plan_descent
 from gdnsq.training.surgery import calibrate_model, quantize_model
+from gdnsq.training.targets import create_targets
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +48,10 @@ def _run(steps: int, descent_end: float, target: int = 2, lr: float = 3e-3):
     teacher = copy.deepcopy(fp).eval()
     student = copy.deepcopy(fp)
     quantize_model(student, cfg.quant)
-    plan = create_plan(cfg, student, epochs * len(batches))
+    target = create_targets(cfg.quant).plan_target(student, cfg.quant.init_bits)
+    plan = plan_descent(cfg.schedule, epochs * len(batches), cfg.quant.init_bits, target)
     calibrate_model(student, [x for x, _ in batches[:2]], plan.init_bits)
-    engine = Engine(cfg, student, teacher, torch.device("cpu"))
+    engine = Engine(cfg, student, teacher, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     for _ in range(epochs):
         engine.train_epoch(batches)
     return engine, plan

@@ -12,7 +12,7 @@ from gdnsq.errors import ConfigError
 from gdnsq.training.engine import Engine
 from gdnsq.training.evaluation import evaluate
 from gdnsq.training.models import create_model
-from gdnsq.training.precision import Precision
+from gdnsq.training.runtime import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
 from gdnsq.training.teacher import train_fp
 
@@ -57,6 +57,7 @@ def one_thread():
 def _qat(teacher, loaders, calib, precision: str, channels_last: bool, steps: int):
     cfg = load_config(None, {**BASE, "train.precision": precision, "train.channels_last": channels_last})
     prec = Precision.create(cfg.train, CPU)
+    loaders = prec.prepare_loaders(loaders)  # batches in the run's memory format, as run_job feeds them
     torch.manual_seed(1)
     student = copy.deepcopy(teacher).requires_grad_(True)
     quantize_model(student, cfg.quant)

@@ -7,9 +7,9 @@ import torch
 
 from gdnsq.config import load_config
 from gdnsq.quant import functional as F
-from gdnsq.quant.layers import cap_levels_, iter_quantized, keep_levels_
+from gdnsq.quant.layers import cap_levels_, iter_quantized, keep_levels_, within_targets
 from gdnsq.training.engine import Engine
-from gdnsq.training.objective import converged
+from gdnsq.training.runtime import Precision
 from tests.training.test_level_guard import _levels, _model
 
 
@@ -33,14 +33,14 @@ def test_hold_brings_every_grid_back_to_its_target(target):
                 torch.linspace(1, 12, layer.weight.shape[0]).view_as(layer.weight_quant.log_s)
             )
             layer.act_quant.log_s.sub_(3.0 + i)
-    assert not converged(m)
+    assert not within_targets(m)
     cap_levels_(m, margin=0.1)
     for _, layer in iter_quantized(m):
         assert layer.true_weight_bits() == target and layer.true_act_bits() == target
         assert float(layer.weight_bits().detach().max()) <= F.max_bits(target, 0.1) + 1e-5
     assert min(_levels(m)) == max(_levels(m)) == 2**target  # coarse enough, and no grid lost a level
     keep_levels_(m, margin=0.1)  # the two guards agree: the lower one has nothing left to do
-    assert min(_levels(m)) == max(_levels(m)) == 2**target and converged(m)
+    assert min(_levels(m)) == max(_levels(m)) == 2**target and within_targets(m)
 
 
 def test_hold_leaves_coarser_grids_alone():
@@ -70,8 +70,8 @@ def _engine(hold: bool, lr: float = 0.3):
     )
     m = _model(2, bits=2.0)
     keep_levels_(m, 0.1)
-    assert converged(m)
-    eng = Engine(cfg, m, None, torch.device("cpu"))
+    assert within_targets(m)
+    eng = Engine(cfg, m, None, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     eng.sched.converged_step, eng.sched.converged = 0, True  # the descent has ended: the model is at its targets
     eng.sched.temperature = 0.0  # no penalty; big weight steps under still steps: the weights' ranges grow
     return eng, m
@@ -86,10 +86,10 @@ def test_engine_holds_a_converged_model_at_its_targets_while_the_weights_spread(
     batches = _batches(seed=0, n=30)
     eng, m = _engine(hold=False)
     eng.train_epoch(batches)
-    assert not converged(m)  # the check can fail: without the hold the task takes the grids past 2 bits
+    assert not within_targets(m)  # the check can fail: without the hold the task takes the grids past 2 bits
     eng, m = _engine(hold=True)
     eng.train_epoch(batches)
-    assert converged(m) and max(_levels(m)) == 4
+    assert within_targets(m) and max(_levels(m)) == 4
     assert math.isfinite(float(next(iter_quantized(m))[1].weight_bits().detach().max()))
 
 
@@ -101,7 +101,7 @@ def test_hold_does_not_touch_a_run_whose_checks_pass():
         torch.manual_seed(0)
         eng, m = _engine(hold, lr=1e-4)
         eng.train_epoch(batches)
-        assert converged(m)
+        assert within_targets(m)
         states.append(m.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -111,6 +111,6 @@ def test_hold_acts_at_the_epochs_end_not_within_it():
     batches = _batches(seed=0, n=30)
     eng, m = _engine(hold=True)
     seen = []
-    eng.train_epoch(batches, on_step=lambda step, parts: seen.append(converged(m)))
+    eng.train_epoch(batches, on_step=lambda step, parts: seen.append(within_targets(m)))
     assert not all(seen)  # the grids left their targets during the epoch ...
-    assert converged(m) and max(_levels(m)) == 4  # ... and are back at its end
+    assert within_targets(m) and max(_levels(m)) == 4  # ... and are back at its end
