@@ -32,6 +32,10 @@ from .targets import create_targets
 # optim.name sgd: Nesterov momentum 0.9, the usual ImageNet CNN setting (timm's and torchvision's recipes).
 SGD_MOMENTUM = 0.9
 
+# optim.name auto: RAdam's rectification acts as a warm-up of ~1,000 steps (PITFALLS, "Small datasets"); from
+# this many planned steps it is at most a tenth of the run, below it AdamW (under the schedule's own warm-up).
+RADAM_MIN_STEPS = 10_000
+
 # train/lag_bits is -inf when no quantizer has learnable bits (zoo methods); a finite floor keeps it loggable.
 _LAG_LOG_FLOOR = -99.0
 
@@ -49,8 +53,16 @@ def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
     return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, target)
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Two groups: network weights (lr, weight decay) and quantizer parameters (quant_lr, no decay)."""
+def optimizer_name(cfg: OptimConfig, planned_steps: int | None) -> str:
+    """optim.name with auto resolved for the run's planned steps (None: not known, taken as a short run)."""
+    if cfg.name != "auto":
+        return cfg.name
+    return "radam" if planned_steps is not None and planned_steps >= RADAM_MIN_STEPS else "adamw"
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig, planned_steps: int | None = None) -> torch.optim.Optimizer:
+    """Two groups: network weights (lr, weight decay) and quantizer parameters (quant_lr, no decay); optim.name
+    auto picks the optimizer for ``planned_steps`` (:func:`optimizer_name`)."""
     quant = quantizer_parameters(model)
     quant_ids = {id(p) for p in quant}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
@@ -58,9 +70,10 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     if quant:
         qlr = cfg.quant_lr or cfg.lr
         groups.append({"params": quant, "lr": qlr, "base_lr": qlr, "weight_decay": 0.0, "name": "quantizers"})
-    if cfg.name == "radam":
+    name = optimizer_name(cfg, planned_steps)
+    if name == "radam":
         return torch.optim.RAdam(groups)
-    if cfg.name == "adamw":
+    if name == "adamw":
         return torch.optim.AdamW(groups)
     return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, nesterov=True)
 
@@ -75,6 +88,7 @@ class Engine:
         teacher: nn.Module | None,
         device: torch.device,
         precision: Precision | None = None,
+        planned_steps: int | None = None,
     ):
         self.cfg = cfg
         # Autocast dtype, memory format, fp16 loss scaling (modules are put in their format by the caller).
@@ -83,7 +97,7 @@ class Engine:
         self.core = unwrap(student)
         self.teacher = teacher
         self.device = device
-        self.optimizer = create_optimizer(self.core, cfg.optim)
+        self.optimizer = create_optimizer(self.core, cfg.optim, planned_steps)
         self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
