@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .bits import average_bits, bits_table, size_figures
 from .checkpoint import make_checkpoint
-from .engine import Engine, create_plan, planned_steps
+from .engine import Engine, create_plan, optimizer_name, planned_steps
 from .evaluation import evaluate, reestimate_batchnorm
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
@@ -42,20 +43,55 @@ def _take(loader, n: int, device) -> list[torch.Tensor]:
     return out
 
 
+@dataclass
+class JobInputs:
+    """What a job trains: the FP model (its weights are the teacher's when ``fp_weights``; otherwise an FP
+    teacher is trained from them first) and one rank's loaders."""
+
+    model: nn.Module
+    loaders: Loaders
+    fp_weights: bool
+
+
+# (cfg, rank, world_size, device, start_epoch) -> JobInputs: one rank's model and loaders, built where it runs.
+InputsFactory = Callable[[JobConfig, int, int, torch.device, int], JobInputs]
+
+
+def config_inputs(cfg: JobConfig, rank: int, world_size: int, device: torch.device, epoch: int) -> JobInputs:
+    """A job file's inputs: the loaders data.* names and the model model.* names (FP weights from
+    model.checkpoint / model.pretrained; a resumed run's come from its checkpoint)."""
+    loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=epoch)
+    model = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, load_weights=epoch == 0)
+    return JobInputs(model, loaders, has_fp_weights(cfg.model))
+
+
 def prepare_teacher(
-    cfg: JobConfig, loaders: Loaders, device: torch.device, resume: dict | None, precision: Precision | None = None
+    cfg: JobConfig,
+    loaders: Loaders,
+    device: torch.device,
+    resume: dict | None,
+    precision: Precision | None = None,
+    *,
+    model: nn.Module | None = None,
+    fp_weights: bool | None = None,
 ) -> tuple[nn.Module, dict]:
-    """The frozen FP teacher and a report of how it was obtained (trained in-run: epochs, val top-1)."""
-    teacher = create_model(
-        cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, load_weights=resume is None
-    ).to(device)
-    report: dict = {
-        "source": "checkpoint" if cfg.model.checkpoint else "pretrained" if cfg.model.pretrained else "trained-in-run"
-    }
+    """The frozen FP teacher and a report of how it was obtained (trained in-run: epochs, val top-1).
+    ``model``: the FP model to use (default: model.* of ``cfg``); ``fp_weights``: whether its weights are
+    trained (default: model.checkpoint / model.pretrained)."""
+    if model is None:
+        model = create_model(
+            cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, load_weights=resume is None
+        )
+        fp_weights = has_fp_weights(cfg.model)
+        source = "checkpoint" if cfg.model.checkpoint else "pretrained" if cfg.model.pretrained else "trained-in-run"
+    else:
+        source = "given" if fp_weights else "trained-in-run"
+    teacher = model.to(device)
+    report: dict = {"source": source}
     if resume is not None:
         teacher.load_state_dict(resume["teacher"])
         report.update(resume.get("teacher_report", {}))
-    elif not has_fp_weights(cfg.model):
+    elif not fp_weights:
         epochs = cfg.train.teacher_epochs
         log.info(
             "no FP weights given: training the FP teacher %s",
@@ -182,16 +218,23 @@ def run_job(
     on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     on_epoch_start: Callable[[int, int | None], None] | None = None,
+    inputs: InputsFactory | None = None,
+    on_done: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``;
     ``on_step(global_step, loss_parts)`` after every optimizer step (progress, fault injection);
-    ``on_epoch_start(epoch, steps)`` before each epoch (``steps``: the loader's length, None if unknown)."""
+    ``on_epoch_start(epoch, steps)`` before each epoch (``steps``: the loader's length, None if unknown).
+    ``inputs`` builds the model and loaders (default :func:`config_inputs`: from the config; the Python API
+    passes the user's); ``on_done(student)`` gets the final student (its best converged state)."""
     device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
     start_epoch = 0 if resume is None else resume["engine"]["epoch"]
-    loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=start_epoch)
+    job = (inputs or config_inputs)(cfg, rank, world_size, device, start_epoch)
+    loaders = job.loaders
     precision = Precision.create(cfg.train, device)
-    teacher, teacher_report = prepare_teacher(cfg, loaders, device, resume, precision)
+    teacher, teacher_report = prepare_teacher(
+        cfg, loaders, device, resume, precision, model=job.model, fp_weights=job.fp_weights
+    )
     precision.prepare_module(teacher)
     fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device, precision)
     teacher_report["val_top1"] = round(fp_val["top1"], 2)
@@ -206,7 +249,8 @@ def run_job(
     student, decisions, io = prepare_student(cfg, teacher, loaders, device, resume)
     precision.prepare_module(student)  # before DDP, whose gradient buckets follow the parameters' strides
     model = maybe_compile(wrap_ddp(student) if wrap_ddp else student, cfg.train)
-    engine = Engine(cfg, model, teacher, device, precision)
+    steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
+    engine = Engine(cfg, model, teacher, device, precision, planned_steps=steps)
     best = {"ns_top1": -1.0, "val_top1": -1.0, "epoch": -1, "state": None}
     if resume is not None:
         engine.load_state_dict(resume["engine"])
@@ -255,6 +299,8 @@ def run_job(
 
     summary = finalize(cfg, engine, teacher, loaders, device, best, fp_val, decisions)
     summary["teacher"] = teacher_report
+    if on_done is not None:
+        on_done(engine.core)
     return summary
 
 
@@ -293,6 +339,7 @@ def finalize(
         "descent_end_step": engine.sched.converged_step,  # first step whose true-bit check passed
         "protocol": {
             "method": cfg.quant.method,
+            "optimizer": optimizer_name(cfg.optim, engine.plan.planned_steps if engine.plan else None),
             "per_channel": cfg.quant.per_channel,
             "estimator": cfg.quant.estimator,
             "batchnorm": cfg.quant.batchnorm,
