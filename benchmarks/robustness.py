@@ -150,21 +150,25 @@ def reference_top1(folder: Path, px: int, model_name: str, cache: Path) -> float
     return top1
 
 
-def run_cell(folder: Path, px: int, model_name: str, bits: int, seed: int, runs: Path) -> dict:
+def run_cell(folder: Path, px: int, model_name: str, bits: int, seed: int, runs: Path, extra: dict) -> dict:
     from gdnsq.config import load_config
     from gdnsq.launch.run import run
 
-    over = data_flags(folder, px) | {
-        "model.name": model_name,
-        "quant.target_w": bits,
-        "quant.target_a": bits,
-        "train.seed": seed,
-        # Where and how it runs, not what: in this process, no MLflow, runs under the output folder.
-        "name": f"{folder.name}-{model_name}-w{bits}a{bits}-s{seed}",
-        "ray.enabled": False,
-        "tracking.enabled": False,
-        "ray.storage_path": str(runs),
-    }
+    over = (
+        data_flags(folder, px)
+        | {
+            "model.name": model_name,
+            "quant.target_w": bits,
+            "quant.target_a": bits,
+            "train.seed": seed,
+            # Where and how it runs, not what: in this process, no MLflow, runs under the output folder.
+            "name": f"{folder.name}-{model_name}-w{bits}a{bits}-s{seed}",
+            "ray.enabled": False,
+            "tracking.enabled": False,
+            "ray.storage_path": str(runs),
+        }
+        | extra
+    )
     t0 = time.perf_counter()
     summary = run(load_config(None, over), fresh=True)
     summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
@@ -179,6 +183,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/robustness")
     p.add_argument("--record", default=str(provenance.RESULTS / "robustness.csv"), metavar="CSV")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="execution settings only, e.g. quant.fused=false (the torch ops: no C++ build on a busy machine)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -204,7 +215,8 @@ def main(argv=None) -> int:
         for model_name in models:
             for bits in targets:
                 for seed in seeds:
-                    s = run_cell(folder, d.px, model_name, bits, seed, out / "runs")
+                    extra = dict(kv.split("=", 1) for kv in args.set)
+                    s = run_cell(folder, d.px, model_name, bits, seed, out / "runs", extra)
                     record(
                         {
                             "dataset": d.name,
