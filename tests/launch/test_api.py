@@ -43,7 +43,8 @@ def small_model() -> nn.Sequential:
     )
 
 
-SHORT = {"train.max_steps_per_epoch": 4, "train.teacher_epochs": 1, "train.device": "cpu"}
+# quant.fused off: these tests are about the API, not the C++ kernel (built on first use, minutes on a busy machine)
+SHORT = {"train.max_steps_per_epoch": 4, "train.teacher_epochs": 1, "train.device": "cpu", "quant.fused": False}
 
 
 def test_readme_example_runs_as_written_and_converges(tmp_path):
@@ -119,9 +120,14 @@ def test_the_same_call_on_ray_train_with_two_workers(tmp_path):
     from ray_cluster import LocalCluster
 
     def loaders(rank: int, world_size: int):
-        from torch.utils.data import DistributedSampler
+        # Self-contained: Ray pickles this closure by value, and this test module is not importable on a worker.
+        import torch
+        from sklearn.datasets import load_digits
+        from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-        train, val = digits()
+        x, y = load_digits(return_X_y=True)
+        images, labels = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16, torch.tensor(y)
+        train, val = TensorDataset(images[:1500], labels[:1500]), TensorDataset(images[1500:], labels[1500:])
         sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, seed=0)
         return DataLoader(train, batch_size=32, sampler=sampler, drop_last=True), DataLoader(val, batch_size=100)
 
