@@ -51,7 +51,7 @@ def test_readme_example_runs_as_written_and_converges(tmp_path):
     code = re.search(r"```python\n(.*?gdnsq\.quantize\(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]
