@@ -105,6 +105,10 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
         "date commit source command teacher teacher_top1 model method target seed format runtime device "
         "top1 fp_top1 bytes latency_ms notes".split()
     ),
+    "robustness.csv": tuple(
+        "date commit source command dataset model target seed teacher teacher_top1 reference_top1 top1 converged "
+        "avg_bits_w avg_bits_a optimizer epochs steps minutes".split()
+    ),
     "decisions.csv": tuple(
         "option setting target steps seeds teacher teacher_top1 baseline measured delta kept why date "
         "commit source command".split()

@@ -268,6 +268,41 @@ def mixed_section(mixed: list[dict]) -> list[str]:
     return out + code_block(commands(mixed)) + [""]
 
 
+def robustness_section(rows: list[dict]) -> list[str]:
+    out = [
+        "## Robustness: shipped defaults on data gdnsq has never seen",
+        "",
+        "`benchmarks/robustness.py`: datasets built on the machine (bundled digits as an ImageFolder at several sizes,",
+        "resolutions, grey/RGB, distorted; synthetic shapes) x models, each run with only the data flags. Teacher:",
+        "the in-run FP teacher (val top-1); reference: the same model trained long (2,000 steps, one-cycle) on the",
+        "same loaders (its row has target FP); quantized: val top-1 of the selected student. Means over the seeds.",
+        "",
+    ]
+    if not rows:
+        return out + ["No rows yet.", ""]
+    out += [
+        "| dataset | model | target | seeds | teacher | reference | quantized | gap | converged | optimizer | steps |",
+        "|---" * 11 + "|",
+    ]
+    refs = {(r["dataset"], r["model"]): num(r["top1"]) for r in rows if r["target"] == "FP"}
+    groups = defaultdict(list)
+    for r in rows:
+        if r["target"] != "FP":
+            groups[(r["dataset"], r["model"], r["target"])].append(r)
+    n_ok, worst = 0, 0.0
+    for (dataset, model, target), rs in groups.items():
+        teacher, top1 = (stats([num(r[k]) for r in rs])[0] for k in ("teacher_top1", "top1"))
+        ref = f"{refs[(dataset, model)]:.2f}" if (dataset, model) in refs else "not run"
+        conv = all(r["converged"] == "True" for r in rs)
+        n_ok, worst = n_ok + conv, max(worst, teacher - top1)
+        out.append(
+            f"| {dataset} | {model} | {target} | {seeds(rs)} | {teacher:.2f} | {ref} | {top1:.2f} | "
+            f"{top1 - teacher:+.2f} | {'yes' if conv else 'NO'} | {rs[-1]['optimizer']} | {rs[-1]['steps']} |"
+        )
+    out += ["", f"Defaults converged in {n_ok}/{len(groups)} cells, worst gap to teacher {worst:.1f} points.", ""]
+    return out + code_block(commands(rows)) + [""]
+
+
 def speed_section(speed: list[dict]) -> list[str]:
     out = [
         "## Speed",
@@ -352,7 +387,8 @@ def build(folder: Path = provenance.RESULTS) -> str:
     methods, quick = load("methods.csv", folder), load("quickstart.csv", folder)
     speed = load("speed.csv", folder)
     lines = HEADER + quickstart_section(methods, quick, speed) + methods_section(methods)
-    lines += mixed_section(load("mixed.csv", folder)) + speed_section(speed)
+    lines += mixed_section(load("mixed.csv", folder)) + robustness_section(load("robustness.csv", folder))
+    lines += speed_section(speed)
     lines += deployment_section(load("deployment.csv", folder)) + decisions_section(load("decisions.csv", folder))
     return "\n".join(lines + FOOTER)
 

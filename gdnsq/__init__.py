@@ -4,6 +4,7 @@ The public API. Each name is imported on first use, so ``import gdnsq`` (and ``g
 cheap: torch, Ray and MLflow load only with the part that needs them.
 
     from gdnsq import QuantConfig, quantize_model, calibrate_model   # quantize a model in place
+    from gdnsq import quantize                                        # your model + your DataLoaders, one call
     from gdnsq import load_config, run                                # run a job file
     from gdnsq import load_model                                      # a registered student
 """
@@ -28,6 +29,8 @@ _API = {
     "quantize_model": ".training.surgery",
     "calibrate_model": ".training.surgery",
     "run": ".launch.run",
+    "quantize": ".launch.api",
+    "Quantized": ".launch.api",
     "load_model": ".tracking.registry",
     "export_packed": ".export",
     "load_packed": ".export",
@@ -39,6 +42,7 @@ __all__ = [
     "GdnsqError",
     "JobConfig",
     "QuantConfig",
+    "Quantized",
     "Quantizer",
     "__version__",
     "available_methods",
@@ -48,6 +52,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_packed",
+    "quantize",
     "quantize_model",
     "register_method",
     "run",
@@ -62,6 +67,8 @@ if TYPE_CHECKING:
     from .export import export_onnx as export_onnx
     from .export import export_packed as export_packed
     from .export import load_packed as load_packed
+    from .launch.api import Quantized as Quantized
+    from .launch.api import quantize as quantize
     from .launch.run import run as run
     from .quant import Quantizer as Quantizer
     from .quant import available_methods as available_methods

@@ -422,10 +422,14 @@ class ScheduleConfig:
         )
 
 
+OPTIMIZERS = ("auto", "radam", "adamw", "sgd")
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: str = checked("radam", choices=("radam", "adamw", "sgd"), noun="optimizer")
-    """Optimizer: radam, adamw or sgd."""
+    name: str = checked("auto", choices=OPTIMIZERS, noun="optimizer")
+    """Optimizer: auto (adamw for a run of fewer than 10,000 planned steps, radam from there: RAdam's rectification
+    acts as a ~1,000-step warm-up), radam, adamw or sgd."""
     lr: float = checked(2e-3, gt=0)
     """Learning rate of the network weights (base LR of the schedules)."""
     quant_lr: float | None = checked(None, gt=0)
@@ -437,6 +441,52 @@ class OptimConfig:
 
     def __post_init__(self):
         check_section(self, "optim")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Training augmentation of the imagefolder and ffcv kinds (timm's names; the bundled digits have none).
+    The default is light, for fine-tuning at any image size; jobs/imagenet_*.yaml set the ImageNet protocol."""
+
+    scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    """RandomResizedCrop's range of the crop's share of the image area (ImageNet training: [0.08, 1])."""
+    ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    """RandomResizedCrop's range of the crop's aspect ratio (width / height)."""
+    hflip: float = 0.0
+    """Probability of a horizontal flip (0: off; flips change the meaning of characters, digits and text)."""
+    vflip: float = 0.0
+    """Probability of a vertical flip (imagefolder only)."""
+    color_jitter: float = 0.0
+    """Brightness, contrast and saturation jitter strength (0: off)."""
+    auto_augment: str | None = None
+    """timm's auto-augment policy, e.g. rand-m9-mstd0.5 or augmix (None: off; imagefolder only)."""
+    re_prob: float = 0.0
+    """Random erasing probability (0: off; imagefolder only)."""
+
+    def __post_init__(self):
+        for name, hi in (("scale", 1.0), ("ratio", float("inf"))):
+            v = getattr(self, name)
+            _check(
+                len(v) == 2 and 0 < v[0] <= v[1] <= hi,
+                f"data.augment.{name}",
+                f"must be [low, high] with 0 < low <= high{' <= 1' if hi == 1 else ''}, got {v}",
+            )
+        for name in ("hflip", "vflip", "re_prob"):
+            v = getattr(self, name)
+            _check(0 <= v <= 1, f"data.augment.{name}", f"must be a probability in [0, 1], got {v}")
+        _check(0 <= self.color_jitter <= 1, "data.augment.color_jitter", f"must be in [0, 1], got {self.color_jitter}")
+        if self.auto_augment is not None:
+            _check(
+                self.auto_augment.startswith(("rand", "augmix", "original", "v0", "3a", "trivial")),
+                "data.augment.auto_augment",
+                f"not a timm policy name (rand-m9-mstd0.5, augmix, original, v0, 3a), got {self.auto_augment!r}",
+            )
+
+    def ffcv_unsupported(self) -> list[str]:
+        """Settings FFCV's pipeline has no op for (set, they would be silently ignored)."""
+        return [
+            f"data.augment.{k}" for k in ("vflip", "auto_augment", "re_prob") if getattr(self, k) not in (0, 0.0, None)
+        ]
 
 
 @dataclass(kw_only=True)
@@ -464,14 +514,25 @@ class DataConfig:
     val_fraction: float = checked(0.1, gt=0, le=0.5)
     """Bundled data: share of the 5,000 digits held out for checkpoint selection (the 1,000 test digits are fixed
     and reported separately); other kinds take validation from data.val_path."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation (imagefolder and ffcv)."""
 
     def __post_init__(self):
+        if not isinstance(self.augment, AugmentConfig):
+            self.augment = from_dict(AugmentConfig, self.augment, "data.augment")
         check_section(self, "data")
+        if self.kind == "ffcv" and self.augment.ffcv_unsupported():
+            raise ConfigError(
+                f"{self.augment.ffcv_unsupported()[0]}: not available with data.kind ffcv (imagefolder only)"
+            )
         if self.val_resize is None:  # the usual 0.875 crop ratio, whatever the image size
             self.val_resize = round(self.img_size * 256 / 224)
         if self.kind != "bundled":
             _check(self.train_path is not None, "data.train_path", f"required for data.kind={self.kind}")
             _check(self.val_path is not None, "data.val_path", f"required for data.kind={self.kind}")
+
+
+SHORT_RUN_RULES = ("extend", "stop", "allow")
 
 
 @dataclass(kw_only=True)
@@ -503,6 +564,10 @@ class TrainConfig:
     with the quantized forward (0 = keep the running averages, the default). Low-bit weights flip between
     grid points late in training, so the running averages mix statistics of networks that no longer exist;
     on the bundled digits it did not change W1A1 (docs/results.md, "Decisions"), on other data it may."""
+    short_run: str = checked("extend", choices=SHORT_RUN_RULES)
+    """A GDNSQ run (planned schedule) with fewer planned steps than its descent needs: extend (pre-flight raises
+    train.epochs to the steps needed and the run header says so), stop (refuse in one line before anything
+    trains) or allow (run as configured). A run with train.max_steps_per_epoch set is taken as deliberately short."""
 
     def __post_init__(self):
         check_section(self, "train")

@@ -24,7 +24,7 @@ def load(name: str):
 
 
 page, provenance = load("results_page"), load("provenance")
-ACCURACY = ("methods.csv", "quickstart.csv", "mixed.csv", "deployment.csv")
+ACCURACY = ("methods.csv", "quickstart.csv", "mixed.csv", "deployment.csv", "robustness.csv")
 
 
 def rows(name: str) -> list[dict]:

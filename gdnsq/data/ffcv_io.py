@@ -260,6 +260,21 @@ def _order(cfg: DataConfig, distributed: bool):
     return OrderOption.QUASI_RANDOM, False
 
 
+def train_augment(cfg: DataConfig) -> list:
+    """The training decoder and augmentation ops for data.augment (FFCV's ops; the settings FFCV has none for
+    are refused by the config)."""
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomBrightness, RandomContrast, RandomHorizontalFlip, RandomSaturation
+
+    a = cfg.augment
+    ops = [RandomResizedCropRGBImageDecoder((cfg.img_size, cfg.img_size), scale=tuple(a.scale), ratio=tuple(a.ratio))]
+    if a.hflip:
+        ops.append(RandomHorizontalFlip(flip_prob=a.hflip))
+    if a.color_jitter:  # torchvision's ColorJitter(b, c, s) draws each factor from [1 - j, 1 + j], as these do
+        ops += [op(magnitude=a.color_jitter, p=1.0) for op in (RandomBrightness, RandomContrast, RandomSaturation)]
+    return ops
+
+
 def create_ffcv_loaders(
     cfg: DataConfig,
     *,
@@ -278,15 +293,10 @@ def create_ffcv_loaders(
     ``normalize_on_device`` (default: on CUDA) selects the GPU pipeline order of the module docstring;
     it runs on a CPU ``device`` too (tests). ``cfg.num_workers`` None means the CPUs this process may use.
     """
-    from ffcv.fields.decoders import (
-        CenterCropRGBImageDecoder,
-        IntDecoder,
-        RandomResizedCropRGBImageDecoder,
-    )
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import (
         NormalizeImage,
-        RandomHorizontalFlip,
         Squeeze,
         ToDevice,
         ToTensor,
@@ -350,9 +360,7 @@ def create_ffcv_loaders(
         drop_last=True,
         **common,
         pipelines={
-            _IMAGE: image_pipeline(
-                RandomResizedCropRGBImageDecoder((cfg.img_size, cfg.img_size)), RandomHorizontalFlip()
-            ),
+            _IMAGE: image_pipeline(*train_augment(cfg)),
             _LABEL: label_pipeline(),
         },
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from gdnsq.config import DataConfig, path_kind
+from gdnsq.config import AugmentConfig, DataConfig, path_kind
 from gdnsq.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,16 +29,23 @@ WARN_BAD_FILES = 3  # unreadable files named on the console under bad_images: sk
 log = logging.getLogger("gdnsq")
 
 
-def train_transform(img_size: int):
-    from torchvision import transforms as T
+def train_transform(img_size: int, augment: AugmentConfig):
+    """timm's training transform with data.augment's settings (RandomResizedCrop, flips, colour jitter,
+    auto-augment, random erasing), normalised with the ImageNet statistics as the FFCV pipeline is."""
+    from timm.data import create_transform
 
-    return T.Compose(
-        [
-            T.RandomResizedCrop(img_size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+    return create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(augment.scale),
+        ratio=tuple(augment.ratio),
+        hflip=augment.hflip,
+        vflip=augment.vflip,
+        color_jitter=augment.color_jitter or None,
+        auto_augment=augment.auto_augment,
+        re_prob=augment.re_prob,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )
 
 
@@ -235,7 +242,7 @@ def create_imagefolder_loaders(cfg: DataConfig, *, distributed: bool, device: to
     """
     if cfg.img_size > cfg.val_resize:
         raise DataError(f"data.img_size ({cfg.img_size}) must be <= data.val_resize ({cfg.val_resize})")
-    train_ds = open_imagefolder(cfg.train_path, train_transform(cfg.img_size))
+    train_ds = open_imagefolder(cfg.train_path, train_transform(cfg.img_size, cfg.augment))
     val_ds = open_imagefolder(cfg.val_path, val_transform(cfg.img_size, cfg.val_resize))
 
     if val_ds.classes != train_ds.classes:

@@ -134,10 +134,20 @@ def _run_state(cfg, storage: str) -> str:
     return f"resumed from {found[-1]}" if found else "new"
 
 
+_plan_notes: list[str] = []
+
+
+def plan_note(line: str) -> None:
+    """A change pre-flight made to the run's plan (more epochs): the next header prints it under ``plan``."""
+    _plan_notes.append(line)
+
+
 def header(cfg, *, devices: str) -> None:
-    """Run name, new or resumed, storage, tracking URI, devices and workers."""
+    """Run name, new or resumed, storage, tracking URI, devices and workers, and pre-flight's plan changes."""
     from .storage import storage_root
 
+    notes = list(_plan_notes)
+    _plan_notes.clear()
     if verbosity() < -1:
         return
     storage = storage_root(cfg)
@@ -159,6 +169,7 @@ def header(cfg, *, devices: str) -> None:
         ("storage", f"{storage}/{cfg.name}"),
         ("tracking", tracking),
         ("devices", devices),
+        *(("plan", note) for note in notes),
     ):
         show(f"  {key:<9} {value}")
 

@@ -4,7 +4,9 @@ the storage folder, and local data opened as the loaders will open it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
 import socket
@@ -14,6 +16,7 @@ from pathlib import Path
 from ..config import JobConfig
 from ..data.facts import DatasetFacts, scan_data
 from ..errors import ClusterError, ConfigError, DataError, StorageError
+from . import console
 from .storage import storage_root
 
 log = logging.getLogger("gdnsq")
@@ -117,7 +120,42 @@ def preflight(cfg: JobConfig) -> tuple[JobConfig, DatasetFacts | None]:
         ray_address(cfg)
     facts = check_data(cfg)
     check_input_size(cfg, facts)
-    return cfg, facts
+    return plan_steps(cfg, facts), facts
+
+
+def plan_steps(cfg: JobConfig, facts: DatasetFacts | None) -> JobConfig:
+    """The config with the steps its descent needs (:func:`plan_epochs`), for data whose size is known here."""
+    if facts is None:
+        return cfg
+    world = cfg.ray.num_workers if cfg.ray.enabled else 1
+    per_epoch = facts.train.size // world // cfg.data.batch_size
+    workers = f" x {world} workers" if world > 1 else ""
+    return plan_epochs(cfg, per_epoch, f"{facts.train.size} images, batch {cfg.data.batch_size}{workers}")
+
+
+def plan_epochs(cfg: JobConfig, per_epoch: int, data: str) -> JobConfig:
+    """The steps a GDNSQ run's descent needs (schedules.steps_needed), by train.short_run: extend raises
+    train.epochs (the run header says so), stop refuses in one line, allow keeps it. Not for a run with
+    train.max_steps_per_epoch (a deliberately short one) or a method without a descent. ``data`` says what
+    gives ``per_epoch`` steps (for the message)."""
+    from ..training.schedules import steps_needed
+
+    rule = cfg.train.short_run
+    if rule == "allow" or cfg.train.max_steps_per_epoch or cfg.quant.method != "gdnsq":
+        return cfg
+    need = steps_needed(cfg.schedule)
+    if per_epoch < 1 or per_epoch * cfg.train.epochs >= need:
+        return cfg
+    epochs = math.ceil(need / per_epoch)
+    why = (
+        f"{cfg.train.epochs} epochs of {per_epoch} steps ({data}) are {per_epoch * cfg.train.epochs} steps, "
+        f"fewer than the {need} the planned descent needs"
+    )
+    if rule == "stop":
+        raise ConfigError(f"train.epochs: {why}; set train.epochs >= {epochs} (or train.short_run: extend / allow)")
+    console.plan_note(f"train.epochs {cfg.train.epochs} -> {epochs}: {why} (train.short_run: extend)")
+    log.info("pre-flight: train.epochs %d -> %d (%s)", cfg.train.epochs, epochs, why)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
 def check_storage(cfg: JobConfig) -> None:

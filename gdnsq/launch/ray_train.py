@@ -183,13 +183,15 @@ def create_trainer(
     parent_run_id: str | None = None,
     controller_failure_limit: int = -1,
     console: bool = False,
+    inputs=None,
 ):
     """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
 
     For a Tune trial (gdnsq.launch.sweep.tune): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
     rank 0's MLflow run is nested under ``parent_run_id``, and ``controller_failure_limit`` caps the
     controller's retries (-1 = Ray's default, unlimited). ``console``: rank 0 draws progress and epoch lines
-    (a single run's console; a sweep's trials leave the console to Tune).
+    (a single run's console; a sweep's trials leave the console to Tune). ``inputs``: run_job's model and
+    loaders factory, called on each worker (the Python API's; None: from the config).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -205,7 +207,9 @@ def create_trainer(
 
     # Worker-only options are bound to the loop function (the Ray Train examples' way); the config stays the
     # JobConfig alone.
-    loop = functools.partial(train_loop_per_worker, parent_run_id=parent_run_id, console=console, kill=kill)
+    loop = functools.partial(
+        train_loop_per_worker, parent_run_id=parent_run_id, console=console, kill=kill, inputs=inputs
+    )
     return Trainer(
         loop,
         train_loop_config=to_dict(cfg),
@@ -234,6 +238,7 @@ def fit(
     callbacks: list | None = None,
     parent_run_id: str | None = None,
     controller_failure_limit: int = -1,
+    inputs=None,
 ) -> dict:
     """Run (or resume, same name + storage) a job on Ray Train; returns the job summary.
 
@@ -261,6 +266,7 @@ def fit(
         parent_run_id=parent_run_id,
         controller_failure_limit=controller_failure_limit,
         console=single,
+        inputs=inputs,
     )
     try:
         result = trainer.fit()

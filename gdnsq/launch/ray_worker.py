@@ -229,7 +229,12 @@ USER_ERROR = "user_error"  # a worker's return key: [GdnsqError class name, its 
 
 
 def train_loop_per_worker(
-    config: dict, *, parent_run_id: str | None = None, console: bool = False, kill: KillWorker | None = None
+    config: dict,
+    *,
+    parent_run_id: str | None = None,
+    console: bool = False,
+    kill: KillWorker | None = None,
+    inputs=None,
 ) -> dict | None:
     """One Ray Train worker; a user error (GdnsqError: bad data, a checkpoint that does not fit) is
     returned instead of raised. Train V2 retries every worker-group error ``ray.max_failures`` times
@@ -239,12 +244,13 @@ def train_loop_per_worker(
     ``config`` is the JobConfig as a plain dict (Ray's ``train_loop_config``); the keywords are bound by the
     driver with ``functools.partial``: ``parent_run_id`` nests rank 0's MLflow run under a sweep's,
     ``console`` draws progress and epoch lines (a single run's console; a sweep's trials leave it to Tune),
-    ``kill`` injects a fault for the recovery tests.
+    ``kill`` injects a fault for the recovery tests, ``inputs`` builds the model and loaders on the worker
+    (run_job's; the Python API's user model and loader factory).
     """
     from ..errors import GdnsqError
 
     try:
-        return _train_loop(config, parent_run_id=parent_run_id, console=console, kill=kill)
+        return _train_loop(config, parent_run_id=parent_run_id, console=console, kill=kill, inputs=inputs)
     except GdnsqError as e:
         return {USER_ERROR: [type(e).__name__, str(e)]}
 
@@ -259,7 +265,9 @@ def raise_user_error(out) -> None:
         raise (cls if isinstance(cls, type) and issubclass(cls, errors.GdnsqError) else errors.GdnsqError)(message)
 
 
-def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill: KillWorker | None) -> dict | None:
+def _train_loop(
+    config: dict, *, parent_run_id: str | None, console: bool, kill: KillWorker | None, inputs=None
+) -> dict | None:
     """One Ray Train worker: ``run_job`` with Ray's rank, device, checkpoint and report hooks."""
     import ray
     import ray.train
@@ -320,6 +328,7 @@ def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill:
             on_epoch=on_epoch,
             on_step=_both(session.on_step if progress is not None else None, kill and kill.step_hook(rank)),
             on_epoch_start=session.on_epoch_start if progress is not None else None,
+            inputs=inputs,
         )
     except BaseException:
         session.abort()  # leave the run RUNNING: a restarted worker group reattaches

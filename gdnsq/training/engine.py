@@ -32,6 +32,10 @@ from .targets import create_targets
 # optim.name sgd: Nesterov momentum 0.9, the usual ImageNet CNN setting (timm's and torchvision's recipes).
 SGD_MOMENTUM = 0.9
 
+# optim.name auto: RAdam's rectification acts as a warm-up of ~1,000 steps (PITFALLS, "Small datasets"); from
+# this many planned steps it is at most a tenth of the run, below it AdamW (under the schedule's own warm-up).
+RADAM_MIN_STEPS = 10_000
+
 # train/lag_bits is -inf when no quantizer has learnable bits (zoo methods); a finite floor keeps it loggable.
 _LAG_LOG_FLOOR = -99.0
 
@@ -45,18 +49,28 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig, quant: list[nn.Parameter]) -> torch.optim.Optimizer:
+def optimizer_name(cfg: OptimConfig, planned_steps: int | None) -> str:
+    """optim.name with auto resolved for the run's planned steps (None: not known, taken as a short run)."""
+    if cfg.name != "auto":
+        return cfg.name
+    return "radam" if planned_steps is not None and planned_steps >= RADAM_MIN_STEPS else "adamw"
+
+
+def create_optimizer(
+    model: nn.Module, cfg: OptimConfig, quant: list[nn.Parameter], planned_steps: int | None = None
+) -> torch.optim.Optimizer:
     """Two groups: network weights (lr, weight decay) and ``quant``, the quantizers' parameters (quant_lr, no
-    decay)."""
+    decay); optim.name auto picks the optimizer for ``planned_steps`` (:func:`optimizer_name`)."""
     quant_ids = {id(p) for p in quant}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
     groups = [{"params": weights, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
     if quant:
         qlr = cfg.quant_lr or cfg.lr
         groups.append({"params": quant, "lr": qlr, "base_lr": qlr, "weight_decay": 0.0, "name": "quantizers"})
-    if cfg.name == "radam":
+    name = optimizer_name(cfg, planned_steps)
+    if name == "radam":
         return torch.optim.RAdam(groups)
-    if cfg.name == "adamw":
+    if name == "adamw":
         return torch.optim.AdamW(groups)
     return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, nesterov=True)
 
@@ -71,6 +85,7 @@ class Engine:
         teacher: nn.Module | None,
         device: torch.device,
         precision: Precision,
+        planned_steps: int | None = None,
     ):
         self.cfg = cfg
         # Autocast dtype and fp16 loss scaling; modules and batches come in the run's memory format
@@ -88,7 +103,7 @@ class Engine:
         set_fused(self.core, cfg.quant.fused)
         self.objective = GDNSQObjective(cfg.objective, init_bits=cfg.quant.init_bits)
         self.targets = create_targets(cfg.quant, self.objective)  # who sets the layers' targets, and when
-        self.optimizer = create_optimizer(self.core, cfg.optim, self.quant_params)
+        self.optimizer = create_optimizer(self.core, cfg.optim, self.quant_params, planned_steps)
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         self._planned_quant_lr = False
         self.epoch = 0

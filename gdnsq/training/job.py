@@ -10,15 +10,19 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..config import JobConfig, to_dict
-from ..data.loaders import create_loaders
+from ..data.loaders import Loaders, create_loaders
 from .checkpoint import make_checkpoint
-from .engine import Engine
+from .engine import Engine, optimizer_name
 from .evaluation import epoch_metrics, evaluate, final_report
+from .models import create_model, has_fp_weights
 from .runtime import Precision, distribute, maybe_compile, resolve_device, seed_everything
+from .schedules import planned_steps
 from .surgery import prepare_student
 from .teacher import prepare_teacher
 
@@ -26,6 +30,35 @@ log = logging.getLogger("gdnsq")
 
 # Below this validation top-1 (%) an in-run FP teacher is reported as weak (a warning naming the fix).
 WEAK_TEACHER_TOP1 = 60.0
+
+
+@dataclass
+class JobInputs:
+    """What a job trains: the FP model (its weights are the teacher's when ``fp_weights``; otherwise an FP
+    teacher is trained from them first) and one rank's loaders."""
+
+    model: nn.Module
+    loaders: Loaders
+    fp_weights: bool
+
+
+# (cfg, rank, world_size, device, start_epoch) -> JobInputs: one rank's model and loaders, built where it runs.
+InputsFactory = Callable[[JobConfig, int, int, torch.device, int], JobInputs]
+
+
+def config_inputs(cfg: JobConfig, rank: int, world_size: int, device: torch.device, epoch: int) -> JobInputs:
+    """A job file's inputs: the loaders data.* names and the model model.* names (FP weights from
+    model.checkpoint / model.pretrained; a resumed run's come from its checkpoint)."""
+    loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=epoch)
+    model = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, load_weights=epoch == 0)
+    return JobInputs(model, loaders, has_fp_weights(cfg.model))
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 # The metric keys every epoch reports (run_job's on_epoch metrics: validation, bits, the engine's and the
@@ -69,19 +102,25 @@ def run_job(
     resume: dict | None = None,
     on_epoch: Callable[[dict, list[dict], Callable[[], dict]], None] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
-    on_epoch_start: Callable[[int, int], None] | None = None,
+    on_epoch_start: Callable[[int, int | None], None] | None = None,
+    inputs: InputsFactory | None = None,
+    on_done: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Run (or resume) a job; returns the summary. ``on_epoch(metrics, bits_table, get_checkpoint)``;
     ``on_step(global_step, loss_parts)`` after every optimizer step (progress, fault injection);
-    ``on_epoch_start(epoch, steps)`` before each epoch (``steps``: the training loader's length). With
+    ``on_epoch_start(epoch, steps)`` before each epoch (``steps``: the loader's length, None if unknown).
+    ``inputs`` builds the model and loaders (default :func:`config_inputs`: from the config; the Python API
+    passes the user's); ``on_done(student)`` gets the final student (its best converged state). With
     ``world_size`` > 1 the student trains in DistributedDataParallel over the process group the caller set up."""
     device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
     precision = Precision.create(cfg.train, device)
     start_epoch = 0 if resume is None else resume["engine"]["epoch"]
-    loaders = create_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=start_epoch)
-    loaders = precision.prepare_loaders(loaders)
-    teacher, teacher_report = prepare_teacher(cfg, loaders, device, resume, precision)
+    job = (inputs or config_inputs)(cfg, rank, world_size, device, start_epoch)
+    loaders = precision.prepare_loaders(job.loaders)
+    teacher, teacher_report = prepare_teacher(
+        cfg, loaders, device, resume, precision, model=job.model, fp_weights=job.fp_weights
+    )
     fp_val = resume["fp_val"] if resume else evaluate(teacher, loaders.val, device, precision)
     teacher_report["val_top1"] = round(fp_val["top1"], 2)
     if teacher_report["source"] == "trained-in-run" and fp_val["top1"] < WEAK_TEACHER_TOP1:
@@ -95,7 +134,8 @@ def run_job(
     student, decisions, io = prepare_student(cfg, teacher, loaders, device, resume)
     precision.prepare_module(student)  # before DDP, whose gradient buckets follow the parameters' strides
     model = maybe_compile(distribute(student, world_size, device, cfg.train.sync_batchnorm), cfg.train)
-    engine = Engine(cfg, model, teacher, device, precision)
+    steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
+    engine = Engine(cfg, model, teacher, device, precision, planned_steps=steps)
     best = {"ns_top1": -1.0, "val_top1": -1.0, "epoch": -1, "state": None}
     if resume is not None:
         engine.load_state_dict(resume["engine"])
@@ -108,7 +148,7 @@ def run_job(
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)
         if on_epoch_start is not None:
-            on_epoch_start(epoch, len(loaders.train))
+            on_epoch_start(epoch, _length(loaders.train))
         train_m = engine.train_epoch(loaders.train, max_steps=cfg.train.max_steps_per_epoch, on_step=on_step)
         metrics, table = epoch_metrics(engine, loaders)
         metrics.update(train_m)
@@ -145,8 +185,11 @@ def run_job(
     if best["state"] is not None:
         engine.core.load_state_dict(best["state"])  # the best converged state, selected on validation
     summary = final_report(cfg, engine, teacher, loaders, best, fp_val, decisions)
+    summary["protocol"]["optimizer"] = optimizer_name(cfg.optim, engine.plan.planned_steps if engine.plan else None)
     summary["teacher"] = teacher_report
     summary["skipped_images"] = len(_all_ranks(loaders.bad_files()))
+    if on_done is not None:
+        on_done(engine.core)
     return summary
 
 

@@ -66,7 +66,9 @@ def gdnsq_smallcnn(pretrained: bool = False, num_classes: int = 10, in_chans: in
 
 
 def load_state_dict_file(path: str | Path) -> dict:
-    """FP weights from a plain state dict or a gdnsq/timm checkpoint, without unpickling code."""
+    """FP weights, without unpickling code, from the files people have: a plain (timm / torchvision) state dict,
+    a full checkpoint holding it under ``teacher`` (gdnsq), ``state_dict`` (timm's train.py, Lightning) or
+    ``model``. Key prefixes (Lightning's ``model.``, DDP's ``module.``) are fitted to the model on loading."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - turn any load failure into one clear line
@@ -75,6 +77,29 @@ def load_state_dict_file(path: str | Path) -> dict:
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             return ckpt[key]
     return ckpt
+
+
+# Wrappers' key prefixes: a LightningModule's attribute (self.model / self.net), DDP's and torch.compile's.
+_PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
+
+
+def fit_prefixes(state: dict, model: nn.Module) -> dict:
+    """``state`` with the wrapper prefixes stripped that make its keys the model's (a Lightning checkpoint's
+    ``model.``, DDP's ``module.``); other keys of the wrapper (a loss's buffers, a second network) are dropped
+    only when stripping matched every key the model has."""
+    wanted = set(model.state_dict())
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for _ in range(3):  # nested wrappers: module.model.conv1.weight
+        if wanted <= set(state):
+            return state
+        prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not (wanted & set(stripped)):
+            return state
+        state = stripped
+    return state
 
 
 def create_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, load_weights: bool = True) -> nn.Module:
@@ -87,7 +112,7 @@ def create_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, load_weig
     kwargs = dict(num_classes=cfg.num_classes or num_classes, in_chans=cfg.in_chans or in_chans)
     model = timm.create_model(cfg.name, pretrained=bool(cfg.pretrained and load_weights), **kwargs)
     if load_weights and cfg.checkpoint:
-        state = load_state_dict_file(cfg.checkpoint)
+        state = fit_prefixes(load_state_dict_file(cfg.checkpoint), model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise ConfigError(

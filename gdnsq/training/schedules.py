@@ -37,6 +37,21 @@ _QUANT_LR_FLOOR = 0.25
 _QUANT_LR_CAP = 0.05
 
 
+# The fewest steps a planned descent window should have: _feasible_bits gives it 3 bits to descend (a W2 target
+# from a 5-bit start). The quick start's 432-step runs (a 194-step window) meet their gaps to FP at W4A4..W1A1; a
+# 110-step run with a 50-step window ended W3.00/A2.50 unconverged (issue 27).
+MIN_DESCENT_STEPS = 180
+
+
+def steps_needed(cfg: ScheduleConfig) -> int:
+    """The fewest planned steps whose descent window (warm-up to the earlier descent end) holds MIN_DESCENT_STEPS;
+    0 in absolute mode (the paper's knobs are the user's)."""
+    if cfg.mode != "planned":
+        return 0
+    end = min(cfg.descent_end, cfg.descent_end_a or cfg.descent_end)
+    return math.ceil(round(MIN_DESCENT_STEPS / (end - cfg.warmup), 6))  # 180 / 0.9 is 200.00000000000003
+
+
 @dataclass(frozen=True)
 class DescentPlan:
     """Concrete schedule constants of one run (derived in planned mode, copied in absolute mode)."""
