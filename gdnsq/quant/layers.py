@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
 
+from .autograd import quantized_layer
 from .methods import create_method_quantizers
-from .quantizer import Quantizer
+from .quantizer import Quantizer, op_dtype
 from .spec import QuantSpec
 
 
@@ -39,6 +40,8 @@ class _QuantMixin:
         self.register_buffer("target_a", torch.tensor(spec.target_a))
 
     def quantized_weight(self) -> Tensor:
+        if self.weight_quant.uses_ops:  # any dtype in, the layer's compute dtype out, float32 maths inside
+            return self.weight_quant(self.weight)
         # .float() is the weight itself for fp32 weights, so the quantizer's range cache still hits.
         with _fp32_region(self.weight):
             return self.weight_quant(self.weight.float())
@@ -46,8 +49,27 @@ class _QuantMixin:
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.act_quant is None:
             return x
+        if self.act_quant.uses_ops:
+            return self.act_quant(x)
         with _fp32_region(x):
             return self.act_quant(x.float())
+
+    def _one_node(self) -> bool:
+        """Whether the training forward runs as one ``autograd.QuantizedLayer`` (GDNSQ's ops on both quantizers)."""
+        act = self.act_quant
+        return self.weight_quant.uses_ops and (act is None or act.uses_ops)
+
+    def _quantized_layer(self, x: Tensor, layer: tuple) -> Tensor:
+        """The layer as one autograd node: saves x, not x̂ (``autograd.QuantizedLayer``); caches the weight's range
+        for the penalty of the same step, as the weight quantizer's own forward does."""
+        wq, aq = self.weight_quant, self.act_quant
+        dtype = op_dtype(x)
+        act = None if aq is None else (aq.log_s, aq.log_q, aq.lo, aq.rng_key)
+        a_est, a_delta = (aq.estimator, aq.delta) if aq is not None else ("ste", 0.0)
+        quant = (a_est, a_delta, wq.estimator, wq.delta, wq.noise_ratio, dtype)
+        y, lo, hi = quantized_layer(x, self.weight, self.bias, act, (wq.log_s, wq.rng_key), layer, quant)
+        wq._cache = (wq._key(self.weight), (lo.reshape(wq.log_s.shape), hi.reshape(wq.log_s.shape)))
+        return y
 
     def weight_bits(self) -> Tensor:
         return self.weight_quant.bits(self.weight)
@@ -148,6 +170,13 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self._one_node()
+            and not self.same_pad
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        ):
+            return self._quantized_layer(x, ("conv", self.stride, self.padding, self.dilation, self.groups))
         x = self.quantize_input(x)
         w = self.quantized_weight()
         if self.same_pad:
@@ -187,6 +216,8 @@ class QLinear(_QuantMixin, nn.Linear):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._one_node():
+            return self._quantized_layer(x, ("linear",))
         return tF.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
