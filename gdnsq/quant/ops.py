@@ -119,7 +119,7 @@ def quantize_act_backward(
         (need_grad_x, True, True, False, True), gc, xc, lo, hi, lo, s, key, None, estimator, delta, noise_ratio
     )
     grads = torch.stack([(g_s - g_hi) * s * _LN2, g_hi * torch.exp2(log_q) * _LN2, g_lo + g_hi]).float()
-    return (gx.to(x.dtype) if need_grad_x else x.new_empty(0)), grads
+    return (gx.to(x.dtype, copy=True) if need_grad_x else x.new_empty(0)), grads  # a copy: never g itself
 
 
 @quantize_act_backward.register_fake
@@ -173,11 +173,12 @@ def quantize_weight_backward(
         (True, False, False, False, True), gc, wc, None, None, z.reshape(s.shape), s, key, None, estimator, delta,
         noise_ratio,
     )  # fmt: skip
+    gw = gw.clone() if gw is gc else gw  # ste: the gradient is g, which the range's part must not be added into
     flat = gw.reshape(log_s.numel(), -1)
     for i, gr in ((0, g_lo), (1, g_hi)):  # min's, then max's, as autograd's sparse add
         if gr is not None:
             flat.scatter_add_(1, index[i].unsqueeze(1), gr.to(flat.dtype).unsqueeze(1))
-    return gw.to(w.dtype), (g_s * s * _LN2).reshape(-1).float()
+    return gw.to(w.dtype, copy=True), (g_s * s * _LN2).reshape(-1).float()  # a copy: never g itself
 
 
 @quantize_weight_backward.register_fake

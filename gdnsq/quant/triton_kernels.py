@@ -71,6 +71,18 @@ def _error(v, a, key_hi, ratio, NOISE: tl.constexpr):
 
 
 @triton.jit
+def _to(y, dtype: tl.constexpr):
+    """float32 y as ``dtype``, rounded to nearest even. bfloat16 by hand, with c10's algorithm (torch's .to()): the
+    interpreter's cast truncates; the GPU's rounds the same way as this."""
+    if dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = tl.where(y != y, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(dtype)
+
+
+@triton.jit
 def _sign(g):
     return tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
 
@@ -116,7 +128,7 @@ def _act_forward_kernel(
         v = v + _error(v, a, (key >> 32).to(tl.uint32), ratio, NOISE)
     else:
         v = _rint(v)
-    tl.store(out_ptr + offs, (v * s + lo).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _to(v * s + lo, out_ptr.dtype.element_ty), mask=mask)
     if ADVANCE:
         _advance(key, key_ptr, key_out_ptr, ticket_ptr)
 
@@ -163,7 +175,7 @@ def _act_backward_kernel(
                 es += em
         if WRITE_GX and PHASE != 1:
             out = tl.where((x < lo) | (x > hi), 0.0, _input_grad(g, e, d, delta, MODE))
-            tl.store(gx_ptr + offs, out.to(gx_ptr.dtype.element_ty), mask=mask)
+            tl.store(gx_ptr + offs, _to(out, gx_ptr.dtype.element_ty), mask=mask)
     if PHASE != 2:
         cols = tl.arange(0, 8)
         row = tl.where(
@@ -217,8 +229,8 @@ def _weight_forward_kernel(
         mn = tl.where(bmn < mn, bmn, mn)
         imx = tl.where(bmx > mx, k0 + bimx, imx)
         mx = tl.where(bmx > mx, bmx, mx)
-    tl.store(lo_ptr + c, mn.to(lo_ptr.dtype.element_ty))
-    tl.store(hi_ptr + c, mx.to(hi_ptr.dtype.element_ty))
+    tl.store(lo_ptr + c, _to(mn, lo_ptr.dtype.element_ty))
+    tl.store(hi_ptr + c, _to(mx, hi_ptr.dtype.element_ty))
     tl.store(index_ptr + c, imn.to(tl.int64))
     tl.store(index_ptr + C + c, imx.to(tl.int64))
     for k0 in range(0, K, BLOCK):
@@ -230,7 +242,7 @@ def _weight_forward_kernel(
             v = v + _error(v, a, (key >> 32).to(tl.uint32), ratio, NOISE)
         else:
             v = _rint(v)
-        tl.store(out_ptr + row + offs, (v * s + mn).to(out_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(out_ptr + row + offs, _to(v * s + mn, out_ptr.dtype.element_ty), mask=offs < K)
     _advance(key, key_ptr, key_out_ptr, ticket_ptr)
 
 
@@ -279,7 +291,7 @@ def _weight_backward_kernel(
         if RANGE_GRAD:
             out = tl.where(offs == imn, out + glo, out)
             out = tl.where(offs == imx, out + ghi, out)
-        tl.store(gw_ptr + row + offs, out.to(gw_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(gw_ptr + row + offs, _to(out, gw_ptr.dtype.element_ty), mask=offs < K)
     grad_s = tl.sum(ge)
     if MODE != _LSQ:
         grad_s = grad_s + s * tl.sum(gr) * _INV_SQRT3
