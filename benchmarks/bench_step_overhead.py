@@ -1,12 +1,15 @@
-"""Training-step time of a GDNSQ-quantized timm ResNet-18 over the FP ResNet-18 (goal <= 1.3x), and the
-same ratio for PyTorch's own learnable fake-quant (torch.ao ``_LearnableFakeQuantize``) as a reference.
+"""Training-step time of a GDNSQ-quantized timm ResNet-18 over the FP ResNet-18 (goal <= 1.1x), eager and
+compiled, with PyTorch's own learnable fake-quant (torch.ao ``_LearnableFakeQuantize``) as a reference; and the
+step's counts: kernels per quantized conv, bytes saved for backward (QAT/FP), torch.compile graph breaks.
 
 Same layers quantized in both (every conv/linear except the stem conv and the classifier), batch 32,
-64x64 inputs, RAdam, cross-entropy (+ the bit penalty for GDNSQ). The three variants are stepped in
-turn, round after round, and the median per-step time of each is reported, so that load from other
-processes on the machine hits all three alike.
+64x64 inputs, RAdam, cross-entropy (+ the bit penalty for GDNSQ). The variants are stepped in turn, round after
+round, and the median per-step time of each is reported, so that load from other processes on the machine hits
+all alike. ``compiled``: the model under ``torch.compile`` (inductor), loss, penalty and optimizer eager. The
+saved bytes are measured on one training forward at --saved-batch x --saved-size (the issue's 64 x 224).
+Every figure is appended to results/speed.csv.
 
-    python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto]
+    python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto] [--no-compile]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
+from step_figures import SPEED_CSV, append_rows, graph_breaks, kernels_per_conv, saved_bytes
 from torch import nn
 from torch.ao.quantization import (
     MovingAverageMinMaxObserver,
@@ -87,22 +91,57 @@ def make_models(device, batch, size):
     return {"fp": fp, "gdnsq": gdnsq, "unfused": unfused, "torch.ao": ao}, x, y
 
 
+def saved_ratios(device, batch, size) -> list[dict]:
+    """QAT/FP bytes saved for backward by a training forward: fp32 and bf16 autocast, ste and aewgs; the registered
+    ops' path and the torch path (quant.fused off: what CUDA ran before the ops)."""
+    torch.manual_seed(0)
+    fp = timm.create_model("resnet18", num_classes=100).to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    for dtype in (None, torch.bfloat16):
+        fp_all, fp_act = saved_bytes(fp, x, dtype)
+        for estimator in ("ste", "aewgs"):
+            qat = copy.deepcopy(fp)
+            quantize_model(qat, QuantConfig(target_w=2, target_a=2, estimator=estimator))
+            calibrate_model(qat, [x[:8]], init_bits=10)
+            qat.train()
+            for fused in (True, False):
+                set_fused(qat, fused)
+                q_all, q_act = saved_bytes(qat, x, dtype)
+                setting = f"{'bf16' if dtype else 'fp32'} {estimator} {'ops' if fused else 'torch path'} {batch}x{size}"
+                for figure, ratio in (("saved bytes QAT/FP", q_all / fp_all), ("saved activation bytes QAT/FP",
+                                                                              q_act / fp_act)):  # fmt: skip
+                    rows.append({"figure": figure, "value": f"{ratio:.3f}", "unit": "x", "setting": setting})
+            del qat
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    ap.add_argument("--saved-batch", type=int, default=64)
+    ap.add_argument("--saved-size", type=int, default=224)
+    ap.add_argument("--csv", default=SPEED_CSV, help="where the rows go (default results/speed.csv)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     models, x, y = make_models(device, args.batch, args.size)
+    breaks, graphs = graph_breaks(models["gdnsq"].train(), x)
+    runs = dict(models)
+    if not args.no_compile:
+        runs["fp compiled"] = torch.compile(models["fp"])
+        runs["gdnsq compiled"] = torch.compile(models["gdnsq"])
     opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, m in models.items()}
     obj = ObjectiveConfig()
 
     def step(name):
-        m, opt = models[name], opts[name]
-        loss = F.cross_entropy(m(x), y)
-        if name in ("gdnsq", "unfused"):
+        base = name.split()[0]
+        m, opt = models[base], opts[base]
+        loss = F.cross_entropy(runs[name](x), y)
+        if base in ("gdnsq", "unfused"):
             t = bit_penalties(m, obj.eps, obj.p)
             loss = loss + 1e-3 * (t.p_w + t.p_a)
         opt.zero_grad(set_to_none=True)
@@ -111,24 +150,52 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {k: [] for k in models}
+    times = {k: [] for k in runs}
     for i in range(args.steps + 3):
-        for name in models:
+        for name in runs:
             t0 = time.perf_counter()
             step(name)
-            if i >= 3:  # warm-up rounds excluded
+            if i >= 3:  # warm-up rounds excluded (compilation happens there)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    kernels = {k: kernels_per_conv(f) for k, f in (("fp", None), ("gdnsq", True), ("unfused", False))}
+    kernels["gdnsq aewgs"] = kernels_per_conv(True, "aewgs")
+    saved = saved_ratios(device, args.saved_batch, args.saved_size)
+
     print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end")
     print(
         f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
         f"{args.steps} steps (median)"
     )
     for k, v in med.items():
-        print(f"  {k:<9} {v * 1000:8.1f} ms/step")
-    print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.3x)")
-    print(f"unfused / FP step time:  {med['unfused'] / med['fp']:.2f}x   (quant.fused off)")
+        print(f"  {k:<15} {v * 1000:8.1f} ms/step")
+    print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.1x)")
+    print(f"unfused / FP step time:  {med['unfused'] / med['fp']:.2f}x   (quant.fused off: the torch path)")
     print(f"torch.ao / FP step time: {med['torch.ao'] / med['fp']:.2f}x   (reference)")
+    if not args.no_compile:
+        print(f"compiled GDNSQ / compiled FP: {med['gdnsq compiled'] / med['fp compiled']:.2f}x   (goal <= 1.1x)")
+        print(f"compiled FP / eager FP:       {med['fp compiled'] / med['fp']:.2f}x")
+    for k, (f_ops, b_ops) in kernels.items():
+        print(f"ops per quantized conv ({k}): {f_ops} forward, {b_ops} backward (the conv included)")
+    print(f"graph breaks tracing the GDNSQ model (training): {breaks} ({graphs} graphs)")
+    for r in saved:
+        print(f"{r['figure']:<32} {r['value']}x  {r['setting']}")
+
+    def row(figure, value, unit, setting):
+        return {"figure": figure, "value": value, "unit": unit, "setting": setting}
+
+    setting = f"resnet18 b{args.batch} {args.size}x{args.size} {args.steps} steps median"
+    rows = [row(f"step ms {k}", f"{v * 1000:.1f}", "ms", setting) for k, v in med.items()]
+    rows.append(row("step ratio GDNSQ/FP eager", f"{med['gdnsq'] / med['fp']:.3f}", "x", setting))
+    rows.append(row("step ratio torch path/FP eager", f"{med['unfused'] / med['fp']:.3f}", "x", setting))
+    if not args.no_compile:
+        ratio = med["gdnsq compiled"] / med["fp compiled"]
+        rows.append(row("step ratio GDNSQ/FP compiled", f"{ratio:.3f}", "x", setting))
+    for k, (f_ops, b_ops) in kernels.items():
+        rows.append(row(f"ops per quantized conv forward ({k})", f_ops, "ops", "64->64 3x3, conv included"))
+        rows.append(row(f"ops per quantized conv backward ({k})", b_ops, "ops", "64->64 3x3, conv included"))
+    rows.append(row("graph breaks GDNSQ resnet18 train", breaks, "breaks", f"{graphs} graphs"))
+    append_rows(rows + saved, device, args.csv)
 
 
 if __name__ == "__main__":

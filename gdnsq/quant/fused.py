@@ -15,7 +15,7 @@ process; it rebuilds by itself when the source or the flags change, and a file l
 uses (DDP ranks, Ray workers) build once. Where the kernels cannot be built (no C++ compiler), quantizers
 fall back to the pure-torch path of ``functional`` with one warning: same results, slower.
 
-On CUDA the Triton kernels of ``triton_kernels.py`` run instead.
+On CUDA the Triton kernels run instead (``triton_ops.py``).
 """
 
 from __future__ import annotations

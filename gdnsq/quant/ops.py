@@ -18,8 +18,9 @@ the device) is read and advanced inside the forward kernel; the key it held is r
 ``dither.py``): no number goes to the host. x̂ comes out as ``out_dtype`` (float32, bfloat16 or float16) whatever
 the input's dtype, with the maths in float32 registers, so autocast adds no cast around a quantizer.
 
-Implementations: CUDA: ``triton_kernels.py`` (one launch; two for ``aewgs``'s activation backward); CPU: the C++
-kernels of ``fused.py``; elsewhere (or float64, or without a compiler): the torch reference, same results.
+Implementations: CUDA: ``triton_ops.py`` (the kernels of ``triton_kernels.py``: one launch; two for ``aewgs``'s
+activation backward); CPU: the C++ kernels of ``fused.py``; elsewhere (or float64, or without a compiler): the
+torch reference, same results.
 """
 
 from __future__ import annotations
@@ -38,18 +39,25 @@ _LN2 = math.log(2.0)
 
 @functools.cache
 def _triton():
-    """triton_kernels, or None where Triton is not installed."""
+    """triton_ops, or None where Triton is not installed."""
     try:
-        from . import triton_kernels
+        from . import triton_ops
     except ImportError:
         return None
-    return triton_kernels
+    return triton_ops
 
 
 def _backend(x: Tensor, out_dtype: torch.dtype) -> str:
     if x.device.type == "cuda" and _triton() is not None:
         return "triton"
     return "cpu" if fused.applies(x, out_dtype) else "torch"
+
+
+def _take_key(state: Tensor) -> Tensor:
+    """The key for this call, ``state`` advanced (CPU: one C++ call instead of three torch ops)."""
+    if state.device.type == "cpu" and fused.kernels() is not None:
+        return fused.take_key(state)
+    return dither.next_key_(state)
 
 
 def _compute(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
@@ -79,9 +87,7 @@ def quantize_act(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     if _backend(x, out_dtype) == "triton":
         return _triton().act_forward(x, log_s, log_q, lo, state, estimator, noise_ratio, out_dtype, True)
-    key = (
-        fused.take_key(state) if fused.kernels() is not None and state.device.type == "cpu" else dither.next_key_(state)
-    )
+    key = _take_key(state)
     return _act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype), key
 
 
@@ -138,9 +144,9 @@ def quantize_weight(
     if backend == "triton":
         return _triton().weight_forward(w, log_s, state, estimator, noise_ratio, out_dtype)
     if backend == "cpu":
-        key = fused.take_key(state)
+        key = _take_key(state)
         return (*fused.weight_forward(w, log_s, key, estimator, noise_ratio, out_dtype), key)
-    key = dither.next_key_(state)
+    key = _take_key(state)
     wc, log_s = _compute(w, log_s)
     flat = wc.reshape(log_s.numel(), -1)
     (lo, ilo), (hi, ihi) = flat.min(dim=1), flat.max(dim=1)

@@ -5,7 +5,9 @@ GDNSQ's ``WeightQuantizer`` / ``ActivationQuantizer`` (learnable log-step, clamp
 quantizer (``zoo.common``) derive from it.
 GDNSQ's quantizers also report ``min_levels(...)`` (the fewest levels of any channel; < 2 is a dead,
 constant grid, whose ``true_bits`` reads 0) and apply the level guard ``keep_levels_(min_bits, ...)``
-(a projection of log_s so that b >= min_bits).
+(a projection of log_s so that b >= min_bits). Their training forward is the registered ops of ``ops.py`` (one
+kernel each way; ``quant.fused: false``: the reference torch graph), with the random draws keyed by the
+``rng_key`` buffer; eval is the exact grid in plain torch ops (exportable).
 """
 
 from __future__ import annotations

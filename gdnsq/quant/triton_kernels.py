@@ -1,5 +1,6 @@
-"""Triton kernels of the quantizer ops (``ops.py``) on CUDA: one launch per quantizer each way (adaptive EWGS on
-activations: two in backward, its scale needing the whole tensor's statistics before any input gradient).
+"""Triton kernels of the quantizer ops (``ops.py``) on CUDA, launched by ``triton_ops.py``: one launch per
+quantizer each way (adaptive EWGS on activations: two in backward, its scale needing the whole tensor's statistics
+before any input gradient).
 
 Same maths, float operation for float operation, as the torch reference (``functional.py``) and the CPU kernels
 (``csrc/noisy_round.cpp``): precise division (``div_rn``), no FMA contraction (launched with
@@ -19,17 +20,10 @@ Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``), which r
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from .dither import KEY_MASK, KEY_STEP, NOISE_STREAM, kernel_layout
-
-ESTIMATOR_CODES = {"ste": 0, "lsq": 1, "ewgs": 2, "aewgs": 3}
-BLOCK = 1024
-MAX_PROGRAMS = 1024  # partial sums of a per-tensor reduction: one per program, at most this many
-launches = 0  # kernel launches so far (tests hold the one-launch-per-op count)
+from .dither import KEY_MASK, KEY_STEP, NOISE_STREAM
 
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _INV_SQRT3: tl.constexpr = tl.constexpr(0.5773502691896258)
@@ -119,16 +113,17 @@ def _act_forward_kernel(
     hi = (lo + tl.math.exp2(tl.load(log_q_ptr).to(tl.float32))) - s
     vlo, vhi = tl.math.div_rn(lo - lo, s), tl.math.div_rn(hi - lo, s)
     key = tl.load(key_ptr)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x - lo, s), vlo), vhi)
-    if ADD_ERROR or NOISE:
-        a = _mix32(offs.to(tl.uint32) ^ key.to(tl.uint32))
-        v = v + _error(v, a, (key >> 32).to(tl.uint32), ratio, NOISE)
-    else:
-        v = _rint(v)
-    tl.store(out_ptr + offs, _to(v * s + lo, out_ptr.dtype.element_ty), mask=mask)
+    for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):  # at most MAX_PROGRAMS tickets
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x - lo, s), vlo), vhi)
+        if ADD_ERROR or NOISE:
+            a = _mix32(offs.to(tl.uint32) ^ key.to(tl.uint32))
+            v = v + _error(v, a, (key >> 32).to(tl.uint32), ratio, NOISE)
+        else:
+            v = _rint(v)
+        tl.store(out_ptr + offs, _to(v * s + lo, out_ptr.dtype.element_ty), mask=mask)
     if ADVANCE:
         _advance(key, key_ptr, key_out_ptr, ticket_ptr)
 
@@ -296,106 +291,3 @@ def _weight_backward_kernel(
     if MODE != _LSQ:
         grad_s = grad_s + s * tl.sum(gr) * _INV_SQRT3
     tl.store(gls_ptr + c, grad_s * s * _LN2)
-
-
-# ------------------------------------------------------------------------------------ launchers
-
-_tickets: dict[torch.device, Tensor] = {}
-
-
-def _ticket(device: torch.device) -> Tensor:
-    """The per-device ticket counter (int32, zero at rest: every kernel's last program resets it)."""
-    if device not in _tickets:
-        _tickets[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _tickets[device]
-
-
-def _launch(kernel, grid, *args, **meta) -> None:
-    global launches
-    launches += 1
-    kernel[grid](*args, enable_fp_fusion=False, **meta)  # no FMA: every product rounds, as in torch's graph
-
-
-def _like(g: Tensor, x: Tensor) -> Tensor:
-    """g laid out as x (the kernels walk both in x's memory order)."""
-    return g if g.stride() == x.stride() else torch.empty_like(x, dtype=g.dtype).copy_(g)
-
-
-def act_forward(x, log_s, log_q, lo, key_src, estimator, noise_ratio, out_dtype, advance):
-    """(x̂, key used): ``key_src`` is the state (advanced in the kernel) when ``advance``, else the key itself."""
-    x = kernel_layout(x)
-    out, n = torch.empty_like(x, dtype=out_dtype), x.numel()
-    key = torch.empty((), dtype=torch.int64, device=x.device) if advance else key_src
-    if n == 0:
-        return out, key.copy_(key_src) if advance else key
-    _launch(
-        _act_forward_kernel, (triton.cdiv(n, BLOCK),),
-        x, out, log_s, log_q, lo, key_src, key, _ticket(x.device), n, float(noise_ratio),
-        ADVANCE=advance, ADD_ERROR=estimator != "ste", NOISE=noise_ratio > 0, BLOCK=BLOCK,
-    )  # fmt: skip
-    return out, key
-
-
-def act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x):
-    """(grad_x or an empty tensor, float32 (d log_s, d log_q, d lo))."""
-    x = kernel_layout(x)
-    g, n = _like(g, x), x.numel()
-    grad_x = torch.empty_like(x) if need_grad_x else torch.empty(0, dtype=x.dtype, device=x.device)
-    grads = torch.zeros(3, dtype=torch.float32, device=x.device) if n == 0 else torch.empty(3, device=x.device)
-    if n == 0:
-        return grad_x, grads
-    programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
-    partial = torch.empty((programs, 8), dtype=torch.float32, device=x.device)
-    scale = torch.empty(1, dtype=torch.float32, device=x.device)
-    mode = ESTIMATOR_CODES[estimator]
-    args = (g, x, grad_x, log_s, log_q, lo, key, partial, _ticket(x.device), grads, scale, n, 1.0 / n)
-    meta = dict(MODE=mode, NOISE=noise_ratio > 0, BLOCK=BLOCK, NPART=triton.next_power_of_2(programs))
-    if mode == ESTIMATOR_CODES["aewgs"]:
-        _launch(_act_backward_kernel, (programs,), *args, float(noise_ratio), float(delta), PHASE=1, WRITE_GX=False,
-                **meta)  # fmt: skip
-        if need_grad_x:
-            _launch(_act_backward_kernel, (programs,), *args, float(noise_ratio), float(delta), PHASE=2,
-                    WRITE_GX=True, **meta)  # fmt: skip
-    else:
-        _launch(_act_backward_kernel, (programs,), *args, float(noise_ratio), float(delta), PHASE=0,
-                WRITE_GX=need_grad_x, **meta)  # fmt: skip
-    return grad_x, grads
-
-
-def _row_block(k: int) -> int:
-    return min(triton.next_power_of_2(max(k, 1)), BLOCK)
-
-
-def weight_forward(w, log_s, state, estimator, noise_ratio, out_dtype):
-    """(x̂, lo[C], hi[C], index[2, C], key used), C = log_s.numel() rows of w in memory order."""
-    w = w.contiguous()
-    C = log_s.numel()
-    K = w.numel() // C
-    out = torch.empty_like(w, dtype=out_dtype)
-    lo, hi = w.new_empty(C), w.new_empty(C)
-    index = torch.empty((2, C), dtype=torch.int64, device=w.device)
-    key = torch.empty((), dtype=torch.int64, device=w.device)
-    _launch(
-        _weight_forward_kernel, (C,),
-        w, out, log_s, lo, hi, index, state, key, _ticket(w.device), C, K, float(noise_ratio),
-        ADD_ERROR=estimator != "ste", NOISE=noise_ratio > 0, BLOCK=_row_block(K),
-    )  # fmt: skip
-    return out, lo, hi, index, key
-
-
-def weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio):
-    """(grad_w, float32 d log_s per row); g_lo / g_hi: the range's gradient (None: none reached it)."""
-    w = w.contiguous()
-    g = _like(g, w)
-    C = log_s.numel()
-    K = w.numel() // C
-    grad_w = torch.empty_like(w)
-    grad_log_s = torch.empty(C, dtype=torch.float32, device=w.device)
-    range_grad = g_lo is not None
-    _launch(
-        _weight_backward_kernel, (C,),
-        g, w, grad_w, log_s, lo, index, g_lo if range_grad else lo, g_hi if range_grad else lo, key, grad_log_s,
-        C, K, 1.0 / K, float(noise_ratio), float(delta),
-        MODE=ESTIMATOR_CODES[estimator], NOISE=noise_ratio > 0, RANGE_GRAD=range_grad, BLOCK=_row_block(K),
-    )  # fmt: skip
-    return grad_w, grad_log_s
