@@ -19,8 +19,8 @@ the device) is read and advanced inside the forward kernel; the key it held is r
 the input's dtype, with the maths in float32 registers, so autocast adds no cast around a quantizer.
 
 Implementations: CUDA: ``triton_ops.py`` (the kernels of ``triton_kernels.py``: one launch; two for ``aewgs``'s
-activation backward); CPU: the C++ kernels of ``fused.py``; elsewhere (or float64, or without a compiler): the
-torch reference, same results.
+activation backward); CPU: ``cpu_ops.py`` (the C++ kernels that ``fused.py`` builds); elsewhere (or float64, or
+without a compiler): the torch reference, same results.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import dither, fused
+from . import cpu_ops, dither, fused
 from . import functional as F
 
 _LN2 = math.log(2.0)
@@ -56,7 +56,7 @@ def _backend(x: Tensor, out_dtype: torch.dtype) -> str:
 def _take_key(state: Tensor) -> Tensor:
     """The key for this call, ``state`` advanced (CPU: one C++ call instead of three torch ops)."""
     if state.device.type == "cpu" and fused.kernels() is not None:
-        return fused.take_key(state)
+        return cpu_ops.take_key(state)
     return dither.next_key_(state)
 
 
@@ -74,7 +74,7 @@ def _act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype) ->
     if backend == "triton":
         return _triton().act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype, False)[0]
     if backend == "cpu":
-        return fused.act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype)
+        return cpu_ops.act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype)
     x, log_s, log_q, lo = _compute(x, log_s, log_q, lo)
     lo, hi, s = F.activation_grid(log_s, log_q, lo)
     return F.reference_forward(x, lo, hi, lo, s, key, estimator, noise_ratio)[0].to(out_dtype)
@@ -118,7 +118,7 @@ def quantize_act_backward(
     if backend == "triton":
         return _triton().act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x)
     if backend == "cpu" and g.dtype in fused.DTYPES:
-        return fused.act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x)
+        return cpu_ops.act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x)
     xc, gc, log_s, log_q, lo = _compute(x, g, log_s, log_q, lo)
     lo, hi, s = F.activation_grid(log_s, log_q, lo)
     gx, g_lo, g_hi, _, g_s = F.reference_backward(
@@ -145,7 +145,7 @@ def quantize_weight(
         return _triton().weight_forward(w, log_s, state, estimator, noise_ratio, out_dtype)
     if backend == "cpu":
         key = _take_key(state)
-        return (*fused.weight_forward(w, log_s, key, estimator, noise_ratio, out_dtype), key)
+        return (*cpu_ops.weight_forward(w, log_s, key, estimator, noise_ratio, out_dtype), key)
     key = _take_key(state)
     wc, log_s = _compute(w, log_s)
     flat = wc.reshape(log_s.numel(), -1)
@@ -172,7 +172,7 @@ def quantize_weight_backward(
     if backend == "triton":
         return _triton().weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
     if backend == "cpu" and g.dtype in fused.DTYPES:
-        return fused.weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
+        return cpu_ops.weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
     wc, gc, log_s, z = _compute(w, g, log_s, lo)
     s = torch.exp2(log_s)
     gw, _, _, _, g_s = F.reference_backward(

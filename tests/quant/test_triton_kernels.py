@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from gdnsq.quant import fused
+from gdnsq.quant import cpu_ops
 from gdnsq.quant.dither import next_key_
 
 pytest.importorskip("triton")
@@ -63,14 +63,14 @@ def test_activation_kernels_match_the_cpu_op(tk, estimator, noise_ratio, dtype):
     expected_key = next_key_(expected_state)
     assert n_fwd == 1 and torch.equal(key, expected_key) and torch.equal(state, expected_state)
     assert int(tk._ticket(x.device)) == 0
-    ref = fused.act_forward(x, log_s, log_q, lo, expected_key, estimator, noise_ratio, dtype)
+    ref = cpu_ops.act_forward(x, log_s, log_q, lo, expected_key, estimator, noise_ratio, dtype)
     assert out.dtype == dtype and torch.equal(out, ref)
     replay, _ = tk.act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, dtype, False)
     assert torch.equal(replay, out) and torch.equal(state, expected_state)  # a replay leaves the state alone
 
     args = (g, x, log_s, log_q, lo, key, estimator, 1e-2, noise_ratio)
     (gx, grads), n_bwd = _launched(tk, tk.act_backward, *args, True)
-    gx_ref, grads_ref = fused.act_backward(*args, True)
+    gx_ref, grads_ref = cpu_ops.act_backward(*args, True)
     assert n_bwd == (2 if estimator == "aewgs" else 1) and int(tk._ticket(x.device)) == 0
     if estimator == "aewgs":  # the scale is a ratio of sums: float64 partials here, piece order in C++
         assert torch.allclose(gx.float(), gx_ref.float(), rtol=1e-5, atol=1e-6 * float(g.abs().max()))
@@ -99,12 +99,12 @@ def test_weight_kernels_match_the_cpu_op(tk, estimator, shape, channels):
     expected_state = torch.tensor(777)
     expected_key = next_key_(expected_state)
     assert n_fwd == 1 and torch.equal(key, expected_key) and torch.equal(state, expected_state)
-    ref = fused.weight_forward(w, log_s, expected_key, estimator, 0.2, w.dtype)
+    ref = cpu_ops.weight_forward(w, log_s, expected_key, estimator, 0.2, w.dtype)
     for name, a, b in zip(("x̂", "lo", "hi", "index"), (out, lo, hi, index), ref):
         assert torch.equal(a, b), name
     args = (g, g_lo, g_hi, w, log_s, lo, index, key, estimator, 1e-2, 0.2)
     (gw, gs), n_bwd = _launched(tk, tk.weight_backward, *args)
-    gw_ref, gs_ref = fused.weight_backward(*args)
+    gw_ref, gs_ref = cpu_ops.weight_backward(*args)
     assert n_bwd == 1
     if estimator == "aewgs":
         assert torch.allclose(gw, gw_ref, rtol=1e-5, atol=1e-6)
@@ -131,7 +131,7 @@ def test_bf16_weight_out_from_fp32_master(tk):
     torch.manual_seed(2)
     w, log_s = torch.randn(8, 16, 3, 3), torch.full((8, 1, 1, 1), -6.0)
     out, lo, hi, index, key = tk.weight_forward(w, log_s, torch.tensor(5), "ste", 0.0, torch.bfloat16)
-    ref = fused.weight_forward(w, log_s, key, "ste", 0.0, torch.float32)
+    ref = cpu_ops.weight_forward(w, log_s, key, "ste", 0.0, torch.float32)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref[0].bfloat16()) and lo.dtype == torch.float32
     g = torch.randn(8, 16, 3, 3).bfloat16()
     gw, _ = tk.weight_backward(g, None, None, w, log_s, lo, index, key, "ste", 1e-2, 0.0)
@@ -149,8 +149,8 @@ def test_activation_kernels_loop_when_programs_are_fewer_than_blocks(tk, estimat
     state = torch.tensor(99)
     out, key = tk.act_forward(x, *params, state, estimator, 0.1, torch.float32, True)
     assert torch.equal(key, torch.tensor(99)) and int(tk._ticket(x.device)) == 0
-    assert torch.equal(out, fused.act_forward(x, *params, key, estimator, 0.1, torch.float32))
+    assert torch.equal(out, cpu_ops.act_forward(x, *params, key, estimator, 0.1, torch.float32))
     gx, grads = tk.act_backward(g, x, *params, key, estimator, 1e-2, 0.1, True)
-    gx_ref, grads_ref = fused.act_backward(g, x, *params, key, estimator, 1e-2, 0.1, True)
+    gx_ref, grads_ref = cpu_ops.act_backward(g, x, *params, key, estimator, 1e-2, 0.1, True)
     assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-6) if estimator == "aewgs" else torch.equal(gx, gx_ref)
     assert torch.allclose(grads, grads_ref, rtol=1e-5, atol=1e-5)
