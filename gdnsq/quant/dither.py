@@ -20,6 +20,8 @@ restored from every checkpoint (state_dict) and broadcast by DDP with the other 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -57,21 +59,37 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def kernel_layout(t: Tensor) -> Tensor:
-    """``t`` as the kernels walk it: itself when contiguous or channels-last (walked in memory order), else a
-    contiguous copy."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
-        return t
-    return t.contiguous()
+def _from_nhwc(t: Tensor) -> Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(m, back): m a contiguous tensor with t's elements in the order the kernels walk them, and back(u) laying a
+    tensor shaped like m out as t is. Contiguous and channels-last tensors are walked in memory order (m is a view,
+    back a view: no copy; dim 0 stays first, so a weight's output channels stay rows); others row-major (a copy)."""
+    if t.is_contiguous():
+        return t, _same
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1), _from_nhwc
+    return t.contiguous(), _same
+
+
+def walk_format(t: Tensor) -> torch.memory_format:
+    """The memory format of what the kernels write for an input laid out as t (``memory_order``)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def element_index(like: Tensor) -> Tensor:
-    """Each element's position in the kernels' walk (``kernel_layout``), shaped like ``like`` (int64): the index
-    the draws hash."""
-    idx = torch.arange(like.numel(), dtype=torch.int64, device=like.device)
-    if like.is_contiguous() or kernel_layout(like) is not like:
-        return idx.view(like.shape)
-    return idx.as_strided(like.shape, like.stride())
+    """Each element's position in the kernels' walk (``memory_order``), shaped and laid out like ``like`` (int64):
+    the index the draws hash."""
+    m, back = memory_order(like)
+    return back(torch.arange(like.numel(), dtype=torch.int64, device=like.device).view(m.shape))
 
 
 def _inner(like: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:

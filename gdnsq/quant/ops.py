@@ -35,6 +35,9 @@ from . import cpu_ops, dither, fused
 from . import functional as F
 
 _LN2 = math.log(2.0)
+# The activation kernels walk a contiguous or channels-last tensor in memory order and write x̂ in the same layout,
+# so inductor may hand them what its convolutions prefer (channels-last on the CPU) without a copy either way.
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
 
 @functools.cache
@@ -75,12 +78,13 @@ def _act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype) ->
         return _triton().act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype, False)[0]
     if backend == "cpu":
         return cpu_ops.act_forward(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype)
-    x, log_s, log_q, lo = _compute(x, log_s, log_q, lo)
+    xm, _, back = cpu_ops.walk(x)  # the layout the kernels give back
+    xm, log_s, log_q, lo = _compute(xm, log_s, log_q, lo)
     lo, hi, s = F.activation_grid(log_s, log_q, lo)
-    return F.reference_forward(x, lo, hi, lo, s, key, estimator, noise_ratio)[0].to(out_dtype)
+    return back(F.reference_forward(xm, lo, hi, lo, s, key, estimator, noise_ratio)[0].to(out_dtype))
 
 
-@torch.library.custom_op("gdnsq::quantize_act", mutates_args=("state",))
+@torch.library.custom_op("gdnsq::quantize_act", mutates_args=("state",), tags=_ANY_LAYOUT)
 def quantize_act(
     x: Tensor, log_s: Tensor, log_q: Tensor, lo: Tensor, state: Tensor, estimator: str, noise_ratio: float,
     out_dtype: torch.dtype,
@@ -93,10 +97,11 @@ def quantize_act(
 
 @quantize_act.register_fake
 def _(x, log_s, log_q, lo, state, estimator, noise_ratio, out_dtype):
-    return torch.empty_like(x, dtype=out_dtype), torch.empty((), dtype=torch.int64, device=state.device)
+    out = torch.empty_like(x, dtype=out_dtype, memory_format=dither.walk_format(x))
+    return out, torch.empty((), dtype=torch.int64, device=state.device)
 
 
-@torch.library.custom_op("gdnsq::replay_act", mutates_args=())
+@torch.library.custom_op("gdnsq::replay_act", mutates_args=(), tags=_ANY_LAYOUT)
 def replay_act(
     x: Tensor, log_s: Tensor, log_q: Tensor, lo: Tensor, key: Tensor, estimator: str, noise_ratio: float,
     out_dtype: torch.dtype,
@@ -106,10 +111,10 @@ def replay_act(
 
 @replay_act.register_fake
 def _(x, log_s, log_q, lo, key, estimator, noise_ratio, out_dtype):
-    return torch.empty_like(x, dtype=out_dtype)
+    return torch.empty_like(x, dtype=out_dtype, memory_format=dither.walk_format(x))
 
 
-@torch.library.custom_op("gdnsq::quantize_act_backward", mutates_args=())
+@torch.library.custom_op("gdnsq::quantize_act_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def quantize_act_backward(
     g: Tensor, x: Tensor, log_s: Tensor, log_q: Tensor, lo: Tensor, key: Tensor, estimator: str, delta: float,
     noise_ratio: float, need_grad_x: bool,
@@ -119,18 +124,20 @@ def quantize_act_backward(
         return _triton().act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x)
     if backend == "cpu" and g.dtype in fused.DTYPES:
         return cpu_ops.act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x)
-    xc, gc, log_s, log_q, lo = _compute(x, g, log_s, log_q, lo)
+    xm, gm, back = cpu_ops.walk(x, g)
+    xc, gc, log_s, log_q, lo = _compute(xm, gm, log_s, log_q, lo)
     lo, hi, s = F.activation_grid(log_s, log_q, lo)
     gx, g_lo, g_hi, _, g_s = F.reference_backward(
         (need_grad_x, True, True, False, True), gc, xc, lo, hi, lo, s, key, None, estimator, delta, noise_ratio
     )
     grads = torch.stack([(g_s - g_hi) * s * _LN2, g_hi * torch.exp2(log_q) * _LN2, g_lo + g_hi]).float()
-    return (gx.to(x.dtype, copy=True) if need_grad_x else x.new_empty(0)), grads  # a copy: never g itself
+    return (back(gx.to(x.dtype, copy=True)) if need_grad_x else x.new_empty(0)), grads  # a copy: never g itself
 
 
 @quantize_act_backward.register_fake
 def _(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x):
-    return (torch.empty_like(x) if need_grad_x else x.new_empty(0)), x.new_empty(3, dtype=torch.float32)
+    grad_x = torch.empty_like(x, memory_format=dither.walk_format(x)) if need_grad_x else x.new_empty(0)
+    return grad_x, x.new_empty(3, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -147,12 +154,13 @@ def quantize_weight(
         key = _take_key(state)
         return (*cpu_ops.weight_forward(w, log_s, key, estimator, noise_ratio, out_dtype), key)
     key = _take_key(state)
-    wc, log_s = _compute(w, log_s)
+    wm, _, back = cpu_ops.walk(w)  # rows in memory order, as the kernels walk them
+    wc, log_s = _compute(wm, log_s)
     flat = wc.reshape(log_s.numel(), -1)
     (lo, ilo), (hi, ihi) = flat.min(dim=1), flat.max(dim=1)
-    s = torch.exp2(log_s)
+    s = torch.exp2(log_s).reshape((-1,) + (1,) * (wc.dim() - 1))
     out = F.reference_forward(wc, None, None, lo.reshape(s.shape), s, key, estimator, noise_ratio)[0]
-    return out.to(out_dtype), lo.to(w.dtype), hi.to(w.dtype), torch.stack([ilo, ihi]), key
+    return back(out.to(out_dtype)), lo.to(w.dtype), hi.to(w.dtype), torch.stack([ilo, ihi]), key
 
 
 @quantize_weight.register_fake
@@ -160,7 +168,8 @@ def _(w, log_s, state, estimator, noise_ratio, out_dtype):
     c = log_s.numel()
     index = torch.empty((2, c), dtype=torch.int64, device=w.device)
     key = torch.empty((), dtype=torch.int64, device=state.device)
-    return torch.empty_like(w, dtype=out_dtype), w.new_empty(c), w.new_empty(c), index, key
+    out = torch.empty_like(w, dtype=out_dtype, memory_format=dither.walk_format(w))
+    return out, w.new_empty(c), w.new_empty(c), index, key
 
 
 @torch.library.custom_op("gdnsq::quantize_weight_backward", mutates_args=())
@@ -173,8 +182,9 @@ def quantize_weight_backward(
         return _triton().weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
     if backend == "cpu" and g.dtype in fused.DTYPES:
         return cpu_ops.weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
-    wc, gc, log_s, z = _compute(w, g, log_s, lo)
-    s = torch.exp2(log_s)
+    wm, gm, back = cpu_ops.walk(w, g)
+    wc, gc, log_s, z = _compute(wm, gm, log_s, lo)
+    s = torch.exp2(log_s).reshape((-1,) + (1,) * (wc.dim() - 1))
     gw, _, _, _, g_s = F.reference_backward(
         (True, False, False, False, True), gc, wc, None, None, z.reshape(s.shape), s, key, None, estimator, delta,
         noise_ratio,
@@ -184,9 +194,9 @@ def quantize_weight_backward(
     for i, gr in ((0, g_lo), (1, g_hi)):  # min's, then max's, as autograd's sparse add
         if gr is not None:
             flat.scatter_add_(1, index[i].unsqueeze(1), gr.to(flat.dtype).unsqueeze(1))
-    return gw.to(w.dtype, copy=True), (g_s * s * _LN2).reshape(-1).float()  # a copy: never g itself
+    return back(gw.to(w.dtype, copy=True)), (g_s * s * _LN2).reshape(-1).float()  # a copy: never g itself
 
 
 @quantize_weight_backward.register_fake
 def _(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio):
-    return torch.empty_like(w), w.new_empty(log_s.numel(), dtype=torch.float32)
+    return torch.empty_like(w, memory_format=dither.walk_format(w)), w.new_empty(log_s.numel(), dtype=torch.float32)

@@ -13,7 +13,8 @@ import triton
 from torch import Tensor
 
 from . import triton_kernels
-from .dither import kernel_layout
+from .cpu_ops import walk
+from .dither import next_key_
 
 ESTIMATOR_CODES = {"ste": 0, "lsq": 1, "ewgs": 2, "aewgs": 3}
 BLOCK = 1024
@@ -36,34 +37,29 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, enable_fp_fusion=False, **meta)  # no FMA: every product rounds, as in torch's graph
 
 
-def _like(g: Tensor, x: Tensor) -> Tensor:
-    """g laid out as x (the kernels walk both in x's memory order)."""
-    return g if g.stride() == x.stride() else torch.empty_like(x, dtype=g.dtype).copy_(g)
-
-
 def act_forward(x, log_s, log_q, lo, key_src, estimator, noise_ratio, out_dtype, advance):
     """(x̂, key used): ``key_src`` is the state (advanced in the kernel) when ``advance``, else the key itself."""
-    x = kernel_layout(x)
+    x, _, back = walk(x)
     out, n = torch.empty_like(x, dtype=out_dtype), x.numel()
     key = torch.empty((), dtype=torch.int64, device=x.device) if advance else key_src
-    if n == 0:
-        return out, key.copy_(key_src) if advance else key
+    if n == 0:  # no program to advance the state: torch ops do it (an empty batch, never in a real step)
+        return back(out), next_key_(key_src) if advance else key
     _launch(
         triton_kernels._act_forward_kernel, (min(triton.cdiv(n, BLOCK), MAX_PROGRAMS),),
         x, out, log_s, log_q, lo, key_src, key, _ticket(x.device), n, float(noise_ratio),
         ADVANCE=advance, ADD_ERROR=estimator != "ste", NOISE=noise_ratio > 0, BLOCK=BLOCK,
     )  # fmt: skip
-    return out, key
+    return back(out), key
 
 
 def act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x):
     """(grad_x or an empty tensor, float32 (d log_s, d log_q, d lo))."""
-    x = kernel_layout(x)
-    g, n = _like(g, x), x.numel()
+    x, g, back = walk(x, g)
+    n = x.numel()
     grad_x = torch.empty_like(x) if need_grad_x else torch.empty(0, dtype=x.dtype, device=x.device)
-    grads = torch.zeros(3, dtype=torch.float32, device=x.device) if n == 0 else torch.empty(3, device=x.device)
+    grads = (torch.zeros if n == 0 else torch.empty)(3, dtype=torch.float32, device=x.device)
     if n == 0:
-        return grad_x, grads
+        return (back(grad_x) if need_grad_x else grad_x), grads
     programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
     partial = torch.empty((programs, 8), dtype=torch.float32, device=x.device)
     scale = torch.empty(1, dtype=torch.float32, device=x.device)
@@ -78,7 +74,7 @@ def act_backward(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, nee
             _launch(kernel, (programs,), *args, PHASE=2, WRITE_GX=True, **meta)
     else:
         _launch(kernel, (programs,), *args, PHASE=0, WRITE_GX=need_grad_x, **meta)
-    return grad_x, grads
+    return (back(grad_x) if need_grad_x else grad_x), grads
 
 
 def _row_block(k: int) -> int:
@@ -87,7 +83,7 @@ def _row_block(k: int) -> int:
 
 def weight_forward(w, log_s, state, estimator, noise_ratio, out_dtype):
     """(x̂, lo[C], hi[C], index[2, C], key used), C = log_s.numel() rows of w in memory order."""
-    w = w.contiguous()
+    w, _, back = walk(w)
     C = log_s.numel()
     K = w.numel() // C
     out = torch.empty_like(w, dtype=out_dtype)
@@ -99,13 +95,12 @@ def weight_forward(w, log_s, state, estimator, noise_ratio, out_dtype):
         w, out, log_s, lo, hi, index, state, key, _ticket(w.device), C, K, float(noise_ratio),
         ADD_ERROR=estimator != "ste", NOISE=noise_ratio > 0, BLOCK=_row_block(K),
     )  # fmt: skip
-    return out, lo, hi, index, key
+    return back(out), lo, hi, index, key
 
 
 def weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio):
     """(grad_w, float32 d log_s per row); g_lo / g_hi: the range's gradient (None: none reached it)."""
-    w = w.contiguous()
-    g = _like(g, w)
+    w, g, back = walk(w, g)
     C = log_s.numel()
     K = w.numel() // C
     grad_w = torch.empty_like(w)
@@ -117,4 +112,4 @@ def weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, n
         C, K, 1.0 / K, float(noise_ratio), float(delta),
         MODE=ESTIMATOR_CODES[estimator], NOISE=noise_ratio > 0, RANGE_GRAD=range_grad, BLOCK=_row_block(K),
     )  # fmt: skip
-    return grad_w, grad_log_s
+    return back(grad_w), grad_log_s

@@ -271,3 +271,20 @@ def test_export_traces_the_eval_path():
     x = torch.randn(2, 1, 28, 28)
     program = torch.export.export(model.eval(), (x,))
     assert torch.equal(program.module()(x), model(x))
+
+
+@pytest.mark.parametrize("estimator", ["ste", "aewgs"])
+def test_channels_last_weight_is_walked_in_memory_order(estimator):
+    """A channels-last weight (``train.channels_last``) keeps its layout: x̂ and the gradient come back
+    channels-last, equal to the contiguous weight's where the draws agree (lsq: none), each row still one block."""
+    w, g, g_lo, g_hi, log_s = _weight((16, 8, 3, 3), True)
+    cl = (w.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last), g_lo,
+          g_hi, log_s)  # fmt: skip
+    for est in (estimator, "lsq"):
+        ours, ref = _weight_run(cl, est, True), _weight_run(cl, est, False)
+        assert ours[0].is_contiguous(memory_format=torch.channels_last) and not ours[0].is_contiguous()
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
+        assert ours[3].is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(ours[3], ref[3], atol=1e-6) and _close(ours[4], ref[4])
+    plain = _weight_run((w, g, g_lo, g_hi, log_s), "lsq", True)
+    assert torch.equal(plain[0], ours[0]) and torch.equal(plain[3], ours[3]) and _close(ours[4], plain[4])

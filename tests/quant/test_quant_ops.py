@@ -141,14 +141,18 @@ def test_compile_traces_a_quantized_resnet_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def test_compiled_training_step_matches_eager():
-    """Inductor on the CPU, fullgraph: the ops run as opaque kernels inside the compiled graph (same values and
-    gradients as eager, the key states advanced the same)."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_training_step_matches_eager(channels_last):
+    """Inductor on the CPU, fullgraph: the ops run as opaque kernels inside the compiled graph: same values and
+    gradients as eager, the key states advanced the same (lsq: no dither, whose draws follow the memory layout,
+    which inductor may change). Channels-last: the layout inductor's CPU convolutions want, kept by the ops."""
     torch.manual_seed(0)
     base = SmallCNN()
-    quantize_model(base, QuantConfig(target_w=2, target_a=2))
+    quantize_model(base, QuantConfig(target_w=2, target_a=2, estimator="lsq"))
     calibrate_model(base, [torch.randn(8, 1, 28, 28)], init_bits=6)
     x = torch.randn(8, 1, 28, 28)
+    if channels_last:
+        base, x = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     results = []
     for compiled in (False, True):
         model = copy.deepcopy(base).train()
