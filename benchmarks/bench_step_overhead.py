@@ -117,20 +117,26 @@ def saved_ratios(device, batch, size) -> list[dict]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
-    ap.add_argument("--saved-batch", type=int, default=64)
-    ap.add_argument("--saved-size", type=int, default=224)
-    ap.add_argument("--csv", default=SPEED_CSV, help="where the rows go (default results/speed.csv)")
-    args = ap.parse_args()
-    device = resolve_device(args.device)
-    models, x, y = make_models(device, args.batch, args.size)
+def row(figure, value, unit, setting) -> dict:
+    return {"figure": figure, "value": value, "unit": unit, "setting": setting}
+
+
+def counts(device, models, x) -> list[dict]:
+    """Ops per quantized conv (forward, backward; the conv included) and graph breaks of the GDNSQ model."""
+    kernels = {k: kernels_per_conv(f) for k, f in (("fp", None), ("gdnsq", True), ("unfused", False))}
+    kernels["gdnsq aewgs"] = kernels_per_conv(True, "aewgs")
     breaks, graphs = graph_breaks(models["gdnsq"].train(), x)
+    rows = []
+    for k, (f_ops, b_ops) in kernels.items():
+        print(f"ops per quantized conv ({k}): {f_ops} forward, {b_ops} backward (the conv included)")
+        rows.append(row(f"ops per quantized conv forward ({k})", f_ops, "ops", "64->64 3x3, conv included"))
+        rows.append(row(f"ops per quantized conv backward ({k})", b_ops, "ops", "64->64 3x3, conv included"))
+    print(f"graph breaks tracing the GDNSQ model (training): {breaks} ({graphs} graphs)")
+    return rows + [row("graph breaks GDNSQ resnet18 train", breaks, "breaks", f"{graphs} graphs")]
+
+
+def timing(device, models, x, y, args) -> list[dict]:
+    """Median step times, eager and compiled, stepped in turn round after round."""
     # name -> (what is called, the model it steps, its input); compiled variants run channels-last, as inductor's
     # CPU convolutions do (a contiguous model makes it copy the layout around every opaque op)
     runs = {k: (m, m, x) for k, m in models.items()}
@@ -163,44 +169,51 @@ def main():
             if i >= 3:  # warm-up rounds excluded (compilation happens there)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    kernels = {k: kernels_per_conv(f) for k, f in (("fp", None), ("gdnsq", True), ("unfused", False))}
-    kernels["gdnsq aewgs"] = kernels_per_conv(True, "aewgs")
-    saved = saved_ratios(device, args.saved_batch, args.saved_size)
-
-    print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end")
-    print(
-        f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.steps} steps (median)"
-    )
+    print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end of the timed steps")
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
+          f"{args.steps} steps (median)")  # fmt: skip
     for k, v in med.items():
         print(f"  {k:<15} {v * 1000:8.1f} ms/step")
-    print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.1x)")
-    print(f"unfused / FP step time:  {med['unfused'] / med['fp']:.2f}x   (quant.fused off: the torch path)")
-    print(f"torch.ao / FP step time: {med['torch.ao'] / med['fp']:.2f}x   (reference)")
+    ratios = {
+        "GDNSQ/FP eager": med["gdnsq"] / med["fp"],
+        "torch path/FP eager": med["unfused"] / med["fp"],
+        "torch.ao/FP eager": med["torch.ao"] / med["fp"],
+    }
     if not args.no_compile:
-        print(f"compiled GDNSQ / compiled FP: {med['gdnsq compiled'] / med['fp compiled']:.2f}x   (goal <= 1.1x)")
-        print(f"compiled FP / eager FP:       {med['fp compiled'] / med['fp']:.2f}x")
-    for k, (f_ops, b_ops) in kernels.items():
-        print(f"ops per quantized conv ({k}): {f_ops} forward, {b_ops} backward (the conv included)")
-    print(f"graph breaks tracing the GDNSQ model (training): {breaks} ({graphs} graphs)")
-    for r in saved:
-        print(f"{r['figure']:<32} {r['value']}x  {r['setting']}")
-
-    def row(figure, value, unit, setting):
-        return {"figure": figure, "value": value, "unit": unit, "setting": setting}
-
-    setting = f"resnet18 b{args.batch} {args.size}x{args.size} {args.steps} steps median"
+        ratios["GDNSQ/FP compiled"] = med["gdnsq compiled"] / med["fp compiled"]
+        ratios["FP compiled/FP eager"] = med["fp compiled"] / med["fp"]
+    for k, v in ratios.items():
+        print(f"step ratio {k:<22} {v:.2f}x")
+    setting = f"resnet18 b{args.batch} {args.size}x{args.size} {args.steps} steps median, load {os.getloadavg()[0]:.1f}"
     rows = [row(f"step ms {k}", f"{v * 1000:.1f}", "ms", setting) for k, v in med.items()]
-    rows.append(row("step ratio GDNSQ/FP eager", f"{med['gdnsq'] / med['fp']:.3f}", "x", setting))
-    rows.append(row("step ratio torch path/FP eager", f"{med['unfused'] / med['fp']:.3f}", "x", setting))
-    if not args.no_compile:
-        ratio = med["gdnsq compiled"] / med["fp compiled"]
-        rows.append(row("step ratio GDNSQ/FP compiled", f"{ratio:.3f}", "x", setting))
-    for k, (f_ops, b_ops) in kernels.items():
-        rows.append(row(f"ops per quantized conv forward ({k})", f_ops, "ops", "64->64 3x3, conv included"))
-        rows.append(row(f"ops per quantized conv backward ({k})", b_ops, "ops", "64->64 3x3, conv included"))
-    rows.append(row("graph breaks GDNSQ resnet18 train", breaks, "breaks", f"{graphs} graphs"))
-    append_rows(rows + saved, device, args.csv)
+    return rows + [row(f"step ratio {k}", f"{v:.3f}", "x", setting) for k, v in ratios.items()]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    ap.add_argument("--saved-batch", type=int, default=64)
+    ap.add_argument("--saved-size", type=int, default=224)
+    ap.add_argument("--parts", default="counts,timing,saved", help="which figures, comma-separated")
+    ap.add_argument("--csv", default=SPEED_CSV, help="where the rows go (default results/speed.csv)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    models, x, y = make_models(device, args.batch, args.size)
+    parts = args.parts.split(",")
+    # each part's rows are written as soon as they exist: a long run that dies keeps what it measured
+    if "counts" in parts:
+        append_rows(counts(device, models, x), device, args.csv)
+    if "timing" in parts:
+        append_rows(timing(device, models, x, y, args), device, args.csv)
+    if "saved" in parts:
+        saved = saved_ratios(device, args.saved_batch, args.saved_size)
+        for r in saved:
+            print(f"{r['figure']:<32} {r['value']}x  {r['setting']}")
+        append_rows(saved, device, args.csv)
 
 
 if __name__ == "__main__":
