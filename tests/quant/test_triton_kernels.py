@@ -154,3 +154,33 @@ def test_activation_kernels_loop_when_programs_are_fewer_than_blocks(tk, estimat
     gx_ref, grads_ref = cpu_ops.act_backward(g, x, *params, key, estimator, 1e-2, 0.1, True)
     assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-6) if estimator == "aewgs" else torch.equal(gx, gx_ref)
     assert torch.allclose(grads, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ops_match_the_cpu_op(estimator, dtype):
+    """On a GPU: the registered ops (Triton) against the CPU op on the same data. Bit-identical x̂ and input
+    gradients need the device's exp2 to round as torch's CUDA exp2 does (both the CUDA maths library's);
+    parameters here are exact powers of two, the model-level check is test_fused_model_steps_track_the_torch_path."""
+    from gdnsq.quant import ops
+
+    torch.manual_seed(5)
+    x, g = torch.randn(8, 16, 30, 30).to(dtype), torch.randn(8, 16, 30, 30).to(dtype)
+    params = (torch.tensor(-4.0), torch.tensor(1.0), torch.tensor(-0.5))
+    w, gw, log_s = torch.randn(32, 16, 3, 3), torch.randn(32, 16, 3, 3), torch.full((32, 1, 1, 1), -6.0)
+    results = []
+    for device in ("cpu", "cuda"):
+        d = [t.to(device) for t in (x, g, *params, w, gw, log_s)]
+        out, key = ops.quantize_act(d[0], *d[2:5], torch.tensor(11, device=device), estimator, 0.1, dtype)
+        gx, grads = ops.quantize_act_backward(d[1], d[0], *d[2:5], key, estimator, 1e-2, 0.1, True)
+        wq, lo, hi, index, wkey = ops.quantize_weight(d[5], d[7], torch.tensor(12, device=device), estimator, 0.1,
+                                                      dtype)  # fmt: skip
+        gw_, gs = ops.quantize_weight_backward(d[6], lo, hi, d[5], d[7], lo, index, wkey, estimator, 1e-2, 0.1)
+        results.append([t.cpu() for t in (out, key, gx, grads, wq, lo, hi, index, wkey, gw_, gs)])
+    cpu, cuda = results
+    for i, name in enumerate(("x̂", "key", "grad x", "grads", "ŵ", "lo", "hi", "index", "w key", "grad w", "d log_s")):
+        if name in ("grads", "d log_s") or (estimator == "aewgs" and name in ("grad x", "grad w")):
+            assert torch.allclose(cpu[i].float(), cuda[i].float(), rtol=1e-4, atol=1e-5), name
+        else:
+            assert torch.equal(cpu[i], cuda[i]), name
