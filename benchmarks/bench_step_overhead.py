@@ -200,20 +200,21 @@ def main():
     ap.add_argument("--saved-size", type=int, default=224)
     ap.add_argument("--parts", default="counts,timing,saved", help="which figures, comma-separated")
     ap.add_argument("--csv", default=SPEED_CSV, help="where the rows go (default results/speed.csv)")
+    ap.add_argument("--commit", help="the commit measured, where the gdnsq imported is not a git checkout")
     args = ap.parse_args()
     device = resolve_device(args.device)
     models, x, y = make_models(device, args.batch, args.size)
     parts = args.parts.split(",")
     # each part's rows are written as soon as they exist: a long run that dies keeps what it measured
     if "counts" in parts:
-        append_rows(counts(device, models, x), device, args.csv)
+        append_rows(counts(device, models, x), device, args.csv, args.commit)
     if "timing" in parts:
-        append_rows(timing(device, models, x, y, args), device, args.csv)
+        append_rows(timing(device, models, x, y, args), device, args.csv, args.commit)
     if "saved" in parts:
         saved = saved_ratios(device, args.saved_batch, args.saved_size)
         for r in saved:
             print(f"{r['figure']:<32} {r['value']}x  {r['setting']}")
-        append_rows(saved, device, args.csv)
+        append_rows(saved, device, args.csv, args.commit)
 
 
 if __name__ == "__main__":

@@ -105,13 +105,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def append_rows(rows: list[dict], device: torch.device, path: str = SPEED_CSV) -> None:
-    """Append ``rows`` (figure, value, unit, setting) with the run's commit, command, date, device, threads."""
+def append_rows(rows: list[dict], device: torch.device, path: str = SPEED_CSV, commit_id: str | None = None) -> None:
+    """Append ``rows`` (figure, value, unit, setting) with the run's commit (``commit_id``, else the imported
+    gdnsq's checkout), command, date, device, threads."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     new = not os.path.exists(path)
     common = {
-        "commit": commit(),
+        "commit": commit_id or commit(),
         "command": " ".join(["python"] + sys.argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device),
