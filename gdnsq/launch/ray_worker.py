@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import config_from_dict
 from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ..training.runtime import wrap_ddp
 from .faults import KillWorker
 from .session import RunSession
 
@@ -148,13 +149,7 @@ def ddp_wrapper(world_size: int, device: torch.device, sync_batchnorm: bool = Tr
         return None
 
     def wrap(student: nn.Module) -> nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if sync_batchnorm and device.type == "cuda":
-            # Batch statistics over the global batch, as the reference trainer does (torch's SyncBatchNorm
-            # runs on GPUs only; CPU ranks keep per-rank statistics).
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        return wrap_ddp(student, device, sync_batchnorm)
 
     return wrap
 

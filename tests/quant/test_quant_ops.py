@@ -141,6 +141,27 @@ def test_compile_traces_a_quantized_resnet_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+@pytest.mark.parametrize("estimator", ["ste", "aewgs"])
+def test_each_quantizer_compiles_as_one_graph_forward_and_backward(estimator):
+    """fullgraph=True on a quantizer alone (training mode, the key advanced inside): dynamo would raise at any
+    graph break; aot_eager traces the backward too, and the values match the eager quantizer's with the same key."""
+    layer, x = _conv(estimator)
+    for quantizer, args in ((layer.act_quant, (x,)), (layer.weight_quant, (layer.weight,))):
+        key = quantizer.rng_key.clone()
+        torch._dynamo.reset()
+        compiled = torch.compile(quantizer, fullgraph=True, backend="aot_eager")
+        outs = []
+        for run in (compiled, quantizer):
+            quantizer.rng_key.copy_(key)
+            quantizer.zero_grad(set_to_none=True)
+            y = run(*[a.detach().clone().requires_grad_(True) for a in args])
+            y.square().sum().backward()
+            outs.append([y.detach(), quantizer.rng_key.clone()] + [p.grad for p in quantizer.parameters()])
+        same = [(a is None and b is None) or torch.equal(a, b) for a, b in zip(*outs)]
+        assert all(same) and outs[0][2] is not None and not torch.equal(outs[0][1], key), same
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_training_step_matches_eager(channels_last):
     """Inductor on the CPU, fullgraph: the ops run as opaque kernels inside the compiled graph: same values and
