@@ -1,15 +1,16 @@
-"""Training-step time of a GDNSQ-quantized timm ResNet-18 over the FP ResNet-18 (goal <= 1.3x), and the
-same ratio for PyTorch's own learnable fake-quant (torch.ao ``_LearnableFakeQuantize``) as a reference.
+"""Training-step time of a GDNSQ-quantized timm ResNet-18 over the FP ResNet-18 (goal <= 1.1x), eager and
+compiled, with PyTorch's own learnable fake-quant (torch.ao ``_LearnableFakeQuantize``) as a reference; and the
+step's counts: kernels per quantized conv, bytes saved for backward (QAT/FP), torch.compile graph breaks.
 
 Same layers quantized in both (every conv/linear except the stem conv and the classifier), batch 32,
-64x64 inputs, RAdam, cross-entropy (+ the bit penalty for GDNSQ). The three variants are stepped in
-turn, round after round, and the median per-step time of each is reported, so that load from other
-processes on the machine hits all three alike.
+64x64 inputs, RAdam, cross-entropy (+ the bit penalty for GDNSQ). The variants are stepped in turn, round after
+round, and the median per-step time of each is reported, so that load from other processes on the machine hits
+all alike. ``compiled``: a channels-last copy of the model under ``torch.compile`` (inductor), loss, penalty and
+optimizer eager. The
+saved bytes are measured on one training forward at --saved-batch x --saved-size (the issue's 64 x 224).
+Every figure is appended to results/speed.csv.
 
-    python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto]
-
-Appends one row per variant to ``results/speed.csv`` (ms/step of FP; the others' ratio to FP), with the load
-average, device and threads (``--record CSV``, ``--no-record``).
+    python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto] [--no-compile]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from gdnsq.training.runtime import resolve_device
 from gdnsq.training.surgery import _set_submodule, calibrate_model, plan, quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import provenance  # noqa: E402
+from step_figures import append_rows, graph_breaks, kernels_per_conv, saved_bytes  # noqa: E402
 
 
 class AOFakeQuantLayer(nn.Module):
@@ -95,75 +96,130 @@ def make_models(device, batch, size):
     return {"fp": fp, "gdnsq": gdnsq, "unfused": unfused, "torch.ao": ao}, x, y
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--record", default=str(provenance.RESULTS / "speed.csv"), metavar="CSV")
-    ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args()
-    stamp = {"date": provenance.today(), "commit": provenance.commit(), "source": "measured"}
-    stamp["command"] = provenance.command()
-    device = resolve_device(args.device)
-    models, x, y = make_models(device, args.batch, args.size)
-    opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, m in models.items()}
+def saved_ratios(device, batch, size) -> list[dict]:
+    """QAT/FP bytes saved for backward by a training forward: fp32 and bf16 autocast, ste and aewgs; the registered
+    ops' path and the torch path (quant.fused off: what CUDA ran before the ops)."""
+    torch.manual_seed(0)
+    fp = timm.create_model("resnet18", num_classes=100).to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    for dtype in (None, torch.bfloat16):
+        fp_all, fp_act = saved_bytes(fp, x, dtype)
+        for estimator in ("ste", "aewgs"):
+            qat = copy.deepcopy(fp)
+            quantize_model(qat, QuantConfig(target_w=2, target_a=2, estimator=estimator))
+            calibrate_model(qat, [x[:8]], init_bits=10)
+            qat.train()
+            for fused in (True, False):
+                set_fused(qat, fused)
+                q_all, q_act = saved_bytes(qat, x, dtype)
+                variant = f"{'bf16' if dtype else 'fp32'} {estimator} {'ops' if fused else 'torch path'}"
+                notes = f"timm ResNet-18, batch {batch}, {size} px, one training forward"
+                for metric, ratio in (("saved_bytes_qat_over_fp", q_all / fp_all),
+                                      ("saved_activation_bytes_qat_over_fp", q_act / fp_act)):  # fmt: skip
+                    rows.append(row(variant, metric, f"{ratio:.3f}", "x", notes))
+            del qat
+    return rows
+
+
+def row(variant, metric, value, unit, notes) -> dict:
+    return {"variant": variant, "metric": metric, "value": value, "unit": unit, "notes": notes}
+
+
+def counts(device, models, x) -> list[dict]:
+    """Ops per quantized conv (forward, backward; the conv included) and graph breaks of the GDNSQ model."""
+    kernels = {k: kernels_per_conv(f) for k, f in (("fp", None), ("gdnsq", True), ("unfused", False))}
+    kernels["gdnsq aewgs"] = kernels_per_conv(True, "aewgs")
+    breaks, graphs = graph_breaks(models["gdnsq"].train(), x)
+    rows = []
+    for k, (f_ops, b_ops) in kernels.items():
+        print(f"ops per quantized conv ({k}): {f_ops} forward, {b_ops} backward (the conv included)")
+        rows.append(row(k, "ops_per_quantized_conv_forward", f_ops, "ops", "64->64 3x3, conv included"))
+        rows.append(row(k, "ops_per_quantized_conv_backward", b_ops, "ops", "64->64 3x3, conv included"))
+    print(f"graph breaks tracing the GDNSQ model (training): {breaks} ({graphs} graphs)")
+    return rows + [row("gdnsq", "graph_breaks_train", breaks, "breaks", f"timm ResNet-18, {graphs} graphs")]
+
+
+def timing(device, models, x, y, args) -> list[dict]:
+    """Median step times, eager and compiled, stepped in turn round after round."""
+    # name -> (what is called, the model it steps, its input); compiled variants run channels-last, as inductor's
+    # CPU convolutions do (a contiguous model makes it copy the layout around every opaque op)
+    runs = {k: (m, m, x) for k, m in models.items()}
+    if not args.no_compile:
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        for k in ("fp", "gdnsq"):
+            m = copy.deepcopy(models[k]).to(memory_format=torch.channels_last)
+            runs[f"{k} compiled"] = (torch.compile(m), m, x_cl)
+    opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, (_, m, _) in runs.items()}
     obj = ObjectiveConfig()
 
     def step(name):
-        m, opt = models[name], opts[name]
-        loss = F.cross_entropy(m(x), y)
-        if name in ("gdnsq", "unfused"):
+        call, m, inp = runs[name]
+        loss = F.cross_entropy(call(inp), y)
+        if name.split()[0] in ("gdnsq", "unfused"):
             t = bit_penalties(m, obj.eps, obj.p)
             loss = loss + 1e-3 * (t.p_w + t.p_a)
+        opt = opts[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {k: [] for k in models}
+    times = {k: [] for k in runs}
     for i in range(args.steps + 3):
-        for name in models:
+        for name in runs:
             t0 = time.perf_counter()
             step(name)
-            if i >= 3:  # warm-up rounds excluded
+            if i >= 3:  # warm-up rounds excluded (compilation happens there)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end")
-    print(
-        f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.steps} steps (median)"
-    )
+    print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end of the timed steps")
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
+          f"{args.steps} steps (median)")  # fmt: skip
     for k, v in med.items():
-        print(f"  {k:<9} {v * 1000:8.1f} ms/step")
-    print(f"GDNSQ / FP step time:    {med['gdnsq'] / med['fp']:.2f}x   (goal <= 1.3x)")
-    print(f"unfused / FP step time:  {med['unfused'] / med['fp']:.2f}x   (quant.fused off)")
-    print(f"torch.ao / FP step time: {med['torch.ao'] / med['fp']:.2f}x   (reference)")
-    if args.no_record:
-        return
-    machine = f"{device.type}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
-    if device.type == "cuda":
-        machine = f"{torch.cuda.get_device_name(device)}, {machine}"
-    setup = f"timm ResNet-18, batch {args.batch}, {args.size} px, {args.steps} steps (median)"
-    names = {"fp": "fp", "gdnsq": "gdnsq_fused", "unfused": "gdnsq_torch", "torch.ao": "torch_ao"}
-    rows = [
-        {
-            **stamp,
-            "benchmark": "step_overhead",
-            "machine": machine,
-            "load": f"{os.getloadavg()[0]:.1f}",
-            "variant": names[k],
-            "metric": "ms_per_step" if k == "fp" else "ratio_to_fp",
-            "value": round(v * 1000, 1) if k == "fp" else round(v / med["fp"], 3),
-            "unit": "ms" if k == "fp" else "x",
-            "seed": 0,
-            "notes": setup,
-        }
-        for k, v in med.items()
-    ]
-    print(f"written: {provenance.record('speed.csv', rows, Path(args.record))}")
+        print(f"  {k:<15} {v * 1000:8.1f} ms/step")
+    ratios = {
+        "GDNSQ/FP eager": med["gdnsq"] / med["fp"],
+        "torch path/FP eager": med["unfused"] / med["fp"],
+        "torch.ao/FP eager": med["torch.ao"] / med["fp"],
+    }
+    if not args.no_compile:
+        ratios["GDNSQ/FP compiled"] = med["gdnsq compiled"] / med["fp compiled"]
+        ratios["FP compiled/FP eager"] = med["fp compiled"] / med["fp"]
+    for k, v in ratios.items():
+        print(f"step ratio {k:<22} {v:.2f}x")
+    notes = f"timm ResNet-18, batch {args.batch}, {args.size} px, {args.steps} steps (median)"
+    rows = [row(k, "ms_per_step", f"{v * 1000:.1f}", "ms", notes) for k, v in med.items()]
+    return rows + [row(k, "ratio", f"{v:.3f}", "x", notes) for k, v in ratios.items()]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    ap.add_argument("--saved-batch", type=int, default=64)
+    ap.add_argument("--saved-size", type=int, default=224)
+    ap.add_argument("--parts", default="counts,timing,saved", help="which figures, comma-separated")
+    ap.add_argument("--record", metavar="CSV", help="where the rows go (default results/speed.csv)")
+    ap.add_argument("--commit", help="the commit measured, where the gdnsq imported is not a git checkout")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    models, x, y = make_models(device, args.batch, args.size)
+    parts = args.parts.split(",")
+    # each part's rows are written as soon as they exist: a long run that dies keeps what it measured
+    if "counts" in parts:
+        append_rows(counts(device, models, x), device, args.record, args.commit)
+    if "timing" in parts:
+        append_rows(timing(device, models, x, y, args), device, args.record, args.commit)
+    if "saved" in parts:
+        saved = saved_ratios(device, args.saved_batch, args.saved_size)
+        for r in saved:
+            print(f"{r['metric']:<36} {r['value']}x  {r['variant']}")
+        append_rows(saved, device, args.record, args.commit)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ class AOFloat32(AOFakeQuantLayer):
         return F.linear(x, w, self.layer.bias)
 
 
-def step_times(device, prec: Precision, batch: int, size: int, steps: int) -> dict:
-    """Median training-step time (ms) and peak memory of FP, GDNSQ and torch.ao, stepped in turn."""
+def step_times(device, prec: Precision, batch: int, size: int, steps: int, compile_: bool = True) -> dict:
+    """Median training-step time (ms) and peak memory of FP, GDNSQ and torch.ao, eager, and of FP and GDNSQ
+    compiled, stepped in turn."""
     import timm
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
@@ -100,6 +101,11 @@ def step_times(device, prec: Precision, batch: int, size: int, steps: int) -> di
     models = {"fp": fp, "gdnsq": gd, "torch.ao": ao}
     for m in models.values():
         prec.prepare_module(m.train())
+    calls = dict(models)
+    if compile_:  # the same models under torch.compile (inductor), loss, penalty and optimizer eager
+        for k in ("fp", "gdnsq"):
+            models[f"{k} compiled"] = m = prec.prepare_module(copy.deepcopy(models[k]))
+            calls[f"{k} compiled"] = torch.compile(m)
     x = prec.prepare_input(x)
     opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, m in models.items()}
     obj = ObjectiveConfig()
@@ -107,9 +113,9 @@ def step_times(device, prec: Precision, batch: int, size: int, steps: int) -> di
     def step(name):
         m, opt = models[name], opts[name]
         with prec.autocast():
-            logits = m(x)
+            logits = calls[name](x)
         loss = F.cross_entropy(logits.float(), y)
-        if name == "gdnsq":
+        if name.startswith("gdnsq"):
             t = bit_penalties(m, obj.eps, obj.p)
             loss = loss + 1e-3 * (t.p_w + t.p_a)
         opt.zero_grad(set_to_none=True)
@@ -136,7 +142,47 @@ def step_times(device, prec: Precision, batch: int, size: int, steps: int) -> di
         out[f"images_per_s/{k}"] = batch / statistics.median(v)
     out["ratio/gdnsq_over_fp"] = out["step_ms/gdnsq"] / out["step_ms/fp"]
     out["ratio/torch.ao_over_fp"] = out["step_ms/torch.ao"] / out["step_ms/fp"]
+    if compile_:
+        out["ratio/gdnsq_over_fp_compiled"] = out["step_ms/gdnsq compiled"] / out["step_ms/fp compiled"]
     return out
+
+
+def engine_syncs(device, prec: Precision, batch: int, size: int, steps: int = 6) -> dict:
+    """Host syncs per steady-state step of the real Engine step (teacher, objective, guard, clip) on ResNet-18:
+    ``torch.cuda.set_sync_debug_mode`` warns at each sync; counted between the cadence's checks (check_every
+    beyond the window). CUDA only (the CPU's count is tests/training/test_step_syncs.py)."""
+    import warnings
+
+    import timm
+
+    from gdnsq.training.engine import Engine
+    from gdnsq.training.surgery import calibrate_model, quantize_model
+
+    if device.type != "cuda":
+        return {}
+    cfg = load_config(None, {"schedule.check_every": 10_000, "tracking.enabled": False, "ray.enabled": False})
+    torch.manual_seed(0)
+    student, teacher = (prec.prepare_module(timm.create_model("resnet18").to(device)) for _ in range(2))
+    x = prec.prepare_input(torch.randn(batch, 3, size, size, device=device))
+    y = torch.randint(0, 1000, (batch,), device=device)
+    quantize_model(student, cfg.quant)
+    calibrate_model(student, [x[: max(2, batch // 4)]], init_bits=cfg.quant.init_bits)
+    engine = Engine(cfg, student.train(), teacher, device, prec)
+    engine.train_epoch([(x, y)] * 2)  # the first steps set up the plan and the optimizer's state
+    per_step = []
+
+    def on_step(step, parts):
+        per_step.append(len(caught))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.train_epoch([(x, y)] * steps, on_step=on_step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    steady = per_step[-1] - per_step[0]  # steps 2..n (the epoch's end-of-epoch read comes after the last)
+    return {"syncs/per_steady_step": steady / (steps - 1), "syncs/epoch_end": len(caught) - per_step[-1]}
 
 
 def end_to_end(device, prec_name: str, batch: int, size: int, images: int, epochs: int, root: Path) -> dict:
@@ -266,6 +312,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=2048, help="generated JPEGs for part 2")
     p.add_argument("--epochs", type=int, default=2, help="timed passes over them (after a warm-up pass)")
     p.add_argument("--skip-ray", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled step times")
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -284,15 +331,29 @@ def main(argv=None) -> dict:
         batch, size, steps, images, epochs = 8, 32, 2, 32, 1
     prec = Precision.create(load_config(None, {"train.precision": "bf16", "train.channels_last": True}).train, device)
 
+    def save() -> None:  # after each part: a timeout keeps what ran
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+
     t = time.perf_counter()
-    log(f"1. step time, ResNet-18 {size}x{size}, batch {batch}, bf16 + channels_last")
-    res.update(step_times(device, prec, batch, size, steps))
+    log(f"1. step time, ResNet-18 {size}x{size}, batch {batch}, bf16 + channels_last, eager and compiled")
+    res.update(step_times(device, prec, batch, size, steps, compile_=not args.no_compile))
     log(
         f"   FP {res['step_ms/fp']:.1f} ms  GDNSQ {res['step_ms/gdnsq']:.1f} ms ({res['ratio/gdnsq_over_fp']:.2f}x)  "
         f"torch.ao {res['step_ms/torch.ao']:.1f} ms ({res['ratio/torch.ao_over_fp']:.2f}x)  "
         f"[{time.perf_counter() - t:.0f} s]"
     )
+    if "ratio/gdnsq_over_fp_compiled" in res:
+        log(
+            f"   compiled: FP {res['step_ms/fp compiled']:.1f} ms  GDNSQ {res['step_ms/gdnsq compiled']:.1f} ms "
+            f"({res['ratio/gdnsq_over_fp_compiled']:.2f}x)"
+        )
+    save()
     torch.cuda.empty_cache() if cuda else None
+    res.update(engine_syncs(device, prec, min(batch, 64), size))
+    if "syncs/per_steady_step" in res:
+        log(f"   host syncs per steady-state Engine step: {res['syncs/per_steady_step']:.2f} (goal 0)")
+        save()
 
     t = time.perf_counter()
     log("2. end to end: FFCV (GPU pipeline) -> teacher + GDNSQ student, and FP training through the same loader")
@@ -302,6 +363,7 @@ def main(argv=None) -> dict:
         f"   QAT {res['images_per_s/qat_train']:.0f} images/s, FP {res['images_per_s/fp_train']:.0f} images/s "
         f"({res['ratio/qat_over_fp_images_per_s']:.2f} of FP; goal >= 0.5)  [{time.perf_counter() - t:.0f} s]"
     )
+    save()
 
     if not args.skip_ray:
         t = time.perf_counter()
@@ -309,6 +371,7 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             res.update(ray_ddp_step(cuda, Path(tmp)))
         log(f"   {res['ray/backend']}: {res['ray/steps']} steps, {res['ray/wall_s']:.0f} s including Ray start")
+        save()
 
     res.update(projection(res["images_per_s/qat_train"]))
     what = "" if cuda else "  (CPU dry run: not a GPU figure)"
@@ -320,9 +383,13 @@ def main(argv=None) -> dict:
         if res.get(k) is not None:
             log(f"   {k}: {res[k]:.1f} GiB")
     res["load_average_end"] = os.getloadavg()[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    log(f"wrote {args.out}")
+    save()
+    log(f"wrote {args.out}" + ("" if cuda else " (CPU dry run: no GPU figures)"))
+    compiled = res.get("ratio/gdnsq_over_fp_compiled")
+    log(
+        f"QAT/FP step time on {res['device']}: {res['ratio/gdnsq_over_fp']:.2f}x"
+        + (f" (compiled {compiled:.2f}x)" if compiled is not None else " (not compiled)")
+    )
     return res
 
 

@@ -221,7 +221,7 @@ class Progress:
         self.n += 1
         self.step_t = time.perf_counter()
         if "train/loss" in parts:
-            self.loss = float(parts["train/loss"])
+            self.loss = parts["train/loss"]  # a device tensor: read only when a line is printed (a host sync)
         if self.bar is not None:
             self.bar.update(1)
             return
@@ -239,7 +239,7 @@ class Progress:
             of = f"/{self.total}" if self.total else ""
             say(
                 f"  epoch {self.epoch}/{self.epochs}  step {self.n}{of}  {rate * self.images_per_step:,.0f} img/s"
-                f"{eta}" + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
+                f"{eta}" + (f"  loss {float(self.loss):.4f}" if self.loss is not None else "")
             )
 
     def epoch_end(self, metrics: dict) -> None:

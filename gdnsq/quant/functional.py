@@ -18,6 +18,11 @@ n gets a custom backward, d n / d v = 0 and d n / d s = r / sqrt(3) with r = ±1
 * d x̂ / d z = 0 (z cancels in xc + s·n).
 
 Gradients to the clamp bounds: d x̂ / d lo = 1 for x < lo, d x̂ / d hi = 1 for x > hi.
+
+This module is the reference, in torch ops (``noisy_quantize``, the path of ``quant.fused: false``), and the
+exact eval maths. Training quantizers run the registered ops of ``ops.py`` (one kernel each way: Triton on CUDA,
+C++ on the CPU), which are tested against it. The dither and the optional extra noise are counter-based draws
+(``dither.py``), recomputed wherever they are needed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import fused as _fused
+from .dither import dither_signs, new_state, uniform_noise
 
 _INV_SQRT3 = 1.0 / math.sqrt(3.0)
 
@@ -46,153 +51,10 @@ def _mean_to(t: Tensor, shape: torch.Size) -> Tensor:
     return _sum_to(t, shape) * (math.prod(shape) / t.numel())
 
 
-def _all_reduce_mean(*tensors: Tensor) -> None:
-    """Average statistics across DDP ranks so every replica uses the same EWGS delta."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-_SIGN_TABLES: dict[tuple, Tensor] = {}
-_SIGN_TABLE_SIZE = 1 << 22  # fixed, so the signs drawn never depend on what ran before in the process
-_SIGN_WINDOW = _SIGN_TABLE_SIZE // 2
-
-
-def _sign_table(device, dtype) -> Tensor:
-    key = (device, dtype)
-    if key not in _SIGN_TABLES:
-        gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-        table = torch.randint(0, 2, (_SIGN_TABLE_SIZE,), generator=gen).to(dtype) - 0.5
-        _SIGN_TABLES[key] = table.to(device)
-    return _SIGN_TABLES[key]
-
-
-def _dither_offsets(n: int) -> list[int]:
-    """Random window offsets into the sign table for ``n`` elements: one per window of ``_SIGN_WINDOW``."""
-    offsets = []
-    for start in range(0, n, _SIGN_WINDOW):
-        size = min(_SIGN_WINDOW, n - start)
-        offsets.append(int(torch.randint(0, _SIGN_TABLE_SIZE - size + 1, (1,))))
-    return offsets
-
-
-def dither_signs(like: Tensor) -> Tensor:
-    """Random ±1/2 per element of ``like``, read from a table of fair coin flips at random offsets.
-
-    Per-element RNG (bernoulli_) is slow (docs/results.md, "Figures formerly in docstrings"). A window at a uniformly
-    random offset into an i.i.d. ±1/2 table gives each element a fair sign (mean 0, variance 1/4)
-    independent of the gradient, for the price of a view; tensors larger than one window are
-    covered by several windows at independent offsets. Offsets come from torch's global RNG, so
-    runs are reproducible under a seed and checkpoints restore the sequence.
-    """
-    n = like.numel()
-    table = _sign_table(like.device, like.dtype)
-    chunks = [table[o : o + min(_SIGN_WINDOW, n - i * _SIGN_WINDOW)] for i, o in enumerate(_dither_offsets(n))]
-    flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    return flat.view(like.shape)
-
-
-class _NoisyRound(torch.autograd.Function):
-    """x̂ = z + s·round((clamp(x, lo, hi) - z)/s) with the noise-model backward of the module docstring.
-
-    Cost matters (weights of a ResNet are touched every step, activations twice). With ``fused`` on the CPU
-    (``ste``/``lsq``, no extra noise) one compiled pass does the forward and one the backward (``fused.py``);
-    otherwise the torch ops below run, in place on one buffer, saving nothing input-sized beyond x itself
-    (the rounding error and the clamp masks are recomputed in backward).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        lo,
-        hi,
-        z: Tensor,
-        s: Tensor,
-        estimator: str,
-        delta: float,
-        noise_ratio: float,
-        fused: bool = False,
-    ):
-        ctx.estimator, ctx.delta = estimator, delta
-        ctx.groups = _kernel_groups(x, lo, hi, z, s, estimator, noise_ratio) if fused else None
-        if ctx.groups is not None:
-            ctx.save_for_backward(x, s, z, lo, hi, None)
-            vlo, vhi = _grid_bounds(lo, hi, z, s) if lo is not None else (None, None)
-            return _fused.kernels().forward(
-                x, *_per_group(ctx.groups, z, s, vlo, vhi), lo is not None, estimator != "ste"
-            )
-        v = torch.sub(x, z).div_(s)
-        if lo is not None:
-            v = v.clamp_(*_grid_bounds(lo, hi, z, s))
-        e = None
-        if noise_ratio > 0 or estimator != "ste":
-            e = torch.round(v).sub_(v)  # rounding error n in grid units
-            if noise_ratio > 0:
-                # Extra uniform noise in place of part of the rounding error, decayed to 0 by the schedule.
-                e = e + noise_ratio * ((torch.rand_like(v) - 0.5) - e)
-            out = v.add_(e)
-        else:
-            out = v.round_()
-        ctx.save_for_backward(x, s, z, lo, hi, e)
-        return out.mul_(s).add_(z)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        if ctx.groups is not None:
-            return _fused_backward(ctx, g)
-        x, s, z, lo, hi, e = ctx.saved_tensors
-        est = ctx.estimator
-        grad_x = grad_lo = grad_hi = grad_z = grad_s = None
-        outside = below = above = None
-        if lo is not None:
-            below, above = x < lo, x > hi
-            outside = below | above
-
-        if ctx.needs_input_grad[0]:
-            if est == "ewgs":
-                # EWGS: g_x = g·(1 + δ·sign(g)·(v - q)) = g - δ·|g|·e
-                grad_x = g - ctx.delta * g.abs() * e
-            elif est == "aewgs":
-                # Adaptive EWGS: δ from batch statistics of sign(g)·e and Var(e), per step-shape group,
-                # averaged across DDP ranks; the scale is capped so the gradient never flips sign.
-                sg_e = torch.sign(g) * e
-                num, e2, me = _mean_to(sg_e, s.shape), _mean_to(e * e, s.shape), _mean_to(e, s.shape)
-                _all_reduce_mean(num, e2, me)
-                d = num / (e2 - me * me).clamp_min(1e-3)
-                grad_x = g * (1.0 - (d * sg_e).clamp_max(0.99))
-            else:  # ste, lsq: straight through
-                grad_x = g
-            if outside is not None:
-                grad_x = grad_x.masked_fill(outside, 0.0)
-
-        if lo is not None and ctx.needs_input_grad[1]:
-            grad_lo = _sum_to(g * below, lo.shape)
-        if lo is not None and ctx.needs_input_grad[2]:
-            grad_hi = _sum_to(g * above, hi.shape)
-
-        if ctx.needs_input_grad[4]:
-            if e is None:  # ste keeps nothing input-sized: recompute n on the clamped v
-                v = torch.sub(x, z).div_(s)
-                if lo is not None:
-                    v = v.clamp_(*_grid_bounds(lo, hi, z, s))
-                e = torch.round(v).sub_(v)
-            # Residual: what a coarser step costs. lsq stops there; the method adds s·r/sqrt(3),
-            # r = ±1/2 with equal probability (variance 1/12 per element, mean 0).
-            grad_s = _sum_to(g * e, s.shape)
-            if est != "lsq":
-                grad_s = grad_s + s * _sum_to(g * dither_signs(g), s.shape) * _INV_SQRT3
-
-        if ctx.needs_input_grad[3]:
-            grad_z = torch.zeros_like(z)
-        return grad_x, grad_lo, grad_hi, grad_z, grad_s, None, None, None, None
+def activation_grid(log_s: Tensor, log_q: Tensor, lo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(lo, hi, s) of an activation quantizer from its raw parameters: s = 2^log_s, hi = lo + 2^log_q - s."""
+    s = torch.exp2(log_s)
+    return lo, lo + torch.exp2(log_q) - s, s
 
 
 def _grid_bounds(lo: Tensor, hi: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,59 +62,98 @@ def _grid_bounds(lo: Tensor, hi: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, 
     return (lo - z) / s, (hi - z) / s
 
 
-def _kernel_groups(x, lo, hi, z, s, estimator: str, noise_ratio: float) -> int | None:
-    """Step groups for the fused kernels, or None where they do not apply (torch path)."""
-    if estimator not in ("ste", "lsq") or noise_ratio > 0:
-        return None
-    groups = _fused.groups(x, s, z, lo, hi)
-    return groups if groups is not None and _fused.kernels() is not None else None
+def rounding_error(x: Tensor, lo, hi, z: Tensor, s: Tensor, key, noise_ratio: float) -> tuple[Tensor, Tensor]:
+    """(v, e): the clamped grid value v = clamp((x - z)/s, ...) and its rounding error e = round(v) - v in grid
+    units; with ``noise_ratio`` > 0, part of it replaced by uniform noise from ``key`` (``dither.uniform_noise``):
+    e = n + ratio·((u - 1/2) - n)."""
+    v = torch.sub(x, z).div_(s)
+    if lo is not None:
+        v = v.clamp_(*_grid_bounds(lo, hi, z, s))
+    e = torch.round(v).sub_(v)
+    if noise_ratio > 0:
+        e = e + noise_ratio * ((uniform_noise(x, key).to(v.dtype) - 0.5) - e)
+    return v, e
 
 
-def _per_group(groups: int, *params: Tensor | None) -> list[Tensor]:
-    """Each parameter as a contiguous float32 vector of ``groups`` values (an empty one for None); the
-    shapes were checked by ``fused.groups``: one value, or one per group along dim 0."""
-    out = []
-    for p in params:
-        if p is None:
-            out.append(torch.empty(0))
-            continue
-        v = p.detach().float().reshape(-1)
-        out.append((v.expand(groups) if v.numel() == 1 else v).contiguous())
-    return out
+def reference_forward(
+    x: Tensor, lo, hi, z: Tensor, s: Tensor, key: Tensor, estimator: str, noise_ratio: float
+) -> tuple[Tensor, Tensor | None]:
+    """(x̂, e) of the module docstring in torch ops; e (``rounding_error``) is None where nothing needs it
+    (``ste`` without extra noise: x̂ = round(v)·s + z)."""
+    if noise_ratio <= 0 and estimator == "ste":
+        v = torch.sub(x, z).div_(s)
+        if lo is not None:
+            v = v.clamp_(*_grid_bounds(lo, hi, z, s))
+        return v.round_().mul_(s).add_(z), None
+    v, e = rounding_error(x, lo, hi, z, s, key, noise_ratio)
+    return v.add_(e).mul_(s).add_(z), e
 
 
-def _fused_backward(ctx, g: Tensor):
-    x, s, z, lo, hi, _ = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    clamp = lo is not None
-    dither = needs[4] and ctx.estimator != "lsq"
-    vlo, vhi = _grid_bounds(lo, hi, z, s) if clamp else (None, None)
-    table = _sign_table(g.device, torch.float32) if dither else torch.empty(0)
-    # Same offsets, drawn in the same order from torch's RNG, as dither_signs(g) on the torch path.
-    offsets = torch.tensor(_dither_offsets(g.numel()) if dither else [], dtype=torch.long)
-    grad_x, sums = _fused.kernels().backward(
-        x,
-        g.contiguous(),
-        *_per_group(ctx.groups, z, s, vlo, vhi, lo, hi),
-        clamp,
-        needs[0],
-        table,
-        offsets,
-        _SIGN_WINDOW,
-        dither,
-    )
-    if needs[0] and not clamp:
-        grad_x = g  # no clamp: straight through
-    shape = (ctx.groups,) + (1,) * (x.dim() - 1)
-    grad_lo = _sum_to(sums[0].reshape(shape), lo.shape) if clamp and needs[1] else None
-    grad_hi = _sum_to(sums[1].reshape(shape), hi.shape) if clamp and needs[2] else None
-    grad_s = None
+def aewgs_scale(g: Tensor, e: Tensor, shape: torch.Size) -> Tensor:
+    """Adaptive EWGS's factor on the input gradient, 1 - min(δ·sign(g)·e, 0.99), with δ = mean(sign(g)·e) /
+    max(Var(e), 1e-3) per step group (``shape``: the step's). The statistics are this rank's own: over the
+    millions of elements of a batch δ is estimated to well under a percent, and the parameters stay identical
+    across DDP ranks anyway (their gradients are averaged after backward), so no collective is needed."""
+    sg_e = torch.sign(g) * e
+    num, e2, me = _mean_to(sg_e, shape), _mean_to(e * e, shape), _mean_to(e, shape)
+    d = num / (e2 - me * me).clamp_min(1e-3)
+    return 1.0 - (d * sg_e).clamp_max(0.99)
+
+
+def reference_backward(needs, g: Tensor, x: Tensor, lo, hi, z: Tensor, s: Tensor, key, e, est, delta, ratio):
+    """Gradients (x, lo, hi, z, s) of ``reference_forward`` under the noise model (module docstring), each None
+    where ``needs`` (5 flags) says it is not wanted; e: the forward's, or None to recompute it."""
+    grad_x = grad_lo = grad_hi = grad_z = grad_s = None
+    outside = below = above = None
+    if lo is not None:
+        below, above = x < lo, x > hi
+        outside = below | above
+    if e is None and (est not in ("ste", "lsq") or needs[4]):  # ste keeps nothing input-sized: recompute n
+        e = rounding_error(x, lo, hi, z, s, key, ratio)[1]
+
+    if needs[0]:
+        if est == "ewgs":  # EWGS: g_x = g·(1 + δ·sign(g)·(v - q)) = g - δ·|g|·e
+            grad_x = g - delta * g.abs() * e
+        elif est == "aewgs":  # the scale is capped so the gradient never flips sign
+            grad_x = g * aewgs_scale(g, e, s.shape)
+        else:  # ste, lsq: straight through
+            grad_x = g
+        if outside is not None:
+            grad_x = grad_x.masked_fill(outside, 0.0)
+    if lo is not None and needs[1]:
+        grad_lo = _sum_to(g * below, lo.shape)
+    if lo is not None and needs[2]:
+        grad_hi = _sum_to(g * above, hi.shape)
     if needs[4]:
-        grad_s = _sum_to(sums[2].reshape(shape), s.shape)
-        if dither:
-            grad_s = grad_s + s * _sum_to(sums[3].reshape(shape), s.shape) * _INV_SQRT3
-    grad_z = torch.zeros_like(z) if needs[3] else None
-    return grad_x if needs[0] else None, grad_lo, grad_hi, grad_z, grad_s, None, None, None, None
+        # Residual: what a coarser step costs. lsq stops there; the method adds s·r/sqrt(3),
+        # r = ±1/2 with equal probability (variance 1/12 per element, mean 0).
+        grad_s = _sum_to(g * e, s.shape)
+        if est != "lsq":
+            grad_s = grad_s + s * _sum_to(g * dither_signs(x, key).to(g.dtype), s.shape) * _INV_SQRT3
+    if needs[3]:
+        grad_z = torch.zeros_like(z)
+    return grad_x, grad_lo, grad_hi, grad_z, grad_s
+
+
+class _NoisyRound(torch.autograd.Function):
+    """x̂ = z + s·round((clamp(x, lo, hi) - z)/s) with the noise-model backward of the module docstring, in torch
+    ops: the reference the kernels (``ops.py``) are tested against, and the path of ``quant.fused: false``. It
+    saves nothing input-sized beyond x itself and e (the rounding error, only where an estimator needs it)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, z, s, estimator: str, delta: float, noise_ratio: float, key: Tensor):
+        ctx.estimator, ctx.delta, ctx.noise_ratio = estimator, delta, noise_ratio
+        out, e = reference_forward(x, lo, hi, z, s, key, estimator, noise_ratio)
+        ctx.save_for_backward(x, s, z, lo, hi, e, key)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, s, z, lo, hi, e, key = ctx.saved_tensors
+        grads = reference_backward(
+            ctx.needs_input_grad, g, x, lo, hi, z, s, key, e, ctx.estimator, ctx.delta, ctx.noise_ratio
+        )
+        return (*grads, None, None, None, None)
 
 
 def noisy_quantize(
@@ -265,83 +166,18 @@ def noisy_quantize(
     estimator: str = "ste",
     delta: float = 1e-2,
     noise_ratio: float = 0.0,
-    fused: bool = False,
+    key: Tensor | None = None,
 ) -> Tensor:
-    """Training-time fake quantization: clamp to [lo, hi] (skipped when None), then noisy rounding.
+    """Training-time fake quantization: clamp to [lo, hi] (skipped when None), then noisy rounding (torch ops).
 
     Shapes: x (N, ...), lo/hi/z/s broadcastable to x (scalars or per-channel (C, 1, ...)).
     Gradients: x (straight-through inside [lo, hi], 0 outside), lo/hi (clamped elements), s (noise model).
-    ``fused``: one compiled pass each way on the CPU where it applies (``ste``/``lsq``, no extra noise,
-    contiguous float32, per-tensor or per-output-channel parameters); x̂ and the x gradient are bit-identical
-    to the torch path, the step and clamp gradients equal to float rounding (float32 SIMD lanes per piece,
-    float64 across pieces: deterministic for any thread count).
+    ``key``: the int64 key of the dither and noise draws (``dither``); None draws one from torch's global RNG.
     """
-    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio, fused)
-
-
-class _FusedWeightQuantize(torch.autograd.Function):
-    """The training weight quantizer as one kernel each way (CPU, ``ste``/``lsq``): per output channel the range
-    (lo, hi) = (min, max) of w, then x̂ with z = lo, as ``channel_range`` followed by ``noisy_quantize(w, None,
-    None, lo.detach(), s)``, without their separate passes over the weights.
-
-    Returns (x̂, lo, hi); lo and hi carry the bit-width's gradient to the first arg-extremes (as ``_ChannelRange``),
-    which backward adds into the weight's gradient in the pass that copies it (no sparse add afterwards).
-    """
-
-    @staticmethod
-    def forward(ctx, w: Tensor, s: Tensor, estimator: str):
-        ctx.set_materialize_grads(False)
-        ctx.estimator = estimator
-        out, lo, hi, index = _fused.kernels().weight_forward(w, s.detach(), estimator != "ste")
-        ctx.save_for_backward(w, s, lo, index)
-        ctx.mark_non_differentiable(index)
-        return out, lo, hi
-
-    @staticmethod
-    def backward(ctx, g: Tensor | None, g_lo: Tensor | None, g_hi: Tensor | None):
-        w, s, lo, index = ctx.saved_tensors
-        step_grad = ctx.needs_input_grad[1] and g is not None
-        if g is None:  # only the range was used (the penalty alone): its gradient, as _ChannelRange's
-            g = torch.zeros_like(w)
-        dither = step_grad and ctx.estimator != "lsq"
-        table = _sign_table(g.device, torch.float32) if dither else torch.empty(0)
-        offsets = torch.tensor(_dither_offsets(g.numel()) if dither else [], dtype=torch.long)
-        empty = torch.empty(0)
-        if g_lo is not None or g_hi is not None:
-            g_lo = torch.zeros_like(lo) if g_lo is None else g_lo
-            g_hi = torch.zeros_like(lo) if g_hi is None else g_hi
-        grad_w, sums = _fused.kernels().weight_backward(
-            w,
-            g.contiguous(),
-            lo,
-            s.detach(),
-            index,
-            empty if g_lo is None else g_lo,
-            empty if g_hi is None else g_hi,
-            table,
-            offsets,
-            _SIGN_WINDOW,
-            dither,
-        )
-        grad_s = None
-        if step_grad:
-            grad_s = sums[0].reshape(s.shape)
-            if dither:
-                grad_s = grad_s + s * sums[1].reshape(s.shape) * _INV_SQRT3
-        return grad_w if ctx.needs_input_grad[0] else None, grad_s, None
-
-
-def fused_weight_quantize(
-    w: Tensor, s: Tensor, *, estimator: str = "ste", noise_ratio: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(x̂, lo, hi) of a per-output-channel weight quantizer in one kernel pass (lo, hi of shape (C,)), or None
-    where the kernels do not apply (then: ``channel_range`` and ``noisy_quantize``). Same values as those two:
-    x̂, lo, hi and the weight's gradient bit-identical, the step gradient equal to float rounding."""
-    if estimator not in ("ste", "lsq") or noise_ratio > 0 or s.dim() != w.dim() or s.shape[0] != w.shape[0]:
-        return None
-    if _fused.groups(w, s) != w.shape[0] or _fused.kernels() is None:
-        return None
-    return _FusedWeightQuantize.apply(w, s, estimator)
+    key = new_state() if key is None else key
+    if z is lo:  # an alias: torch.compile cannot trace an autograd.Function given one tensor twice
+        z = lo.view_as(lo)
+    return _NoisyRound.apply(x, lo, hi, z, s, estimator, delta, noise_ratio, key)
 
 
 class _ChannelRange(torch.autograd.Function):
@@ -367,15 +203,15 @@ class _ChannelRange(torch.autograd.Function):
         return grad, None
 
 
-def channel_range(w: Tensor, channels: int, fused: bool = False) -> tuple[Tensor, Tensor]:
+def channel_range(w: Tensor, channels: int, sparse_grad: bool = False) -> tuple[Tensor, Tensor]:
     """(min, max) of each of ``channels`` equal slices of w along dim 0 (1: the whole tensor), differentiable:
-    the gradient goes to the first arg-extreme of each (``fused``: as a sparse gradient, on the CPU)."""
+    the gradient goes to the first arg-extreme of each (``sparse_grad``: as a sparse gradient)."""
     flat = w.reshape(channels, -1)
     if not (torch.is_grad_enabled() and w.requires_grad):
         # No gradient wanted (the level guard after each step, convergence checks, eval): amin/amax skip the
         # indices that min/max along a dim compute.
         return flat.amin(dim=1), flat.amax(dim=1)
-    if fused and _fused.groups(w) is not None:
+    if sparse_grad and w.device.type == "cpu" and not torch.compiler.is_compiling():
         return _ChannelRange.apply(w, channels)
     # min/max along a dim back-propagate by a scatter to the arg-extremes (amin/amax's backward costs more)
     return flat.min(dim=1).values, flat.max(dim=1).values

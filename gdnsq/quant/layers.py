@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
 
+from .autograd import quantized_layer
 from .methods import create_method_quantizers
-from .quantizer import Quantizer
+from .quantizer import LOG2_FLOOR, Quantizer, op_dtype
 from .spec import QuantSpec
 
 
@@ -42,6 +43,8 @@ class _QuantMixin:
         self.register_buffer("target_a", torch.tensor(spec.bound_a))
 
     def quantized_weight(self) -> Tensor:
+        if self.weight_quant.uses_ops:  # any dtype in, the layer's compute dtype out, float32 maths inside
+            return self.weight_quant(self.weight)
         # .float() is the weight itself for fp32 weights, so the quantizer's range cache still hits.
         with _fp32_region(self.weight):
             return self.weight_quant(self.weight.float())
@@ -49,8 +52,27 @@ class _QuantMixin:
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.act_quant is None:
             return x
+        if self.act_quant.uses_ops:
+            return self.act_quant(x)
         with _fp32_region(x):
             return self.act_quant(x.float())
+
+    def _one_node(self) -> bool:
+        """Whether the training forward runs as one ``autograd.QuantizedLayer`` (GDNSQ's ops on both quantizers)."""
+        act = self.act_quant
+        return self.weight_quant.uses_ops and (act is None or act.uses_ops)
+
+    def _quantized_layer(self, x: Tensor, layer: tuple) -> Tensor:
+        """The layer as one autograd node: saves x, not x̂ (``autograd.QuantizedLayer``); caches the weight's range
+        for the penalty of the same step, as the weight quantizer's own forward does."""
+        wq, aq = self.weight_quant, self.act_quant
+        dtype = op_dtype(x)
+        act = None if aq is None else (aq.log_s, aq.log_q, aq.lo, aq.rng_key)
+        a_est, a_delta = (aq.estimator, aq.delta) if aq is not None else ("ste", 0.0)
+        quant = (a_est, a_delta, wq.estimator, wq.delta, wq.noise_ratio, dtype)
+        y, lo, hi = quantized_layer(x, self.weight, self.bias, act, (wq.log_s, wq.rng_key), layer, quant)
+        wq._cache = (wq._key(self.weight), (lo.reshape(wq.log_s.shape), hi.reshape(wq.log_s.shape)))
+        return y
 
     def weight_bits(self) -> Tensor:
         return self.weight_quant.bits(self.weight)
@@ -151,6 +173,13 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self._one_node()
+            and not self.same_pad
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        ):
+            return self._quantized_layer(x, ("conv", self.stride, self.padding, self.dilation, self.groups))
         x = self.quantize_input(x)
         w = self.quantized_weight()
         if self.same_pad:
@@ -190,6 +219,8 @@ class QLinear(_QuantMixin, nn.Linear):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._one_node():
+            return self._quantized_layer(x, ("linear",))
         return tF.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -240,10 +271,50 @@ def set_noise_ratio(model: nn.Module, ratio: float) -> None:
         q.noise_ratio = float(ratio)
 
 
+@torch.no_grad()
 def keep_levels_(model: nn.Module, margin: float, floor: float | None = None, floor_a: float | None = None) -> None:
-    """Apply the level guard to every quantized layer (after each optimizer step); floors: see the layer's."""
-    for _, layer in iter_quantized(model):
-        layer.keep_levels_(margin, floor, floor_a)
+    """The level guard of every quantized layer at once (after each optimizer step; floors: see the layer's
+    ``keep_levels_``, the same projection): the targets are read on the device and the projections are
+    ``torch._foreach_*`` over all layers, so the step reads nothing back and its op count does not grow with the
+    layers (but for one range per weight)."""
+    layers = [layer for _, layer in iter_quantized(model)]
+    weights = [l for l in layers if l.weight_quant.learnable_bits]
+    acts = [l for l in layers if l.act_quant is not None and l.act_quant.learnable_bits]
+    if weights:
+        quant = [l.weight_quant for l in weights]
+        ranges = [q._range(l.weight) for q, l in zip(quant, weights)]
+        lo = torch.cat([r[0].reshape(-1) for r in ranges])
+        hi = torch.cat([r[1].reshape(-1) for r in ranges])
+        bits = _min_bits(torch.stack([l.target_w for l in weights]), margin, floor)
+        # s <= range / (2**min_bits - 1), per channel (quantizer.WeightQuantizer.keep_levels_)
+        per_layer = torch.log2(torch.exp2(bits) - 1.0).to(lo.dtype)
+        cap = torch.log2((hi - lo).clamp_min(1e-12)) - _per_channel(per_layer, [q.log_s.numel() for q in quant])
+        log_s = [q.log_s for q in quant]
+        torch._foreach_clamp_max_(log_s, [c.view_as(t) for c, t in zip(cap.split([t.numel() for t in log_s]), log_s)])
+        torch._foreach_clamp_min_(log_s, LOG2_FLOOR)
+    if acts:
+        quant = [l.act_quant for l in acts]
+        bits = _min_bits(torch.stack([l.target_a for l in acts]), margin, floor_a)
+        log_q, log_s = [q.log_q for q in quant], [q.log_s for q in quant]
+
+        def each(v: Tensor) -> list[Tensor]:  # rounded once to the parameters' dtype, as a float operand is
+            return [x.view_as(t) for x, t in zip(v.to(log_q[0].dtype).unbind(), log_q)]
+
+        # b_a = log_q - log_s >= min_bits (quantizer.ActivationQuantizer.keep_levels_)
+        torch._foreach_clamp_min_(log_q, each(bits + LOG2_FLOOR))
+        torch._foreach_clamp_max_(log_s, torch._foreach_sub(log_q, each(bits)))
+        torch._foreach_clamp_min_(log_s, LOG2_FLOOR)
+
+
+def _min_bits(targets: Tensor, margin: float, floor: float | None) -> Tensor:
+    """``functional.min_bits`` of each target (float64, on the device), the target lowered to ``floor``."""
+    t = targets.double() if floor is None else targets.double().clamp(max=float(floor))
+    return torch.minimum(torch.log2(torch.exp2(t) - 0.5 + margin), t - 2e-3)
+
+
+def _per_channel(per_layer: Tensor, channels: list[int]) -> Tensor:
+    """Each layer's value repeated over its channels (views, then one cat)."""
+    return torch.cat([v.expand(n) for v, n in zip(per_layer.unbind(), channels)])
 
 
 def cap_levels_(model: nn.Module, margin: float) -> None:

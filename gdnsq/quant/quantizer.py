@@ -5,7 +5,9 @@ GDNSQ's ``WeightQuantizer`` / ``ActivationQuantizer`` (learnable log-step, clamp
 quantizer (``zoo.common``) derive from it.
 GDNSQ's quantizers also report ``min_levels(...)`` (the fewest levels of any channel; < 2 is a dead,
 constant grid, whose ``true_bits`` reads 0) and apply the level guard ``keep_levels_(min_bits, ...)``
-(a projection of log_s so that b >= min_bits).
+(a projection of log_s so that b >= min_bits). Their training forward is the registered ops of ``ops.py`` (one
+kernel each way; ``quant.fused: false``: the reference torch graph), with the random draws keyed by the
+``rng_key`` buffer; eval is the exact grid in plain torch ops (exportable).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .autograd import QuantizeActivation, QuantizeWeight
+from .dither import new_state, next_key_
 from .methods import register_method
 
 # Floor of log2 of a grid step or clip width kept by the level guard: below float32's resolution at unit
@@ -33,8 +37,12 @@ class Quantizer(nn.Module):
     * ``grid(...)``: (lo, hi, z, s) of the eval grid, for export and integer inference;
     * ``observing`` (activation quantizers record min/max while set) then ``calibrate_(..., init_bits)``;
     * ``enabled`` (False: identity), ``noise_ratio`` (set by the engine; GDNSQ's noisy channel only);
-    * optional hooks with no-op defaults: ``extra_loss()``, ``set_progress(fraction)``, ``extra_stats(...)``.
+    * optional hooks with no-op defaults: ``extra_loss()``, ``set_progress(fraction)``, ``extra_stats(...)``;
+    * ``uses_ops``: True when its training forward is GDNSQ's registered ops (``ops.py``), so a quantized layer may
+      run it inside one autograd node with the convolution (``autograd.QuantizedLayer``).
     """
+
+    uses_ops: bool = False
 
     learnable_bits: bool = False
     """True when ``bits()`` is learned, so the objective's exterior-point penalty constrains it (GDNSQ)."""
@@ -75,20 +83,40 @@ class Quantizer(nn.Module):
         return {}
 
 
+def op_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a quantizer hands to its layer: autocast's where autocast is on (the op rounds to it once, in the
+    same kernel), else the input's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 class _GDNSQQuantizer(Quantizer):
-    """GDNSQ's learnable-bit quantizers: the noisy channel's estimator and delta."""
+    """GDNSQ's learnable-bit quantizers: the noisy channel's estimator and delta, and the key state of its random
+    draws (``rng_key``, int64 buffer: see ``dither.py``; saved in checkpoints, advanced by every training forward)."""
 
     learnable_bits = True
     fused: bool = True
-    """One compiled pass each way on the CPU (``functional.noisy_quantize``); ``quant.fused``."""
+    """Training forward by the registered ops (one kernel each way); False: the reference torch graph of
+    ``functional.noisy_quantize`` (same draws, same values). ``quant.fused``."""
 
     def __init__(self, *, estimator: str = "ste", delta: float = 1e-2):
         super().__init__()
         self.estimator = estimator
         self.delta = delta
+        self.register_buffer("rng_key", new_state())
+
+    @property
+    def uses_ops(self) -> bool:
+        return self.fused and self.enabled and self.training and not self.observing
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the key state existed: keep this quantizer's own (freshly drawn) key.
+        state_dict.setdefault(prefix + "rng_key", self.rng_key.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class WeightQuantizer(_GDNSQQuantizer):
@@ -112,7 +140,7 @@ class WeightQuantizer(_GDNSQQuantizer):
         """
         if self._cached(w):
             return self._cache[1]
-        lo, hi = F.channel_range(w, self.log_s.shape[0], fused=self.fused)
+        lo, hi = F.channel_range(w, self.log_s.shape[0], sparse_grad=self.fused)
         rng = (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape))
         self._cache = (self._key(w), rng)
         return rng
@@ -139,14 +167,13 @@ class WeightQuantizer(_GDNSQQuantizer):
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
-        s = torch.exp2(self.log_s)
-        if self.training and self.fused and self.per_channel and not self._cached(w):
-            # One kernel pass for range and rounding; the range is cached for the penalty of the same step.
-            fused = F.fused_weight_quantize(w, s, estimator=self.estimator, noise_ratio=self.noise_ratio)
-            if fused is not None:
-                out, lo, hi = fused
-                self._cache = (self._key(w), (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape)))
-                return out
+        if self.uses_ops:
+            # One kernel for range and rounding; the range is cached for the penalty of the same step.
+            out, lo, hi = QuantizeWeight.apply(
+                w, self.log_s, self.rng_key, self.estimator, self.delta, self.noise_ratio, op_dtype(w)
+            )
+            self._cache = (self._key(w), (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape)))
+            return out
         lo, hi = self._range(w)
         if self.training:
             # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
@@ -155,13 +182,13 @@ class WeightQuantizer(_GDNSQQuantizer):
                 None,
                 None,
                 lo.detach(),
-                s,
+                torch.exp2(self.log_s),
                 estimator=self.estimator,
-                fused=self.fused,
                 delta=self.delta,
                 noise_ratio=self.noise_ratio,
+                key=next_key_(self.rng_key),
             )
-        return F.exact_quantize(w, None, None, lo, s)
+        return F.exact_quantize(w, None, None, lo, torch.exp2(self.log_s))
 
     def bits(self, w: Tensor) -> Tensor:
         lo, hi = self._range(w)
@@ -223,12 +250,9 @@ class ActivationQuantizer(_GDNSQQuantizer):
         self.register_buffer("obs_max", torch.tensor(-math.inf))
 
     def _bounds(self) -> tuple[Tensor, Tensor, Tensor]:
-        s = torch.exp2(self.log_s)
         # Unsigned inputs keep lo frozen at its calibrated 0 (requires_grad off), so no data-dependent
         # branch is needed here, which keeps the eval graph exportable.
-        lo = self.lo
-        hi = lo + torch.exp2(self.log_q) - s
-        return lo, hi, s
+        return F.activation_grid(self.log_s, self.log_q, self.lo)
 
     @torch.no_grad()
     def calibrate_(self, init_bits: float) -> None:
@@ -252,6 +276,18 @@ class ActivationQuantizer(_GDNSQQuantizer):
             return x
         if not self.enabled:
             return x
+        if self.uses_ops:
+            return QuantizeActivation.apply(
+                x,
+                self.log_s,
+                self.log_q,
+                self.lo,
+                self.rng_key,
+                self.estimator,
+                self.delta,
+                self.noise_ratio,
+                op_dtype(x),
+            )
         lo, hi, s = self._bounds()
         if self.training:
             return F.noisy_quantize(
@@ -263,7 +299,7 @@ class ActivationQuantizer(_GDNSQQuantizer):
                 estimator=self.estimator,
                 delta=self.delta,
                 noise_ratio=self.noise_ratio,
-                fused=self.fused,
+                key=next_key_(self.rng_key),
             )
         return F.exact_quantize(x, lo, hi, lo, s)
 

@@ -7,7 +7,6 @@ exactly where it stopped.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -115,10 +114,18 @@ class Engine:
         self, loader: Iterable, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None
     ) -> dict[str, float]:
         """One epoch (at most ``max_steps`` steps) over ``loader``, whose batches are on the device in the run's
-        memory format (:meth:`Precision.prepare_loaders`); returns the epoch's train/* metrics."""
+        memory format (:meth:`Precision.prepare_loaders`); returns the epoch's train/* metrics.
+
+        The steady-state step reads nothing back from the device: the loss parts, the finite check,
+        the clip norm and the schedule's temperature stay device tensors (``on_step`` gets them as such), summed
+        on the device and read once at the end of the epoch (one batched ``tolist``). Host reads happen only at
+        the cadence: every schedule.check_every steps the finite check and the convergence check
+        (``is_converged``), the epoch's end, checkpoints (``state_dict``), and each step while
+        schedule.noise_ratio > 0."""
         cfg, opt = self.cfg, self.optimizer
         self.model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # the parts' epoch sums, float64 on the device
+        finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss since the last check
         steps = 0
         t0 = time.perf_counter()
         samples = 0
@@ -148,49 +155,54 @@ class Engine:
                 self.sched.temperature,
                 level_fraction=self.sched.level_fraction(plan),
             )
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {float(loss)} at step {self.sched.step}; lower optim.lr")
+            finite &= torch.isfinite(loss.detach())
+            if (self.sched.step + 1) % cfg.schedule.check_every == 0:  # the cadence: a NaN raises check_every late
+                self._raise_unless_finite(bool(finite))
             opt.zero_grad(set_to_none=True)
             self.precision.backward(loss)
             if cfg.optim.quant_grad_clip and self.quant_params:
                 self.precision.unscale_(opt)  # clip true gradients, not fp16-scaled ones
                 # Second line behind the level guard: one spike (a dead layer before a train-mode BatchNorm
                 # sends ~1e7) would otherwise sit in Adam's second moment and freeze that quantizer.
-                parts["train/quant_grad_norm"] = float(
-                    torch.nn.utils.clip_grad_norm_(self.quant_params, cfg.optim.quant_grad_clip)
-                )
+                parts["train/quant_grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    self.quant_params, cfg.optim.quant_grad_clip
+                ).detach()
             self.precision.step(opt)
             if cfg.quant.level_guard:
                 keep_levels_(self.core, cfg.quant.level_margin, *self.targets.guard_floors())
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
+            lag = self.objective.last_terms.lag
             self.sched.advance(
                 cfg.schedule,
                 plan,
                 base_lr=cfg.optim.lr,
                 penalty=penalty,
-                lag_bits=self.objective.last_terms.lag,
+                lag_bits=lag,
                 check=self.is_converged,
             )
             self.targets.after_step(self.core, self.sched.converged_step)
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
-            parts.update(
-                {
-                    "train/loss": loss.item(),
-                    "train/temperature": self.sched.temperature,
-                    "train/lr": cfg.optim.lr * factor,
-                    "train/lag_bits": max(_LAG_LOG_FLOOR, self.objective.last_terms.lag),
-                }
-            )
+            parts["train/loss"] = loss.detach()
+            parts["train/lag_bits"] = lag.clamp_min(_LAG_LOG_FLOOR)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                if k not in sums:
+                    sums[k] = torch.zeros((), dtype=torch.float64, device=self.device)
+                sums[k].add_(v)
+            # the schedule's figures for on_step; the epoch reports their last values, not means
+            parts.update({"train/temperature": self.sched.temperature, "train/lr": cfg.optim.lr * factor})
             steps += 1
             samples += y.numel()
             if on_step is not None:
                 on_step(self.sched.step, parts)
         if steps == 0:
             raise ValueError("training loader yielded no batches")
+        # the epoch's one read of the device: the sums, the finite flag and the temperature, batched
+        keys = list(sums)
+        temperature = torch.as_tensor(self.sched.temperature, dtype=torch.float64, device=self.device)
+        *values, all_finite, temperature = torch.stack([*sums.values(), finite.double(), temperature]).tolist()
+        self._raise_unless_finite(all_finite)
         if cfg.quant.hold_targets and self.sched.converged_step is not None and not self.is_converged():
             # The descent had ended but the epoch ends outside the targets: the grids go back to them (the
             # penalty alone may not bring them back, see docs/method.md), so the epoch's checkpoint is
@@ -198,11 +210,11 @@ class Engine:
             cap_levels_(self.core, cfg.quant.level_margin)
             self.sched.converged = self.is_converged()
         self.epoch += 1
-        out = {k: v / steps for k, v in sums.items()}
+        out = {k: v / steps for k, v in zip(keys, values)}
         # The last step's schedule values, not their epoch means, describe where the run stands.
         out.update(
             {
-                "train/temperature": self.sched.temperature,
+                "train/temperature": temperature,
                 "train/lr": cfg.optim.lr * factor,
                 "train/steps": float(steps),
                 "train/samples_per_s": samples / (time.perf_counter() - t0),
@@ -211,6 +223,10 @@ class Engine:
             }
         )
         return out
+
+    def _raise_unless_finite(self, all_finite: bool | float) -> None:
+        if not all_finite:
+            raise FloatingPointError(f"the loss was not finite at a step up to {self.sched.step}; lower optim.lr")
 
     def _ensure_plan(self, loader: Iterable, max_steps: int | None) -> DescentPlan:
         """The run's schedule constants, fixed on the first epoch from the planned steps of its loader, for the

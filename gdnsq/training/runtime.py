@@ -142,18 +142,34 @@ def distribute(model: nn.Module, world_size: int, device: torch.device, sync_bat
     student's gradients are averaged); the model itself for a single worker."""
     if world_size == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    if sync_batchnorm and device.type == "cuda":
-        # Batch statistics over the global batch, as the reference trainer does (torch's SyncBatchNorm runs on GPUs
-        # only; CPU ranks keep per-rank statistics).
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrap_ddp(model, device, sync_batchnorm)
 
 
 def maybe_compile(model: nn.Module, train: TrainConfig) -> nn.Module:
     """``torch.compile(model)`` when ``train.compile``; the wrapper shares the model's parameters."""
     return torch.compile(model) if train.compile else model
+
+
+def wrap_ddp(student: nn.Module, device: torch.device, sync_batchnorm: bool = True) -> nn.Module:
+    """The student in DistributedDataParallel over the initialised process group (the frozen teacher is never
+    wrapped: only the student's gradients are averaged).
+
+    ``gradient_as_bucket_view``: the gradients are views into DDP's all-reduce buckets (no copy in or out of them
+    each step, one gradient-sized buffer less). ``static_graph``: a training step uses the same parameters every
+    step (the quantizers, the penalty and the methods' extra losses run each step; quantizers are switched off
+    only under no_grad: calibration, fp_eval), so DDP can plan its buckets once."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm and device.type == "cuda":
+        # Batch statistics over the global batch, as the reference trainer does (torch's SyncBatchNorm runs on
+        # GPUs only; CPU ranks keep per-rank statistics).
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    return DistributedDataParallel(
+        student,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        static_graph=True,
+    )
 
 
 def all_reduce_sum(t: torch.Tensor) -> None:

@@ -24,6 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+from torch import Tensor
+
 from ..config import JobConfig, ScheduleConfig
 
 # Adam moves a log-parameter by about its LR per step when one gradient sign dominates; a margin over the
@@ -158,10 +161,16 @@ _T_MIN = 1e-3
 _T_MAX_RELEASED = 1e6
 
 
-def temperature_update(t: float, lag_bits: float, window: int, t_max: float) -> float:
+def temperature_update(t: float | Tensor, lag_bits: float | Tensor, window: int, t_max: float) -> float | Tensor:
     """Dual-ascent step of the planned mode's multiplier: up while some layer lags its plan, slowly down otherwise,
-    within [_T_MIN, t_max] (schedule.max_temperature: a bounded dual keeps the task term in play)."""
+    within [_T_MIN, t_max] (schedule.max_temperature: a bounded dual keeps the task term in play).
+
+    A tensor ``lag_bits`` (the engine's step: it stays on the device) gives a float64 tensor, the same maths."""
     gain = _T_DOUBLINGS_PER_WINDOW / max(1, window)
+    if isinstance(lag_bits, Tensor):
+        lag = lag_bits.detach().double()
+        exponent = torch.where(lag > 0, lag.clamp(max=1.0) * gain, gain * -0.25)
+        return (t * torch.pow(2.0, exponent)).clamp(_T_MIN, t_max)
     t = t * 2.0 ** (gain * (min(lag_bits, 1.0) if lag_bits > 0 else -0.25))
     return min(max(t, _T_MIN), t_max)
 
@@ -176,7 +185,7 @@ def next_noise_ratio(ratio: float, penalty: float, step: float, tol: float = 1e-
 @dataclass
 class ScheduleState:
     step: int = 0
-    temperature: float = 0.0
+    temperature: float | Tensor = 0.0  # planned mode: a float64 device tensor once the engine stepped (no host read)
     converged: bool = False  # the latest true-bit check (every check_every steps)
     converged_step: int | None = None  # first step at which the true-bit check passed
     annealed_steps: int = 0  # steps taken while converged (the anneal's exponent)
@@ -205,16 +214,19 @@ class ScheduleState:
         cfg: ScheduleConfig,
         plan: DescentPlan,
         base_lr: float,
-        penalty: float,
-        lag_bits: float,
+        penalty: float | Tensor,
+        lag_bits: float | Tensor,
         check: callable[[], bool] | None = None,
     ) -> None:
         """After an optimizer step with penalty value ``penalty``; ``lag_bits`` = max over layers of
-        (bits - planned level); ``check()`` = the true-bit convergence test, called every check_every steps."""
+        (bits - planned level); ``check()`` = the true-bit convergence test, called every check_every steps.
+        Tensors stay on the device: the host reads ``penalty`` only while the extra noise is on (noise_ratio
+        > 0) and the model only in ``check()``, every check_every steps."""
         if self.step >= plan.warmup_steps:
             if plan.planned:
+                t = self.temperature
                 self.temperature = temperature_update(
-                    self.temperature or 1.0,
+                    t if isinstance(t, Tensor) else (t or 1.0),
                     lag_bits,
                     plan.end_step - plan.warmup_steps,
                     self.temperature_cap(cfg, plan),
@@ -227,8 +239,10 @@ class ScheduleState:
                 self.converged_step = self.step + 1
         if self.converged:
             self.annealed_steps += 1
-        self.noise_ratio = next_noise_ratio(self.noise_ratio, penalty, cfg.noise_step)
+        if self.noise_ratio > 0:
+            self.noise_ratio = next_noise_ratio(self.noise_ratio, float(penalty), cfg.noise_step)
         self.step += 1
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        """Plain floats (the temperature read from the device: a checkpoint's one host read of it)."""
+        return {**asdict(self), "temperature": float(self.temperature)}

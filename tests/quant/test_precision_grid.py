@@ -1,4 +1,4 @@
-"""Under bf16 autocast the quantizers still run in float32: integral codes, equal to the fp32 path's."""
+"""Under bf16 autocast the quantizers still compute in float32: integral codes, equal to the fp32 path's."""
 
 import torch
 from torch import nn
@@ -50,16 +50,21 @@ def test_bf16_autocast_keeps_10_bit_codes_exact():
 
 
 def test_training_forward_codes_exact_under_autocast():
+    """Training under autocast: the quantizer ops compute the grid in float32 and hand the conv bf16 directly (no
+    cast kernel around them): the fp32 path's exact codes, rounded once to bf16, the values autocast's cast before
+    the conv made of them when the quantizers returned float32."""
     layer = _layer(10.0).train()
     x = torch.randn(4, 8, 12, 12)
+    a32, w32 = layer.quantize_input(x), layer.quantized_weight()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a16 = layer.quantize_input(x)
         w16 = layer.quantized_weight()
     lo, hi, z, s = layer.act_quant.grid()
-    assert a16.dtype == w16.dtype == torch.float32
-    assert _codes(a16.detach(), z, s)[1] < 1e-3
+    assert a32.dtype == w32.dtype == torch.float32 and a16.dtype == w16.dtype == torch.bfloat16
+    assert torch.equal(a16, a32.bfloat16()) and torch.equal(w16, w32.bfloat16())
+    assert _codes(a32.detach(), z, s)[1] < 1e-3
     assert (
-        _codes(w16.detach(), layer.weight_quant.grid(layer.weight)[2], layer.weight_quant.grid(layer.weight)[3])[1]
+        _codes(w32.detach(), layer.weight_quant.grid(layer.weight)[2], layer.weight_quant.grid(layer.weight)[3])[1]
         < 1e-3
     )
 

@@ -468,7 +468,7 @@ def test_objective_adds_the_extra_loss_terms():
     logits, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     loss, parts = obj(model, logits, None, y, temperature=1.0)
     assert loss.item() == pytest.approx(
-        torch.nn.functional.cross_entropy(logits, y).item() + parts["train/extra_loss"], rel=1e-5
+        torch.nn.functional.cross_entropy(logits, y).item() + float(parts["train/extra_loss"]), rel=1e-5
     )
     gdnsq_model = SmallCNN()
     quantize_model(gdnsq_model, QuantConfig())

@@ -73,7 +73,7 @@ def test_objective_combines_terms_and_lossless_swaps_weights():
     d = jeffreys_divergence(s, te).item()
     obj = GDNSQObjective(ObjectiveConfig(penalty_weight=2.0, task_weight=3.0))
     loss, parts = obj(m, s, te, y, temperature=0.5)
-    pw, pa = parts["train/penalty_w"], parts["train/penalty_a"]
+    pw, pa = float(parts["train/penalty_w"]), float(parts["train/penalty_a"])  # parts are device tensors
     assert parts["train/active_w"] == 4 and parts["train/active_a"] == 4
     w = (4 + 1e-3) / (8 + 1e-3)
     assert loss.item() == pytest.approx(3.0 * d + 2.0 * 0.5 * d * (w * pw + w * pa), rel=1e-5)
