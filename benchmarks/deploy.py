@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 
@@ -98,7 +97,7 @@ def main() -> None:
             for runtime in args.runtimes.split(","):
                 runs = {k: runner(f, runtime, threads=args.threads) for k, f in files.items()}
                 times = {k: [] for k in runs}
-                for k, run in runs.items():  # warm-up
+                for run in runs.values():  # warm-up
                     run(xn)
                     run(xn)
                 for _ in range(args.repeats):
@@ -127,8 +126,9 @@ def main() -> None:
                     )  # fmt: skip
     if not args.no_record:
         provenance.record("deployment.csv", rows)
-    ours, anchor = summary.get(("resnet18", "onnxruntime", "gdnsq-int8 W2A2")), summary.get(
-        ("resnet18", "onnxruntime", "ort-int8")
+    ours, anchor = (
+        summary.get(("resnet18", "onnxruntime", "gdnsq-int8 W2A2")),
+        summary.get(("resnet18", "onnxruntime", "ort-int8")),
     )
     if ours is not None and anchor is not None:
         print(f"integer ONNX / FP32 latency, resnet18 W2A2, onnxruntime: {ours:.2f}x (onnxruntime int8 anchor "
