@@ -39,7 +39,9 @@ from gdnsq.training.surgery import calibrate_model, quantize_model  # noqa: E402
 
 
 def fp32_onnx(model, x, path: Path) -> None:
-    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=21, input_names=["input"], verbose=False)
+    torch.onnx.export(
+        model, (x,), str(path), dynamo=True, opset_version=21, input_names=["input"], verbose=False, external_data=False
+    )
 
 
 def ort_static_int8(fp_path: Path, out: Path, shape, batches: int = 8) -> None:
@@ -92,8 +94,13 @@ def main() -> None:
             files["ort-int8"] = Path(tmp) / f"{name}.ort-int8.onnx"
             ort_static_int8(files["fp32"], files["ort-int8"], shape)
             for b in args.bits.split(","):
-                files[f"gdnsq-int8 W{b}A{b}"] = Path(tmp) / f"{name}.w{b}.onnx"
-                gdnsq_int8(timm.create_model(name, num_classes=1000), x, int(b), files[f"gdnsq-int8 W{b}A{b}"])
+                path = Path(tmp) / f"{name}.w{b}.onnx"
+                try:
+                    gdnsq_int8(timm.create_model(name, num_classes=1000), x, int(b), path)
+                except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others' rows
+                    print(f"{name} W{b}A{b}: gdnsq integer export failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                files[f"gdnsq-int8 W{b}A{b}"] = path
             for runtime in args.runtimes.split(","):
                 runs = {k: runner(f, runtime, threads=args.threads) for k, f in files.items()}
                 times = {k: [] for k in runs}
@@ -124,8 +131,9 @@ def main() -> None:
                             f"{med / base:.3f}x FP32 same run, load average {load:.1f}, random weights",
                         }
                     )  # fmt: skip
-    if not args.no_record:
-        provenance.record("deployment.csv", rows)
+            if not args.no_record:  # per model, so a later model's failure keeps these rows
+                provenance.record("deployment.csv", rows)
+            rows = []
     ours, anchor = (
         summary.get(("resnet18", "onnxruntime", "gdnsq-int8 W2A2")),
         summary.get(("resnet18", "onnxruntime", "ort-int8")),

@@ -131,3 +131,25 @@ def test_unknown_target_and_runtime_are_one_line_errors(resnet, tmp_path):
         export_onnx(resnet, tmp_path / "m.onnx", torch.randn(2, 3, 64, 64), target="tflite")
     with pytest.raises(ExportError, match="unknown runtime 'tvm'"):
         runner(tmp_path / "m.onnx", "tvm")
+
+
+def test_cli_integer_target_and_its_refusal(tmp_path, capsys):
+    from gdnsq.cli import main
+    from gdnsq.config import JobConfig, ModelConfig, to_dict
+    from gdnsq.training.surgery import build_student
+
+    codes = {}
+    for integer in (True, False):
+        cfg = JobConfig(model=ModelConfig(name="gdnsq_smallcnn"), quant=QuantConfig(integer_grid=integer))
+        model = build_student(cfg, 10, 1)
+        calibrate_model(model, [torch.randn(8, 1, 28, 28) for _ in range(2)], init_bits=2)
+        ckpt = tmp_path / f"{integer}.pt"
+        state = {"model": model.state_dict()}
+        torch.save({"config": to_dict(cfg), "engine": state, "best": {"ns_top1": -1.0, "state": None}}, ckpt)
+        out = tmp_path / f"export-{integer}"
+        codes[integer] = main(["export", str(ckpt), "--out", str(out), "--onnx", "--onnx-target", "int8"])
+        if integer:
+            assert "target int8" in capsys.readouterr().out and (out / "model.onnx").is_file()
+    assert codes == {True: 0, False: 2}
+    err = capsys.readouterr().err.strip()
+    assert "float offset" in err and "quant.integer_grid" in err and len(err.splitlines()) == 1
