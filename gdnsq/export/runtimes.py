@@ -2,7 +2,8 @@
 
 * onnxruntime, CPU provider, at its default optimization level (``ORT_ENABLE_ALL``: the level where the QDQ
   fusions into ``QLinearConv`` happen, and where they could change outputs);
-* OpenVINO (``openvino.Core().compile_model(path, "CPU")``), which reads the ONNX file directly.
+* OpenVINO (``openvino.Core().compile_model(path, "CPU")``), which reads the ONNX file directly; run with float32
+  inference precision (its default is bfloat16 on CPUs that have it).
 
 Both are imported only when used; a runtime that is not installed is a one-line error.
 """
@@ -53,7 +54,12 @@ def runner(path, runtime: str = "onnxruntime", threads: int | None = None) -> Ca
         return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
     if runtime == "openvino":
         ov = _require("openvino", "openvino")
-        config = {"INFERENCE_NUM_THREADS": threads or max(1, torch.get_num_threads())}
+        # f32: OpenVINO's CPU plugin defaults to bfloat16 where the CPU has it (AMX / AVX512-BF16, as here), which
+        # moved the digits test's logits by 3e-3 and its top-1 by 2.1 points; the float parts must stay float32.
+        config = {
+            "INFERENCE_NUM_THREADS": threads or max(1, torch.get_num_threads()),
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
         compiled = ov.Core().compile_model(str(path), "CPU", config)
         request = compiled.create_infer_request()
         return lambda x: np.array(request.infer([np.ascontiguousarray(x, dtype=np.float32)])[compiled.output(0)])
