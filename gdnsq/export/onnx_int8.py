@@ -17,7 +17,8 @@ change sign with γ, the bias absorbs the rest), so ``DequantizeLinear`` feeds t
   ``ConvInteger`` (exact int32 accumulation; weights as uint8 codes + 128, zero point 128, onnxruntime's fast
   case) followed by one float multiply-add by s_x·s_w and the bias, so every quantized conv runs on integer kernels.
 * ``tensorrt``: int8 everywhere with zero point 0 (TensorRT's explicit quantization), every quantized conv fed by
-  ``DequantizeLinear`` directly, no ``ConvInteger``.
+  ``DequantizeLinear`` directly, Q and DQ adjacent (the clamp a float ``Clip`` at whole steps before Q), no
+  ``ConvInteger``.
 
 A model with float offsets (trained without ``quant.integer_grid``) is refused, one line naming the layer: its
 grid cannot run on an integer kernel without changing it. Runtime outputs differ from the fake-quant eval by float
@@ -76,6 +77,7 @@ def integer_act(name: str, layer: nn.Module, target: str) -> dict | None:
         dtype, zp = "uint8", 0
     cmin, cmax = lo_code + zp, hi_code + zp
     lo, hi = _RANGE[dtype]
+    clip_first = target == "tensorrt"
     if cmin < lo or cmax > hi:
         if target == "tensorrt" or hi_code - lo_code > 255:
             raise ExportError(
@@ -84,7 +86,15 @@ def integer_act(name: str, layer: nn.Module, target: str) -> dict | None:
             )
         dtype, zp = "uint8", -lo_code  # an unsigned container shifted by an integer zero point
         cmin, cmax = 0, hi_code - lo_code
-    return {"s": g.s, "zp": zp, "cmin": cmin, "cmax": cmax, "container": dtype, "bits": g.bits}
+    return {
+        "s": g.s,
+        "zp": zp,
+        "cmin": cmin,
+        "cmax": cmax,
+        "container": dtype,
+        "bits": g.bits,
+        "clip_first": clip_first,
+    }
 
 
 def integer_weight(name: str, layer: nn.Module) -> tuple[Tensor, Tensor, dict] | None:
@@ -110,14 +120,14 @@ def integer_weight(name: str, layer: nn.Module) -> tuple[Tensor, Tensor, dict] |
 
 
 @torch.library.custom_op("gdnsq_export::q_act_int", mutates_args=())
-def q_act_int(x: Tensor, s: float, zp: int, cmin: int, cmax: int, container: str) -> Tensor:
+def q_act_int(x: Tensor, s: float, zp: int, cmin: int, cmax: int, container: str, clip_first: bool) -> Tensor:
     """(clamp(round(x/s) + zp, cmin, cmax) - zp)·s: ONNX's QuantizeLinear, Clip, DequantizeLinear."""
     st = torch.tensor(s, dtype=x.dtype)
     return (torch.clamp(torch.round(x / st) + zp, cmin, cmax) - zp) * st
 
 
 @q_act_int.register_fake
-def _(x, s, zp, cmin, cmax, container):
+def _(x, s, zp, cmin, cmax, container, clip_first):
     return torch.empty_like(x)
 
 
@@ -141,10 +151,15 @@ def _translations(opset: int) -> dict:
     def const(v, dtype):
         return op.Constant(value=ir.tensor(np.array(v, dtype=dtype)))
 
-    def q_act_onnx(x, s: float, zp: int, cmin: int, cmax: int, container: str):
+    def q_act_onnx(x, s: float, zp: int, cmin: int, cmax: int, container: str, clip_first: bool):
         scale, zero = const(s, np.float32), const(zp, _NP[container])
+        if clip_first and (cmin, cmax) != _RANGE[container]:
+            # TensorRT wants Q -> DQ adjacent: the clamp as a float Clip at whole steps before Q, which rounds the
+            # bounds to the same codes (round(k·s / s) = k), so clamping first is the same
+            bounds = np.array([cmin - zp, cmax - zp], np.float32) * np.float32(s)
+            x = op.Clip(x, const(bounds[0], np.float32), const(bounds[1], np.float32))
         q = op.QuantizeLinear(x, scale, zero)
-        if (cmin, cmax) != _RANGE[container]:
+        if not clip_first and (cmin, cmax) != _RANGE[container]:
             q = op.Clip(q, const(cmin, _NP[container]), const(cmax, _NP[container]))
         return op.DequantizeLinear(q, scale, zero)
 
@@ -176,7 +191,9 @@ class _IntLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.act is not None:
             a = self.act
-            x = torch.ops.gdnsq_export.q_act_int(x, a["s"], a["zp"], a["cmin"], a["cmax"], a["container"])
+            x = torch.ops.gdnsq_export.q_act_int(
+                x, a["s"], a["zp"], a["cmin"], a["cmax"], a["container"], a["clip_first"]
+            )
         w = (
             self.weight
             if self.meta["weight"] is None

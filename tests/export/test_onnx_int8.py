@@ -65,7 +65,8 @@ def test_onnxruntime_runs_every_quantized_conv_on_an_integer_kernel(case, resnet
 def test_tensorrt_shape(resnet, tmp_path):
     """Every Q/DQ int8 with zero point 0, every quantized conv fed by DequantizeLinear directly (data and weight),
     no BatchNormalization between a conv and its consumers, no ConvInteger."""
-    export_onnx(resnet, tmp_path / "trt.onnx", torch.randn(2, 3, 64, 64), target="tensorrt")
+    report = export_onnx(resnet, tmp_path / "trt.onnx", torch.randn(8, 3, 64, 64), target="tensorrt")
+    assert report["top1_agree"] and report["max_abs_diff"] < 1e-4
     proto = onnx.load(tmp_path / "trt.onnx")
     g = proto.graph
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
@@ -83,6 +84,10 @@ def test_tensorrt_shape(resnet, tmp_path):
     assert not [n for n in g.node if n.op_type in ("BatchNormalization", "ConvInteger")]
     for n in fed:  # weights: int8 codes held in an initializer
         assert inits[producer[n.input[1]].input[0]].dtype == np.int8
+    for n in g.node:  # Q and DQ adjacent: every QuantizeLinear's output goes to DequantizeLinear nodes only
+        if n.op_type == "QuantizeLinear":
+            users = [m for m in g.node if n.output[0] in m.input]
+            assert users and all(m.op_type == "DequantizeLinear" for m in users), n.name
 
 
 def test_float_offsets_are_refused_in_one_line(tmp_path):
