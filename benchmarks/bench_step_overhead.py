@@ -19,12 +19,13 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from step_figures import SPEED_CSV, append_rows, graph_breaks, kernels_per_conv, saved_bytes
 from torch import nn
 from torch.ao.quantization import (
     MovingAverageMinMaxObserver,
@@ -37,6 +38,9 @@ from gdnsq.quant.layers import set_fused
 from gdnsq.training.objective import bit_penalties
 from gdnsq.training.runtime import resolve_device
 from gdnsq.training.surgery import _set_submodule, calibrate_model, plan, quantize_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_figures import append_rows, graph_breaks, kernels_per_conv, saved_bytes  # noqa: E402
 
 
 class AOFakeQuantLayer(nn.Module):
@@ -109,16 +113,17 @@ def saved_ratios(device, batch, size) -> list[dict]:
             for fused in (True, False):
                 set_fused(qat, fused)
                 q_all, q_act = saved_bytes(qat, x, dtype)
-                setting = f"{'bf16' if dtype else 'fp32'} {estimator} {'ops' if fused else 'torch path'} {batch}x{size}"
-                for figure, ratio in (("saved bytes QAT/FP", q_all / fp_all), ("saved activation bytes QAT/FP",
-                                                                              q_act / fp_act)):  # fmt: skip
-                    rows.append({"figure": figure, "value": f"{ratio:.3f}", "unit": "x", "setting": setting})
+                variant = f"{'bf16' if dtype else 'fp32'} {estimator} {'ops' if fused else 'torch path'}"
+                notes = f"timm ResNet-18, batch {batch}, {size} px, one training forward"
+                for metric, ratio in (("saved_bytes_qat_over_fp", q_all / fp_all),
+                                      ("saved_activation_bytes_qat_over_fp", q_act / fp_act)):  # fmt: skip
+                    rows.append(row(variant, metric, f"{ratio:.3f}", "x", notes))
             del qat
     return rows
 
 
-def row(figure, value, unit, setting) -> dict:
-    return {"figure": figure, "value": value, "unit": unit, "setting": setting}
+def row(variant, metric, value, unit, notes) -> dict:
+    return {"variant": variant, "metric": metric, "value": value, "unit": unit, "notes": notes}
 
 
 def counts(device, models, x) -> list[dict]:
@@ -129,10 +134,10 @@ def counts(device, models, x) -> list[dict]:
     rows = []
     for k, (f_ops, b_ops) in kernels.items():
         print(f"ops per quantized conv ({k}): {f_ops} forward, {b_ops} backward (the conv included)")
-        rows.append(row(f"ops per quantized conv forward ({k})", f_ops, "ops", "64->64 3x3, conv included"))
-        rows.append(row(f"ops per quantized conv backward ({k})", b_ops, "ops", "64->64 3x3, conv included"))
+        rows.append(row(k, "ops_per_quantized_conv_forward", f_ops, "ops", "64->64 3x3, conv included"))
+        rows.append(row(k, "ops_per_quantized_conv_backward", b_ops, "ops", "64->64 3x3, conv included"))
     print(f"graph breaks tracing the GDNSQ model (training): {breaks} ({graphs} graphs)")
-    return rows + [row("graph breaks GDNSQ resnet18 train", breaks, "breaks", f"{graphs} graphs")]
+    return rows + [row("gdnsq", "graph_breaks_train", breaks, "breaks", f"timm ResNet-18, {graphs} graphs")]
 
 
 def timing(device, models, x, y, args) -> list[dict]:
@@ -184,9 +189,9 @@ def timing(device, models, x, y, args) -> list[dict]:
         ratios["FP compiled/FP eager"] = med["fp compiled"] / med["fp"]
     for k, v in ratios.items():
         print(f"step ratio {k:<22} {v:.2f}x")
-    setting = f"resnet18 b{args.batch} {args.size}x{args.size} {args.steps} steps median, load {os.getloadavg()[0]:.1f}"
-    rows = [row(f"step ms {k}", f"{v * 1000:.1f}", "ms", setting) for k, v in med.items()]
-    return rows + [row(f"step ratio {k}", f"{v:.3f}", "x", setting) for k, v in ratios.items()]
+    notes = f"timm ResNet-18, batch {args.batch}, {args.size} px, {args.steps} steps (median)"
+    rows = [row(k, "ms_per_step", f"{v * 1000:.1f}", "ms", notes) for k, v in med.items()]
+    return rows + [row(k, "ratio", f"{v:.3f}", "x", notes) for k, v in ratios.items()]
 
 
 def main():
@@ -199,7 +204,7 @@ def main():
     ap.add_argument("--saved-batch", type=int, default=64)
     ap.add_argument("--saved-size", type=int, default=224)
     ap.add_argument("--parts", default="counts,timing,saved", help="which figures, comma-separated")
-    ap.add_argument("--csv", default=SPEED_CSV, help="where the rows go (default results/speed.csv)")
+    ap.add_argument("--record", metavar="CSV", help="where the rows go (default results/speed.csv)")
     ap.add_argument("--commit", help="the commit measured, where the gdnsq imported is not a git checkout")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -207,14 +212,14 @@ def main():
     parts = args.parts.split(",")
     # each part's rows are written as soon as they exist: a long run that dies keeps what it measured
     if "counts" in parts:
-        append_rows(counts(device, models, x), device, args.csv, args.commit)
+        append_rows(counts(device, models, x), device, args.record, args.commit)
     if "timing" in parts:
-        append_rows(timing(device, models, x, y, args), device, args.csv, args.commit)
+        append_rows(timing(device, models, x, y, args), device, args.record, args.commit)
     if "saved" in parts:
         saved = saved_ratios(device, args.saved_batch, args.saved_size)
         for r in saved:
-            print(f"{r['figure']:<32} {r['value']}x  {r['setting']}")
-        append_rows(saved, device, args.csv, args.commit)
+            print(f"{r['metric']:<36} {r['value']}x  {r['variant']}")
+        append_rows(saved, device, args.record, args.commit)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,17 @@ validation split (``ns_top1``), top-1 reported on the test split. Effective bits
 grids (mean over quantized layers) and the parameter-weighted entropy of the integer weight codes (bits
 per weight after ideal entropy coding).
 
-    # the tables of docs/results.md: shipped defaults, three budgets (90, 432, 1080 steps), 3 seeds each
-    python benchmarks/compare_methods.py --out out/compare-90 --quick --seeds 3
-    python benchmarks/compare_methods.py --out out/compare-432 --epochs 8 --seeds 3
-    python benchmarks/compare_methods.py --out out/compare-1080 --epochs 20 --seeds 3
+    # the method table of docs/results.md: W2A2 and W1A1 at 432 and 2,160 steps, 3 seeds, Brevitas included
+    python benchmarks/compare_methods.py --out out/compare --epochs 8 --seeds 3 --methods gdnsq,lsq,brevitas \
+        --targets W2A2,W1A1
+    python benchmarks/compare_methods.py --out out/compare --epochs 40 --seeds 3 --methods gdnsq,lsq,brevitas \
+        --targets W2A2,W1A1                                                   # same folder: same teacher.pt
     python benchmarks/compare_methods.py --write-jobs jobs/compare           # regenerate the ImageNet job files
+
+Every finished run appends one row to ``results/methods.csv`` (``--record``; ``--no-record`` for a smoke run):
+commit, command, date, the teacher's digest and test top-1, the seed, the overrides, the result.
+``--methods ...,brevitas`` adds the Brevitas arm (``benchmarks/brevitas_arm.py``: Brevitas's own learned-scale,
+MSE-initialised quantizers at the same placement; needs ``pip install 'brevitas==0.13.4'``, the [bench] extra).
 
 ``--seeds N`` runs every cell with seeds seed .. seed+N-1 against the ONE teacher (trained with ``--seed``) and
 reports mean ± sd per cell; ``--model`` swaps the student/teacher architecture (e.g. ``resnet10t``).
@@ -30,13 +36,18 @@ import argparse
 import csv
 import json
 import logging
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (benchmarks/ is not a package)
+
 METHODS = ("gdnsq", "lsq", "dorefa", "pact", "pege", "bnnpp", "codeq")
+PEERS = ("brevitas",)  # arms from other libraries (benchmarks/brevitas_arm.py), opt-in: --methods ...,brevitas
 TARGETS = ((4, 4), (3, 3), (2, 2), (1, 1))
 ONLY_AT = {"bnnpp": {(1, 1)}}  # methods defined for some targets only
 COLUMNS = (
@@ -109,7 +120,7 @@ def job_overrides(args, method: str, target: tuple[int, int], teacher: str | Non
 def train_teacher(args, recipe: dict, out: Path) -> Path:
     """The one FP teacher of every run: the pipeline's own recipe, trained once and saved."""
     from gdnsq.data.loaders import create_loaders
-    from gdnsq.training.engine import evaluate
+    from gdnsq.training.evaluation import evaluate
     from gdnsq.training.job import prepare_teacher
     from gdnsq.training.runtime import seed_everything
 
@@ -272,7 +283,7 @@ def summary_table(rows: list[dict]) -> str:
     """method × target grid of 'mean ± sd' test top-1 (ns_top1: non-converged runs count 0), converged k/n."""
     summ = {(c["method"], c["target"]): c for c in summarize(rows)}
     targets = [t for t in (f"W{w}A{a}" for w, a in TARGETS) if any(k[1] == t for k in summ)]
-    methods = [m for m in METHODS if any(k[0] == m for k in summ)]
+    methods = [m for m in METHODS + PEERS if any(k[0] == m for k in summ)]
     lines = ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     for m in methods:
         cells = []
@@ -294,7 +305,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     targets = [f"W{w}A{a}" for w, a in TARGETS]
-    methods = [m for m in METHODS if any(r["method"] == m and r["status"] == "ok" for r in rows)]
+    methods = [m for m in METHODS + PEERS if any(r["method"] == m and r["status"] == "ok" for r in rows)]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(1, len(methods))
     labelled = set()
@@ -429,6 +440,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--write-jobs", default=None, metavar="DIR", help="only write the ImageNet job files to DIR")
+    p.add_argument(
+        "--record",
+        default=str(provenance.RESULTS / "methods.csv"),
+        metavar="CSV",
+        help="append one row per finished run here (default: the committed results/methods.csv)",
+    )
+    p.add_argument("--no-record", action="store_true", help="append no rows (smoke runs)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.max_steps = 3, args.max_steps or 30
@@ -445,24 +463,78 @@ def cache_bundled_data() -> None:
         bundled.load_bundled = functools.lru_cache(maxsize=1)(bundled.load_bundled)
 
 
+def settings_of(args) -> str:
+    """What this run changed from the shipped recipe besides method, target, epochs and seed ('' = none)."""
+    parts = list(args.set)
+    if args.recipe:
+        parts.insert(0, f"recipe={args.recipe}")
+    if args.anneal is not None:
+        parts.append(f"schedule.anneal={args.anneal}")
+    if args.max_steps:
+        parts.append(f"train.max_steps_per_epoch={args.max_steps}")
+    if args.teacher_epochs is not None:
+        parts.append(f"teacher_epochs={args.teacher_epochs}")
+    return " ".join(parts)
+
+
+def record_row(args, row: dict, teacher: Path, stamp: dict) -> None:
+    """Append a finished run to the committed CSV (results/methods.csv), with where it came from."""
+    if args.no_record or row.get("status") != "ok":
+        return
+    provenance.record(
+        "methods.csv",
+        [
+            {
+                **row,
+                **stamp,
+                "teacher": f"harness:{provenance.digest(teacher)}",
+                "teacher_top1": row["fp_top1"],
+                "model": args.model or stamp["model"],
+                "minutes": round(row["seconds"] / 60, 2),
+            }
+        ],
+        Path(args.record),
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gdnsq.config import to_dict
+    from gdnsq.errors import GdnsqError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.write_jobs:
         for path in write_jobs(Path(args.write_jobs)):
             print(path)
         return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        unknown = sorted(set(methods) - set(METHODS) - set(PEERS))
+        if unknown:
+            raise GdnsqError(f"--methods: unknown {unknown[0]!r}; choose from {', '.join(METHODS + PEERS)}")
+        if "brevitas" in methods:
+            import brevitas_arm
+
+            brevitas_arm.register()
+    except GdnsqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stamp = {
+        "date": provenance.today(),
+        "commit": provenance.commit(),  # the code this process loaded, whatever HEAD does meanwhile
+        "source": "measured",
+        "command": provenance.command(["benchmarks/compare_methods.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": settings_of(args),
+    }
     torch.set_num_threads(args.threads)
     cache_bundled_data()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     targets = [tuple(int(v) for v in t.upper().lstrip("W").split("A")) for t in args.targets.split(",")]
     recipe = load_recipe(args)
     teacher = train_teacher(args, recipe, out)
     shared = to_dict(job_config(recipe, job_overrides(args, "gdnsq", (2, 2), str(teacher))))
+    stamp["model"] = shared["model"]["name"]
     protocol = {
         "data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)",
         "model": shared["model"]["name"],
@@ -484,6 +556,7 @@ def main(argv=None) -> int:
                 continue
             for seed in range(args.seed, args.seed + args.seeds):
                 rows.append(run_one(args, recipe, method, target, teacher, seed))
+                record_row(args, rows[-1], teacher, stamp)
                 write_results(rows, out, protocol)  # partial results survive an interrupted run
     print(markdown_table(rows))
     print()

@@ -143,9 +143,10 @@ def end_to_end(device, prec_name: str, batch: int, size: int, images: int, epoch
     """images/s of QAT (Engine: FFCV batches -> teacher forward -> student step) and of FP training."""
     from gdnsq.data.ffcv_io import write_imagenet
     from gdnsq.data.synthetic import make_jpeg_imagefolder
-    from gdnsq.training.engine import Engine, train_fp
+    from gdnsq.training.engine import Engine
     from gdnsq.training.models import create_model
     from gdnsq.training.surgery import calibrate_model, quantize_model
+    from gdnsq.training.teacher import train_fp
 
     classes = 8
     t = time.perf_counter()

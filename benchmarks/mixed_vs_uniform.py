@@ -26,6 +26,9 @@ count), reported on the test split with the packed bytes of its selected state. 
     python benchmarks/mixed_vs_uniform.py --out out/mixed --resume --arms gdnsq_e8 ...   # add an arm to a run
 
 Last printed line: ``mixed minus best uniform at W2 bytes: +X.XX points (N seeds)``.
+
+Every finished run also appends a row to ``results/mixed.csv`` (``--record CSV``, ``--no-record``): commit,
+command, date, the teacher's digest and test top-1, seed, the settings (``act_budget`` when ``--act-budget``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_methods as cm  # noqa: E402  (the shared recipe and the one teacher)
+import provenance  # noqa: E402
 
 log = logging.getLogger("mixed")
 COLUMNS = (
@@ -215,7 +219,23 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep --out's results.csv rows and run only what is missing")
     p.add_argument("--report", action="store_true", help="only print the tables of --out's results.csv (runs nothing)")
+    p.add_argument("--record", default=str(provenance.RESULTS / "mixed.csv"), metavar="CSV")
+    p.add_argument("--no-record", action="store_true", help="append no rows to results/mixed.csv")
     args = p.parse_args(argv)
+    settings = [*(["act_budget"] if args.act_budget else []), *args.set]
+    if args.edges != "budget":
+        settings.append(f"edges={args.edges}")
+    if args.max_bits != 8:
+        settings.append(f"max_bits={args.max_bits}")
+    if args.max_steps:
+        settings.append(f"train.max_steps_per_epoch={args.max_steps}")
+    stamp = {
+        "date": provenance.today(),
+        "commit": provenance.commit(),
+        "source": "measured",
+        "command": provenance.command(["benchmarks/mixed_vs_uniform.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": " ".join(settings),
+    }
     if args.quick:
         args.epochs, args.max_steps = 3, args.max_steps or 30
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -244,6 +264,12 @@ def main(argv=None) -> int:
             if (arm, k, fraction, seed) in done or args.report:
                 continue
             rows.append(run_one(args, recipe, arm, k, teacher, seed, budget, fraction))
+            if not args.no_record:
+                r = rows[-1]
+                extra = {"teacher": f"harness:{provenance.digest(teacher)}", "teacher_top1": r["fp_top1"]}
+                extra["model"] = args.model or recipe.get("model", {}).get("name", "")
+                extra["minutes"] = round(r["seconds"] / 60, 2)
+                provenance.record("mixed.csv", [{**r, **stamp, **extra}], Path(args.record))
             with open(out / "results.csv", "w", newline="") as f:  # partial results survive an interrupted run
                 w = csv.DictWriter(f, fieldnames=COLUMNS)
                 w.writeheader()

@@ -1,5 +1,5 @@
 """Figures of a QAT step that are counts, not times: kernels per quantized conv, bytes saved for backward, graph
-breaks; and the CSV every speed benchmark appends its rows to (``results/speed.csv``).
+breaks; and appending a speed benchmark's rows to ``results/speed.csv`` (benchmarks/provenance.py's schema).
 
 Counts are made on the CPU through the ops CUDA would run: a TorchDispatchMode sees each op below autograd; views
 (no kernel) are left out; each of gdnsq's registered ops is one CUDA kernel (``gdnsq/quant/ops.py``).
@@ -7,13 +7,11 @@ Counts are made on the CPU through the ops CUDA would run: a TorchDispatchMode s
 
 from __future__ import annotations
 
-import csv
-import datetime
+import inspect
 import os
-import platform
-import subprocess
-import sys
+from pathlib import Path
 
+import provenance
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,8 +19,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gdnsq.quant.layers import QConv2d, set_fused
 from gdnsq.quant.spec import QuantSpec
 
-SPEED_CSV = os.path.join(os.path.dirname(__file__), "..", "results", "speed.csv")
-COLUMNS = ["commit", "command", "date", "device", "threads", "figure", "value", "unit", "setting"]
+
+def spec(bits: int, **kwargs) -> QuantSpec:
+    """A QuantSpec at ``bits`` under either field name (bound_w since the targets strategy, target_w before), so
+    the same script measures this branch and an archive of its base side by side."""
+    names = ("bound_w", "bound_a") if "bound_w" in inspect.signature(QuantSpec).parameters else ("target_w", "target_a")
+    return QuantSpec(**dict.fromkeys(names, bits), **kwargs)
 
 
 class KernelOps(TorchDispatchMode):
@@ -46,7 +48,7 @@ def kernels_per_conv(fused: bool | None, estimator: str = "ste") -> tuple[int, i
     x = torch.randn(8, 64, 16, 16).relu()
     layer = conv
     if fused is not None:
-        layer = QConv2d.from_float(conv, QuantSpec(target_w=2, target_a=2, estimator=estimator))
+        layer = QConv2d.from_float(conv, spec(2, estimator=estimator))
         layer.act_quant.observing = True
         layer(x)
         layer.act_quant.observing = False
@@ -88,39 +90,23 @@ def graph_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return explained.graph_break_count, explained.graph_count
 
 
-def commit() -> str:
-    root = os.path.dirname(os.path.abspath(__import__("gdnsq").__file__))
-    try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+def machine(device: torch.device) -> str:
+    where = f"{device.type}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    return f"{torch.cuda.get_device_name(device)}, {where}" if device.type == "cuda" else where
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def append_rows(rows: list[dict], device: torch.device, path: str = SPEED_CSV, commit_id: str | None = None) -> None:
-    """Append ``rows`` (figure, value, unit, setting) with the run's commit (``commit_id``, else the imported
-    gdnsq's checkout), command, date, device, threads."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    common = {
-        "commit": commit_id or commit(),
-        "command": " ".join(["python"] + sys.argv),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "threads": torch.get_num_threads(),
+def append_rows(rows: list[dict], device: torch.device, path: str | None = None, commit_id: str | None = None) -> None:
+    """Append ``rows`` (variant, metric, value, unit, notes) to results/speed.csv (or ``path``) with the run's
+    commit (``commit_id`` where the gdnsq measured is not this checkout, e.g. a git archive of an older commit),
+    command, date, machine and load average."""
+    stamp = {
+        "date": provenance.today(),
+        "commit": commit_id or provenance.commit(),
+        "source": "measured",
+        "command": provenance.command(),
+        "benchmark": "step_overhead",
+        "machine": machine(device),
+        "load": f"{os.getloadavg()[0]:.1f}",
+        "seed": 0,
     }
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**common, **row})
+    provenance.record("speed.csv", [{**stamp, **r} for r in rows], Path(path) if path else None)

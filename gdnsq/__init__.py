@@ -27,7 +27,7 @@ _API = {
     "register_method": ".quant",
     "quantize_model": ".training.surgery",
     "calibrate_model": ".training.surgery",
-    "run": ".launch.local",
+    "run": ".launch.run",
     "load_model": ".tracking.registry",
     "export_packed": ".export",
     "load_packed": ".export",
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .export import export_onnx as export_onnx
     from .export import export_packed as export_packed
     from .export import load_packed as load_packed
-    from .launch.local import run as run
+    from .launch.run import run as run
     from .quant import Quantizer as Quantizer
     from .quant import available_methods as available_methods
     from .quant import register_method as register_method

@@ -279,7 +279,7 @@ class ScheduleConfig:
     descent_end_a: float | None = None
     """planned: fraction of the planned steps by which the activations reach their targets (None = descent_end).
     Earlier, the inputs go first while the weights still have bits (the order of two-step binary-network
-    training); measured both ways at W1A1, so not a default (docs/results.md, sixth pass)."""
+    training); measured both ways at W1A1, so not a default (docs/results.md, "Decisions")."""
     warmup: float = 0.05
     """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
     final_lr_ratio: float = 0.05
@@ -367,11 +367,13 @@ class DataConfig:
     os_cache: bool = True
     """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
     val_fraction: float = 0.1
-    """Bundled data: share held out for checkpoint selection (test is reported separately)."""
+    """Bundled data: share of the 5,000 digits held out for checkpoint selection (the 1,000 test digits are fixed
+    and reported separately); other kinds take validation from data.val_path."""
 
     def __post_init__(self):
         _check(self.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(0 < self.val_fraction <= 0.5, "data.val_fraction", f"must be in (0, 0.5], got {self.val_fraction}")
         if self.val_resize is None:  # the usual 0.875 crop ratio, whatever the image size
             self.val_resize = round(self.img_size * 256 / 224)
         if self.kind != "bundled":
@@ -407,7 +409,7 @@ class TrainConfig:
     """Before each validation, recompute the student's BatchNorm statistics over this many training batches
     with the quantized forward (0 = keep the running averages, the default). Low-bit weights flip between
     grid points late in training, so the running averages mix statistics of networks that no longer exist;
-    on the bundled digits it did not change W1A1 (docs/results.md), on other data it may."""
+    on the bundled digits it did not change W1A1 (docs/results.md, "Decisions"), on other data it may."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -496,7 +498,7 @@ class JobConfig:
 
 
 # ------------------------------------------------------------------------------------------ sweep
-# The ``sweep:`` section of a sweep file (a job file plus a search space); gdnsq.launch.sweep_plan reads it.
+# The ``sweep:`` section of a sweep file (a job file plus a search space); gdnsq.launch.sweep.plan reads it.
 
 SWEEP_SEARCHES = ("grid", "random", "optuna")
 SWEEP_SCHEDULERS = ("asha", "fifo")

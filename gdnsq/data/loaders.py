@@ -42,9 +42,9 @@ def create_loaders(
         from .bundled import create_bundled_loaders
 
         train, val, test, nc, ch = create_bundled_loaders(
-            d.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed
+            d.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed, val_fraction=d.val_fraction
         )
-        full, _, _, _, _ = create_bundled_loaders(d.batch_size, seed=cfg.train.seed)
+        full, _, _, _, _ = create_bundled_loaders(d.batch_size, seed=cfg.train.seed, val_fraction=d.val_fraction)
 
         sampler = getattr(train, "sampler", None)
 

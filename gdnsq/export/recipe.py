@@ -150,7 +150,7 @@ def _replay_plan(model: nn.Module, plan: list[dict]) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child)
         cls = QConv2d if entry["kind"] == "conv" else QLinear
-        setattr(parent, child, cls.from_float(layer, QuantSpec(**entry["spec"])))
+        setattr(parent, child, cls.from_float(layer, QuantSpec.from_dict(entry["spec"])))
 
 
 def build_from_recipe(recipe: dict) -> nn.Module:

@@ -16,36 +16,22 @@ and ``sys/cpu_s`` / ``sys/wall_s`` (all workers' CPU seconds, rank 0's wall seco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 from ..config import JobConfig, to_dict
 from ..errors import ConfigError
-from ..training.checkpoint import check_identity
-from .local import finished, ray_address, run_dir, with_run_name
-from .ray_worker import (
-    WORKER_OPTIONS,
-    load_ray_checkpoint,
-    load_resume_checkpoint,
-    raise_user_error,
-    train_loop_per_worker,
-)
-from .storage import SUMMARY_FILE, read_json, storage_root
+from .faults import KillWorker
+from .identity import run_dir, stored_summary, with_run_name
+from .preflight import ray_address
+from .ray_worker import load_ray_checkpoint, load_resume_checkpoint, raise_user_error, train_loop_per_worker
+from .session import register_run, with_tracking_uri
+from .storage import SUMMARY_FILE, storage_root
 
 log = logging.getLogger("gdnsq")
-
-
-@dataclass(frozen=True)
-class KillWorker:
-    """Fault injection for recovery tests: SIGKILL rank ``rank``'s worker process once it reaches
-    global step ``step``, on the first attempt only (the ``marker`` file records that it happened)."""
-
-    step: int
-    marker: str
-    rank: int = 0
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -154,14 +140,10 @@ def check_resources(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> None:
 
 
 def _driver_config(cfg: JobConfig) -> JobConfig:
-    """Paths the workers must see as the driver means them (their cwd is elsewhere)."""
-    storage = storage_root(cfg)
-    tracking = cfg.tracking
-    if tracking.enabled:
-        from ..tracking.store import resolve_tracking_uri
-
-        tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri))
-    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage), tracking=tracking)
+    """Paths the workers must see as the driver means them (their cwd is elsewhere): the storage root, and the
+    tracking URI (the default sqlite store lives under the driver's cwd)."""
+    cfg = with_tracking_uri(cfg)
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=storage_root(cfg)))
 
 
 def create_trainer(
@@ -176,7 +158,7 @@ def create_trainer(
 ):
     """The TorchTrainer for a (driver-resolved) config; a run with an existing name resumes.
 
-    For a Tune trial (gdnsq.launch.ray_tune): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
+    For a Tune trial (gdnsq.launch.sweep.tune): ``callbacks`` go to the RunConfig (``TuneReportCallback``),
     rank 0's MLflow run is nested under ``parent_run_id``, and ``controller_failure_limit`` caps the
     controller's retries (-1 = Ray's default, unlimited). ``console``: rank 0 draws progress and epoch lines
     (a single run's console; a sweep's trials leave the console to Tune).
@@ -186,15 +168,12 @@ def create_trainer(
 
     from .console import train_log_level
 
-    loop_config = to_dict(cfg)
-    loop_config[WORKER_OPTIONS] = {
-        "kill": dataclasses.asdict(kill) if kill else None,
-        "parent_run_id": parent_run_id,
-        "console": console,
-    }
+    # Worker-only options are bound to the loop function (the Ray Train examples' way); the config stays the
+    # JobConfig alone.
+    loop = functools.partial(train_loop_per_worker, parent_run_id=parent_run_id, console=console, kill=kill)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
+        loop,
+        train_loop_config=to_dict(cfg),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
@@ -255,19 +234,15 @@ def fit(
         raise RuntimeError(f"Ray Train run {cfg.name}: rank 0 returned no summary (got {type(out).__name__})")
     summary = dict(out["summary"])
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    if out.get("mlflow_run_id"):
-        summary["mlflow_run_id"] = out["mlflow_run_id"]
-        from .register import register_checkpoint, registrable
-
-        if cfg.tracking.register and registrable(summary, cfg.name):
-            summary["registered_model"] = register_checkpoint(
-                cfg,
-                load_ray_checkpoint(result.checkpoint),
-                summary,
-                out["mlflow_run_id"],
-                what=cfg.name,
-                checkpoint_path=result.checkpoint.path,
-            )
+    summary.update(
+        register_run(
+            cfg,
+            summary,
+            out.get("mlflow_run_id"),
+            lambda: load_ray_checkpoint(result.checkpoint),
+            summary["checkpoint"],
+        )
+    )
     _write_summary(result, summary)
     return summary
 
@@ -302,21 +277,11 @@ def latest_checkpoint(folder: str):
 
 
 def check_existing_run(cfg: JobConfig) -> dict | None:
-    """On the driver, before Ray starts: refuse (one line) to resume a run trained with other defining
-    settings; return the stored summary of a finished run with the same ones (nothing is trained)."""
+    """On the driver, before Ray starts: :func:`gdnsq.launch.identity.stored_summary` of the run's latest Ray
+    checkpoint (refuse other defining settings; a finished run returns its stored summary)."""
     folder = run_dir(cfg)
     checkpoint = latest_checkpoint(folder)
-    if checkpoint is None:
-        return None
-    ckpt = load_resume_checkpoint(checkpoint)
-    check_identity(to_dict(cfg), ckpt, folder)
-    summary = read_json(f"{folder}/{SUMMARY_FILE}")
-    if finished(cfg, ckpt) and summary is not None:
-        log.info(
-            "run %s already finished (epoch %d): its stored summary, nothing trained", cfg.name, ckpt["engine"]["epoch"]
-        )
-        return summary
-    return None
+    return stored_summary(cfg, None if checkpoint is None else load_resume_checkpoint(checkpoint), folder)
 
 
 def _write_summary(result, summary: dict) -> None:

@@ -1,4 +1,6 @@
-"""Ray Train worker side of a job: the per-worker loop, its checkpoints, reports and DDP wrap.
+"""The Ray Train executor's worker side: where the checkpoint goes (a Ray ``Checkpoint`` attached to rank 0's
+report), the per-epoch report every rank makes, and the DDP wrap. What the run records is
+:class:`gdnsq.launch.session.RunSession`'s, as in-process.
 
 Every rank calls ``ray.train.report`` once per epoch (a barrier); rank 0 alone attaches ``checkpoint.pt``
 and logs to MLflow. A user error (GdnsqError) is returned to the driver rather than raised, so Train V2
@@ -9,22 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import JobConfig, config_from_dict
-from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_checkpoint
+from ..config import config_from_dict
+from ..training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from .faults import KillWorker
+from .session import RunSession
 
 log = logging.getLogger("gdnsq")
 
-WORKER_OPTIONS = "_worker"  # train_loop_config key for worker-only options (not part of the JobConfig)
+# Seconds a rank waits for Ray's controller to take its last report (see _wait_report_taken).
+REPORT_TAKEN_TIMEOUT_S = 60.0
 
 
 def load_ray_checkpoint(checkpoint) -> dict:
@@ -119,7 +121,7 @@ def _load_resume() -> dict | None:
     return None if checkpoint is None else load_resume_checkpoint(checkpoint)
 
 
-def _wait_report_taken(timeout: float = 60.0) -> None:
+def _wait_report_taken(timeout: float = REPORT_TAKEN_TIMEOUT_S) -> None:
     """Block (bounded) until Ray's controller has taken this rank's last report.
 
     ``ray.train.report`` returns once the result is queued in this process; the controller takes it
@@ -139,63 +141,27 @@ def _wait_report_taken(timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-class _LazyTracker:
-    """Rank 0's MLflow run, started at its first use (so a worker that dies before its first
-    checkpoint leaves no run behind), or reattached to the run named in the resumed checkpoint."""
+def ddp_wrapper(world_size: int, device: torch.device, sync_batchnorm: bool = True):
+    """``run_job``'s ``wrap_ddp``: the student in DistributedDataParallel over the worker group (the frozen
+    teacher is never wrapped: only the student's gradients are averaged); None for a single worker."""
+    if world_size == 1:
+        return None
 
-    def __init__(self, cfg: JobConfig, resume: dict | None, parent_run_id: str | None = None):
-        self.cfg, self.resume, self.tracker = cfg, resume or {}, None
-        self.parent_run_id = parent_run_id
-        self.reachable = True
-
-    def get(self):
-        if self.tracker is None:
-            from ..tracking.run import create_tracker
-
-            run_id = self.resume.get("mlflow_run_id")
-            self.tracker = create_tracker(
-                self.cfg, run_id=run_id, parent_run_id=self.parent_run_id, state=self.resume.get("tracker")
-            )
-            if run_id is None:
-                self.tracker.log_config(self.cfg)
-        return self.tracker
-
-    def sync(self, timeout: float = 30.0) -> None:
-        """Wait until the epoch's metrics are in the store before a checkpoint claims that epoch:
-        a worker killed right after the report would otherwise lose them from its outbox. While the
-        store is unreachable, do not wait again (the outbox keeps retrying in the background)."""
-        self.reachable = self.tracker.flush(timeout if self.reachable else 0.0)
-
-
-class _DDPWrap:
-    """The DDP wrapper for ``run_job``; also notes the student's input shape and class count."""
-
-    def __init__(self, world_size: int, device: torch.device, sync_batchnorm: bool = True):
-        self.world_size, self.device, self.sync_batchnorm = world_size, device, sync_batchnorm
-        self.io: dict[str, Any] = {}
-
-    def __call__(self, student: nn.Module) -> nn.Module:
-        def note(module, args, output):
-            self.io = {"input_shape": list(args[0].shape[1:]), "num_classes": int(output.shape[-1])}
-            handle.remove()
-
-        handle = student.register_forward_hook(note)
-        if self.world_size == 1:
-            return student
+    def wrap(student: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        # The frozen teacher is never wrapped; only the student's gradients are averaged.
-        if self.sync_batchnorm and self.device.type == "cuda":
+        if sync_batchnorm and device.type == "cuda":
             # Batch statistics over the global batch, as the reference trainer does (torch's SyncBatchNorm
             # runs on GPUs only; CPU ranks keep per-rank statistics).
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(student, device_ids=device_ids)
+        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    return wrap
 
 
 def _both(first, second):
-    if second is None:
-        return first
+    if first is None or second is None:
+        return first or second
 
     def hook(step: int, parts: dict) -> None:
         first(step, parts)
@@ -207,15 +173,23 @@ def _both(first, second):
 USER_ERROR = "user_error"  # a worker's return key: [GdnsqError class name, its one line]
 
 
-def train_loop_per_worker(config: dict) -> dict | None:
+def train_loop_per_worker(
+    config: dict, *, parent_run_id: str | None = None, console: bool = False, kill: KillWorker | None = None
+) -> dict | None:
     """One Ray Train worker; a user error (GdnsqError: bad data, a checkpoint that does not fit) is
     returned instead of raised. Train V2 retries every worker-group error ``ray.max_failures`` times
     (its DefaultFailurePolicy has no non-retryable class for user code), and the same bad input fails
-    the same way each time; returned, it ends the run at once and the driver raises it as one line."""
+    the same way each time; returned, it ends the run at once and the driver raises it as one line.
+
+    ``config`` is the JobConfig as a plain dict (Ray's ``train_loop_config``); the keywords are bound by the
+    driver with ``functools.partial``: ``parent_run_id`` nests rank 0's MLflow run under a sweep's,
+    ``console`` draws progress and epoch lines (a single run's console; a sweep's trials leave it to Tune),
+    ``kill`` injects a fault for the recovery tests.
+    """
     from ..errors import GdnsqError
 
     try:
-        return _train_loop(config)
+        return _train_loop(config, parent_run_id=parent_run_id, console=console, kill=kill)
     except GdnsqError as e:
         return {USER_ERROR: [type(e).__name__, str(e)]}
 
@@ -230,7 +204,7 @@ def raise_user_error(out) -> None:
         raise (cls if isinstance(cls, type) and issubclass(cls, errors.GdnsqError) else errors.GdnsqError)(message)
 
 
-def _train_loop(config: dict) -> dict | None:
+def _train_loop(config: dict, *, parent_run_id: str | None, console: bool, kill: KillWorker | None) -> dict | None:
     """One Ray Train worker: ``run_job`` with Ray's rank, device, checkpoint and report hooks."""
     import ray
     import ray.train
@@ -240,8 +214,6 @@ def _train_loop(config: dict) -> dict | None:
     from .console import Progress, setup_worker_logging
 
     setup_worker_logging()
-    config = dict(config)
-    options = config.pop(WORKER_OPTIONS, None) or {}
     cfg = config_from_dict(config)
     # A worker computes on its CPU share; torch's default (every core of the node) oversubscribes.
     torch.set_num_threads(cfg.ray.cpus_per_worker)
@@ -249,60 +221,28 @@ def _train_loop(config: dict) -> dict | None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     node_id = ray.get_runtime_context().get_node_id()
-    resume = _load_resume()
-    if resume is not None:  # the driver checked already; this guards a checkpoint that changed since
-        check_identity(config, resume, cfg.name)
+    resume = _load_resume()  # its identity was checked on the driver (check_existing_run) before Ray started
     start_epoch = float(resume["engine"]["epoch"]) if resume else 0.0
-    if resume and rank == 0:
-        log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, int(start_epoch))
-    mlflow_run = _LazyTracker(cfg, resume, options.get("parent_run_id")) if rank == 0 and cfg.tracking.enabled else None
-    wrap = _DDPWrap(world_size, device, cfg.train.sync_batchnorm)
-    if resume is not None:
-        wrap.io = resume.get("io", {})
-
+    progress = Progress(cfg, world_size=world_size, in_ray=True) if console and rank == 0 else None
+    session = RunSession(cfg, resume, rank=rank, parent_run_id=parent_run_id, progress=progress)
     clock = {"cpu": time.process_time(), "wall": time.perf_counter()}
-    progress = Progress(cfg, world_size=world_size, in_ray=True) if rank == 0 and options.get("console") else None
 
     def on_epoch(metrics: dict, table: list[dict], get_checkpoint) -> None:
-        if progress is not None:
-            progress.epoch_end(metrics)
         state = get_checkpoint()
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["run/resumed_from_epoch"] = start_epoch
-        cpu_s = time.process_time() - clock["cpu"]
         metrics["sys/wall_s"] = time.perf_counter() - clock["wall"]
-        metrics.update(rank_metrics(state["engine"]["model"], node_id, cpu_s, world_size))
-        if rank != 0:
+        metrics.update(rank_metrics(state["engine"]["model"], node_id, time.process_time() - clock["cpu"], world_size))
+        state = session.record_epoch(metrics, table, state)
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="gdnsq-ckpt-") as d:
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
             ray.train.report(metrics)  # a barrier: every rank reports once per epoch
-            _wait_report_taken()
-            clock.update(cpu=time.process_time(), wall=time.perf_counter())
-            return
-        if mlflow_run is not None:
-            tracker = mlflow_run.get()
-            tracker.log_epoch(int(metrics["epoch"]), metrics, table)
-            mlflow_run.sync()
-            state.update(mlflow_run_id=tracker.run_id, tracker=tracker.state_dict())
-        state["io"] = wrap.io
-        with tempfile.TemporaryDirectory(prefix="gdnsq-ckpt-") as d:
-            torch.save(state, Path(d) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         _wait_report_taken()
         clock.update(cpu=time.process_time(), wall=time.perf_counter())
 
-    on_step = None
-    kill = options.get("kill")
-    if kill and kill["rank"] == rank:
-
-        def on_step(step: int, parts: dict) -> None:
-            if step >= kill["step"]:
-                try:
-                    Path(kill["marker"]).open("x").close()
-                except FileExistsError:
-                    return  # killed once already: this is the restarted attempt
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    if progress is not None:
-        on_step = _both(progress.step, on_step)
     try:
         summary = run_job(
             cfg,
@@ -310,21 +250,14 @@ def _train_loop(config: dict) -> dict | None:
             world_size=world_size,
             device=device,
             resume=resume,
-            wrap_ddp=wrap,
+            wrap_ddp=ddp_wrapper(world_size, device, cfg.train.sync_batchnorm),
             on_epoch=on_epoch,
-            on_step=on_step,
-            on_epoch_start=progress.epoch_start if progress is not None else None,
+            on_step=_both(session.on_step if progress is not None else None, kill and kill.step_hook(rank)),
+            on_epoch_start=session.on_epoch_start if progress is not None else None,
         )
     except BaseException:
-        if mlflow_run is not None and mlflow_run.tracker is not None:
-            mlflow_run.tracker.flush(10.0)  # leave the run RUNNING: a restarted worker group reattaches
+        session.abort()  # leave the run RUNNING: a restarted worker group reattaches
         raise
     if rank != 0:
         return None
-    run_id = None
-    if mlflow_run is not None:
-        tracker = mlflow_run.get()
-        tracker.log_summary(summary)
-        run_id = tracker.run_id
-        tracker.finish("FINISHED")
-    return {"summary": summary, "mlflow_run_id": run_id}
+    return {"summary": summary, "mlflow_run_id": session.finish(summary)}

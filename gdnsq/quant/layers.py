@@ -36,8 +36,11 @@ class _QuantMixin:
         self.spec = spec
         self.weight_quant, act = create_method_quantizers(self.weight.shape, spec)
         self.act_quant = act if spec.quantize_act else None
-        self.register_buffer("target_w", torch.tensor(spec.target_w))
-        self.register_buffer("target_a", torch.tensor(spec.target_a))
+        # The layer's bit targets, the one place they live (the penalty, the level guard, the target hold and the
+        # convergence check read them). They start at the spec's bounds; under a budget the allocation lowers
+        # them (training.targets). Buffers, so checkpoints and packed files carry them under these names.
+        self.register_buffer("target_w", torch.tensor(spec.bound_w))
+        self.register_buffer("target_a", torch.tensor(spec.bound_a))
 
     def quantized_weight(self) -> Tensor:
         if self.weight_quant.uses_ops:  # any dtype in, the layer's compute dtype out, float32 maths inside
@@ -93,8 +96,8 @@ class _QuantMixin:
     @torch.no_grad()
     def keep_levels_(self, margin: float, floor: float | None = None, floor_a: float | None = None) -> None:
         """Level guard: learnable-bit grids keep all 2**T levels (b >= log2(2**T - 1/2 + margin)); T = the
-        layer's target, or ``floor`` / ``floor_a`` for weights / activations (a budget's lower bound, when the
-        targets are upper bounds)."""
+        layer's target, or ``floor`` / ``floor_a`` for weights / activations where lower (a budget's min_bits
+        while its targets are still upper bounds, training.targets)."""
         from .functional import min_bits
 
         if self.weight_quant.learnable_bits:

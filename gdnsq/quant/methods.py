@@ -8,6 +8,7 @@ surgery, objective, schedules, training, tracking and export.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,9 +23,20 @@ _METHODS: dict[str, MethodFactory] = {}
 
 
 def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator: ``@register_method("lsq")`` makes ``quant.method: lsq`` build quantizers with the factory."""
+    """Decorator: ``@register_method("lsq")`` makes ``quant.method: lsq`` build quantizers with the factory.
+
+    A second factory under a taken name replaces the first, with a warning: a user's method may deliberately
+    override a built-in one, but never silently (a typo'd name or a double import would otherwise hide)."""
 
     def deco(fn: MethodFactory) -> MethodFactory:
+        old = _METHODS.get(name)
+        if old is not None and old is not fn:
+            warnings.warn(
+                f"gdnsq: quant.method {name!r} was registered by {old.__module__}.{old.__qualname__}; "
+                f"{fn.__module__}.{fn.__qualname__} replaces it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _METHODS[name] = fn
         return fn
 

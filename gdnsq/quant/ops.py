@@ -130,14 +130,19 @@ def quantize_act_backward(
     gx, g_lo, g_hi, _, g_s = F.reference_backward(
         (need_grad_x, True, True, False, True), gc, xc, lo, hi, lo, s, key, None, estimator, delta, noise_ratio
     )
-    grads = torch.stack([(g_s - g_hi) * s * _LN2, g_hi * torch.exp2(log_q) * _LN2, g_lo + g_hi]).float()
+    # float32 like the kernels' sums, float64 kept where the maths ran in it (the reference's own gradients)
+    grads = torch.stack([(g_s - g_hi) * s * _LN2, g_hi * torch.exp2(log_q) * _LN2, g_lo + g_hi]).to(_grads_dtype(xc))
     return (back(gx.to(x.dtype, copy=True)) if need_grad_x else x.new_empty(0)), grads  # a copy: never g itself
+
+
+def _grads_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (t.dtype for t in tensors) else torch.float32
 
 
 @quantize_act_backward.register_fake
 def _(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x):
     grad_x = torch.empty_like(x, memory_format=dither.walk_format(x)) if need_grad_x else x.new_empty(0)
-    return grad_x, x.new_empty(3, dtype=torch.float32)
+    return grad_x, x.new_empty(3, dtype=_grads_dtype(x, g, log_s, log_q, lo))
 
 
 # ------------------------------------------------------------------------------------ weights

@@ -376,13 +376,13 @@ def create_gdnsq(weight_shape: torch.Size, spec) -> tuple[WeightQuantizer, Activ
             weight_shape,
             per_channel=spec.per_channel,
             delta=spec.delta,
-            estimator=resolve_estimator(spec.estimator, spec.target_w),
+            estimator=resolve_estimator(spec.estimator, spec.bound_w),
             integer_grid=integer,
         ),
         ActivationQuantizer(
             signed=spec.act_signed,
             delta=spec.delta,
-            estimator=resolve_estimator(spec.estimator, spec.target_a),
+            estimator=resolve_estimator(spec.estimator, spec.bound_a),
             integer_grid=integer,
         ),
     )

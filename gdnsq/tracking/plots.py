@@ -1,10 +1,12 @@
-"""The PNGs a run ends with: per-layer bit-widths over the epochs, and accuracy against the mean bits.
+"""The PNGs a run ends with: per-layer bit-widths over the epochs, and accuracy against the mean bits; a sweep's
+summary and Pareto front.
 
 matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, thread-safe.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 ACCURACY_KEYS = ("val/top1", "top1", "val/ns_top1", "test/top1")
@@ -171,3 +173,59 @@ def draw_run_plots(history: list[dict], folder: Path, fp_top1: float | None = No
         if draw(history, folder / name):
             drawn.append(name)
     return drawn
+
+
+def draw_sweep_summary(summary: dict) -> bytes | None:
+    """PNG of a sweep (gdnsq.launch.sweep.report's summary): the metric against each swept setting, and
+    validation top-1 against average weight bits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    trials = [r for r in summary["trials"] if r["score"] is not None]
+    if not trials:
+        return None
+    params = summary["params"][:6]
+    n = len(params) + 1
+    fig = Figure(figsize=(3.4 * n, 3.2))
+    FigureCanvasAgg(fig)
+    style = {
+        "completed": {"marker": "o", "color": "C0"},
+        "stopped": {"marker": "x", "color": "C1"},
+        "error": {"marker": "s", "color": "C3"},
+    }
+    for i, key in enumerate(params):
+        ax = fig.add_subplot(1, n, i + 1)
+        values = [r["params"][key] for r in trials]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = [float(v) for v in values]
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({str(v) for v in values})
+            xs = [cats.index(str(v)) for v in values]
+            ax.set_xticks(range(len(cats)), cats)
+        for x, r in zip(xs, trials):
+            ax.scatter([x], [r["score"]], s=90 if r["best"] else 30, **style[r["status"]])
+        ax.set_xlabel(key)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_ylabel(summary["metric"])
+        ax.grid(alpha=0.3)
+    ax = fig.add_subplot(1, n, n)
+    for r in trials:
+        if r["avg_bits_w"] is None or r["top1"] is None:
+            continue
+        marker, color = style[r["status"]]["marker"], style[r["status"]]["color"]
+        if marker == "x":  # an x has no face to leave hollow
+            kw = {"c": color}
+        else:
+            kw = {"facecolors": color if r["converged"] else "none", "edgecolors": color}
+        ax.scatter([r["avg_bits_w"]], [r["top1"]], s=90 if r["best"] else 30, marker=marker, **kw)
+    ax.set_xlabel("average weight bits")
+    ax.set_ylabel("val top-1 % (hollow: not converged)")
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"sweep {summary['name']}: o completed, x stopped early")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()

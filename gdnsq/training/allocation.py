@@ -37,6 +37,11 @@ from .runtime import all_reduce_sum
 log = logging.getLogger("gdnsq")
 
 _CAPACITY_STEPS = 1 << 16  # the knapsack's capacity grid: each item's cost is rounded UP to it, so a choice always fits
+_ROUNDING_SLACK = 1e-9  # a cost that is a whole number of units up to float rounding is not rounded up a unit more
+# E[g**2] over this many slices of the probe batch: the empirical Fisher needs per-slice gradients (the squared
+# gradient of the whole batch would drop their variance), and 8 backward passes keep the probe cheap.
+PROBE_CHUNKS = 8
+_MIN_SPAN = 1e-12  # a constant channel or input has no span: a tiny grid step keeps its error finite (zero)
 
 
 def choose_widths(losses: Tensor, costs: Tensor, capacity: float) -> list[int] | None:
@@ -59,7 +64,9 @@ def choose_widths(losses: Tensor, costs: Tensor, capacity: float) -> list[int] |
             g = math.gcd(g, c)
         if g and capacity // g <= _CAPACITY_STEPS:
             unit, k = float(g), int(capacity // g)
-    units = torch.where(torch.isfinite(costs), torch.ceil(costs / unit - 1e-9), torch.full_like(costs, math.inf))
+    units = torch.where(
+        torch.isfinite(costs), torch.ceil(costs / unit - _ROUNDING_SLACK), torch.full_like(costs, math.inf)
+    )
     inf = torch.tensor(math.inf, dtype=torch.float64)
     best = torch.full((k + 1,), math.inf, dtype=torch.float64)
     best[0] = 0.0  # best[c]: least loss of the layers so far using exactly c units
@@ -105,7 +112,7 @@ def item_costs(kind: str, n: list[int], macs: list[float], act_bits: list[float]
 
 
 @torch.enable_grad()
-def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor, chunks: int = 8) -> list[Tensor]:
+def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor, chunks: int = PROBE_CHUNKS) -> list[Tensor]:
     """Diagonal empirical Fisher of every quantized layer's weights, E[g**2] over ``chunks`` slices of the
     batch, with the quantizers off (the FP network at its current weights) and BatchNorm in eval mode.
     Cross-entropy on the labels: at the start of distillation the student equals its teacher and the
@@ -143,7 +150,7 @@ def grid_error(w: Tensor, fisher: Tensor, bits: int, per_channel: bool = True) -
     best = torch.full_like(lo, math.inf)
     for a in _SHRINK.tolist():
         clo, chi = mid - a * (mid - lo), mid + a * (hi - mid)
-        step = ((chi - clo) / levels).clamp_min(1e-12)
+        step = ((chi - clo) / levels).clamp_min(_MIN_SPAN)
         q = torch.clamp(torch.round((rows - clo) / step), 0, levels) * step + clo
         best = torch.minimum(best, (f * (q - rows) ** 2).sum(1, keepdim=True))
     return best.sum()
@@ -155,7 +162,7 @@ def input_grid_error(x: Tensor, g2: Tensor, bits: int, signed: bool) -> Tensor:
     ``signed``) over clip ranges shrunk from the batch's maximum: the activation quantizer's grid family."""
     x, g2 = x.detach().float().reshape(-1), g2.float().reshape(-1)
     lo = x.min() if signed else x.new_zeros(())
-    span, levels = (x.max() - lo).clamp_min(1e-12), 2 ** int(bits) - 1
+    span, levels = (x.max() - lo).clamp_min(_MIN_SPAN), 2 ** int(bits) - 1
     best = x.new_tensor(math.inf)
     for a in _SHRINK.tolist():
         step = a * span / levels
@@ -165,7 +172,7 @@ def input_grid_error(x: Tensor, g2: Tensor, bits: int, signed: bool) -> Tensor:
 
 
 @torch.enable_grad()
-def input_prices(model: nn.Module, x: Tensor, y: Tensor, widths: list[int], chunks: int = 8) -> Tensor:
+def input_prices(model: nn.Module, x: Tensor, y: Tensor, widths: list[int], chunks: int = PROBE_CHUNKS) -> Tensor:
     """(Q, W) price of the q-th quantized input (layers with an input quantizer, in module order) at ``widths[j]``
     bits: Σ (∂CE/∂x)² ⊙ (Q(x) - x)² over ``chunks`` slices of the batch (the second-order loss growth when that
     input alone is quantized), on the FP network in eval mode as in :func:`fisher_diagonal`. Summed over
@@ -201,8 +208,9 @@ def input_prices(model: nn.Module, x: Tensor, y: Tensor, widths: list[int], chun
 def allocate_input_widths(model: nn.Module, x: Tensor, y: Tensor, budget) -> dict[str, int]:
     """Every quantized input's width under ``quant.budget.value_a`` (bits per input element), from the probe.
 
-    Widths run over [min_bits, max_bits] and each layer's own target_a (a rule's bound); the cost of layer l at
-    b bits is e_l·b (its input elements per sample, ``budget.elems``), the capacity value_a·Σ e_l."""
+    Widths run over [min_bits, max_bits] and each layer's own target_a (before allocation its bound: max_bits, or a
+    rule's); the cost of layer l at b bits is e_l·b (its input elements per sample, ``budget.elems``), the
+    capacity value_a·Σ e_l."""
     cfg = budget.cfg
     layers = list(iter_quantized(model))
     rows = [i for i, (_, l) in enumerate(layers) if l.act_quant is not None]  # input_prices' rows
@@ -247,8 +255,8 @@ def allocate_widths(
     """Every quantized layer's weight width under ``budget`` (training.budget.Budget), from the probe
     (``input_widths``: the inputs' allocated widths, which BOPs count; else value_a or each layer's target_a).
 
-    Widths run over [min_bits, max_bits] and each layer's own upper bound (its target_w, which a rule may
-    lower). More bits never cost more (a grid can say otherwise: the price is made non-increasing in the width).
+    Widths run over [min_bits, max_bits] and each layer's own target_w (before allocation its bound: max_bits,
+    or a rule's). More bits never cost more (a grid can say otherwise: the price is made non-increasing in the width).
     Raises ConfigError when even every layer at min_bits exceeds the budget.
     """
     cfg = budget.cfg

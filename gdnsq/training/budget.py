@@ -38,6 +38,8 @@ from ..quant.layers import iter_quantized
 from .bits import FP_BITS, compute_layers, measure_shapes, packed_bytes, packed_size_parts
 
 _TAU = 0.05  # soft max over channels, in bits: overestimates the widest channel by at most τ·ln(channels)
+_BISECTION_STEPS = 40  # halves [min_bits, max_bits] (at most 15 bits wide) to under 1e-10 bit
+_MEAN_TOL = 1e-9  # float rounding of a weighted mean: inputs at exactly value_a bits per element are within it
 
 
 def whole_bits(b: Tensor, margin: float = 0.1) -> Tensor:
@@ -143,7 +145,7 @@ class Budget:
             return lo
         if self.at_bits(hi, bits_a) <= self.cfg.value:
             return hi
-        for _ in range(40):
+        for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if self.at_bits(mid, bits_a) <= self.cfg.value else (lo, mid)
         return lo
@@ -192,7 +194,7 @@ class Budget:
             return False
         if self.cfg.value_a is not None and bool((self.elems > 0).any()):
             ta = self.n.new_tensor([float(l.true_act_bits() or 0) for _, l in iter_quantized(model)])
-            if float(self.act_mean(ta)) > self.cfg.value_a + 1e-9:
+            if float(self.act_mean(ta)) > self.cfg.value_a + _MEAN_TOL:
                 return False
         return True
 

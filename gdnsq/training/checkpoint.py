@@ -44,7 +44,10 @@ def make_checkpoint(
     fp_val: dict,
     stale: int,
     teacher_report: dict | None = None,
+    io: dict | None = None,
 ) -> dict:
+    """The one checkpoint dict (its schema lives here); ``io`` = {input_shape: [C, H, W], num_classes}, what
+    registration and export need to rebuild the student without the data."""
     return {
         "config": cfg_dict,
         "fingerprint": fingerprint(cfg_dict),
@@ -54,6 +57,7 @@ def make_checkpoint(
         "fp_val": fp_val,
         "stale": stale,
         "teacher_report": dict(teacher_report or {}),
+        "io": dict(io or {}),
     }
 
 

@@ -7,31 +7,33 @@ exactly where it stopped.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import JobConfig, OptimConfig
 from ..quant.layers import (
     cap_levels_,
-    iter_quantized,
     iter_quantizers,
     keep_levels_,
     quantizer_parameters,
     set_fused,
     set_noise_ratio,
 )
-from .allocation import allocate_input_widths, allocate_widths
-from .budget import Budget
 from .objective import GDNSQObjective, converged
 from .precision import Precision
-from .runtime import all_reduce_sum, broadcast_module, unwrap
+from .runtime import unwrap
 from .schedules import DescentPlan, ScheduleState, plan_descent
+from .targets import create_targets
+
+# optim.name sgd: Nesterov momentum 0.9, the usual ImageNet CNN setting (timm's and torchvision's recipes).
+SGD_MOMENTUM = 0.9
+
+# train/lag_bits is -inf when no quantizer has learnable bits (zoo methods); a finite floor keeps it loggable.
+_LAG_LOG_FLOOR = -99.0
 
 
 def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
@@ -41,22 +43,10 @@ def planned_steps(cfg: JobConfig, loader, max_steps: int | None = None) -> int:
 
 
 def create_plan(cfg: JobConfig, model: nn.Module, steps: int) -> DescentPlan:
-    """The run's schedule constants (schedules.plan_descent) for a quantized model's smallest target."""
-    targets = [float(t) for _, layer in iter_quantized(unwrap(model)) for t in (layer.target_w, layer.target_a)]
-    if cfg.quant.budget.active:  # targets are upper bounds: plan the descent as for the budget's uniform width
-        targets = [budget_plan_target(cfg, unwrap(model))]
-    return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, min(targets) if targets else cfg.quant.init_bits)
-
-
-def budget_plan_target(cfg: JobConfig, model: nn.Module) -> float:
-    """The uniform weight width that meets quant.budget (bops: min_bits, its MACs need an input), and the
-    activation targets, whichever is lower."""
-    b = cfg.quant.budget
-    a_targets = [float(l.target_a) for _, l in iter_quantized(model) if l.act_quant is not None]
-    a = b.value_a if b.value_a is not None else (min(a_targets) if a_targets else float(b.max_bits))
-    if b.kind == "bops":
-        return float(b.min_bits)
-    return min(max(float(b.min_bits), math.floor(Budget(b, model, None).equivalent_bits(a))), a)
+    """The run's schedule constants (schedules.plan_descent) for the target the run's targets strategy plans
+    for (training.targets: the smallest layer target, or a budget's uniform width)."""
+    target = create_targets(cfg.quant).plan_target(unwrap(model), cfg.quant.init_bits)
+    return plan_descent(cfg.schedule, steps, cfg.quant.init_bits, target)
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -72,130 +62,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
         return torch.optim.RAdam(groups)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups)
-    return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, precision: Precision | None = None
-) -> dict[str, float]:
-    """Top-1 / top-5 (%) and cross-entropy over a loader, in eval mode (exact integer grid),
-    under ``precision``'s autocast and memory format (fp32 when None)."""
-    precision = precision or Precision(device.type)
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for x, y in loader:
-        x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x).float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(-1).sum())
-        total += y.numel()
-    model.train(was_training)
-    counts = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=device)
-    all_reduce_sum(counts)  # sharded val loaders: every rank must see the same metrics (early stopping)
-    correct1, correct5, total, loss_sum = counts.tolist()
-    if total == 0:
-        raise ValueError("evaluation loader yielded no samples")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
-
-
-@torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor], precision: Precision | None = None) -> None:
-    """Recompute every BatchNorm's running mean and variance as plain averages over ``batches``, through the
-    eval-mode (exact grid, no dither) forward. Under DDP rank 0's statistics go to every rank (as calibration
-    does), so every rank evaluates and checkpoints the same model.
-
-    Why: the running averages are an EMA over the last few hundred training steps, each with other rounded
-    weights and with the training forward's dither; at 1-2 bits that mix can be several points of top-1 away
-    from the network actually evaluated (Nagel et al. 2022, "Overcoming oscillations in QAT")."""
-    if not batches:
-        raise ValueError("BatchNorm re-estimation got no batches")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    precision = precision or Precision(next(model.parameters()).device.type)
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-        m.train()
-    try:
-        for x in batches:
-            with precision.autocast():
-                model(precision.prepare_input(x))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    for m in norms:
-        broadcast_module(m)
-
-
-def train_fp(
-    model: nn.Module,
-    loader: Iterable,
-    epochs: int | None,
-    lr: float,
-    device: torch.device,
-    log: Callable[[str], None] = print,
-    val_loader: Iterable | None = None,
-    max_epochs: int = 30,
-    precision: Precision | None = None,
-) -> dict:
-    """Plain cross-entropy training of the FP teacher (used when no FP weights are given).
-
-    ``epochs`` set: that many epochs under a one-cycle LR. ``epochs`` None: train until the validation
-    top-1 plateaus (the LR drops ×0.3 after 2 epochs without a 0.1-point gain; the third drop ends it),
-    at most ``max_epochs``, and keep the best validation state. Returns {rule, epochs, plateaued}.
-    Forward passes under ``precision`` (fp32 when None).
-    """
-    precision = precision or Precision(device.type)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    plateau = epochs is None and val_loader is not None
-    n_epochs = max_epochs if plateau else (epochs or 1)
-    sched = (
-        None
-        if plateau
-        else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, n_epochs * len(loader)))
-    )
-    best, best_state, stale, drops, done = -1.0, None, 0, 0, 0
-    for epoch in range(n_epochs):
-        model.train()
-        for x, y in loader:
-            x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            with precision.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            precision.backward_step(loss, opt)
-            if sched is not None:
-                sched.step()
-        done = epoch + 1
-        if not plateau:
-            log(f"teacher epoch {done}/{n_epochs}: loss {loss.item():.4f}")
-            continue
-        top1 = evaluate(model, val_loader, device, precision)["top1"]
-        log(f"teacher epoch {done} (cap {n_epochs}): loss {loss.item():.4f}, val top-1 {top1:.2f}")
-        if top1 > best + 0.1:
-            best, best_state, stale = top1, copy.deepcopy(model.state_dict()), 0
-            continue
-        stale += 1
-        if stale >= 2:
-            drops, stale = drops + 1, 0
-            if drops == 3:
-                break
-            for g in opt.param_groups:
-                g["lr"] *= 0.3
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return {"rule": "plateau" if plateau else "fixed", "epochs": done, "plateaued": plateau and drops == 3}
+    return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, nesterov=True)
 
 
 class Engine:
@@ -221,7 +88,7 @@ class Engine:
         self.sched = ScheduleState(noise_ratio=cfg.schedule.noise_ratio)
         self.plan: DescentPlan | None = None  # fixed on the first epoch, from the planned steps
         self._planned_quant_lr = False
-        self._allocation_fixed = False  # quant.budget: the widths became the targets (see _fix_allocation)
+        self.targets = create_targets(cfg.quant, self.objective)  # who sets the layers' targets, and when
         set_noise_ratio(self.core, self.sched.noise_ratio)
         set_fused(self.core, cfg.quant.fused)
         # Quantizers are told the training progress (a no-op except for curricula / annealing: PEGE, BNN++).
@@ -248,7 +115,7 @@ class Engine:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = self.precision.prepare_input(x)
-            self._ensure_budget(x, y)
+            self.targets.start(self.core, x, y, self.sched.step)
             factor = self.sched.lr_factor(cfg.schedule, plan)
             for q in self._progress_hooks:
                 q.set_progress(min(1.0, self.sched.step / total))
@@ -282,14 +149,7 @@ class Engine:
                 )
             self.precision.step(opt)
             if cfg.quant.level_guard:
-                b = cfg.quant.budget  # a budget frees the weights (and with value_a the inputs) down to min_bits
-                free = b.active and self.sched.converged_step is None
-                keep_levels_(
-                    self.core,
-                    cfg.quant.level_margin,
-                    b.min_bits if free else None,
-                    b.min_bits if free and b.value_a is not None else None,
-                )
+                keep_levels_(self.core, cfg.quant.level_margin, *self.targets.guard_floors())
             penalty = parts["train/penalty_w"] + parts["train/penalty_a"]
             old_noise = self.sched.noise_ratio
             self.sched.advance(
@@ -300,8 +160,7 @@ class Engine:
                 lag_bits=self.objective.last_terms.lag,
                 check=self.is_converged,
             )
-            if cfg.quant.budget.active and self.sched.converged_step is not None and not self._allocation_fixed:
-                self._fix_allocation()
+            self.targets.after_step(self.core, self.sched.converged_step)
             if self.sched.noise_ratio != old_noise:
                 set_noise_ratio(self.core, self.sched.noise_ratio)
             parts.update(
@@ -309,7 +168,7 @@ class Engine:
                     "train/loss": loss.item(),
                     "train/temperature": self.sched.temperature,
                     "train/lr": cfg.optim.lr * factor,
-                    "train/lag_bits": max(-99.0, self.objective.last_terms.lag),
+                    "train/lag_bits": max(_LAG_LOG_FLOOR, self.objective.last_terms.lag),
                 }
             )
             for k, v in parts.items():
@@ -358,42 +217,9 @@ class Engine:
                         g["base_lr"] = self.plan.quant_lr
         return self.plan
 
-    @torch.no_grad()
-    def _fix_allocation(self) -> None:
-        """quant.budget, at the first true-bit convergence: every layer's widths become its targets (they are
-        in the state dict), so from here on the level guard fills each grid to all 2**width levels (a channel
-        with fewer levels than its layer's storage width wastes them) and the per-layer penalty holds the widths."""
-        b = self.cfg.quant.budget
-        for _, layer in iter_quantized(self.core):
-            layer.target_w.fill_(max(b.min_bits, layer.true_weight_bits()))
-            if b.value_a is not None and layer.act_quant is not None:
-                layer.target_a.fill_(max(b.min_bits, layer.true_act_bits()))
-        self._allocation_fixed = True
-
-    def _ensure_budget(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """quant.budget: the model's constants (MACs on this input's shape, fixed bytes), fixed once; with
-        ``allocate: probe``, on the run's first step, each layer's width from the probe (training.allocation)
-        becomes its target. A resumed run has its targets back in the model's state and probes nothing."""
-        b = self.cfg.quant.budget
-        if b.active and self.objective.budget is None:
-            self.objective.budget = Budget(b, self.core, x[:1], self.cfg.quant.level_margin)
-            if b.allocate == "probe" and self.sched.step == 0:
-                inputs = None
-                if b.value_a is not None:  # the inputs first: their widths enter the weights' BOPs
-                    inputs = allocate_input_widths(self.core, x, y, self.objective.budget)
-                widths = allocate_widths(self.core, x, y, self.objective.budget, inputs)
-                with torch.no_grad():
-                    for name, layer in iter_quantized(self.core):
-                        layer.target_w.fill_(float(widths[name]))
-                        if inputs is not None and name in inputs:
-                            layer.target_a.fill_(float(inputs[name]))
-
     def is_converged(self) -> bool:
-        """Every layer within its target (budget: its upper bound), no dead grid, and the budget's true aggregate
-        within the budget."""
-        if not converged(self.core):
-            return False
-        return self.objective.budget is None or self.objective.budget.within(self.core)
+        """Every layer within its target, no dead grid, and (budget) the true aggregate within the budget."""
+        return converged(self.core) and self.targets.within(self.core)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -411,7 +237,7 @@ class Engine:
         self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sched = ScheduleState(**state["schedule"])
-        self._allocation_fixed = self.sched.converged_step is not None  # the targets came back with the model
+        self.targets.resume(self.sched.converged_step)
         set_noise_ratio(self.core, self.sched.noise_ratio)
         self.objective.load_state_dict(state["objective"])
         self.epoch = state["epoch"]

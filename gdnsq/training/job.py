@@ -18,12 +18,14 @@ from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .bits import average_bits, bits_table, size_figures
 from .checkpoint import make_checkpoint
-from .engine import Engine, create_plan, evaluate, planned_steps, reestimate_batchnorm, train_fp
+from .engine import Engine, create_plan, planned_steps
+from .evaluation import evaluate, reestimate_batchnorm
 from .models import create_model, has_fp_weights
 from .objective import ns_top1
 from .precision import Precision, maybe_compile
 from .runtime import broadcast_module, resolve_device, seed_everything
 from .surgery import broadcast_quantizer_state, calibrate_model, quantize_model
+from .teacher import train_fp
 
 log = logging.getLogger("gdnsq")
 
@@ -67,7 +69,6 @@ def prepare_teacher(
                 teacher,
                 loaders.calib,
                 epochs,
-                lr=1e-2,
                 device=device,
                 log=log.info,
                 val_loader=loaders.val,
@@ -87,18 +88,28 @@ def prepare_teacher(
 
 def prepare_student(
     cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device, resume: dict | None
-) -> tuple[nn.Module, list]:
+) -> tuple[nn.Module, list, dict]:
+    """The quantized, calibrated student (or the resumed one), surgery's decisions, and the run's ``io``:
+    {input_shape: [C, H, W], num_classes}, what registration and export need to rebuild the student without the
+    data (read off the calibration batches, as the student sees its input in training)."""
     student = copy.deepcopy(teacher).requires_grad_(True)
     decisions = quantize_model(student, cfg.quant)
     student.to(device)
     if resume is not None:
         student.load_state_dict(resume["engine"]["model"])
-    else:
-        # A planned schedule may start a short budget below quant.init_bits (schedules.plan_descent).
-        plan = create_plan(cfg, student, planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch))
-        calibrate_model(student, _take(loaders.calib, cfg.quant.calib_batches, device), plan.init_bits)
-        broadcast_quantizer_state(student)  # calibration before DDP: rank 0's result everywhere
-    return student.train(), decisions
+        # Every checkpoint since the executors recorded io has it; an older one gets it from one batch.
+        io = resume.get("io") or _describe_io(_take(loaders.calib, 1, device), loaders.num_classes)
+        return student.train(), decisions, dict(io)
+    # A planned schedule may start a short budget below quant.init_bits (schedules.plan_descent).
+    plan = create_plan(cfg, student, planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch))
+    batches = _take(loaders.calib, cfg.quant.calib_batches, device)
+    calibrate_model(student, batches, plan.init_bits)
+    broadcast_quantizer_state(student)  # calibration before DDP: rank 0's result everywhere
+    return student.train(), decisions, _describe_io(batches, loaders.num_classes)
+
+
+def _describe_io(batches: list[torch.Tensor], num_classes: int) -> dict:
+    return {"input_shape": list(batches[0].shape[1:]), "num_classes": int(num_classes)}
 
 
 def _length(loader) -> int | None:
@@ -192,7 +203,7 @@ def run_job(
             fp_val["top1"],
             teacher_report.get("epochs"),
         )
-    student, decisions = prepare_student(cfg, teacher, loaders, device, resume)
+    student, decisions, io = prepare_student(cfg, teacher, loaders, device, resume)
     precision.prepare_module(student)  # before DDP, whose gradient buckets follow the parameters' strides
     model = maybe_compile(wrap_ddp(student) if wrap_ddp else student, cfg.train)
     engine = Engine(cfg, model, teacher, device, precision)
@@ -203,7 +214,7 @@ def run_job(
     stale = 0 if resume is None else resume.get("stale", 0)
 
     def checkpoint() -> dict:
-        return make_checkpoint(to_dict(cfg), teacher, engine.state_dict(), best, fp_val, stale, teacher_report)
+        return make_checkpoint(to_dict(cfg), teacher, engine.state_dict(), best, fp_val, stale, teacher_report, io=io)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)

@@ -55,6 +55,15 @@ def _is_supported_conv(m: nn.Module) -> bool:
     return type(m) is nn.Conv2d or type(m).__name__ == "Conv2dSame"
 
 
+# QuantSpec field <- the rule's setting: a rule's target_w / target_a is its layers' bound (under a budget too).
+_RULE_FIELDS = {
+    "bound_w": "target_w",
+    "bound_a": "target_a",
+    "per_channel": "per_channel",
+    "quantize_act": "quantize_act",
+}
+
+
 def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
     """Decide, per Conv2d/Linear, whether and how to quantize it. Raises on unmatched rules."""
     first, classifier = edge_layers(model)
@@ -87,8 +96,8 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
         elif qcfg.keep_pointwise and kind == "conv" and tuple(m.kernel_size) == (1, 1):
             skip, reason = True, "1x1 conv"
         fields = dict(
-            target_w=b.max_bits if b.active else qcfg.target_w,
-            target_a=b.max_bits if b.active and b.value_a is not None else qcfg.target_a,
+            bound_w=b.max_bits if b.active else qcfg.target_w,
+            bound_a=b.max_bits if b.active and b.value_a is not None else qcfg.target_a,
             per_channel=qcfg.per_channel,
             quantize_act=not edge_in_budget,
         )
@@ -102,9 +111,9 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
             rule = qcfg.rules[first_hit]
             if rule.skip is not None:
                 skip, reason = rule.skip, f"rule {rule.pattern!r}"
-            for k in fields:
-                if getattr(rule, k) is not None:
-                    fields[k] = getattr(rule, k)
+            for k, rule_field in _RULE_FIELDS.items():
+                if getattr(rule, rule_field) is not None:
+                    fields[k] = getattr(rule, rule_field)
         if not skip and kind == "conv" and not _is_supported_conv(m):
             skip, reason = True, f"unsupported conv type {type(m).__name__}"
         spec = (

@@ -149,7 +149,7 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
 
 def test_mixed_precision_jobs_budget_uniform_w2a2_bytes_and_sweep_a_front():
     """The mixed job's byte budget is uniform W2A2's packed payload; the front sweep spans >= 5 budgets."""
-    from gdnsq.launch.sweep_plan import load_sweep
+    from gdnsq.launch.sweep.plan import load_sweep
     from gdnsq.training.budget import uniform_value
     from gdnsq.training.surgery import build_student
 
@@ -171,7 +171,7 @@ def test_mixed_precision_jobs_budget_uniform_w2a2_bytes_and_sweep_a_front():
 
 def test_cpu_front_sweep_spans_uniform_w1_to_w4_bytes_of_the_small_cnn():
     """The CPU front sweep's budgets are the small CNN's uniform W1..W4 (A2) packed payloads plus midpoints."""
-    from gdnsq.launch.sweep_plan import load_sweep
+    from gdnsq.launch.sweep.plan import load_sweep
     from gdnsq.training.budget import uniform_value
     from gdnsq.training.surgery import build_student
 

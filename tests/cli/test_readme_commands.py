@@ -170,6 +170,6 @@ def _validate_cluster_command(argv: list[str], d: Path, env: dict) -> None:
         r = sh(shlex.join(argv[:i] + argv[i + 2 :] + ["--dry-run"]), d, env)
         assert json.loads(r.stdout)["entrypoint"].startswith("gdnsq train ")
     elif argv[1] == "sweep":
-        from gdnsq.launch.sweep_plan import load_sweep
+        from gdnsq.launch.sweep.plan import load_sweep
 
         load_sweep(d / argv[2])

@@ -172,7 +172,7 @@ def test_job_files_and_cluster_files_agree_on_mounts_and_mlflow(launcher):
         paths += re.findall(r"(/mnt/\S+|/data/\S+)", text)
         assert all(p.startswith(SHARED + "/") for p in paths), (path.name, paths)
         assert "uri" not in data["tracking"], path.name
-        for cited in re.findall(r"\b([\w/]+\.md)\b", text):
+        for cited in re.findall(r"\b([\w/-]+\.md)\b", text):
             assert (ROOT / cited).is_file(), f"{path.name} cites {cited}, which does not exist"
 
 

@@ -1,6 +1,6 @@
-"""The Pareto maths of a sweep's front (gdnsq.launch.pareto): exact, no Ray or MLflow."""
+"""The Pareto maths of a sweep's front (gdnsq.launch.sweep.pareto): exact, no Ray or MLflow."""
 
-from gdnsq.launch.pareto import front_kind, front_tags, is_front_sweep, mark_fronts, pareto_front
+from gdnsq.launch.sweep.pareto import front_kind, front_tags, is_front_sweep, mark_fronts, pareto_front
 
 
 def test_front_keeps_exactly_the_non_dominated_points_in_order_of_cost():

@@ -7,7 +7,7 @@ import pytest
 
 from gdnsq.config import load_config
 from gdnsq.errors import ClusterError
-from gdnsq.launch.local import ray_address
+from gdnsq.launch.preflight import ray_address
 
 
 def test_job_server_url_in_the_environment_is_dropped_with_a_warning(monkeypatch, caplog):

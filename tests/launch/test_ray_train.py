@@ -18,7 +18,8 @@ from ray_cluster import LocalCluster  # noqa: E402
 
 from gdnsq.config import JobConfig, load_config  # noqa: E402
 from gdnsq.errors import ConfigError
-from gdnsq.launch.ray_train import KillWorker, fit  # noqa: E402
+from gdnsq.launch.faults import KillWorker  # noqa: E402
+from gdnsq.launch.ray_train import fit  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,

@@ -22,6 +22,7 @@ from ray_cluster import LocalCluster  # noqa: E402
 
 from gdnsq.cli import main  # noqa: E402
 from gdnsq.errors import ConfigError  # noqa: E402
+from gdnsq.launch import job_server as js  # noqa: E402
 from gdnsq.launch import submit as sm  # noqa: E402
 
 pytestmark = [
@@ -83,8 +84,8 @@ def gdnsq(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPr
 def wait_for(url: str, submission_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        info = sm.job_info(url, submission_id)
-        if info["status"] in sm.TERMINAL or time.monotonic() > deadline:
+        info = js.job_info(url, submission_id)
+        if info["status"] in js.TERMINAL or time.monotonic() > deadline:
             return info
         time.sleep(2)
 
@@ -112,7 +113,7 @@ def test_submit_runs_the_job_and_its_logs_have_the_summary(cluster, laptop_env, 
     assert "Reporting training result" not in r.stdout and "(RayTrainWorker pid=" not in r.stdout
 
     info = wait_for(url, submission_id, JOB_TIMEOUT)
-    assert info["status"] == "SUCCEEDED", f"{info}\n{sm.job_logs(url, submission_id)[-3000:]}"
+    assert info["status"] == "SUCCEEDED", f"{info}\n{js.job_logs(url, submission_id)[-3000:]}"
     assert info["entrypoint"].startswith("gdnsq train cpu_smallcnn_w2a2.yaml --train.epochs=1 ")
     assert info["metadata"]["gdnsq_name"] == "smoke"
 
@@ -135,7 +136,7 @@ def test_a_broken_job_never_reaches_the_cluster(cluster, laptop_env, tmp_path, c
     url = cluster.dashboard_url
     bad = tmp_path / "bad.yaml"
     bad.write_text(CPU_JOB.read_text() + "quant_typo: 1\n")
-    before = sm.list_jobs(url)
+    before = js.list_jobs(url)
     r = gdnsq("submit", str(bad), "--address", url, env=laptop_env)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
@@ -147,7 +148,7 @@ def test_a_broken_job_never_reaches_the_cluster(cluster, laptop_env, tmp_path, c
     # A bad override is refused the same way.
     assert main(["submit", str(CPU_JOB), "--address", url, "--quant.target_w", "17"]) == 2
     assert capsys.readouterr().err.startswith("gdnsq: error: quant.target_w: must be an integer in [1, 16]")
-    assert len(sm.list_jobs(url)) == len(before)
+    assert len(js.list_jobs(url)) == len(before)
 
 
 def test_token_auth_is_enforced_and_errors_are_one_line(cluster, laptop_env, monkeypatch, capsys):
@@ -195,13 +196,13 @@ def test_submission_layout_resources_and_shipped_code(tmp_path):
 def test_addresses_and_runtime_env_as_ray_job_submit_takes_them(tmp_path, monkeypatch):
     for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(k, raising=False)
-    assert sm.resolve_address("head:8265") == "http://head:8265"
-    assert sm.resolve_address("https://ray.example.org/") == "https://ray.example.org"
+    assert js.resolve_address("head:8265") == "http://head:8265"
+    assert js.resolve_address("https://ray.example.org/") == "https://ray.example.org"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
-    assert sm.resolve_address(None) == "http://10.0.0.5:8265"
+    assert js.resolve_address(None) == "http://10.0.0.5:8265"
     with pytest.raises(ConfigError, match="^RAY_ADDRESS: .* GCS port"):
         monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-        sm.resolve_address(None)
+        js.resolve_address(None)
     env = tmp_path / "env.yaml"
     env.write_text("env_vars: {MLFLOW_TRACKING_URI: http://mlflow:5000}\npip: [onnx]\n")
     sub = sm.build_submission(CPU_JOB, runtime_env=sm.read_runtime_env(str(env), None))

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (gdnsq.launch.ray_tune) on a real local Ray cluster and a throwaway sqlite MLflow store.
+"""Ray Tune sweeps (gdnsq.launch.sweep.tune) on a real local Ray cluster and a throwaway sqlite MLflow store.
 
 One single-node cluster (3 logical CPUs: two 1-worker trials plus their drivers, with headroom)
 serves the module. Trials are kept tiny: an FP teacher trained once in a fixture and passed as
@@ -25,7 +25,7 @@ pytest.importorskip("ray.tune")
 from ray_cluster import LocalCluster  # noqa: E402
 
 from gdnsq.errors import SweepError
-from gdnsq.launch.sweep_plan import load_sweep  # noqa: E402
+from gdnsq.launch.sweep.plan import load_sweep  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,
@@ -84,7 +84,7 @@ def live_placement_groups() -> list[dict]:
 def test_asha_sweep_stops_weak_trials_and_registers_the_best(cluster, teacher, tmp_path, caplog):
     from mlflow import MlflowClient
 
-    from gdnsq.launch.ray_tune import run_sweep
+    from gdnsq.launch.sweep.tune import run_sweep
 
     space = {"quant.init_bits": {"grid": [5, 12]}, "optim.lr": {"grid": [0.002, 0.001]}}
     over = settings(

@@ -4,7 +4,7 @@ import pytest
 
 from gdnsq.config import load_config
 from gdnsq.errors import SweepError
-from gdnsq.launch.sweep_plan import check_metric
+from gdnsq.launch.sweep.plan import check_metric
 from gdnsq.training.job import EPOCH_METRICS, run_job
 
 

@@ -189,7 +189,7 @@ def test_quant_config_reaches_every_quantizer_and_a_fused_model_step_tracks_the_
 
 
 def test_spec_default_is_the_float_grid():
-    spec = QuantSpec(target_w=2, target_a=2)
+    spec = QuantSpec(bound_w=2, bound_a=2)
     layer = QConv2d.from_float(nn.Conv2d(3, 4, 3), spec)
     assert spec.integer_grid is False and not layer.weight_quant.integer_grid and not layer.act_quant.integer_grid
     assert QuantConfig().integer_grid is False

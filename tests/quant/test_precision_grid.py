@@ -13,7 +13,7 @@ from gdnsq.training.surgery import calibrate_model, quantize_model
 
 def _layer(bits: float = 10.0) -> QConv2d:
     torch.manual_seed(0)
-    layer = QConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), QuantSpec(target_w=4, target_a=4))
+    layer = QConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), QuantSpec(bound_w=4, bound_a=4))
     x = torch.randn(4, 8, 12, 12)
     layer.act_quant.observing = True
     layer(x)

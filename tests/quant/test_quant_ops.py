@@ -42,7 +42,7 @@ def _calibrated(layer, x, bits=8):
 
 def _conv(estimator="ste", seed=0):
     torch.manual_seed(seed)
-    spec = QuantSpec(target_w=2, target_a=2, estimator=estimator)
+    spec = QuantSpec(bound_w=2, bound_a=2, estimator=estimator)
     x = torch.randn(4, 16, 10, 10).relu()
     return _calibrated(QConv2d.from_float(nn.Conv2d(16, 8, 3, padding=1, bias=False), spec), x), x
 
@@ -190,7 +190,7 @@ def test_one_node_layer_matches_quantizers_then_layer(kind):
     """QuantizedLayer (x̂ recomputed in backward) against the same ops composed by autograd, bit for bit; and
     float64 gradcheck of the bias (the part of the node that is differentiable in the plain sense)."""
     torch.manual_seed(3)
-    spec = QuantSpec(target_w=3, target_a=3)
+    spec = QuantSpec(bound_w=3, bound_a=3)
     if kind == "conv":
         x = torch.randn(2, 6, 9, 9)
         layer = _calibrated(QConv2d.from_float(nn.Conv2d(6, 5, 3, stride=2, padding=1), spec), x)

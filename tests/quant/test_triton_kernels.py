@@ -32,7 +32,8 @@ def test_kernels_under_the_interpreter():
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b32 passed, 1 skipped\b", summary), summary  # every case ran; only this driver skipped
+    # every case ran; skipped: this driver and the 8 CUDA cases (they run in the parent process, on a GPU)
+    assert re.search(r"\b32 passed, 9 skipped\b", summary), summary
 
 
 @pytest.fixture(scope="module")

@@ -57,11 +57,11 @@ def test_every_zoo_method_is_registered():
 )
 def test_methods_refuse_targets_they_do_not_define(method, target, message):
     with pytest.raises(ConfigError, match=message):
-        QConv2d.from_float(nn.Conv2d(2, 2, 3), QuantSpec(target_w=target, target_a=target, method=method))
+        QConv2d.from_float(nn.Conv2d(2, 2, 3), QuantSpec(bound_w=target, bound_a=target, method=method))
 
 
 def test_unknown_method_argument_names_the_setting():
-    spec = QuantSpec(target_w=2, target_a=2, method="pege", method_args={"lambda": 1.0})
+    spec = QuantSpec(bound_w=2, bound_a=2, method="pege", method_args={"lambda": 1.0})
     with pytest.raises(ConfigError, match=r"quant.method_args.lambda: not a setting of method 'pege'"):
         QConv2d.from_float(nn.Conv2d(2, 2, 3), spec)
 
@@ -419,7 +419,7 @@ def test_codeq_learns_sparsity_under_its_regulariser():
 @pytest.mark.parametrize("method, bits", [(m, b) for m in ZOO for b in bits_for(m)])
 def test_eval_is_integral_inside_the_grid_and_fixed_bit(method, bits):
     conv = nn.Conv2d(3, 5, 3, padding=1)
-    q = QConv2d.from_float(conv, QuantSpec(target_w=bits, target_a=bits, method=method))
+    q = QConv2d.from_float(conv, QuantSpec(bound_w=bits, bound_a=bits, method=method))
     x = torch.relu(torch.randn(4, 3, 8, 8)) if method != "dorefa" else torch.rand(4, 3, 8, 8) * 1.5
     calibrate_model(nn.Sequential(q), [x], 8.0)
     wq, aq = q.weight_quant, q.act_quant

@@ -214,7 +214,7 @@ def test_engine_probe_sets_the_inputs_targets_then_the_weights():
     probe.value = value
     expected_inputs = A.allocate_input_widths(student, x, y, Budget(probe, student, x[:1]))
     eng = Engine(cfg, student, None, torch.device("cpu"))
-    eng._ensure_budget(x, y)
+    eng.targets.start(eng.core, x, y, eng.sched.step)
     got = {n: int(l.target_a) for n, l in iter_quantized(student) if l.act_quant is not None}
     assert got == expected_inputs
     bits = torch.tensor([float(l.target_a) for _, l in iter_quantized(student)])

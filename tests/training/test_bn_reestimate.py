@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gdnsq.training.engine import reestimate_batchnorm
+from gdnsq.training.evaluation import reestimate_batchnorm
 
 
 def _net():

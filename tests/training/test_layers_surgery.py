@@ -48,7 +48,7 @@ def test_activation_calibration_signed_auto():
 
 def test_from_float_shares_parameters_and_eval_equals_integer_inference():
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    q = QConv2d.from_float(conv, QuantSpec(target_w=4, target_a=4))
+    q = QConv2d.from_float(conv, QuantSpec(bound_w=4, bound_a=4))
     assert q.weight is conv.weight and q.bias is conv.bias
     x = torch.randn(2, 3, 8, 8)
     calibrate_model(nn.Sequential(q), [x], 4.0)
@@ -67,7 +67,7 @@ def test_from_float_shares_parameters_and_eval_equals_integer_inference():
 
 def test_qlinear_round_trip_and_training_gradients():
     lin = nn.Linear(5, 3)
-    q = QLinear.from_float(lin, QuantSpec(target_w=2, target_a=2))
+    q = QLinear.from_float(lin, QuantSpec(bound_w=2, bound_a=2))
     x = torch.randn(7, 5)
     calibrate_model(nn.Sequential(q), [x], 6.0)
     q.train()

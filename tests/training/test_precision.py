@@ -9,10 +9,12 @@ import torch
 from gdnsq.config import load_config
 from gdnsq.data.loaders import create_loaders
 from gdnsq.errors import ConfigError
-from gdnsq.training.engine import Engine, evaluate, train_fp
+from gdnsq.training.engine import Engine
+from gdnsq.training.evaluation import evaluate
 from gdnsq.training.models import create_model
 from gdnsq.training.precision import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
+from gdnsq.training.teacher import train_fp
 
 BASE = {
     "ray.enabled": False,

@@ -22,7 +22,7 @@ geometric from β0 = 1 (≈ identity near 0: training starts from the FP model) 
 1 % of it for |u| > 0.025) at half the budget, with p the training progress from ``set_progress``;
 ``quant.method_args``: beta_start, beta_end, ramp_end. The gap between the soft training forward and
 the hard eval forward is what costs accuracy; the defaults were set in short runs on the bundled digits
-(docs/results.md, "Figures formerly in docstrings"). Without a driver β = β1. Only 1-bit targets: other targets
+(docs/results.md, "Decisions"). Without a driver β = β1. Only 1-bit targets: other targets
 are a configuration error.
 """
 
@@ -106,10 +106,10 @@ class BNNppActQuantizer(_Annealed, FixedBitActQuantizer):
 @register_method("bnnpp")
 def create_bnnpp(weight_shape, spec):
     args = method_args(spec, "bnnpp", DEFAULTS)
-    if int_bits(spec.target_w) != 1 or int_bits(spec.target_a) != 1:
+    if int_bits(spec.bound_w) != 1 or int_bits(spec.bound_a) != 1:
         raise ConfigError(
             f"quant.method: bnnpp binarises weights and activations (W1A1); got target "
-            f"W{spec.target_w:g}A{spec.target_a:g}"
+            f"W{spec.bound_w:g}A{spec.bound_a:g}"
         )
     return (
         BNNppWeightQuantizer(weight_shape, per_channel=spec.per_channel, **args),

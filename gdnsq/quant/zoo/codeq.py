@@ -14,11 +14,11 @@ Backward (straight-through, LSQ-style; g = 1/sqrt(N·Q) scales the s and δ grad
     dŵ/dδ = -sign(w)·s on live weights, 0 elsewhere.
 Sparsity pressure: ``extra_loss()`` = λ·mean|k| (an L1 rate proxy on the codes; λ =
 ``quant.method_args.sparsity_weight``, default 0.001); it shrinks live weights and widens the dead zone.
-λ trades accuracy for sparsity (figures: docs/results.md, "Figures formerly in docstrings").
+λ trades accuracy for sparsity (figures: docs/results.md, "Decisions").
 Stats: ``extra_stats(w)`` gives the share of zero codes (sparsity), the entropy of the codes in bits (an
 effective bit-width after entropy coding) and log2 of the levels used.
-Activations: LSQ (``lsq.LSQActQuantizer``); the dead zone is a weight-pruning device. Grids:
-``grid_domain = "output"`` (the dead zone is not an affine grid on the raw weight).
+Activations: LSQ (``lsq.LSQActQuantizer``, its step MSE-initialised as ``lsq``'s); the dead zone is a
+weight-pruning device. Grids: ``grid_domain = "output"`` (the dead zone is not an affine grid on the raw weight).
 Init: s from LSQ's rule 2·mean|w|/sqrt(Q). A 1-bit target is a configuration error (no zero level).
 """
 
@@ -129,6 +129,6 @@ class CoDeQWeightQuantizer(FixedBitWeightQuantizer):
 def create_codeq(weight_shape, spec):
     args = method_args(spec, "codeq", DEFAULTS)
     return (
-        CoDeQWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-        LSQActQuantizer(int_bits(spec.target_a), signed=spec.act_signed),
+        CoDeQWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel, **args),
+        LSQActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, mse_init=True),
     )

@@ -114,6 +114,29 @@ def lsq_quantize(x: Tensor, s: Tensor, qn: int, qp: int, binary: bool, g: float)
     return fake_quant_ste(x, *lsq_grid(grad_scale(s, g), qn, qp, binary))
 
 
+# ------------------------------------------------------------------------------------ initialisation
+
+# Calibration keeps at most this many values of each batch an activation quantizer observes: a strided
+# subsample (no RNG draw, so a run's random stream does not depend on it) for the inits that need the values
+# themselves, not only their range (the MSE clip below).
+CALIB_SAMPLE = 1 << 16
+
+
+@torch.no_grad()
+def mse_clip(x: Tensor, grid_of, top: Tensor, candidates: int = 100) -> Tensor:
+    """The clip c in {top·k/candidates, k = 1..candidates} whose grid ``grid_of(c)`` = (lo, hi, z, s) gives the
+    least mean((Q(x) - x)²) on ``x``: the MSE initialisation of Brevitas's ``*MSE`` quantizers and LSQ+
+    (Bhalgat et al. 2020), which start a learned range where it already fits the data rather than at a rule
+    of thumb. The first of equal errors (the smallest clip) wins."""
+    best, best_err = top, math.inf
+    for k in range(1, candidates + 1):
+        c = top * (k / candidates)
+        err = float((F.exact_quantize(x, *grid_of(c)) - x).square().mean())
+        if err < best_err:
+            best, best_err = c, err
+    return best
+
+
 # ------------------------------------------------------------------------------------ statistics
 
 
@@ -201,6 +224,7 @@ class FixedBitActQuantizer(FixedBitQuantizer):
         self.register_buffer("obs_max", torch.tensor(-math.inf))
         self.register_buffer("obs_abs_sum", torch.tensor(0.0))
         self.register_buffer("obs_count", torch.tensor(0.0))
+        self._samples: list[Tensor] = []  # calibration values (not state: only calibrate_ reads them)
 
     def _observe(self, x: Tensor) -> None:
         x = x.detach()
@@ -208,10 +232,17 @@ class FixedBitActQuantizer(FixedBitQuantizer):
         self.obs_max.copy_(torch.maximum(self.obs_max, x.max()))
         self.obs_abs_sum.add_(x.abs().sum())
         self.obs_count.add_(x.numel())
+        self._samples.append(x.reshape(-1)[:: max(1, math.ceil(x.numel() / CALIB_SAMPLE))].float().clone())
 
     @property
     def obs_abs_mean(self) -> Tensor:
         return self.obs_abs_sum / self.obs_count.clamp_min(1)
+
+    def calib_sample(self) -> Tensor:
+        """The observed values kept for initialisation (a strided subsample of every calibration batch)."""
+        if not self._samples:
+            raise RuntimeError("activation quantizer saw no calibration data")
+        return torch.cat(self._samples)
 
     @torch.no_grad()
     def calibrate_(self, init_bits: float) -> None:
@@ -222,6 +253,7 @@ class FixedBitActQuantizer(FixedBitQuantizer):
         self.is_signed.fill_(signed)
         self._init_from_observers(signed)
         self.calibrated.fill_(True)
+        self._samples = []
 
     def _init_from_observers(self, signed: bool) -> None:
         pass

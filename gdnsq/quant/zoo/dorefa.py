@@ -77,6 +77,6 @@ class DoReFaActQuantizer(FixedBitActQuantizer):
 def create_dorefa(weight_shape, spec):
     method_args(spec, "dorefa", {})
     return (
-        DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-        DoReFaActQuantizer(int_bits(spec.target_a), signed=spec.act_signed),
+        DoReFaWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel),
+        DoReFaActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed),
     )

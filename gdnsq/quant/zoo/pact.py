@@ -9,7 +9,10 @@ Activations (n = 2**k - 1 steps; α learnable, per tensor)::
 the layer; our extension) clip to [-α, α] and dŷ/dα = +1 above α, -1 below -α.
 Optional L2 on α (PACT's regulariser), ``quant.method_args.alpha_l2`` = λ_α (default 0): the term
 λ_α·α² is returned by ``extra_loss()`` and added to the training loss by the objective.
-Init: α = the calibration batches' max |x| (the shared min/max protocol; the paper starts at α = 10).
+Init: α = the MSE clip of the calibration values (``common.mse_clip``, the init Brevitas and LSQ+ use for a
+learned range). The paper starts at α = 10 and lets the L2 term pull it down, which assumes ImageNet-scale
+activations and a long run; starting at the calibration max (this module before) put a 2-bit grid's levels
+where the long post-ReLU tail is, not where the values are.
 Weights: ``dorefa.DoReFaWeightQuantizer``.
 """
 
@@ -24,6 +27,7 @@ from .common import (
     fake_quant_ste,
     int_bits,
     method_args,
+    mse_clip,
     range_grid,
 )
 from .dorefa import DoReFaWeightQuantizer
@@ -38,8 +42,8 @@ class PACTActQuantizer(FixedBitActQuantizer):
         self.alpha_l2 = float(alpha_l2)
 
     def _init_from_observers(self, signed: bool) -> None:
-        top = torch.maximum(self.obs_max, -self.obs_min) if signed else self.obs_max
-        self.alpha.copy_(top.clamp_min(1e-3))
+        top = (torch.maximum(self.obs_max, -self.obs_min) if signed else self.obs_max).clamp_min(1e-3)
+        self.alpha.copy_(mse_clip(self.calib_sample(), self._grid, top))
 
     def _grid(self, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lo = -alpha if bool(self.is_signed) else alpha.detach() * 0
@@ -64,6 +68,6 @@ class PACTActQuantizer(FixedBitActQuantizer):
 def create_pact(weight_shape, spec):
     args = method_args(spec, "pact", DEFAULTS)
     return (
-        DoReFaWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel),
-        PACTActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, alpha_l2=args["alpha_l2"]),
+        DoReFaWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel),
+        PACTActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, alpha_l2=args["alpha_l2"]),
     )

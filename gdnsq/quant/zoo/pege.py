@@ -25,11 +25,12 @@ The abstract states two things; each is implemented here, every detail beyond it
    elements (not only the replaced ones; sg = stop-gradient): it pulls x towards its level and fits the
    step s to x (an MSE-optimal step). Relative, so one λ fits every layer and bit-width; clipping is
    included because without it shrinking s until everything clips is a zero-error optimum (a rounding-only
-   version did exactly that; docs/results.md, "Figures formerly in docstrings"). Applied to weights and
+   version did exactly that; docs/results.md, "Decisions"). Applied to weights and
    activations alike; λ = ``quant.method_args.error_weight`` (0.1).
 
 The forward quantizer Q: the abstract says PEGE works with any forward method; we use LSQ's
-(``lsq.py``: learned step, gradient scale, same grids), so ``pege`` vs ``lsq`` isolates PEGE's part.
+(``lsq.py``: learned step, gradient scale, same grids, the same MSE init of the activation steps), so
+``pege`` vs ``lsq`` isolates PEGE's part.
 """
 
 from __future__ import annotations
@@ -106,8 +107,16 @@ class PEGEWeightQuantizer(_PEGEMixin, LSQWeightQuantizer):
 
 
 class PEGEActQuantizer(_PEGEMixin, LSQActQuantizer):
-    def __init__(self, bits: int, *, signed: str = "auto", error_weight: float = 0.1, ramp_end: float = 0.8):
-        super().__init__(bits, signed=signed)
+    def __init__(
+        self,
+        bits: int,
+        *,
+        signed: str = "auto",
+        error_weight: float = 0.1,
+        ramp_end: float = 0.8,
+        mse_init: bool = False,
+    ):
+        super().__init__(bits, signed=signed, mse_init=mse_init)
         self._init_pege(error_weight, ramp_end)
 
     def _train(self, x: Tensor) -> Tensor:
@@ -121,6 +130,6 @@ class PEGEActQuantizer(_PEGEMixin, LSQActQuantizer):
 def create_pege(weight_shape, spec):
     args = method_args(spec, "pege", DEFAULTS)
     return (
-        PEGEWeightQuantizer(weight_shape, int_bits(spec.target_w), per_channel=spec.per_channel, **args),
-        PEGEActQuantizer(int_bits(spec.target_a), signed=spec.act_signed, **args),
+        PEGEWeightQuantizer(weight_shape, int_bits(spec.bound_w), per_channel=spec.per_channel, **args),
+        PEGEActQuantizer(int_bits(spec.bound_a), signed=spec.act_signed, mse_init=True, **args),
     )

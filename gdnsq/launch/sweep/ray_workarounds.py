@@ -1,6 +1,6 @@
 """Workarounds for Ray Tune / Train internals in a sweep (ray#54305 and ASHA's last rung).
 
-This module imports Ray at its top: only :mod:`gdnsq.launch.ray_tune` imports it, inside functions, so
+This module imports Ray at its top: only :mod:`gdnsq.launch.sweep.tune` imports it, inside functions, so
 validating a sweep file needs no Ray. Its classes live at module level under their own names, so pickle
 (Tune's ``tuner.pkl`` on restore, the Train controller) finds them by module path.
 
@@ -17,7 +17,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from .sweep_plan import run_name
+from .plan import run_name
 
 log = logging.getLogger("gdnsq")
 

@@ -1,7 +1,7 @@
 """The sweep report: the trial table from Tune's results, the best trial, and the table as text, CSV,
 JSON and a PNG, saved next to the experiment and as artifacts of the sweep's MLflow run. When trials carry
 size figures (their run summaries' ``bytes_payload`` / ``bops``), also the Pareto fronts of test top-1 against
-bytes and BOPs (:mod:`gdnsq.launch.pareto`) as ``pareto_front.{csv,png}``."""
+bytes and BOPs (:mod:`gdnsq.launch.sweep.pareto`) as ``pareto_front.{csv,png}``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import math
 import tempfile
 from pathlib import Path
 
+from ..storage import SUMMARY_FILE, read_json, write_bytes
 from .pareto import FRONTS, front_kind, mark_fronts
-from .storage import SUMMARY_FILE, read_json, write_bytes
-from .sweep_plan import SweepPlan, run_name
+from .plan import SweepPlan, run_name
 
 log = logging.getLogger("gdnsq")
 
@@ -185,61 +185,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(out)
 
 
-def draw_summary(summary: dict) -> bytes | None:
-    """PNG: the metric against each swept setting, and validation top-1 against average weight bits."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    trials = [r for r in summary["trials"] if r["score"] is not None]
-    if not trials:
-        return None
-    params = summary["params"][:6]
-    n = len(params) + 1
-    fig = Figure(figsize=(3.4 * n, 3.2))
-    FigureCanvasAgg(fig)
-    style = {
-        "completed": {"marker": "o", "color": "C0"},
-        "stopped": {"marker": "x", "color": "C1"},
-        "error": {"marker": "s", "color": "C3"},
-    }
-    for i, key in enumerate(params):
-        ax = fig.add_subplot(1, n, i + 1)
-        values = [r["params"][key] for r in trials]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if numeric:
-            xs = [float(v) for v in values]
-            if min(xs) > 0 and max(xs) / min(xs) > 20:
-                ax.set_xscale("log")
-        else:
-            cats = sorted({str(v) for v in values})
-            xs = [cats.index(str(v)) for v in values]
-            ax.set_xticks(range(len(cats)), cats)
-        for x, r in zip(xs, trials):
-            ax.scatter([x], [r["score"]], s=90 if r["best"] else 30, **style[r["status"]])
-        ax.set_xlabel(key)
-        ax.tick_params(axis="x", labelrotation=30)
-        ax.set_ylabel(summary["metric"])
-        ax.grid(alpha=0.3)
-    ax = fig.add_subplot(1, n, n)
-    for r in trials:
-        if r["avg_bits_w"] is None or r["top1"] is None:
-            continue
-        marker, color = style[r["status"]]["marker"], style[r["status"]]["color"]
-        if marker == "x":  # an x has no face to leave hollow
-            kw = {"c": color}
-        else:
-            kw = {"facecolors": color if r["converged"] else "none", "edgecolors": color}
-        ax.scatter([r["avg_bits_w"]], [r["top1"]], s=90 if r["best"] else 30, marker=marker, **kw)
-    ax.set_xlabel("average weight bits")
-    ax.set_ylabel("val top-1 % (hollow: not converged)")
-    ax.grid(alpha=0.3)
-    fig.suptitle(f"sweep {summary['name']}: o completed, x stopped early")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return buf.getvalue()
-
-
 def _csv_text(cols: list[str], rows: list[dict]) -> bytes:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=cols)
@@ -276,7 +221,7 @@ def front_rows(summary: dict) -> tuple[list[str], list[dict]]:
 
 def draw_front(summary: dict) -> bytes | None:
     """PNG of the fronts (gdnsq.tracking.plots.draw_pareto_front) over the trials with size figures."""
-    from ..tracking.plots import draw_pareto_front
+    from ...tracking.plots import draw_pareto_front
 
     def label(r: dict) -> str:  # the trial and its budget
         return r["trial_id"] + "".join(
@@ -311,11 +256,13 @@ def _plot(draw, summary: dict) -> bytes | None:
 def save_summary(summary: dict, experiment: str, parent) -> None:
     """sweep_summary.{json,csv,png} (and pareto_front.{csv,png} with a front) next to the experiment and as
     artifacts of the sweep's run."""
+    from ...tracking.plots import draw_sweep_summary
+
     files = {
         f"{SUMMARY_STEM}.json": json.dumps(summary, indent=1, default=str).encode(),
         f"{SUMMARY_STEM}.csv": _csv_text(*_csv_rows(summary)),
     }
-    png = _plot(draw_summary, summary)
+    png = _plot(draw_sweep_summary, summary)
     if png:
         files[f"{SUMMARY_STEM}.png"] = png
     front = summary.get("front")

@@ -1,17 +1,17 @@
 """Ray Tune edge: the sweep driver, in which every trial is a full Ray Train (DDP) run.
 
-:func:`run_sweep` validates the sweep file (:func:`gdnsq.launch.sweep_plan.load_sweep`, before Ray is
+:func:`run_sweep` validates the sweep file (:func:`gdnsq.launch.sweep.plan.load_sweep`, before Ray is
 imported), runs the pre-flight on the base job, and builds the Tuner. Tune runs :func:`run_trial` per
 trial, which builds the trial's JobConfig from base + sampled params and fits it with
 :func:`gdnsq.launch.ray_train.fit` (Train V2's driver-function pattern; per-epoch metrics reach Tune
 through ``TuneReportCallback``). Trial runs are named ``<sweep>-<trial_id>`` and live in
 ``<storage>/<sweep>/trials``, so a restored sweep (``resume=True``) finds and resumes them from their own
-checkpoints. The workarounds for Ray's internals are in :mod:`gdnsq.launch.ray_workarounds`.
+checkpoints. The workarounds for Ray's internals are in :mod:`gdnsq.launch.sweep.ray_workarounds`.
 
 MLflow: the driver owns a parent run; each trial's run is nested under it. At the end the best trial
-(by the sweep metric) is registered with the champion rule (:mod:`gdnsq.launch.register`); a sweep over
+(by the sweep metric) is registered with the champion rule (:mod:`gdnsq.launch.sweep.register`); a sweep over
 ``quant.budget.*`` registers every converged trial, tagging the Pareto front's versions. The trial table
-and the front are saved (:mod:`gdnsq.launch.sweep_report`).
+and the front are saved (:mod:`gdnsq.launch.sweep.report`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import JobConfig, from_dict, to_dict
-from ..errors import SweepError
-from .local import preflight
-from .pareto import front_tags, is_front_sweep
-from .storage import exists, read_json, storage_root, write_bytes
-from .sweep_plan import SweepPlan, load_sweep, param_space, plan_concurrency, run_name, trial_config
-from .sweep_report import SUMMARY_STEM, best_trial, save_summary, summarize
+from ...config import JobConfig, from_dict, to_dict
+from ...errors import SweepError
+from ..preflight import preflight
+from ..storage import exists, read_json, storage_root, write_bytes
+from .plan import SweepPlan, load_sweep, param_space, plan_concurrency, run_name, trial_config
+from .register import register_trials
+from .report import SUMMARY_STEM, save_summary, summarize
 
 log = logging.getLogger("gdnsq")
 
@@ -52,7 +52,7 @@ def run_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .ray_train import fit
+    from ..ray_train import fit
     from .ray_workarounds import PlacementGroupRecorder
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -148,7 +148,7 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
     import ray
     from ray import tune
 
-    from .ray_train import place
+    from ..ray_train import place
 
     if resume and (state is None or not tune.Tuner.can_restore(experiment)):
         raise SweepError(f"--resume: no sweep {plan.sweep.name!r} to resume at {experiment}")
@@ -160,7 +160,7 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
     # Trials share the cluster: an unset CPU share (None = a whole node) means 1 CPU per worker here.
     base["ray"]["cpus_per_worker"] = plan.job.ray.cpus_per_worker or 1
     if plan.job.tracking.enabled:
-        from ..tracking.store import resolve_tracking_uri
+        from ...tracking.store import resolve_tracking_uri
 
         base.setdefault("tracking", {})["uri"] = resolve_tracking_uri(plan.job.tracking.uri)
     if resume:
@@ -202,7 +202,7 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
         summary, run_summaries = summarize(results, plan, trials_dir)
         summary.update(experiment=experiment, parent_run_id=parent_run_id)
         if parent_run_id:
-            from ..tracking.run import close_trial_runs
+            from ...tracking.run import close_trial_runs
 
             close_trial_runs(
                 job.tracking.uri,
@@ -223,65 +223,6 @@ def run_sweep(path: str | Path, overrides: dict[str, Any] | None = None, *, resu
             parent.finish(status)
 
 
-def register_trials(
-    summary: dict, run_summaries: dict[str, dict], base: dict, plan: SweepPlan, trials_dir: str
-) -> str | None:
-    """Register the best trial; in a front sweep (over ``quant.budget.*``) every converged trial that ran to the
-    end too, the best last (so its champion mark is final), each tagged ``sweep`` and with its front membership
-    (:func:`gdnsq.launch.pareto.front_tags`). Sets each row's ``registered``; returns the best's NAME/VERSION."""
-    best = best_trial(summary)
-    rows = [best] if best is not None else []
-    if is_front_sweep(plan.sweep.space):
-        done = [r for r in summary["trials"] if r["status"] == "completed" and r["test_converged"]]
-        rows = [r for r in done if r is not best] + rows
-    for r in rows:
-        ref = register_trial(
-            r,
-            run_summaries.get(r["trial_id"]),
-            base,
-            plan.sweep.name,
-            trials_dir,
-            front_tags(r, plan.sweep.name, summary.get("front")),
-        )
-        # only the best's "(champion)" is final: a version registered before it may have lost the alias
-        r["registered"] = ref if r is best or ref is None else ref.split()[0]
-    return best["registered"] if best is not None else None
-
-
-def register_trial(
-    row: dict,
-    run_summary: dict | None,
-    base: dict,
-    sweep_name: str,
-    trials_dir: str,
-    tags: dict[str, str] | None = None,
-) -> str | None:
-    """Register a trial's best state under the champion rule (:func:`register_checkpoint`), with extra version
-    ``tags``."""
-    from ray.train import Checkpoint
-
-    from .ray_worker import load_ray_checkpoint
-    from .register import register_checkpoint
-
-    what = f"{'the best ' if row.get('best') else ''}trial {row['trial_id']}"
-    if not (row.get("ns_top1") or 0) > 0:  # the table's own rule: only converged models score
-        log.info("not registering: %s did not converge to its bit targets", what)
-        return None
-    if not row.get("checkpoint"):
-        log.warning("not registering %s: it has no checkpoint", what)
-        return None
-    cfg = trial_config(base, row["params"], sweep_name, row["trial_id"], trials_dir)
-    state = load_ray_checkpoint(Checkpoint(row["checkpoint"]))
-    if not state.get("mlflow_run_id"):
-        log.warning("not registering %s: its run never reached MLflow", what)
-        return None
-    # A trial stopped early has no test-split summary: it competes with its best validation epoch.
-    summary = run_summary or {k: row[k] for k in ("ns_top1", "top1", "avg_bits_w", "avg_bits_a", "converged")}
-    return register_checkpoint(
-        cfg, state, summary, state["mlflow_run_id"], what=what, checkpoint_path=row["checkpoint"], tags=tags
-    )
-
-
 # ---------------------------------------------------------------------------------- mlflow runs
 
 
@@ -289,9 +230,9 @@ def _parent_tracker(job: JobConfig, plan: SweepPlan, run_id: str | None):
     """The sweep's MLflow run (reattached on resume); None when tracking is off."""
     if not job.tracking.enabled:
         return None
-    from ..config import flatten
-    from ..tracking.names import scrub_tree
-    from ..tracking.run import RunTracker
+    from ...config import flatten
+    from ...tracking.names import scrub_tree
+    from ...tracking.run import RunTracker
 
     # A longer first wait than a trial's: the trials need the parent's run id before they start.
     tracker = RunTracker(

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ..config import (
+from ...config import (
     JobConfig,
     SweepConfig,
     apply_overrides,
@@ -43,8 +43,8 @@ from ..config import (
     set_dotted,
     setting_type,
 )
-from ..errors import ConfigError, SweepError
-from .local import check_structure
+from ...errors import ConfigError, SweepError
+from ..preflight import check_structure
 
 log = logging.getLogger("gdnsq")
 
@@ -149,7 +149,7 @@ def check_metric(metric: str) -> None:
     import difflib
     import re
 
-    from ..training.job import EPOCH_METRICS
+    from ...training.job import EPOCH_METRICS
 
     known = EPOCH_METRICS + RAY_METRICS
     if metric in known or re.fullmatch(r"dist/checksum/r\d+", metric):

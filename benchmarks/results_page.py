@@ -1,0 +1,326 @@
+"""Build docs/results.md from the committed CSVs under results/ and nothing else.
+
+    python benchmarks/results_page.py            # rewrite docs/results.md
+    python benchmarks/results_page.py --check    # exit 1 if docs/results.md is not what the CSVs give
+
+One table per question (the quick start's accuracy, the methods, mixed precision, speed, deployment, the
+decisions), each with the command that reproduces it, read from the rows' ``command`` column. Means and
+standard deviations are computed here from the per-seed rows; nothing is typed in. tests/test_results_page.py
+fails when the page and the CSVs disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+
+PAGE = provenance.ROOT / "docs" / "results.md"
+TARGETS = ("W4A4", "W3A3", "W2A2", "W1A1")
+# Issue 11's goals for the quick start: 3-seed mean gap to the FP teacher, in points.
+GOALS = {"W4A4": -0.3, "W2A2": -1.0, "W1A1": -3.0}
+ARM_ORDER = ("gdnsq", "brevitas", "lsq", "pege", "codeq", "dorefa", "pact", "bnnpp")
+
+
+def load(name: str, folder: Path = provenance.RESULTS) -> list[dict]:
+    with open(folder / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(v: str) -> float:
+    return float(v)
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pm(values: list[float]) -> str:
+    m, sd = stats(values)
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def seeds(rows: list[dict]) -> str:
+    s = sorted({int(r["seed"]) for r in rows})
+    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 2 else ", ".join(map(str, s))
+
+
+def commands(rows: list[dict]) -> list[str]:
+    """The rows' distinct commands; per-seed commands of one kind (``--train.seed 3``) shown once, seed as S."""
+    out: dict[str, set[int]] = {}
+    for r in rows:
+        seed = r.get("seed", "")
+        cmd = r["command"]
+        if seed and f"--train.seed {seed} " in cmd + " ":
+            cmd = re.sub(rf"(--train\.seed |_s){seed}\b", r"\1S", cmd)
+            out.setdefault(cmd, set()).add(int(seed))
+        else:
+            out.setdefault(cmd, set())
+    lines = []
+    for cmd, seen in out.items():
+        lines.append(cmd if not seen else f"{cmd}  # S = {seeds([{'seed': s} for s in seen])}")
+    return lines
+
+
+def code_block(cmds: list[str]) -> list[str]:
+    return ["```bash", *cmds, "```"]
+
+
+def teacher_label(rows: list[dict]) -> str:
+    t = {r["teacher_top1"] for r in rows}
+    return f"{num(t.pop()):.2f} %" if len(t) == 1 else "per seed"
+
+
+def newest_teacher(rows: list[dict]) -> str:
+    """The teacher of the most recently dated rows (ties: the one with the most rows)."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["teacher"]].append(r)
+    return max(by, key=lambda t: (max(r["date"] for r in by[t]), len(by[t])))
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+def quickstart_section(methods: list[dict], quick: list[dict]) -> list[str]:
+    out = [
+        "## What the quick start gets",
+        "",
+        "`gdnsq quickstart --target WxAy`: the bundled digits, the small CNN, 2,160 QAT steps from an 8-bit start,",
+        "distilled from an FP teacher (test top-1 %, mean ± sd over seeds; gap = quantized − FP, per seed, averaged).",
+        "*Harness* rows are the quick start's recipe run by `benchmarks/compare_methods.py --epochs 40` against one",
+        "saved teacher; *quick start* rows are `gdnsq quickstart` itself, each seed with its own in-run teacher.",
+        "",
+        "| target | how | seeds | top-1 | FP teacher | gap to FP | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    used = []
+    for target in TARGETS:
+        harness = [r for r in methods if r["method"] == "gdnsq" and r["steps"] == "2160" and not r["settings"]]
+        harness = [r for r in harness if r["target"] == target]
+        if harness:
+            t = newest_teacher(harness)
+            harness = [r for r in harness if r["teacher"] == t]
+        itself = [r for r in quick if r["target"] == target and not r["settings"]]
+        for how, rows in (("harness", harness), ("quick start", itself)):
+            if not rows:
+                continue
+            used += rows
+            gaps = [num(r["top1"]) - num(r["teacher_top1"]) for r in rows]
+            gap = statistics.fmean(gaps)
+            goal = GOALS.get(target)
+            mark = "–" if goal is None else f"≥ {goal:+.1f} {'✓' if gap >= goal else '✗'}"
+            fp = teacher_label(rows) if how == "harness" else f"{pm([num(r['teacher_top1']) for r in rows])}"
+            out.append(
+                f"| **{target}** | {how} | {seeds(rows)} | {pm([num(r['top1']) for r in rows])} | {fp} | "
+                f"**{gap:+.2f}** | {mark} |"
+            )
+    out += ["", "Reproduce (one seed: `gdnsq quickstart --target W2A2`, about 3 minutes on 2 cores):", ""]
+    return out + code_block(commands(used)) + [""]
+
+
+def methods_section(methods: list[dict]) -> list[str]:
+    plain = [r for r in methods if not r["settings"] and r["source"] == "measured"]
+    if not plain:
+        return []
+    teacher = max({r["teacher"] for r in plain}, key=lambda t: len({r["method"] for r in plain if r["teacher"] == t}))
+    rows = [r for r in plain if r["teacher"] == teacher]
+    cols = sorted({(r["steps"], r["target"]) for r in rows}, key=lambda c: (int(c[0]), TARGETS.index(c[1])))
+    arms = [a for a in ARM_ORDER if any(r["method"] == a for r in rows)]
+    cell = defaultdict(list)
+    for r in rows:
+        cell[(r["method"], r["steps"], r["target"])].append(r)
+    out = [
+        "## GDNSQ against the field",
+        "",
+        "Every method on the same data, the same saved FP teacher (`benchmarks/compare_methods.py`; test top-1",
+        f"{teacher_label(rows)}, `{teacher}`), the quick start's recipe and the same steps; only the quantizers",
+        "differ (`gdnsq/quant/zoo/`, and Brevitas's own learned-scale, MSE-initialised quantizers at the same",
+        "layers: `benchmarks/brevitas_arm.py`). Test top-1 %, mean ± sd over seeds "
+        f"{seeds(rows)}; (n): a cell with another",
+        "number of seeds; *: a run that did not converge. The last row is GDNSQ's margin over the best other arm",
+        "of each column.",
+        "",
+        "| method | " + " | ".join(f"{t}, {int(s):,} steps" for s, t in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    n_main = statistics.mode(len(v) for v in cell.values())
+    for arm in arms:
+        cells = []
+        for s, t in cols:
+            rs = cell.get((arm, s, t))
+            if not rs:
+                cells.append("–")
+                continue
+            text = pm([num(r["top1"]) for r in rs])
+            text += "" if len(rs) == n_main else f" ({len(rs)})"
+            text += "" if all(r["converged"] == "True" for r in rs) else " *"
+            cells.append(f"**{text}**" if arm == "gdnsq" else text)
+        out.append(f"| {arm} | " + " | ".join(cells) + " |")
+    margins = []
+    for s, t in cols:
+        g = cell.get(("gdnsq", s, t))
+        others = {a: statistics.fmean(num(r["top1"]) for r in cell[(a, s, t)]) for a in arms if (a, s, t) in cell}
+        others.pop("gdnsq", None)
+        if not g or not others:
+            margins.append("–")
+            continue
+        best = max(others, key=others.get)
+        margins.append(f"**{stats([num(r['top1']) for r in g])[0] - others[best]:+.2f}** vs {best}")
+    out.append("| GDNSQ − best other arm | " + " | ".join(margins) + " |")
+    out += ["", "Reproduce:", ""]
+    return out + code_block(commands(rows)) + [""]
+
+
+def mixed_section(mixed: list[dict]) -> list[str]:
+    def label(r):
+        if r["arm"] != "mixed":
+            return f"uniform {r['arm']} W{r['bits']}A{r['bits']}"
+        what = "weights + inputs" if "act_budget" in r["settings"].split() else "weights only"
+        frac = "" if num(r["fraction"]) == 1.0 else f", {num(r['fraction']):.0%} of the bytes"
+        return f"mixed ({what}{frac})"
+
+    def family(r):  # runs compared with each other: same teacher, width and recipe (act_budget is the arm's)
+        return r["teacher"], r["bits"], " ".join(w for w in r["settings"].split() if w != "act_budget")
+
+    out = [
+        "## Mixed precision against uniform widths at equal bytes",
+        "",
+        "`benchmarks/mixed_vs_uniform.py`: the budget is the packed bytes of the uniform GDNSQ WkAk student;",
+        "*mixed* learns each layer's weight width (and with `--act-budget` the inputs' widths, k bits per input",
+        "element on average) within it. Digits CNN, 2,160 steps, test top-1 %, mean ± sd.",
+        "",
+        "| teacher | budget | recipe | arm | seeds | top-1 | mixed − best uniform |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups = defaultdict(list)
+    for r in mixed:
+        groups[family(r)].append(r)
+    newest_first = sorted(groups.items(), key=lambda kv: (max(r["date"] for r in kv[1]), -int(kv[0][1])), reverse=True)
+    for (_, bits, recipe), rs in newest_first:
+        arms = defaultdict(list)
+        for r in rs:
+            arms[label(r)].append(r)
+        uniform = [stats([num(r["top1"]) for r in a])[0] for k, a in arms.items() if k.startswith("uniform")]
+        for name, a in sorted(arms.items(), key=lambda kv: (not kv[0].startswith("mixed"), kv[0])):
+            delta = ""
+            if name.startswith("mixed") and uniform:
+                delta = f"**{stats([num(r['top1']) for r in a])[0] - max(uniform):+.2f}**"
+            out.append(
+                f"| {teacher_label(a)} | W{bits} bytes | {recipe or 'shipped'} | {name} | {seeds(a)} | "
+                f"{pm([num(r['top1']) for r in a])} | {delta} |"
+            )
+    out += ["", "Reproduce (one folder per seed set; `--report` prints the tables of a folder again):", ""]
+    return out + code_block(commands(mixed)) + [""]
+
+
+def speed_section(speed: list[dict]) -> list[str]:
+    out = [
+        "## Speed",
+        "",
+        "Measured on the shared 2-core CPU machine (indicative: the load is given); no GPU figures yet",
+        "(`bash benchmarks/gpu_check.sh` produces them on one GPU in under 5 minutes).",
+        "",
+        "| benchmark | variant | metric | values (load) | date |",
+        "|---|---|---|---|---|",
+    ]
+    groups = defaultdict(list)
+    for r in speed:
+        groups[(r["benchmark"], r["variant"], r["metric"])].append(r)
+    for (bench, variant, metric), rs in groups.items():
+        vals = ", ".join(f"{num(r['value']):g} {r['unit']}" + (f" ({r['load']})" if r["load"] else "") for r in rs)
+        out.append(f"| {bench} | {variant} | {metric} | {vals} | {', '.join(sorted({r['date'] for r in rs}))} |")
+    out += ["", "Reproduce:", ""]
+    return out + code_block(commands(speed)) + [""]
+
+
+def deployment_section(rows: list[dict]) -> list[str]:
+    out = ["## Deployment", ""]
+    if not rows:
+        return out + ["No rows yet: `results/deployment.csv` has its columns and waits for the export benchmark.", ""]
+    out += ["| model | method | target | format | runtime | device | top-1 | FP | bytes | ms |", "|---" * 10 + "|"]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['method']} | {r['target']} | {r['format']} | {r['runtime']} | {r['device']} | "
+            f"{r['top1']} | {r['fp_top1']} | {r['bytes']} | {r['latency_ms']} |"
+        )
+    return out + ["", *code_block(commands(rows)), ""]
+
+
+def decisions_section(rows: list[dict]) -> list[str]:
+    out = [
+        "## Decisions",
+        "",
+        "Options tried, what they measured against the run without them (test top-1 %, mean over the seeds given),",
+        "and whether they ship. The commands are in `results/decisions.csv`.",
+        "",
+        "| option | setting | cell | before → with | kept | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['option']} | `{r['setting']}` | {r['target']}, {int(r['steps']):,} steps, seeds {r['seeds']}"
+            + (f", teacher {r['teacher_top1']}" if r["teacher_top1"] else "")
+            + f" | {num(r['baseline']):.2f} → {num(r['measured']):.2f} "
+            f"(**{num(r['delta']):+.2f}**) | {r['kept']} | {r['why']} |"
+        )
+    return out + [""]
+
+
+HEADER = [
+    "# Results",
+    "",
+    "<!-- Generated by benchmarks/results_page.py from results/*.csv; edit the CSVs or the script, not this file. -->",
+    "",
+    "Every number below is computed from a row of the CSVs under `results/` (one per question), and every row",
+    "carries the commit, the command, the seed, the date and the FP teacher it was measured with. Older",
+    "exploration (six passes, other teachers) is in [lab-notebook.md](lab-notebook.md); nothing here depends on it.",
+    "",
+]
+
+FOOTER = [
+    "## How these were measured",
+    "",
+    "- Data: the bundled MNIST-5k digits (3,500 train / 500 val / 1,000 test, fixed split), batch 64, 54 steps an",
+    "  epoch; model `gdnsq_smallcnn` (FP stem conv and classifier, per-channel weights, per-tensor inputs).",
+    "- Harness teacher: trained once per folder by `compare_methods.py` (seeded, to a validation plateau) and",
+    "  passed to every run; `teacher` in a row is the SHA-256 prefix of its weights.",
+    "- Selection on the validation split (`ns_top1`: non-converged runs count 0); test top-1 reported.",
+    "- One torch thread per run, one run at a time, on a 2-core CPU shared with other work.",
+    "- Migrated rows (`source` starts with `migrated:`) were read from the old page at the commit named; their",
+    "  per-run files were not kept.",
+    "",
+]
+
+
+def build(folder: Path = provenance.RESULTS) -> str:
+    methods, quick = load("methods.csv", folder), load("quickstart.csv", folder)
+    lines = HEADER + quickstart_section(methods, quick) + methods_section(methods)
+    lines += mixed_section(load("mixed.csv", folder)) + speed_section(load("speed.csv", folder))
+    lines += deployment_section(load("deployment.csv", folder)) + decisions_section(load("decisions.csv", folder))
+    return "\n".join(lines + FOOTER)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from the CSVs' page")
+    args = p.parse_args(argv)
+    page = build()
+    if args.check:
+        same = PAGE.is_file() and PAGE.read_text() == page
+        print("docs/results.md is up to date" if same else "docs/results.md differs: run benchmarks/results_page.py")
+        return 0 if same else 1
+    PAGE.write_text(page)
+    print(f"written: {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""A run's identity: its name, its folder, and whether a stored run can be resumed or is already finished.
+
+Shared by both executors (in-process and Ray Train) and by sweeps; imports no Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from pathlib import Path
+
+from ..config import JobConfig, to_dict
+from ..errors import RunIdentityError
+from ..training.checkpoint import check_identity, fingerprint
+from .storage import SUMMARY_FILE, read_json, storage_root
+
+log = logging.getLogger("gdnsq")
+
+# A default name keeps this much of the model name: enough to recognise it, short enough for a path component.
+MODEL_NAME_CHARS = 40
+
+
+def with_run_name(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its run name: the given one, else '<model>-w<W>a<A>-<8 hex digits of the fingerprint>'.
+
+    The same defining settings give the same name (running them again resumes or returns the finished
+    run); any other defining setting gives another name, so default-named runs never collide.
+    """
+    if cfg.name:
+        return cfg
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.name.rsplit("/", 1)[-1])[:MODEL_NAME_CHARS]
+    name = f"{model}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}-{fingerprint(to_dict(cfg))[:8]}"
+    return dataclasses.replace(cfg, name=name)
+
+
+def run_dir(cfg: JobConfig) -> str:
+    return f"{storage_root(cfg).rstrip('/')}/{cfg.name}"
+
+
+def finished(cfg: JobConfig, ckpt: dict) -> bool:
+    """Whether the checkpointed run has nothing left to train under ``cfg`` (epochs done or stopped early)."""
+    done = int(ckpt["engine"]["epoch"]) >= cfg.train.epochs
+    return done or bool(cfg.train.patience and ckpt.get("stale", 0) >= cfg.train.patience)
+
+
+def stored_summary(cfg: JobConfig, ckpt: dict | None, folder: str) -> dict | None:
+    """The "already finished" rule, one place for both executors: a stored checkpoint trained with other
+    defining settings is refused (one line); a finished one with a stored summary returns that summary (nothing
+    is trained); otherwise None (train, resuming from ``ckpt`` when there is one)."""
+    if ckpt is None:
+        return None
+    check_identity(to_dict(cfg), ckpt, folder)
+    summary = read_json(f"{folder.rstrip('/')}/{SUMMARY_FILE}")
+    if finished(cfg, ckpt) and summary is not None:
+        log.info(
+            "run %s already finished (epoch %d): its stored summary, nothing trained", cfg.name, ckpt["engine"]["epoch"]
+        )
+        return summary
+    log.info("%s: resuming from the checkpoint of epoch %d", cfg.name, ckpt["engine"]["epoch"])
+    return None
+
+
+def set_aside(cfg: JobConfig) -> str | None:
+    """``--fresh``: move an existing run folder to '<name>.old-<time>' (nothing trained is deleted)."""
+    folder = run_dir(cfg)
+    if "://" in folder:
+        raise RunIdentityError(f"--fresh: cannot move the remote run {folder}; pass --name NEW instead")
+    if not Path(folder).exists():
+        return None
+    aside = f"{folder}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    Path(folder).rename(aside)
+    log.warning("--fresh: the earlier run %s was moved to %s", cfg.name, aside)
+    return aside

@@ -1,0 +1,78 @@
+"""docs/results.md is what benchmarks/results_page.py builds from the committed CSVs, and every CSV has its columns."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+
+
+def load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+page, provenance = load("results_page"), load("provenance")
+ACCURACY = ("methods.csv", "quickstart.csv", "mixed.csv", "deployment.csv")
+
+
+def rows(name: str) -> list[dict]:
+    with open(RESULTS / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_page_is_what_the_csvs_give():
+    expected = page.build()
+    assert (ROOT / "docs" / "results.md").read_text() == expected, (
+        "docs/results.md differs from the committed CSVs: run python benchmarks/results_page.py"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(provenance.SCHEMAS))
+def test_every_csv_has_its_columns_and_every_row_its_provenance(name):
+    with open(RESULTS / name, newline="") as f:
+        header = next(csv.reader(f))
+    assert tuple(header) == provenance.SCHEMAS[name]
+    for i, r in enumerate(rows(name), start=2):
+        assert None not in r and all(v is not None for v in r.values()), f"{name}:{i}: wrong number of fields"
+        for key in ("date", "commit", "source", "command"):
+            assert r[key].strip(), f"{name}:{i}: empty {key}"
+        if name in ACCURACY:
+            for key in ("teacher", "teacher_top1", "seed", "top1"):
+                assert r[key].strip(), f"{name}:{i}: empty {key}"
+            assert 0.0 <= float(r["top1"]) <= 100.0
+
+
+def test_no_results_csv_without_a_schema():
+    assert {p.name for p in RESULTS.glob("*.csv")} == set(provenance.SCHEMAS)
+
+
+def test_a_changed_row_changes_the_page(tmp_path):
+    folder = tmp_path / "results"
+    shutil.copytree(RESULTS, folder)
+    data = rows("methods.csv")
+    data[0]["top1"] = str(float(data[0]["top1"]) - 10.0)
+    with open(folder / "methods.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=provenance.SCHEMAS["methods.csv"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(data)
+    assert page.build(folder) != page.build(RESULTS)
+
+
+def test_rows_are_appended_under_the_files_own_header_only(tmp_path):
+    path = tmp_path / "speed.csv"
+    provenance.record("speed.csv", [{"date": "d", "value": 1}], path)
+    provenance.record("speed.csv", [{"date": "e", "value": 2}], path)
+    assert [r["value"] for r in csv.DictReader(open(path))] == ["1", "2"]
+    with pytest.raises(ValueError, match="header"):
+        provenance.record("mixed.csv", [{"date": "f"}], path)
