@@ -172,7 +172,7 @@ def register() -> None:
         method_args(spec, "brevitas", {})
         if spec.act_signed == "signed":
             raise ConfigError("quant.method brevitas: the arm quantizes unsigned (post-ReLU) inputs only")
-        bw, ba = int_bits(spec.target_w), int_bits(spec.target_a)
+        bw, ba = int_bits(spec.bound_w), int_bits(spec.bound_a)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             w_proxy, a_proxy = _proxies(weight_shape, bw, ba)

@@ -24,7 +24,9 @@ commit, command, date, the teacher's digest and test top-1, the seed, the overri
 MSE-initialised quantizers at the same placement; needs ``pip install 'brevitas==0.13.4'``, the [bench] extra).
 
 ``--seeds N`` runs every cell with seeds seed .. seed+N-1 against the ONE teacher (trained with ``--seed``) and
-reports mean ± sd per cell; ``--model`` swaps the student/teacher architecture (e.g. ``resnet10t``).
+reports mean ± sd per cell; ``--seed-list 1,2`` runs exactly those seeds against the same teacher (the missing
+cells of an interrupted run, in its ``--out`` folder so ``teacher.pt`` is reused); ``--model`` swaps
+the student/teacher architecture (e.g. ``resnet10t``).
 
 Writes ``teacher.pt``, ``results.csv``, ``results.json`` (rows + protocol + resolved recipe), ``results.md``
 and ``results.png`` in the output folder, after every run (an interrupted run keeps what it finished).
@@ -437,7 +439,13 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="dotted overrides of the recipe for every run, e.g. schedule.scale_t=50",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the teacher's seed, and the first run seed")
+    p.add_argument(
+        "--seed-list",
+        default=None,
+        metavar="S,S,...",
+        help="run exactly these seeds (the teacher stays --seed's): finish the missing cells of an earlier run",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--write-jobs", default=None, metavar="DIR", help="only write the ImageNet job files to DIR")
     p.add_argument(
@@ -450,6 +458,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.max_steps = 3, args.max_steps or 30
+    try:
+        args.run_seeds = (
+            [int(s) for s in args.seed_list.split(",") if s.strip()]
+            if args.seed_list is not None
+            else list(range(args.seed, args.seed + args.seeds))
+        )
+    except ValueError:
+        p.error(f"--seed-list: {args.seed_list!r} is not a comma-separated list of integers")
+    if not args.run_seeds:
+        p.error("--seed-list: no seed given")
     return args
 
 
@@ -538,7 +556,7 @@ def main(argv=None) -> int:
     protocol = {
         "data": "bundled MNIST-5k (3500 train / 500 val / 1000 test)",
         "model": shared["model"]["name"],
-        "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "seeds": args.run_seeds,
         "teacher": str(teacher),
         "teacher_epochs": args.teacher_epochs,
         "epochs": args.epochs,
@@ -554,7 +572,7 @@ def main(argv=None) -> int:
         for method in methods:
             if method in ONLY_AT and target not in ONLY_AT[method]:
                 continue
-            for seed in range(args.seed, args.seed + args.seeds):
+            for seed in args.run_seeds:
                 rows.append(run_one(args, recipe, method, target, teacher, seed))
                 record_row(args, rows[-1], teacher, stamp)
                 write_results(rows, out, protocol)  # partial results survive an interrupted run

@@ -16,7 +16,7 @@ import csv
 import re
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,6 +26,7 @@ PAGE = provenance.ROOT / "docs" / "results.md"
 TARGETS = ("W4A4", "W3A3", "W2A2", "W1A1")
 # Issue 11's goals for the quick start: 3-seed mean gap to the FP teacher, in points.
 GOALS = {"W4A4": -0.3, "W2A2": -1.0, "W1A1": -3.0}
+QUICKSTART_STEPS = "2160"  # the shipped recipe's budget: 40 epochs of 54 steps
 ARM_ORDER = ("gdnsq", "brevitas", "lsq", "pege", "codeq", "dorefa", "pact", "bnnpp")
 
 
@@ -44,7 +45,19 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 def pm(values: list[float]) -> str:
     m, sd = stats(values)
-    return f"{m:.2f} ± {sd:.2f}"
+    return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"  # one seed has no spread to show
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """mean(a) − mean(b) and its standard error sqrt(sd_a²/n_a + sd_b²/n_b) (None unless both have 2+ seeds)."""
+    (ma, sa), (mb, sb) = stats(a), stats(b)
+    return ma - mb, (None if min(len(a), len(b)) < 2 else (sa**2 / len(a) + sb**2 / len(b)) ** 0.5)
+
+
+def verdict(margin: float, se: float | None) -> str:
+    if se is None:
+        return "one seed"
+    return "ahead" if margin > 2 * se else "behind" if margin < -2 * se else "level"
 
 
 def seeds(rows: list[dict]) -> str:
@@ -52,12 +65,25 @@ def seeds(rows: list[dict]) -> str:
     return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 2 else ", ".join(map(str, s))
 
 
+def whole_run(cmd: str, commands: set[str]) -> str:
+    """A ``--seed-list`` command that finished the missing cells of a run in the same ``--out`` folder (same
+    teacher.pt) is shown as that run: its one command reproduces every cell."""
+    if "--seed-list" not in cmd:
+        return cmd
+    folder = re.search(r"--out (\S+)", cmd)
+    for other in sorted(commands):
+        if folder and "--seed-list" not in other and re.search(rf"--out {re.escape(folder[1])}(\s|$)", other):
+            return other
+    return cmd
+
+
 def commands(rows: list[dict]) -> list[str]:
     """The rows' distinct commands; per-seed commands of one kind (``--train.seed 3``) shown once, seed as S."""
     out: dict[str, set[int]] = {}
+    every = {r["command"] for r in rows}
     for r in rows:
         seed = r.get("seed", "")
-        cmd = r["command"]
+        cmd = whole_run(r["command"], every)
         if seed and f"--train.seed {seed} " in cmd + " ":
             cmd = re.sub(rf"(--train\.seed |_s){seed}\b", r"\1S", cmd)
             out.setdefault(cmd, set()).add(int(seed))
@@ -89,21 +115,23 @@ def newest_teacher(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------ sections
 
 
-def quickstart_section(methods: list[dict], quick: list[dict]) -> list[str]:
+def quickstart_section(methods: list[dict], quick: list[dict], speed: list[dict]) -> list[str]:
     out = [
         "## What the quick start gets",
         "",
-        "`gdnsq quickstart --target WxAy`: the bundled digits, the small CNN, 2,160 QAT steps from an 8-bit start,",
-        "distilled from an FP teacher (test top-1 %, mean ± sd over seeds; gap = quantized − FP, per seed, averaged).",
-        "*Harness* rows are the quick start's recipe run by `benchmarks/compare_methods.py --epochs 40` against one",
-        "saved teacher; *quick start* rows are `gdnsq quickstart` itself, each seed with its own in-run teacher.",
+        f"`gdnsq quickstart --target WxAy`: the bundled digits, the small CNN, {int(QUICKSTART_STEPS):,} QAT steps",
+        "from an 8-bit start, distilled from an FP teacher (test top-1 %, mean ± sd over seeds; gap = quantized −",
+        "FP, per seed, averaged). *Harness* rows are the quick start's recipe run by `benchmarks/compare_methods.py",
+        "--epochs 40` against one saved teacher; *quick start* rows are `gdnsq quickstart` itself, each seed with",
+        "its own in-run teacher.",
         "",
         "| target | how | seeds | top-1 | FP teacher | gap to FP | goal |",
         "|---|---|---|---|---|---|---|",
     ]
     used = []
     for target in TARGETS:
-        harness = [r for r in methods if r["method"] == "gdnsq" and r["steps"] == "2160" and not r["settings"]]
+        harness = [r for r in methods if r["method"] == "gdnsq" and r["steps"] == QUICKSTART_STEPS]
+        harness = [r for r in harness if not r["settings"]]
         harness = [r for r in harness if r["target"] == target]
         if harness:
             t = newest_teacher(harness)
@@ -122,7 +150,9 @@ def quickstart_section(methods: list[dict], quick: list[dict]) -> list[str]:
                 f"| **{target}** | {how} | {seeds(rows)} | {pm([num(r['top1']) for r in rows])} | {fp} | "
                 f"**{gap:+.2f}** | {mark} |"
             )
-    out += ["", "Reproduce (one seed: `gdnsq quickstart --target W2A2`, about 3 minutes on 2 cores):", ""]
+    wall = [r for r in speed if r["benchmark"] == "make_quickstart" and "quick start" in r["variant"]]
+    took = f" (`make quickstart` end to end: {num(wall[-1]['value']):g} {wall[-1]['unit']}, {wall[-1]['load']})"
+    out += ["", f"Reproduce one seed: `gdnsq quickstart --target W2A2`{took if wall else ''}; the rows above:", ""]
     return out + code_block(commands(used)) + [""]
 
 
@@ -146,7 +176,7 @@ def methods_section(methods: list[dict]) -> list[str]:
         "layers: `benchmarks/brevitas_arm.py`). Test top-1 %, mean ± sd over seeds "
         f"{seeds(rows)}; (n): a cell with another",
         "number of seeds; *: a run that did not converge. The last row is GDNSQ's margin over the best other arm",
-        "of each column.",
+        "of each column (mean − mean, ± the standard error of that difference from the two cells' seed spreads).",
         "",
         "| method | " + " | ".join(f"{t}, {int(s):,} steps" for s, t in cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -164,7 +194,7 @@ def methods_section(methods: list[dict]) -> list[str]:
             text += "" if all(r["converged"] == "True" for r in rs) else " *"
             cells.append(f"**{text}**" if arm == "gdnsq" else text)
         out.append(f"| {arm} | " + " | ".join(cells) + " |")
-    margins = []
+    margins, verdicts = [], defaultdict(list)
     for s, t in cols:
         g = cell.get(("gdnsq", s, t))
         others = {a: statistics.fmean(num(r["top1"]) for r in cell[(a, s, t)]) for a in arms if (a, s, t) in cell}
@@ -173,9 +203,14 @@ def methods_section(methods: list[dict]) -> list[str]:
             margins.append("–")
             continue
         best = max(others, key=others.get)
-        margins.append(f"**{stats([num(r['top1']) for r in g])[0] - others[best]:+.2f}** vs {best}")
+        margin, se = difference([num(r["top1"]) for r in g], [num(r["top1"]) for r in cell[(best, s, t)]])
+        margins.append(f"**{margin:+.2f}**" + ("" if se is None else f" ± {se:.2f}") + f" vs {best}")
+        verdicts[verdict(margin, se)].append(f"{t} {int(s):,}")
     out.append("| GDNSQ − best other arm | " + " | ".join(margins) + " |")
-    out += ["", "Reproduce:", ""]
+    said = {"ahead": "ahead by more than two standard errors", "level": "level within two", "behind": "behind"}
+    said["one seed"] = "not judged (one seed)"
+    summary = " and ".join(f"{said[v]} ({', '.join(verdicts[v])} steps)" for v in said if verdicts[v])
+    out += ["", f"Against the best other arm of each column, GDNSQ is {summary}.", "", "Reproduce:", ""]
     return out + code_block(commands(rows)) + [""]
 
 
@@ -195,11 +230,18 @@ def mixed_section(mixed: list[dict]) -> list[str]:
         "",
         "`benchmarks/mixed_vs_uniform.py`: the budget is the packed bytes of the uniform GDNSQ WkAk student;",
         "*mixed* learns each layer's weight width (and with `--act-budget` the inputs' widths, k bits per input",
-        "element on average) within it. Digits CNN, 2,160 steps, test top-1 %, mean ± sd.",
+        "element on average) within it. Digits CNN, "
+        + " / ".join(f"{int(v):,}" for v in sorted({r["steps"] for r in mixed}, key=int))
+        + " steps, test top-1 %, mean ± sd.",
         "",
         "| teacher | budget | recipe | arm | seeds | top-1 | mixed − best uniform |",
         "|---|---|---|---|---|---|---|",
     ]
+    # Per budget width, the rows of the teacher with the most runs (arms x seeds): runs on different teachers
+    # are not comparable, and one teacher per budget answers the question; the others' rows stay in the CSV.
+    runs = Counter((r["bits"], r["teacher"]) for r in mixed)
+    chosen = {bits: max((t for b, t in runs if b == bits), key=lambda t: runs[bits, t]) for bits, _ in runs}
+    mixed = [r for r in mixed if r["teacher"] == chosen[r["bits"]]]
     groups = defaultdict(list)
     for r in mixed:
         groups[family(r)].append(r)
@@ -217,7 +259,12 @@ def mixed_section(mixed: list[dict]) -> list[str]:
                 f"| {teacher_label(a)} | W{bits} bytes | {recipe or 'shipped'} | {name} | {seeds(a)} | "
                 f"{pm([num(r['top1']) for r in a])} | {delta} |"
             )
-    out += ["", "Reproduce (one folder per seed set; `--report` prints the tables of a folder again):", ""]
+    out += [
+        "",
+        "Per budget, the teacher with the most runs; the other teachers' rows are in `results/mixed.csv`.",
+        "Reproduce (one folder per seed set; `--report` prints the tables of a folder again):",
+        "",
+    ]
     return out + code_block(commands(mixed)) + [""]
 
 
@@ -226,7 +273,7 @@ def speed_section(speed: list[dict]) -> list[str]:
         "## Speed",
         "",
         "Measured on the shared 2-core CPU machine (indicative: the load is given); no GPU figures yet",
-        "(`bash benchmarks/gpu_check.sh` produces them on one GPU in under 5 minutes).",
+        "(`bash benchmarks/gpu_check.sh` produces them on one GPU).",
         "",
         "| benchmark | variant | metric | values (load) | date |",
         "|---|---|---|---|---|",
@@ -265,6 +312,7 @@ def decisions_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        r = {k: v.replace("|", "\\|") for k, v in r.items()}  # a | inside a cell would split it
         out.append(
             f"| {r['option']} | `{r['setting']}` | {r['target']}, {int(r['steps']):,} steps, seeds {r['seeds']}"
             + (f", teacher {r['teacher_top1']}" if r["teacher_top1"] else "")
@@ -302,8 +350,9 @@ FOOTER = [
 
 def build(folder: Path = provenance.RESULTS) -> str:
     methods, quick = load("methods.csv", folder), load("quickstart.csv", folder)
-    lines = HEADER + quickstart_section(methods, quick) + methods_section(methods)
-    lines += mixed_section(load("mixed.csv", folder)) + speed_section(load("speed.csv", folder))
+    speed = load("speed.csv", folder)
+    lines = HEADER + quickstart_section(methods, quick, speed) + methods_section(methods)
+    lines += mixed_section(load("mixed.csv", folder)) + speed_section(speed)
     lines += deployment_section(load("deployment.csv", folder)) + decisions_section(load("decisions.csv", folder))
     return "\n".join(lines + FOOTER)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -76,3 +77,50 @@ def test_rows_are_appended_under_the_files_own_header_only(tmp_path):
     assert [r["value"] for r in csv.DictReader(open(path))] == ["1", "2"]
     with pytest.raises(ValueError, match="header"):
         provenance.record("mixed.csv", [{"date": "f"}], path)
+
+
+def write_methods(folder: Path, data: list[dict]) -> None:
+    with open(folder / "methods.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=provenance.SCHEMAS["methods.csv"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(data)
+
+
+def margin_row(text: str) -> list[str]:
+    line = next(li for li in text.splitlines() if li.startswith("| GDNSQ − best other arm |"))
+    return [c.strip() for c in line.strip("|").split("|")[1:]]
+
+
+def test_the_margin_is_over_the_best_other_arm_of_each_column(tmp_path):
+    folder = tmp_path / "results"
+    shutil.copytree(RESULTS, folder)
+    data = rows("methods.csv")
+    cell = [r for r in data if r["method"] == "brevitas" and r["target"] == "W2A2" and r["steps"] == "432"]
+    cell = [r for r in cell if not r["settings"] and r["source"] == "measured"]
+    assert cell, "the method table has a Brevitas W2A2 432-step cell"
+    before = margin_row(page.build(folder))[0]
+    for r in cell:
+        r["top1"] = "99.9"  # Brevitas now leads that column by far
+    write_methods(folder, data)
+    text = page.build(folder)
+    after = margin_row(text)[0]
+    assert after != before
+    assert "behind (W2A2 432" in text and "behind (W2A2 432" not in page.build(RESULTS)  # the sentence follows
+    gdnsq = [
+        float(r["top1"])
+        for r in data
+        if r["method"] == "gdnsq"
+        and (r["target"], r["steps"]) == ("W2A2", "432")
+        and r["teacher"] == cell[0]["teacher"]
+        and not r["settings"]
+    ]
+    mean, se = statistics.fmean(gdnsq) - 99.9, statistics.stdev(gdnsq) / len(gdnsq) ** 0.5  # Brevitas's sd is 0
+    assert after == f"**{mean:+.2f}** ± {se:.2f} vs brevitas"  # a lead over GDNSQ: a negative margin
+
+
+def test_a_seed_list_run_that_finished_a_folder_is_shown_as_that_folders_command():
+    full = "python benchmarks/compare_methods.py --out out/x --epochs 40 --seeds 3 --methods gdnsq,lsq"
+    rest = "python benchmarks/compare_methods.py --out out/x --epochs 40 --seed-list 1,2 --methods lsq"
+    other = "python benchmarks/compare_methods.py --out out/x2 --epochs 40 --seed-list 1,2 --methods lsq"
+    shown = page.commands([{"command": c, "seed": "0"} for c in (full, rest, other)])
+    assert shown == [full, other]  # out/x2 is another folder (another teacher.pt): its command stays
