@@ -11,8 +11,9 @@ Per model (timm, random weights: latency and size do not depend on them), batch 
   and classifier FP, as surgery's defaults), exported with ``--onnx-target int8``.
 Latency: the median of ``--repeats`` runs of each artefact, the artefacts measured in turn round after round, so
 load from other processes hits all alike; the 1-minute load average is recorded beside each row (a shared 2-core
-machine is noisy). Rows go to results/deployment.csv. Accuracy through the runtimes is tested on the bundled digits
-(tests/export/test_onnx_int8.py), not here.
+machine is noisy). Rows go to results/speed.csv (benchmark ``deploy``): random weights measure latency and size, not
+accuracy, which results/deployment.csv holds; accuracy through the runtimes is tested on the bundled digits
+(tests/export/test_onnx_int8.py).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main() -> None:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     xn = x.numpy()
     rows, summary = [], {}
-    device = f"cpu {platform.machine()} x{os.cpu_count()}, {args.threads} threads"
+    device = f"cpu {platform.machine()} x{os.cpu_count()}, {args.threads} threads"  # as speed.csv's machine
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             files = {}
@@ -119,20 +120,19 @@ def main() -> None:
                     summary[(name, runtime, k)] = med / base
                     print(f"{name:18s} {runtime:12s} {k:18s} {1e3 * med:8.1f} ms  {med / base:5.2f}x FP32  "
                           f"{files[k].stat().st_size / 1e6:6.1f} MB  load {load:.1f}", flush=True)  # fmt: skip
-                    rows.append(
-                        {
-                            "date": provenance.today(), "commit": provenance.commit(), "source": "measured",
-                            "command": provenance.command(), "model": name,
-                            "method": "gdnsq" if k.startswith("gdnsq") else k,
-                            "target": k.split()[-1] if k.startswith("gdnsq") else "", "seed": 0,
-                            "format": "onnx-int8" if k != "fp32" else "onnx-fp32", "runtime": runtime,
-                            "device": device, "bytes": files[k].stat().st_size, "latency_ms": f"{1e3 * med:.2f}",
-                            "notes": f"batch {args.batch} at {args.size}x{args.size}, median of {args.repeats}, "
-                            f"{med / base:.3f}x FP32 same run, load average {load:.1f}, random weights",
-                        }
-                    )  # fmt: skip
+                    common = {
+                        "date": provenance.today(), "commit": provenance.commit(), "source": "measured",
+                        "command": provenance.command(), "benchmark": "deploy", "machine": device,
+                        "load": f"{load:.1f}", "variant": f"{name} {k} {runtime}", "seed": 0,
+                        "notes": f"batch {args.batch} at {args.size}x{args.size}, median of {args.repeats}, "
+                        "random weights (latency and size only)",
+                    }  # fmt: skip
+                    for metric, value, unit in (("latency_ms", f"{1e3 * med:.2f}", "ms"),
+                                                ("ratio_to_fp32", f"{med / base:.3f}", "x"),
+                                                ("file_bytes", files[k].stat().st_size, "B")):  # fmt: skip
+                        rows.append({**common, "metric": metric, "value": value, "unit": unit})
             if not args.no_record:  # per model, so a later model's failure keeps these rows
-                provenance.record("deployment.csv", rows)
+                provenance.record("speed.csv", rows)
             rows = []
     ours, anchor = (
         summary.get(("resnet18", "onnxruntime", "gdnsq-int8 W2A2")),
