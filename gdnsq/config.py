@@ -8,8 +8,13 @@ Every setting has exactly one dotted name (``quant.target_w``), the same in YAML
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import types
 import typing
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,174 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+# ------------------------------------------------------------------------------------ declared bounds
+# Each setting declares its bounds once, on its field (``lr: float = checked(2e-3, gt=0)``); every setting of
+# its type gets the type's rules as well (a finite float, an integer torch can hold, a string without control
+# characters). :func:`check_section` runs both at the top of a section's ``__post_init__``, and :func:`from_dict`
+# before a section is built, so a bad value fails in one line naming its field before any other check or use.
+
+INT_LIMIT = 2**63 - 1  # torch's and numpy's int64: a larger count overflows the first tensor made from it
+STR_LIMIT = 4096  # PATH_MAX: the longest path a setting can usefully hold
+_LINE_BREAKS = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators: not in a one-line message
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a setting accepts beyond its type: a range, a set of words, a test of its own."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    noun: str | None = None
+    """Word for an unknown choice ("unknown estimator 'x'; choose one of ..."); else "must be one of ..."."""
+    unit: str = ""
+    """Shown after the range ("in [1, 16] bits")."""
+    hint: str = ""
+    """Why the bound, shown in parentheses."""
+    empty: bool = False
+    """A string may be empty (a regex matching everything); otherwise "" is refused."""
+    test: Callable[[Any], str | None] | None = None
+    """A check of its own: the problem in a few words, or None."""
+
+
+def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **bounds) -> Any:
+    """A dataclass field with its :class:`Bounds` (``default`` or ``factory`` as in ``dataclasses.field``)."""
+    meta = {"bounds": Bounds(**bounds)}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_problem(value: float, b: Bounds, integer: bool) -> str | None:
+    lo, hi = (b.gt, b.ge)[b.gt is None], (b.lt, b.le)[b.lt is None]
+    ok = (
+        (b.ge is None or value >= b.ge)
+        and (b.gt is None or value > b.gt)
+        and (b.le is None or value <= b.le)
+        and (b.lt is None or value < b.lt)
+    )
+    if ok:
+        return None
+    hint = f" ({b.hint})" if b.hint else ""
+    if lo is not None and hi is not None:
+        left, right = "(["[b.gt is None], ")]"[b.lt is None]
+        kind = "an integer in " if integer else "in "
+        return f"must be {kind}{left}{_num(lo)}, {_num(hi)}{right}{b.unit}{hint}, got {value}"
+    op, bound = (">" if b.gt is not None else ">=", lo) if lo is not None else ("<" if b.lt is not None else "<=", hi)
+    return f"must be {op} {_num(bound)}{b.unit}{hint}, got {value}"
+
+
+def _type_problem(value: Any, tp: Any) -> str | None:
+    """The rules every setting of type ``tp`` follows, whatever its bounds."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and abs(value) > INT_LIMIT:
+        return f"must be within ±{INT_LIMIT} (int64), got {value:.3g}"
+    if isinstance(value, str):
+        if len(value) > STR_LIMIT:
+            return f"must be at most {STR_LIMIT} characters, got {len(value)}"
+        kinds = {unicodedata.category(c) for c in value}
+        if kinds & _LINE_BREAKS:
+            return f"must not contain control characters, got {_show(value)}"
+        if "Cs" in kinds:  # undecodable bytes from the command line (surrogate escapes): no file or console takes them
+            return f"must be UTF-8 text, got {_show(value)}"
+    return None
+
+
+def check_value(name: str, value: Any, tp: Any, bounds: Bounds | None = None) -> None:
+    """``value`` of the setting ``name`` (annotated ``tp``) against its type's rules and ``bounds``; one line."""
+    tp, _ = _unwrap_optional(tp)
+    if isinstance(value, list):
+        args = typing.get_args(tp)
+        for i, v in enumerate(value):
+            if not dataclasses.is_dataclass(v):
+                check_value(f"{name}[{i}]", v, args[0] if args else Any)
+        return
+    if isinstance(value, dict):
+        args = typing.get_args(tp)
+        for k, v in value.items():
+            check_value(f"{name}.{k}", str(k), str)
+            check_value(f"{name}.{k}", v, args[1] if len(args) == 2 else Any)
+        return
+    b, problem = bounds or Bounds(), None
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        span = f" in [{_num(b.ge)}, {_num(b.le)}]{b.unit}" if b.ge is not None and b.le is not None else ""
+        problem = f"must be an integer{span}, got {value}"
+    if problem is None and isinstance(value, str):  # a control character first: it explains an odd range or name
+        problem = _type_problem(value, tp) or _bounds_problem(value, b, integer=False)
+    elif problem is None and value is not None:  # a declared range names NaN's problem better than "finite" does
+        problem = _bounds_problem(value, b, integer=tp is int) or _type_problem(value, tp)
+    if problem is not None:
+        raise ConfigError(f"{name}: {problem}")
+
+
+def _bounds_problem(value: Any, b: Bounds, integer: bool) -> str | None:
+    if isinstance(value, str):
+        if b.choices is not None and value not in b.choices:
+            if b.noun:
+                return f"unknown {b.noun} {_show(value)}; choose one of {', '.join(b.choices)}"
+            return f"must be one of {', '.join(b.choices)}, got {_show(value)}"
+        if not value and not b.empty:
+            return "must not be empty (leave the setting out for its default)"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        problem = _range_problem(value, b, integer)
+        if problem:
+            return problem
+    return b.test(value) if b.test is not None else None
+
+
+# A run name is a folder under the storage path (and the same name in MLflow). Linux allows 255 bytes for one
+# folder name; '--fresh' appends '.old-YYYYmmdd-HHMMSS' (20 bytes), and MLflow keeps 250 characters of a run name.
+RUN_NAME_BYTES = 200
+SWEEP_NAME_BYTES = RUN_NAME_BYTES - 40  # a trial's run is '<sweep.name>-<trial id>'
+
+
+def run_name_problem(name: str, limit: int = RUN_NAME_BYTES) -> str | None:
+    """What keeps ``name`` from being one safe folder name under the storage path, or None."""
+    if name.startswith("."):
+        return f"must not start with '.' ('..' is the folder above, '.x' a hidden one), got {_show(name)}"
+    if "/" in name or "\\" in name:
+        return f"must be one folder name, without '/' or '\\', got {_show(name)}"
+    if name != name.strip():
+        return f"must not start or end with a space, got {_show(name)}"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        return f"must be at most {limit} bytes (one folder name, with room for '.old-<time>'), got {size}"
+    return None
+
+
+def check_section(section: Any, prefix: str) -> None:
+    """Every field of the dataclass instance ``section`` (dotted under ``prefix``) against its type and bounds."""
+    types_ = _field_types(type(section))
+    for f in dataclasses.fields(section):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        check_value(name, getattr(section, f.name), types_[f.name], f.metadata.get("bounds") or Bounds())
+
+
 ESTIMATORS = ("auto", "ste", "lsq", "ewgs", "aewgs")
 DISTILL_LOSSES = ("jeffreys", "kl", "ce")
 BATCHNORM_MODES = ("keep", "freeze", "fold")
 DATA_KINDS = ("bundled", "ffcv", "imagefolder")
+BAD_IMAGE_POLICIES = ("error", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16")
+IMG_SIZE_LIMIT = 8192  # the longest crop side taken: one 8192² RGB float image is 768 MiB
+
+
+def path_kind(path: str | Path) -> str | None:
+    """What ``path`` is: "file", "dir", "other" or None (absent, or refused by the OS: too long, a NUL byte)."""
+    try:
+        p = Path(path)
+        return "dir" if p.is_dir() else "file" if p.is_file() else "other" if p.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(kw_only=True)
@@ -39,28 +207,31 @@ class ModelConfig:
     """Load timm's pretrained weights (needs hub access or a local cache on the cluster)."""
     checkpoint: str | None = None
     """Path to an FP state dict or gdnsq checkpoint used as the FP model and teacher."""
-    num_classes: int | None = None
+    num_classes: int | None = checked(None, ge=2, le=1_000_000)
     """Classifier width; None means the dataset's class count."""
-    in_chans: int | None = None
+    in_chans: int | None = checked(None, ge=1, le=1024)
     """Input channels; None means the dataset's."""
 
     def __post_init__(self):
         _check(bool(self.name), "model.name", "must name a timm model")
+        check_section(self, "model")
         if self.checkpoint is not None:
-            _check(Path(self.checkpoint).is_file(), "model.checkpoint", f"no such file {self.checkpoint!r}")
+            kind = path_kind(self.checkpoint)
+            _check(kind != "dir", "model.checkpoint", f"{self.checkpoint!r} is a folder; give the weights file in it")
+            _check(kind == "file", "model.checkpoint", f"no such file {self.checkpoint!r}")
 
 
 @dataclass(kw_only=True)
 class QuantRuleConfig:
     """One surgery rule: layers whose dotted name matches ``pattern`` get these overrides."""
 
-    pattern: str
+    pattern: str = checked(empty=True)
     """Regular expression matched (re.search) against the module's dotted name."""
     skip: bool | None = None
     """Keep matching layers in floating point."""
-    target_w: int | None = None
+    target_w: int | None = checked(None, ge=1, le=16, unit=" bits")
     """Weight bit target (an integer) for matching layers."""
-    target_a: int | None = None
+    target_a: int | None = checked(None, ge=1, le=16, unit=" bits")
     """Activation bit target (an integer) for matching layers."""
     per_channel: bool | None = None
     """Per-output-channel weight steps for matching layers."""
@@ -76,56 +247,39 @@ ALLOCATIONS = ("probe", "penalty")
 class BudgetConfig:
     """One model-wide budget that the layers share (learned mixed precision); kind none = per-layer targets."""
 
-    kind: str = "none"
+    kind: str = checked("none", choices=BUDGET_KINDS)
     """none (every layer at quant.target_w/target_a), avg_bits_w (parameter-weighted mean weight bits),
     bytes (the packed file's payload: codes at each layer's width + grids + every FP tensor) or bops
     (Σ MACs·b_w·b_a)."""
-    value: float = 0.0
+    value: float = checked(0.0, ge=0)
     """The budget: mean bits (avg_bits_w), bytes (bytes) or bit operations per sample (bops)."""
-    value_a: float | None = None
+    value_a: float | None = checked(None, ge=1, unit=" bit")
     """Optional activation budget: the quantized inputs' bits per element (activation memory; else per-layer
     target_a). With allocate: probe each layer's input width is chosen too (a small input may keep 8 bits)."""
-    min_bits: int = 1
+    min_bits: int = checked(1, ge=1, le=16)
     """Lower bound of every layer's bits: the level guard keeps 2**min_bits levels."""
-    max_bits: int = 8
+    max_bits: int = checked(8, ge=1, le=16)
     """Upper bound of a layer's weight bits (a rule's target_w overrides it for its layers, as a bound)."""
     quantize_edges: bool = False
     """Put the stem conv's and classifier's weights under the budget too (at min_bits..max_bits; their inputs stay
     FP, as with keep_first_conv/keep_classifier): the bytes the paper's convention spends on them in FP become
     the budget's to share."""
-    allocate: str = "probe"
+    allocate: str = checked("probe", choices=ALLOCATIONS)
     """How the layers share the budget: probe (measure each layer's loss at each width once, on the first batch,
     and pick the widths with the least loss that fit; they become the layers' targets) or penalty (the exterior
     penalty on the aggregate alone; under Adam every layer descends at the same rate, so it tends to uniform)."""
 
     def __post_init__(self):
-        _check(
-            self.kind in BUDGET_KINDS,
-            "quant.budget.kind",
-            f"must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}",
-        )
+        check_section(self, "quant.budget")
         _check(
             self.kind == "none" or self.value > 0,
             "quant.budget.value",
             f"must be > 0 with kind {self.kind}, got {self.value}",
         )
         _check(
-            self.value_a is None or self.value_a >= 1, "quant.budget.value_a", f"must be >= 1 bit, got {self.value_a}"
-        )
-        _check(
-            float(self.min_bits).is_integer() and 1 <= self.min_bits <= 16,
-            "quant.budget.min_bits",
-            f"must be an integer in [1, 16], got {self.min_bits}",
-        )
-        _check(
-            float(self.max_bits).is_integer() and self.min_bits <= self.max_bits <= 16,
+            self.min_bits <= self.max_bits,
             "quant.budget.max_bits",
             f"must be an integer in [min_bits, 16], got {self.max_bits}",
-        )
-        _check(
-            self.allocate in ALLOCATIONS,
-            "quant.budget.allocate",
-            f"must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}",
         )
 
     @property
@@ -139,20 +293,20 @@ class QuantConfig:
     """Quantization method: gdnsq (learnable bit-width) or a zoo method (lsq, dorefa, pact, ...)."""
     method_args: dict[str, float] = field(default_factory=dict)
     """Hyper-parameters of a zoo method (e.g. {error_weight: 0.1} for pege); each method checks its keys."""
-    target_w: int = 2
+    target_w: int = checked(2, ge=1, le=16, unit=" bits")
     """Weight bit-width target per layer, an integer (the constraint bits <= target)."""
-    target_a: int = 2
+    target_a: int = checked(2, ge=1, le=16, unit=" bits")
     """Activation bit-width target per layer, an integer."""
-    init_bits: float = 10.0
+    init_bits: float = checked(10.0, gt=1, le=24)
     """Bit-width that calibration starts every quantizer at (near-lossless)."""
     per_channel: bool = True
     """Per-output-channel weight steps (else per tensor)."""
-    estimator: str = "auto"
+    estimator: str = checked("auto", choices=ESTIMATORS, noun="estimator")
     """Gradient estimator: auto (aewgs for a 1-bit target, ste otherwise), ste, lsq (rounding-error step gradient),
     ewgs, aewgs (adaptive EWGS)."""
-    ewgs_delta: float = 1e-2
+    ewgs_delta: float = checked(1e-2, ge=0)
     """EWGS scaling factor delta."""
-    act_signed: str = "auto"
+    act_signed: str = checked("auto", choices=("auto", "signed", "unsigned"))
     """Activation lower bound: auto (0 after ReLU, detected at calibration), signed, unsigned."""
     integer_grid: bool = False
     """Integer grids (GDNSQ): every grid point an integer times its step (offset z = a whole number of steps, 0 after
@@ -164,9 +318,9 @@ class QuantConfig:
     """Keep the classifier FP (read from timm's pretrained_cfg)."""
     keep_pointwise: bool = False
     """Keep 1x1 convs (shortcuts) FP, as the reference code did."""
-    batchnorm: str = "keep"
+    batchnorm: str = checked("keep", choices=BATCHNORM_MODES)
     """BatchNorm handling: keep (trained), freeze (eval stats, no grad) or fold into the conv."""
-    calib_batches: int = 4
+    calib_batches: int = checked(4, ge=1)
     """Batches seen by the min/max observers before training."""
     fused: bool = True
     """GDNSQ's noisy rounding as one compiled pass each way on the CPU (built on first use; False: the torch ops)."""
@@ -177,7 +331,7 @@ class QuantConfig:
     projects log s so no learnable grid has more than 2**target levels: a converged model stays converged while
     the LR anneals (without it a layer that drifts back out holds the anneal, and selection, for the rest of the
     run)."""
-    level_margin: float = 0.1
+    level_margin: float = checked(0.1, gt=0, lt=0.45, unit=" levels")
     """Level guard's (and target hold's) margin, in grid levels: it keeps 2**b >= 2**T - 1/2 + margin (T = the
     layer's target)."""
     rules: list[QuantRuleConfig] = field(default_factory=list)
@@ -186,85 +340,40 @@ class QuantConfig:
     """One model-wide budget shared by the layers (mixed precision); targets then act as per-layer upper bounds."""
 
     def __post_init__(self):
-        for name in ("target_w", "target_a"):
-            v = getattr(self, name)
-            _check(
-                float(v).is_integer() and 1 <= v <= 16, f"quant.{name}", f"must be an integer in [1, 16] bits, got {v}"
-            )
-        _check(1 < self.init_bits <= 24, "quant.init_bits", f"must be in (1, 24], got {self.init_bits}")
-        _check(
-            self.estimator in ESTIMATORS,
-            "quant.estimator",
-            f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}",
-        )
-        _check(
-            self.act_signed in ("auto", "signed", "unsigned"),
-            "quant.act_signed",
-            f"must be auto, signed or unsigned, got {self.act_signed!r}",
-        )
-        _check(
-            self.batchnorm in BATCHNORM_MODES,
-            "quant.batchnorm",
-            f"must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}",
-        )
-        _check(self.calib_batches >= 1, "quant.calib_batches", "must be >= 1")
-        _check(
-            0 < self.level_margin < 0.45, "quant.level_margin", f"must be in (0, 0.45) levels, got {self.level_margin}"
-        )
         if not isinstance(self.budget, BudgetConfig):
             self.budget = from_dict(BudgetConfig, self.budget, "quant.budget")
         self.rules = [
-            r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, "quant.rules") for r in self.rules
+            r if isinstance(r, QuantRuleConfig) else from_dict(QuantRuleConfig, r, f"quant.rules[{i}]")
+            for i, r in enumerate(self.rules)
         ]
+        check_section(self, "quant")
         for i, r in enumerate(self.rules):
-            for name in ("target_w", "target_a"):
-                v = getattr(r, name)
-                _check(
-                    v is None or (float(v).is_integer() and 1 <= v <= 16),
-                    f"quant.rules[{i}].{name}",
-                    f"must be an integer in [1, 16] bits, got {v}",
-                )
+            check_section(r, f"quant.rules[{i}]")
 
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    distill: str = "jeffreys"
+    distill: str = checked("jeffreys", choices=DISTILL_LOSSES)
     """Task term: jeffreys (symmetric KL to the teacher), kl (KL(teacher||student)) or ce (labels)."""
-    penalty_weight: float = 1.0
+    penalty_weight: float = checked(1.0, ge=0)
     """Weight of the bit-width penalty term (l1 in the paper's objective)."""
-    task_weight: float = 1.0
+    task_weight: float = checked(1.0, ge=0)
     """Weight of the distillation / task loss term (l2 in the paper's objective)."""
-    p: float = 1.0
+    p: float = checked(1.0, gt=0)
     """Exponent of the exterior-point penalty."""
-    eps: float = 1e-3
+    eps: float = checked(1e-3, gt=0, lt=1)
     """Margin below the bit target that counts as feasible."""
     lossless: bool = False
     """Move the temperature from the penalty term to the task term (the objective's lossless form)."""
-    loss_scale: str = "ema"
+    loss_scale: str = checked("ema", choices=("ema", "cumulative"))
     """Running mean m̄ of the task loss that scales the penalty: ema, or cumulative (since step 0, the reference's)."""
-    loss_ema: float = 0.99
+    loss_ema: float = checked(0.99, ge=0, lt=1)
     """Decay of the EMA m̄ (loss_scale: ema)."""
-    count_active: str = "layers"
+    count_active: str = checked("layers", choices=("layers", "channels"))
     """Active-constraint weights ω: count violated layers, or weight channels (the reference's)."""
 
     def __post_init__(self):
-        _check(
-            self.distill in DISTILL_LOSSES,
-            "objective.distill",
-            f"must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}",
-        )
-        _check(self.p > 0, "objective.p", "must be > 0")
-        _check(0 <= self.loss_ema < 1, "objective.loss_ema", "must be in [0, 1)")
-        _check(
-            self.loss_scale in ("ema", "cumulative"),
-            "objective.loss_scale",
-            f"must be ema or cumulative, got {self.loss_scale!r}",
-        )
-        _check(
-            self.count_active in ("layers", "channels"),
-            "objective.count_active",
-            f"must be layers or channels, got {self.count_active!r}",
-        )
+        check_section(self, "objective")
 
 
 SCHEDULE_MODES = ("planned", "absolute")
@@ -272,43 +381,38 @@ SCHEDULE_MODES = ("planned", "absolute")
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    mode: str = "planned"
+    mode: str = checked("planned", choices=SCHEDULE_MODES)
     """planned: derive warm-up, descent, quantizer LR and anneal from the planned steps; absolute: the paper's knobs."""
-    descent_end: float = 0.5
+    descent_end: float = checked(0.5, gt=0, le=1)
     """planned: fraction of the planned steps by which every layer should reach its bit target."""
-    descent_end_a: float | None = None
+    descent_end_a: float | None = checked(None, gt=0, le=1)
     """planned: fraction of the planned steps by which the activations reach their targets (None = descent_end).
     Earlier, the inputs go first while the weights still have bits (the order of two-step binary-network
     training); measured both ways at W1A1, so not a default (docs/results.md, "Decisions")."""
-    warmup: float = 0.05
+    warmup: float = checked(0.05, ge=0, lt=1)
     """planned: fraction of the planned steps with temperature 0 and linear LR warm-up."""
-    final_lr_ratio: float = 0.05
+    final_lr_ratio: float = checked(0.05, gt=0, le=1)
     """planned: LR at the end of the run (as a fraction of the base LR), reached by the anneal after descent_end."""
-    max_temperature: float = 32.0
+    max_temperature: float = checked(32.0, ge=1)
     """planned: cap of the penalty multiplier t (in units of the running task loss). Past it the task term is
     noise next to the penalty: W1A1 runs whose bits lagged the plan drove t to ~900 and fell to 22 % top-1."""
-    warmup_steps: int = 100
+    warmup_steps: int = checked(100, ge=0)
     """absolute: steps with temperature 0 and linear LR warm-up."""
-    scale_t: float = 2.0
+    scale_t: float = checked(2.0, ge=0)
     """absolute: temperature growth per step, in units of the base LR."""
-    anneal: float = 0.9985
+    anneal: float = checked(0.9985, gt=0, le=1)
     """absolute: per-step LR factor while every layer meets its target."""
-    check_every: int = 10
+    check_every: int = checked(10, ge=1)
     """Steps between true-bit convergence checks; the LR anneal runs only while the last check passed."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = checked(0.0, ge=0, le=1)
     """Floor of the annealed LR as a fraction of the base LR."""
-    noise_ratio: float = 0.0
+    noise_ratio: float = checked(0.0, ge=0, le=1)
     """Initial share of extra uniform rounding noise (0 = pure rounding)."""
-    noise_step: float = 0.01
+    noise_step: float = checked(0.01, ge=0, le=1)
     """Decrease of the noise ratio whenever the penalty is ~0."""
 
     def __post_init__(self):
-        _check(
-            self.mode in SCHEDULE_MODES,
-            "schedule.mode",
-            f"must be one of {', '.join(SCHEDULE_MODES)}, got {self.mode!r}",
-        )
-        _check(0 <= self.warmup < 1, "schedule.warmup", f"must be in [0, 1), got {self.warmup}")
+        check_section(self, "schedule")
         _check(
             self.warmup < self.descent_end <= 1,
             "schedule.descent_end",
@@ -319,61 +423,53 @@ class ScheduleConfig:
             "schedule.descent_end_a",
             f"must be in (schedule.warmup, 1], got {self.descent_end_a}",
         )
-        _check(0 < self.final_lr_ratio <= 1, "schedule.final_lr_ratio", "must be in (0, 1]")
-        _check(self.max_temperature >= 1, "schedule.max_temperature", f"must be >= 1, got {self.max_temperature}")
-        _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
-        _check(self.scale_t >= 0, "schedule.scale_t", "must be >= 0")
-        _check(0 < self.anneal <= 1, "schedule.anneal", "must be in (0, 1]")
-        _check(self.check_every >= 1, "schedule.check_every", "must be >= 1")
-        _check(0 <= self.noise_ratio <= 1, "schedule.noise_ratio", "must be in [0, 1]")
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: str = "radam"
+    name: str = checked("radam", choices=("radam", "adamw", "sgd"), noun="optimizer")
     """Optimizer: radam, adamw or sgd."""
-    lr: float = 2e-3
+    lr: float = checked(2e-3, gt=0)
     """Learning rate of the network weights (base LR of the schedules)."""
-    quant_lr: float | None = None
+    quant_lr: float | None = checked(None, gt=0)
     """Learning rate of quantizer parameters; None = derived from the plan (planned mode) or ``lr`` (absolute)."""
-    quant_grad_clip: float | None = 10.0
+    quant_grad_clip: float | None = checked(10.0, gt=0)
     """Gradient-norm cap of the quantizer parameter group (a spike must not freeze Adam's state); None = off."""
-    weight_decay: float = 0.0
+    weight_decay: float = checked(0.0, ge=0)
     """Weight decay of network weights (quantizer parameters never decay)."""
 
     def __post_init__(self):
-        _check(self.name in ("radam", "adamw", "sgd"), "optim.name", f"unknown optimizer {self.name!r}")
-        _check(self.lr > 0, "optim.lr", "must be > 0")
-        _check(self.quant_lr is None or self.quant_lr > 0, "optim.quant_lr", "must be > 0")
-        _check(self.quant_grad_clip is None or self.quant_grad_clip > 0, "optim.quant_grad_clip", "must be > 0")
+        check_section(self, "optim")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    kind: str = "bundled"
+    kind: str = checked("bundled", choices=DATA_KINDS)
     """bundled (MNIST-5k shipped in a wheel), ffcv (.beton files) or imagefolder (torchvision)."""
     train_path: str | None = None
     """Training data: a .beton file (ffcv) or an ImageFolder directory."""
     val_path: str | None = None
     """Validation data, same kind as train_path."""
-    img_size: int = 224
+    img_size: int = checked(224, ge=1, le=IMG_SIZE_LIMIT)
     """Training crop size (ffcv / imagefolder)."""
-    val_resize: int | None = None
+    val_resize: int | None = checked(None, ge=1, le=IMG_SIZE_LIMIT)
     """Resize before the validation centre crop; None = img_size · 256/224 (256 for 224-pixel crops)."""
-    batch_size: int = 128
+    batch_size: int = checked(128, ge=1)
     """Per-worker batch size."""
-    num_workers: int | None = None
+    num_workers: int | None = checked(None, ge=0, le=1024)
     """Loader worker threads/processes per Ray worker; None = its CPU share (torch's thread count there)."""
     os_cache: bool = True
     """FFCV: rely on the OS page cache (False = QUASI_RANDOM for data larger than memory)."""
-    val_fraction: float = 0.1
+    bad_images: str = checked("error", choices=BAD_IMAGE_POLICIES)
+    """An image that cannot be decoded (imagefolder, and gdnsq data write): error (stop, naming the file) or skip
+    (train on the next image instead; the summary counts the skipped files). Not skip by default: a dataset that
+    silently shrinks gives figures no other run can be compared with."""
+    val_fraction: float = checked(0.1, gt=0, le=0.5)
     """Bundled data: share of the 5,000 digits held out for checkpoint selection (the 1,000 test digits are fixed
     and reported separately); other kinds take validation from data.val_path."""
 
     def __post_init__(self):
-        _check(self.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
-        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
-        _check(0 < self.val_fraction <= 0.5, "data.val_fraction", f"must be in (0, 0.5], got {self.val_fraction}")
+        check_section(self, "data")
         if self.val_resize is None:  # the usual 0.875 crop ratio, whatever the image size
             self.val_resize = round(self.img_size * 256 / 224)
         if self.kind != "bundled":
@@ -383,47 +479,36 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = checked(10, ge=1)
     """Quantization-aware fine-tuning epochs."""
-    teacher_epochs: int | None = None
+    teacher_epochs: int | None = checked(None, ge=1)
     """FP teacher epochs when no weights are given; None = train to a validation plateau (see teacher_max_epochs)."""
-    teacher_max_epochs: int = 30
+    teacher_max_epochs: int = checked(30, ge=1)
     """Cap on the plateau-trained FP teacher's epochs."""
-    seed: int = 0
+    seed: int = checked(0, ge=0, le=2**31 - 1, hint="numpy's seed range, with room for a rank per worker")
     """Global seed."""
-    device: str = "auto"
+    device: str = checked("auto", choices=("auto", "cpu", "cuda"))
     """auto (CUDA if available), cpu or cuda."""
-    patience: int = 0
+    patience: int = checked(0, ge=0)
     """Early stopping: epochs without a better ns_top1 once converged (0 = off)."""
     sync_batchnorm: bool = True
     """Under DDP on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm), as the reference did."""
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = checked(None, ge=1)
     """Cap on steps per epoch (short test runs)."""
-    precision: str = "fp32"
+    precision: str = checked("fp32", choices=PRECISIONS)
     """Forward passes: fp32, bf16 or fp16 (CUDA only) autocast; quantizer maths and the loss stay fp32."""
     channels_last: bool = False
     """Student, teacher and inputs in channels_last memory format (faster convs on GPUs and oneDNN)."""
     compile: bool = False
     """Run the student through torch.compile (first steps are slow while it compiles)."""
-    bn_reestimate_batches: int = 0
+    bn_reestimate_batches: int = checked(0, ge=0)
     """Before each validation, recompute the student's BatchNorm statistics over this many training batches
     with the quantized forward (0 = keep the running averages, the default). Low-bit weights flip between
     grid points late in training, so the running averages mix statistics of networks that no longer exist;
     on the bundled digits it did not change W1A1 (docs/results.md, "Decisions"), on other data it may."""
 
     def __post_init__(self):
-        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
-        _check(self.bn_reestimate_batches >= 0, "train.bn_reestimate_batches", "must be >= 0")
-        _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "train.teacher_epochs", "must be >= 1")
-        _check(self.teacher_max_epochs >= 1, "train.teacher_max_epochs", "must be >= 1")
-        _check(
-            self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}"
-        )
-        _check(
-            self.precision in PRECISIONS,
-            "train.precision",
-            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-        )
+        check_section(self, "train")
         _check(
             not (self.precision == "fp16" and self.device == "cpu"),
             "train.precision",
@@ -437,27 +522,21 @@ class RayConfig:
     """Run through Ray Train (False = in-process engine, no Ray)."""
     address: str | None = None
     """Ray cluster address; None starts or joins a local cluster."""
-    num_workers: int = 1
+    num_workers: int = checked(1, ge=1, le=4096)
     """Training workers (DDP ranks)."""
     use_gpu: bool | None = None
     """One GPU per worker; None = if the cluster has GPUs."""
-    cpus_per_worker: int | None = 1
+    cpus_per_worker: int | None = checked(1, ge=1, le=4096)
     """CPUs reserved per worker (also torch's threads and the loader's); None = a node's CPUs shared by its workers."""
     storage_path: str | None = None
     """Checkpoint storage: a shared path or s3:// URI; None = ./runs."""
-    max_failures: int = 2
-    """Worker-group restarts before the run fails."""
-    checkpoints_to_keep: int = 2
+    max_failures: int = checked(2, ge=-1)
+    """Worker-group restarts before the run fails (-1: no limit, as in Ray's FailureConfig)."""
+    checkpoints_to_keep: int = checked(2, ge=2, hint="a torn latest checkpoint falls back to the one before it")
     """Checkpoints kept on storage."""
 
     def __post_init__(self):
-        _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
-        _check(
-            self.checkpoints_to_keep >= 2,
-            "ray.checkpoints_to_keep",
-            "must be >= 2 (a torn latest checkpoint falls back to the one before it)",
-        )
+        check_section(self, "ray")
 
 
 @dataclass(kw_only=True)
@@ -473,10 +552,13 @@ class TrackingConfig:
     registered_name: str | None = None
     """Registry name; None = '<model>-w<W>a<A>'."""
 
+    def __post_init__(self):
+        check_section(self, "tracking")
+
 
 @dataclass(kw_only=True)
 class JobConfig:
-    name: str | None = None
+    name: str | None = checked(None, test=run_name_problem)
     """Run name; a run with an existing name and storage path resumes (only with the same defining settings).
     None = '<model>-w<W>a<A>-<hash of the defining settings>', so jobs with other settings never collide."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -490,11 +572,7 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        _check(
-            self.name is None or (bool(self.name) and "/" not in self.name),
-            "name",
-            f"must be a non-empty name without '/', got {self.name!r}",
-        )
+        check_section(self, "")
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -553,8 +631,9 @@ class SweepConfig:
     """Dotted job setting -> {grid|choice: [...]} or {uniform|loguniform|randint: [lo, hi]}."""
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise SweepError(f"sweep.name: must be a non-empty name without '/', got {self.name!r}")
+        problem = "must not be empty" if not self.name else run_name_problem(self.name, SWEEP_NAME_BYTES)
+        if problem:
+            raise SweepError(f"sweep.name: {problem}")
         if self.mode not in ("max", "min"):
             raise SweepError(f"sweep.mode: must be max or min, got {self.mode!r}")
         if self.search not in SWEEP_SEARCHES:
@@ -570,6 +649,7 @@ class SweepConfig:
 # --------------------------------------------------------------------------------------------- io
 
 
+@functools.cache
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -593,12 +673,14 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, dict), name, f"must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, name)
     if typing.get_origin(tp) is dict:
+        if isinstance(value, str):  # a mapping given on the command line
+            value = _yaml_value(value, name)
         _check(isinstance(value, dict), name, f"must be a mapping, got {type(value).__name__}")
         _, val_tp = typing.get_args(tp)
         return {str(k): _coerce(v, val_tp, f"{name}.{k}") for k, v in value.items()}
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, name)
         _check(isinstance(value, list), name, f"must be a list, got {type(value).__name__}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
@@ -613,18 +695,36 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         kind = "an integer" if tp is int else "a number"
         if isinstance(value, bool):
             raise ConfigError(f"{name}: must be {kind}, got {value!r}")
+        if tp is int and (isinstance(value, int) or (isinstance(value, str) and _INT_TEXT.fullmatch(value))):
+            return int(value)  # exactly, where float() would round past 2**53
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: must be {kind}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{name}: must be {kind}, got {_show(value)}") from None
         if tp is float:
             return number
-        _check(number.is_integer(), name, f"must be an integer, got {value!r}")
+        _check(number.is_integer(), name, f"must be an integer, got {_show(value)}")
         return int(number)
     if tp is str:
-        _check(isinstance(value, (str, int, float)), name, f"must be a string, got {value!r}")
+        _check(isinstance(value, (str, int, float)), name, f"must be a string, got {_show(value)}")
         return str(value)
     return value
+
+
+_INT_TEXT = re.compile(r"\s*[+-]?[0-9]{1,30}\s*")  # longer digit strings go through float() to a range error
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message stays one readable line whatever it quotes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _yaml_value(text: str, name: str) -> Any:
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: not valid YAML ({_yaml_problem(e)[1]})") from None
 
 
 # Renamed settings, {section: {old key: new key}}: configs stored before the rename (in checkpoints and
@@ -635,6 +735,7 @@ _LEGACY_KEYS = {"objective": {"l1": "penalty_weight", "l2": "task_weight"}}
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the dotted key."""
     fields = _field_types(cls)
+    bounds = {f.name: f.metadata.get("bounds") for f in dataclasses.fields(cls)}
     kwargs = {}
     legacy = _LEGACY_KEYS.get(prefix, {})
     for key, value in (data or {}).items():
@@ -644,6 +745,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
             known = [f"{prefix}.{k}" if prefix else k for k in fields]
             raise ConfigError(f"{name}: unknown setting{did_you_mean(name, known)} (known here: {', '.join(fields)})")
         kwargs[key] = _coerce(value, fields[key], name)
+        check_value(name, kwargs[key], fields[key], bounds[key] or Bounds())
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -669,8 +771,19 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def known_keys() -> set[str]:
-    """Every dotted setting name of a JobConfig."""
-    return set(flatten(to_dict(JobConfig())))
+    """Every dotted setting name of a JobConfig (a mapping such as ``quant.method_args`` is one setting)."""
+    return set(_leaf_types(JobConfig))
+
+
+@functools.cache
+def _leaf_types(cls, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: annotated type (Optional unwrapped)} of every leaf setting under dataclass ``cls``."""
+    out = {}
+    for name, tp in _field_types(cls).items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp, _ = _unwrap_optional(tp)
+        out.update(_leaf_types(tp, key) if dataclasses.is_dataclass(tp) else {key: tp})
+    return out
 
 
 def did_you_mean(word: str, candidates, n: int = 3) -> str:
@@ -687,6 +800,7 @@ def did_you_mean(word: str, candidates, n: int = 3) -> str:
     return f"; did you mean {', '.join(close[:n])}?" if close else ""
 
 
+@functools.cache
 def field_docs(cls) -> dict[str, str]:
     """A dataclass's attribute docstrings (the string right after each field), read from its source."""
     import ast
@@ -752,14 +866,25 @@ def setting_type(key: str):
     return tp
 
 
+def setting_bounds(key: str) -> Bounds:
+    """The declared :class:`Bounds` of a dotted JobConfig setting (empty where it declares none)."""
+    *parents, leaf = key.split(".")
+    cls = JobConfig
+    for part in parents:
+        cls, _ = _unwrap_optional(_field_types(cls)[part])
+    f = next(f for f in dataclasses.fields(cls) if f.name == leaf)
+    return f.metadata.get("bounds") or Bounds()
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """Set dotted keys in a nested dict (copying); unknown keys raise ConfigError."""
     import copy
 
     data = copy.deepcopy(data)
     valid = known_keys()
+    mappings = tuple(f"{k}." for k, tp in _leaf_types(JobConfig).items() if typing.get_origin(tp) is dict)
     for key, value in overrides.items():
-        if key not in valid:
+        if key not in valid and not key.startswith(mappings):
             raise ConfigError(f"{key}: unknown setting{did_you_mean(key, valid)}; 'gdnsq config keys' lists them all")
         set_dotted(data, key, value)
     return data
@@ -769,22 +894,70 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     """``data[a][b][c] = value`` for ``key`` ``a.b.c``, creating the sections on the way (in place)."""
     node = data
     *parents, leaf = key.split(".")
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):  # a job file with `quant: 3` under --quant.target_w 2
+            raise ConfigError(f"{'.'.join(parents[: i + 1])}: must be a mapping, got {type(node).__name__}")
     node[leaf] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last, silently).
+    Keys merged in with ``<<`` may be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_show(key)}, first on line {first[key] + 1}", key_node.start_mark
+                    )
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, safely (no tags that build objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """(':line:column' or '', the problem in a few words) of a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return where, getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def read_yaml(path: str | Path, label: str = "config", error: type[Exception] = ConfigError) -> Any:
-    """A YAML file's content; a missing file or bad YAML raises ``error`` with one line led by ``label``."""
+    """A YAML file's content; a missing, unreadable or non-UTF-8 file, a directory or bad YAML (duplicate keys
+    included) raises ``error`` with one line led by ``label`` that names the file (and the line)."""
     path = Path(path)
-    if not path.is_file():
+    kind = path_kind(path)
+    if kind == "dir":
+        raise error(f"{label}: {str(path)!r} is a directory; give a YAML job file")
+    if kind != "file":
         raise error(f"{label}: no such file {str(path)!r}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{label}: cannot read {path} ({e.strerror or type(e).__name__})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise error(f"{label}: {path}:{line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
+    try:
+        return parse_yaml(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        where, problem = _yaml_problem(e)
         raise error(f"{label}: {path}{where} is not valid YAML ({problem})") from None
 
 

@@ -1,7 +1,8 @@
 """``gdnsq export``: a trained student -> packed integer file (+ ONNX) and its size / BOPs report.
 
-The source is a gdnsq checkpoint file (``runs/<name>/checkpoint.pt``: the job config, the engine's
-student state and the best converged state), a folder written by ``gdnsq models pull``, or a registry
+The source is a gdnsq checkpoint file (``runs/<name>/checkpoint.pt`` in-process, ``runs/<name>/checkpoint_<time>/
+checkpoint.pt`` on Ray: the job config, the engine's student state and the best converged state), a run's folder
+(its latest checkpoint), a folder written by ``gdnsq models pull``, or a registry
 reference ``NAME@ALIAS`` / ``NAME/VERSION``.
 """
 
@@ -10,9 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import IMG_SIZE_LIMIT
+from ..errors import ConfigError
+
 EXAMPLES = """examples:
-  gdnsq export runs/quickstart/checkpoint_000019/checkpoint.pt --out out/export --onnx
-  gdnsq export runs/quickstart/checkpoint_000019/checkpoint.pt --out out/export --onnx --onnx-target int8
+  gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80 --out out/export --onnx   # a run's folder: its latest checkpoint
+  gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80/checkpoint_2026-01-05_10-42-07.123456/checkpoint.pt --out out/x
+  gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80 --out out/deploy --onnx --onnx-target int8   # quant.integer_grid
   gdnsq export gdnsq_smallcnn-w2a2@champion --out out/export
   gdnsq export resnet18-w2a2/latest --out out/export --tracking-uri http://localhost:5000"""
 
@@ -31,8 +36,8 @@ def register(subparsers, formatter) -> None:
     p.add_argument(
         "source",
         metavar="CHECKPOINT_OR_REF",
-        help="gdnsq checkpoint file, a folder from 'gdnsq models pull', or a registry reference "
-        "NAME@ALIAS / NAME/VERSION / NAME/latest",
+        help="gdnsq checkpoint file, a run's folder (runs/NAME), a folder from 'gdnsq models pull', or a registry "
+        "reference NAME@ALIAS / NAME/VERSION / NAME/latest",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")
@@ -63,16 +68,25 @@ def register(subparsers, formatter) -> None:
 def cmd_export(args, extra) -> int:
     import torch
 
-    from ..export import export_onnx, export_packed, format_report
     from ..export.sources import load_student
+    from .args import writing_into
 
+    for flag, value, top in (("--input-size", args.input_size, IMG_SIZE_LIMIT), ("--batch", args.batch, 1024)):
+        if value is not None and not 1 <= value <= top:
+            raise ConfigError(f"{flag}: must be in [1, {top}], got {value}")
     model, recipe, cfg, meta = load_student(args.source, tracking_uri=args.tracking_uri)
     size = args.input_size or (28 if cfg.data.kind == "bundled" else cfg.data.img_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, recipe["in_chans"], size, size, generator=gen)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing_into(args.out) as out:  # checked before the first byte; a failed export leaves no new folder
+        _write(args, out, model, recipe, meta, x)
+    return 0
+
+
+def _write(args, out: Path, model, recipe: dict, meta: dict, x) -> None:
+    from ..export import export_onnx, export_packed, format_report
+
     packed = export_packed(
         model,
         out / "model.gdnsq",
@@ -95,4 +109,3 @@ def cmd_export(args, extra) -> int:
             + ("" if ok else "  (codes at a rounding boundary flip under float noise; see gdnsq.export docs)")
         )
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    return 0

@@ -9,7 +9,7 @@ import sys
 
 from ..errors import GdnsqError
 from . import cluster, config, export, models, sweep, train
-from .args import formatter
+from .args import OneLineParser, formatter
 
 EXIT_USAGE = 2
 # Every subcommand, in the order ``gdnsq --help`` lists them: each module's ``register(subparsers, formatter)``.
@@ -59,7 +59,7 @@ def _add_verbosity(p: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gdnsq", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=formatter)
+    p = OneLineParser(prog="gdnsq", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=formatter)
     p.add_argument("--version", action=_Version, nargs=0, help="print gdnsq's and its stack's versions and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:

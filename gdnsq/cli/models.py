@@ -7,6 +7,8 @@ commands only read, so they never create a store (a missing local one is an erro
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
 URI_HELP = (
     "MLflow tracking URI: http(s)://HOST:PORT for a server, sqlite:///PATH for a local store "
@@ -119,13 +121,17 @@ def format_models(rows: list[dict], uri: str) -> str:
         ).rstrip()
         for x in [head, *body]
     ]
-    return "\n".join(lines) + f"\n({len(rows)} model{'s' if len(rows) != 1 else ''} in {uri})"
+    return "\n".join(lines) + (
+        f"\n({len(rows)} model{'s' if len(rows) != 1 else ''} in {uri}; PACKED is the file registered with the "
+        "version: its payload plus a manifest naming its source, so an export from elsewhere differs a little)"
+    )
 
 
 def cmd_models(args, extra) -> int:
     from ..tracking import registry
     from ..tracking.names import scrub_value
     from ..tracking.store import resolve_read_uri
+    from .args import writing_into
 
     uri = resolve_read_uri(args.tracking_uri)
     if args.action == "list":
@@ -143,7 +149,8 @@ def cmd_models(args, extra) -> int:
             chosen = registry.select_by_budget(ref, max_bytes=args.max_bytes, max_bops=args.max_bops, tracking_uri=uri)
             print(f"chose {chosen['ref']}: top-1 {chosen['top1']}, {chosen['bytes_packed']} B, {chosen['bops']} BOPs")
             ref = chosen["ref"]
-        out = registry.pull_model(ref, args.out, tracking_uri=uri, include_mlflow_model=args.mlflow_model)
+        with writing_into(args.out):  # checked before the download; a failed pull leaves no new folder
+            out = registry.pull_model(ref, args.out, tracking_uri=uri, include_mlflow_model=args.mlflow_model)
         print(f"pulled {out['name']} version {out['version']} ({ref}) into {out['dir']}")
-        print(f"  load it: python -c \"import gdnsq; m = gdnsq.load_model('{out['dir']}')\"")
+        print(f"  load it: {shlex.quote(sys.executable)} -c \"import gdnsq; m = gdnsq.load_model('{out['dir']}')\"")
     return 0

@@ -12,13 +12,15 @@ def cmd_sweep(args, extra) -> int:
     from ..launch.storage import write_json_atomic
     from ..launch.sweep.report import format_table
     from ..launch.sweep.tune import run_sweep
-    from .args import job_path
+    from .args import check_output_file, job_path
 
     path = job_path(args.config, extra)
     if path is None:
         from ..errors import SweepError
 
         raise SweepError("config: no sweep file given (gdnsq sweep SWEEP.yaml or -c SWEEP.yaml)")
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
     summary = run_sweep(path, parse_cli_overrides(extra), resume=args.resume)
     print()
     print(format_table(summary))

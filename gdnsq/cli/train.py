@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 
+from ..config import BAD_IMAGE_POLICIES, DataConfig
 from ..errors import ConfigError
-from .args import job_config
+from .args import check_output_file, job_config
 
 TRAIN_EXAMPLES = """examples:
   gdnsq train jobs/cpu_smallcnn_w2a2.yaml
@@ -47,6 +49,8 @@ def print_summary(s: dict) -> None:
     print(f"  quantized top-1  {s['top1']:6.2f} %   (ns_top1 {s['ns_top1']:.2f})")
     print(f"  average bits     W {s['avg_bits_w']:.2f}   A {s['avg_bits_a']:.2f}")
     print(f"  converged        {'yes' if s['converged'] else 'NO'}")
+    if s.get("skipped_images"):
+        print(f"  skipped images   {s['skipped_images']} unreadable (data.bad_images: skip)")
     print(format_table(s["layers"]))
 
 
@@ -67,11 +71,30 @@ def cmd_train(args, extra) -> int:
         cfg = job_config(args.config, extra, **fixed)
     from ..launch.console import footer
 
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
+    if args.dry_run:
+        return dry_run(cfg, fresh=args.fresh, resume=bool(args.resume))
     summary = run(cfg, fresh=args.fresh, resume=bool(args.resume))
     print_summary(summary)
     footer(cfg, summary)
     if args.summary_json:
         write_json_atomic(args.summary_json, summary)
+    return 0
+
+
+def dry_run(cfg, *, fresh: bool, resume: bool) -> int:
+    """``--dry-run``: the run's checks and what they found; nothing trains, starts or is left behind."""
+    from ..launch.run import check_run
+
+    cfg, found = check_run(cfg, fresh=fresh, resume=resume)
+    print(
+        f"gdnsq run {cfg.name}: {cfg.model.name} -> W{cfg.quant.target_w:g}A{cfg.quant.target_a:g} "
+        f"({cfg.quant.method}), {cfg.train.epochs} epochs, {'Ray Train' if cfg.ray.enabled else 'in-process'}"
+    )
+    for line in found:
+        print(f"  {line}")
+    print("checks passed (settings, model, data, storage); nothing trained: --dry-run")
     return 0
 
 
@@ -84,6 +107,8 @@ def cmd_data(args, extra) -> int:
         max_resolution=args.max_resolution,
         jpeg_quality=args.jpeg_quality,
         compress_probability=args.compress_probability,
+        bad_images=args.bad_images,
+        progress=sys.stderr.isatty(),  # a bar in a log file is a screenful of carriage returns
     )
     return 0
 
@@ -124,6 +149,11 @@ def register(subparsers, formatter) -> None:
             action="store_true",
             help="start afresh: an existing run of this name is moved to NAME.old-<time>",
         )
+        sp.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check the job (settings, model, data, storage, the stored run) and exit: nothing trains or starts",
+        )
         sp.set_defaults(func=cmd_train, takes_overrides=True)
 
     d = subparsers.add_parser(
@@ -151,5 +181,12 @@ def register(subparsers, formatter) -> None:
         type=float,
         default=0.5,
         help="share of images stored as JPEG rather than raw (default 0.5)",
+    )
+    w.add_argument(
+        "--bad-images",
+        choices=BAD_IMAGE_POLICIES,
+        default=DataConfig.bad_images,
+        help="an image that cannot be decoded: error (stop, naming it; the default, as data.bad_images) or skip "
+        "(leave it out, with a count)",
     )
     w.set_defaults(func=cmd_data)

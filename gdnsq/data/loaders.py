@@ -25,6 +25,7 @@ class Loaders:
     in_chans: int
     calib: Any = None  # rank-independent batches for calibration / teacher training
     set_epoch: Callable[[int], None] = field(default=lambda epoch: None)
+    bad_files: Callable[[], set[str]] = field(default=set)  # unreadable images skipped so far (bad_images: skip)
 
 
 def cpu_share() -> int:
@@ -71,4 +72,7 @@ def create_loaders(
         elif hasattr(train, "next_epoch"):  # FFCV loaders keep their own epoch counter
             train.next_epoch = e
 
-    return Loaders(train, val, None, nc, 3, calib=train, set_epoch=set_epoch)
+    def bad_files() -> set[str]:
+        return set().union(*(getattr(loader, "bad_files", set()) for loader in (train, val)))
+
+    return Loaders(train, val, None, nc, 3, calib=train, set_epoch=set_epoch, bad_files=bad_files)

@@ -26,6 +26,11 @@ def format_report(report: dict) -> str:
         )
     t = report
     lines.append(f"total: FP32 {t['bytes_fp32']:,} B -> file {t['bytes_file']:,} B (x{t['compression']})")
+    if t.get("bytes_payload") is not None:  # why one model shows several sizes (README, "Tracking, registry")
+        lines.append(
+            f"       = payload {t['bytes_payload']:,} B (codes, grids, FP tensors: the same from any source) "
+            f"+ header and manifest {t['bytes_file'] - t['bytes_payload']:,} B (this file's source and recipe)"
+        )
     if t.get("bops") is not None:
         lines.append(
             f"       BOPs {t['bops'] / 1e9:.4g} G (FP32 {t['bops_fp32'] / 1e9:.4g} G, "

@@ -1,5 +1,6 @@
-"""Where a student to export comes from: a gdnsq checkpoint file, a folder written by ``gdnsq models pull``,
-or a registry reference ``NAME@ALIAS`` / ``NAME/VERSION``; each gives (student, recipe, config, meta)."""
+"""Where a student to export comes from: a gdnsq checkpoint file, a run's folder (its latest checkpoint), a folder
+written by ``gdnsq models pull``, or a registry reference ``NAME@ALIAS`` / ``NAME/VERSION``; each gives (student,
+recipe, config, meta)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def load_student(source: str, tracking_uri: str | None = None) -> tuple[nn.Modul
     path = Path(source)
     if path.is_file():
         return load_checkpoint_student(path)
+    latest = run_checkpoint(path)
+    if latest is not None:  # a run's folder: in-process runs/NAME/checkpoint.pt, Ray runs/NAME/checkpoint_N/...
+        return load_checkpoint_student(latest)
     if path.is_dir() or (_REF.fullmatch(source) and path.suffix not in (".pt", ".pth", ".ckpt")):
         return load_registry_student(source, tracking_uri)
     raise ExportError(f"{source}: no such checkpoint file")
+
+
+def run_checkpoint(folder: Path) -> Path | None:
+    """The latest checkpoint file of a run's folder, or None where ``folder`` is no run's folder."""
+    if not folder.is_dir() or (folder / "manifest.json").exists():  # a pulled registry folder
+        return None
+    if (folder / "checkpoint.pt").is_file():
+        return folder / "checkpoint.pt"
+    found = sorted(folder.glob("checkpoint_*/checkpoint.pt"))
+    return found[-1] if found else None

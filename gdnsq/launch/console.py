@@ -10,14 +10,15 @@ Ray's and MLflow's own chatter is switched off with their own settings, not by f
 ``RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING"))`` (the per-report
 "Reporting training result" and "Checkpoint successfully created" lines), ``RAY_COLOR_PREFIX=0`` (no
 ANSI codes around worker prefixes), ``RAY_DISABLE_WORKER_LOG_PREFIX=1`` (no "(RayTrainWorker pid=...)"
-before our lines), ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`` and ``MLFLOW_LOGGING_LEVEL=WARNING``.
-``-v`` turns them back on.
+before our lines), ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`` and ``MLFLOW_LOGGING_LEVEL=WARNING``;
+Ray's token warning (:data:`RAY_QUIET_LOGGERS`). ``-v`` turns them back on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,15 @@ def train_log_level() -> str:
     return "INFO" if verbosity() > 0 else "WARNING"
 
 
+# Ray's own lines that say nothing a gdnsq user can act on, silenced at default verbosity through Ray's loggers
+# (-v brings them back): ray.init's "Token authentication is enabled for this Ray cluster" warning on every local
+# start. Not among them, for want of a switch: Train V2's controller logging, at error level from C++, that its
+# PreemptionWatcher actor "has constructor arguments in the object store and max_restarts > 0". Setting
+# RAY_BACKEND_LOG_LEVEL hides it but makes every Ray process print "Set ray log level from environment variable",
+# and RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 would switch off Train's handling of preempted nodes.
+RAY_QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
 def setup_logging(level: int) -> None:
     """CLI start: our logger at INFO (DEBUG with -v, WARNING with -q), third parties at WARNING, and the
     switches above in this process's environment (before Ray or MLflow is imported; user settings win)."""
@@ -71,6 +81,8 @@ def setup_logging(level: int) -> None:
     os.environ.setdefault(TTY_ENV, "1" if sys.stdout.isatty() else "0")
     for k, v in quiet_env(level).items():
         os.environ.setdefault(k, v)
+    for name in RAY_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if level <= 0 else logging.NOTSET)
     logging.basicConfig(level=logging.DEBUG if level > 1 else logging.WARNING, format="%(message)s")
     logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
 
@@ -272,11 +284,24 @@ def footer(cfg, summary: dict) -> None:
             if uri is None or os.environ.get("MLFLOW_TRACKING_URI") == uri or _is_default(uri)
             else f", tracking_uri={uri!r}"
         )
-        rows.append(("load it", f"python -c \"import gdnsq; m = gdnsq.load_model('{ref}'{tracking})\""))
+        # The interpreter of this install: a bare `python` is the system's, which has no gdnsq after `make`.
+        python = shlex.quote(sys.executable)
+        rows.append(("load it", f"{python} -c \"import gdnsq; m = gdnsq.load_model('{ref}'{tracking})\""))
     elif ckpt and "://" not in ckpt:
-        rows.append(("export it", f"gdnsq export {ckpt} --out out/export"))
+        rows.append(("export it", f"{gdnsq_command()} export {ckpt} --out out/export"))
     for key, value in rows:
         print(f"  {key:<11} {value}")
+
+
+def gdnsq_command() -> str:
+    """How to call gdnsq from a shell: ``gdnsq`` when this install's is on PATH, else its full path (``make``
+    leaves it in .venv/bin, off PATH), else through this interpreter."""
+    import shutil
+
+    here = Path(sys.executable).parent / "gdnsq"
+    if shutil.which("gdnsq") == str(here):
+        return "gdnsq"
+    return shlex.quote(str(here)) if here.is_file() else f"{shlex.quote(sys.executable)} -m gdnsq.cli"
 
 
 def _is_default(uri: str) -> bool:

@@ -30,7 +30,9 @@ def with_run_name(cfg: JobConfig) -> JobConfig:
     """
     if cfg.name:
         return cfg
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.name.rsplit("/", 1)[-1])[:MODEL_NAME_CHARS]
+    # One safe folder name whatever the model is called (an hf-hub path, a leading dot): see run_name_problem.
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.name.rsplit("/", 1)[-1]).lstrip(".")[:MODEL_NAME_CHARS]
+    model = model or "model"
     name = f"{model}-w{cfg.quant.target_w:g}a{cfg.quant.target_a:g}-{fingerprint(to_dict(cfg))[:8]}"
     return dataclasses.replace(cfg, name=name)
 

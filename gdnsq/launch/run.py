@@ -4,8 +4,11 @@ in-process with ``ray.enabled: false``). ``gdnsq train`` / ``quickstart`` and th
 
 from __future__ import annotations
 
-from ..config import JobConfig
+from pathlib import Path
+
+from ..config import JobConfig, to_dict
 from ..errors import RunIdentityError
+from ..training.checkpoint import CHECKPOINT_FILE, check_identity, load_latest
 from .identity import run_dir, set_aside, with_run_name
 from .preflight import check_storage, preflight
 from .storage import exists, storage_root
@@ -28,3 +31,30 @@ def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
     from .local import run_local
 
     return run_local(cfg)
+
+
+def check_run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> tuple[JobConfig, list[str]]:
+    """``--dry-run``: every check :func:`run` makes before its executor starts (name, pre-flight, storage, the stored
+    run's identity), with nothing trained, moved or left behind. Returns the config the run would use and what
+    was found, one line each; a problem raises as it would in :func:`run`."""
+    cfg, facts = preflight(with_run_name(cfg))
+    found = []
+    if facts is not None:
+        found.append(
+            f"data: {facts.train.size:,} training / {facts.val.size:,} validation samples, {facts.num_classes} classes"
+        )
+    folder = run_dir(cfg)
+    if "://" in folder:
+        found.append(f"storage: {folder} (remote: not checked without the cluster)")
+        return cfg, found
+    check_storage(cfg)
+    stored = Path(folder).exists()
+    if resume and not stored:
+        raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")
+    if stored and not fresh and (Path(folder) / CHECKPOINT_FILE).is_file():
+        ckpt = load_latest(Path(folder) / CHECKPOINT_FILE)
+        if ckpt is not None:
+            check_identity(to_dict(cfg), ckpt, folder)
+    state = "set aside by --fresh, then new" if stored and fresh else "resumed" if stored else "new"
+    found.append(f"storage: {folder} ({state})")
+    return cfg, found

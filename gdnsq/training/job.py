@@ -255,7 +255,19 @@ def run_job(
 
     summary = finalize(cfg, engine, teacher, loaders, device, best, fp_val, decisions)
     summary["teacher"] = teacher_report
+    summary["skipped_images"] = len(_all_ranks(loaders.bad_files()))
     return summary
+
+
+def _all_ranks(files: set[str]) -> set[str]:
+    """The union of ``files`` over the DDP ranks (each rank reads its own shard), or ``files`` alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return files
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(files))
+    return set().union(*map(set, gathered))
 
 
 def finalize(

@@ -92,6 +92,8 @@ def test_every_readme_command_runs(workdir):
     assert "Reporting training result" not in out and "metrics={" not in out and "TrainingReport" not in out
     assert "Checkpoint successfully created" not in out and "Downloading artifacts" not in out
     assert "(RayTrainWorker pid=" not in out
+    assert "Token authentication is enabled" not in out  # Ray's own warning, back with -v
+    assert (d / "out" / "quickstart.json").stat().st_mode & 0o777 == 0o666 & ~_umask()  # as any other output
     lines = [line for line in out.splitlines() if line.strip()]
     epoch_lines = [line for line in lines if line.startswith("epoch 1/1")]
     assert len(epoch_lines) == 1, epoch_lines  # once: no duplicated worker output
@@ -173,3 +175,9 @@ def _validate_cluster_command(argv: list[str], d: Path, env: dict) -> None:
         from gdnsq.launch.sweep.plan import load_sweep
 
         load_sweep(d / argv[2])
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

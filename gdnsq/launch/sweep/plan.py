@@ -39,6 +39,7 @@ from ...config import (
     did_you_mean,
     from_dict,
     known_keys,
+    parse_yaml,
     read_yaml,
     set_dotted,
     setting_type,
@@ -177,7 +178,11 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     sweep_data = dict(data.pop("sweep"))
     job_over, sweep_over = _split_overrides(overrides or {})
     for key, value in sweep_over.items():
-        value = yaml.safe_load(value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            try:
+                value = parse_yaml(value)
+            except yaml.YAMLError as e:
+                raise SweepError(f"sweep.{key}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if key.startswith("space."):  # space keys are dotted settings themselves: --sweep.space.optim.lr '{...}'
             sweep_data.setdefault("space", {})[key[len("space.") :]] = value
             continue
