@@ -308,6 +308,10 @@ class QuantConfig:
     """EWGS scaling factor delta."""
     act_signed: str = checked("auto", choices=("auto", "signed", "unsigned"))
     """Activation lower bound: auto (0 after ReLU, detected at calibration), signed, unsigned."""
+    integer_grid: bool = False
+    """Integer grids (GDNSQ): every grid point an integer times its step (offset z = a whole number of steps, 0 after
+    a ReLU; weights int8 codes with zero point 0), so integer kernels run the model exactly (``gdnsq export --onnx
+    --onnx-target int8``). Off: the float offset z = lo (exact fake-quant only)."""
     keep_first_conv: bool = True
     """Keep the stem conv FP (read from timm's pretrained_cfg)."""
     keep_classifier: bool = True

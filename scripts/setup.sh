@@ -52,7 +52,7 @@ PY
   kernel_pid=$!
   wait_for_apt
   # FFCV builds from source against the venv's numpy (no build isolation, so no second numpy download).
-  .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,deploy]"
   echo "$want" > "$stamp"
 fi
 wait_for_apt

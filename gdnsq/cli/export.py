@@ -17,6 +17,7 @@ from ..errors import ConfigError
 EXAMPLES = """examples:
   gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80 --out out/export --onnx   # a run's folder: its latest checkpoint
   gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80/checkpoint_2026-01-05_10-42-07.123456/checkpoint.pt --out out/x
+  gdnsq export runs/gdnsq_smallcnn-w2a2-53cf9b80 --out out/deploy --onnx --onnx-target int8   # quant.integer_grid
   gdnsq export gdnsq_smallcnn-w2a2@champion --out out/export
   gdnsq export resnet18-w2a2/latest --out out/export --tracking-uri http://localhost:5000"""
 
@@ -40,6 +41,13 @@ def register(subparsers, formatter) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")
+    p.add_argument(
+        "--onnx-target",
+        choices=("qdq", "int8", "tensorrt"),
+        default="qdq",
+        help="qdq: exact fake-quant QDQ (float offsets, float convs); int8: integer convs on onnxruntime / OpenVINO "
+        "(needs a model trained with quant.integer_grid); tensorrt: int8 QDQ, zero point 0, DQ feeding every conv",
+    )
     p.add_argument(
         "--fp16",
         action="store_true",
@@ -91,11 +99,12 @@ def _write(args, out: Path, model, recipe: dict, meta: dict, x) -> None:
     print(f"wrote {packed['path']}  sha256 {packed['sha256']}")
     report = {"packed": packed}
     if args.onnx:
-        onnx = export_onnx(model, out / "model.onnx", x, opset=args.opset)
+        onnx = export_onnx(model, out / "model.onnx", x, opset=args.opset, target=args.onnx_target)
         report["onnx"] = {k: v for k, v in onnx.items() if k != "layers"}
         ok = onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agree"]
         print(
-            f"wrote {onnx['path']}  ({onnx['bytes_file']:,} B, opset {args.opset}); onnxruntime vs fake-quant "
+            f"wrote {onnx['path']}  ({onnx['bytes_file']:,} B, opset {args.opset}, target {args.onnx_target}); "
+            "onnxruntime vs fake-quant "
             f"eval: max |diff| {onnx['max_abs_diff']:.3g}, top-1 {'agrees' if onnx['top1_agree'] else 'DIFFERS'}"
             + ("" if ok else "  (codes at a rounding boundary flip under float noise; see gdnsq.export docs)")
         )

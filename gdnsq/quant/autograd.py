@@ -54,18 +54,18 @@ class QuantizeWeight(torch.autograd.Function):
     """(x̂, lo, hi) of a weight quantizer (``ops.quantize_weight``); lo, hi: the range per row, shape (C,)."""
 
     @staticmethod
-    def forward(ctx, w, log_s, state, estimator: str, delta: float, noise_ratio: float, out_dtype):
+    def forward(ctx, w, log_s, state, estimator: str, delta: float, noise_ratio: float, out_dtype, integer=False):
         ctx.set_materialize_grads(False)
-        out, lo, hi, index, key = ops.quantize_weight(w, log_s, state, estimator, noise_ratio, out_dtype)
+        out, lo, hi, index, key = ops.quantize_weight(w, log_s, state, estimator, noise_ratio, out_dtype, integer)
         ctx.save_for_backward(w, log_s, lo, index, key)
-        ctx.cfg = (estimator, delta, noise_ratio)
+        ctx.cfg = (estimator, delta, noise_ratio, integer)
         return out, lo, hi
 
     @staticmethod
     def backward(ctx, g, g_lo, g_hi):
         w, log_s, lo, index, key = ctx.saved_tensors
         grad_w, grad_log_s = _weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, ctx.cfg)
-        return grad_w, (grad_log_s if g is not None else None), *[None] * 5
+        return grad_w, (grad_log_s if g is not None else None), *[None] * 6
 
 
 def _weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, cfg) -> tuple[Tensor, Tensor]:
@@ -84,19 +84,21 @@ class QuantizedLayer(torch.autograd.Function):
 
     ``act``: (log_s, log_q, lo, state) of the input quantizer, or None (input not quantized); ``layer``:
     ("conv", stride, padding, dilation, groups) or ("linear",); ``quant``: (act estimator, act delta, weight
-    estimator, weight delta, noise_ratio, compute dtype). Saves x (not x̂), ŵ, the weight and the keys.
+    estimator, weight delta, noise_ratio, compute dtype[, integer weight grid]). Saves x (not x̂), ŵ, the weight and
+    the keys.
     """
 
     @staticmethod
     def forward(ctx, x, w, bias, a_log_s, a_log_q, a_lo, a_state, w_log_s, w_state, layer: tuple, quant: tuple):
         ctx.set_materialize_grads(False)
-        a_est, a_delta, w_est, w_delta, ratio, dtype = quant
+        a_est, a_delta, w_est, w_delta, ratio, dtype, *integer = quant
+        integer = bool(integer and integer[0])
         quantize_input = a_log_s is not None
         if quantize_input:
             xq, a_key = ops.quantize_act(x, a_log_s, a_log_q, a_lo, a_state, a_est, ratio, dtype)
         else:
             xq, a_key = x.to(dtype), None
-        wq, lo, hi, index, w_key = ops.quantize_weight(w, w_log_s, w_state, w_est, ratio, dtype)
+        wq, lo, hi, index, w_key = ops.quantize_weight(w, w_log_s, w_state, w_est, ratio, dtype, integer)
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # operands are in their compute dtype already
             if layer[0] == "conv":
@@ -113,7 +115,8 @@ class QuantizedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_lo, g_hi):
         x, w, wq, lo, index, w_log_s, w_key, a_log_s, a_log_q, a_lo, a_key = ctx.saved_tensors
-        a_est, a_delta, w_est, w_delta, ratio, dtype = ctx.quant
+        a_est, a_delta, w_est, w_delta, ratio, dtype, *integer = ctx.quant
+        integer = bool(integer and integer[0])
         need = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_w_log_s = None
         a_grads = [None, None, None]
@@ -133,7 +136,7 @@ class QuantizedLayer(torch.autograd.Function):
             gwq = None
         if g is not None or g_lo is not None or g_hi is not None:
             grad_w, grad_w_log_s = _weight_backward(gwq, g_lo, g_hi, w, w_log_s, lo, index, w_key,
-                                                    (w_est, w_delta, ratio))  # fmt: skip
+                                                    (w_est, w_delta, ratio, integer))  # fmt: skip
             grad_w_log_s = grad_w_log_s if g is not None else None
         return grad_x, grad_w, grad_b, *a_grads, None, grad_w_log_s, None, None, None
 

@@ -57,6 +57,24 @@ def activation_grid(log_s: Tensor, log_q: Tensor, lo: Tensor) -> tuple[Tensor, T
     return lo, lo + torch.exp2(log_q) - s, s
 
 
+def snap_to_step(lo: Tensor, s: Tensor) -> Tensor:
+    """lo moved to the nearest whole number of steps, s·round(lo/s), with a straight-through gradient to lo (and
+    none to s): the offset of an *integer grid* (``quant.integer_grid``), whose points are all integers × s, so
+    that integer kernels (int8 / uint8 with an integer zero point) run it exactly. 0 stays 0."""
+    z = torch.round(lo.detach() / s.detach()) * s.detach()
+    return z + (lo - lo.detach())  # exactly z in value (not lo + (z - lo), which rounds), d/d lo = 1
+
+
+def integer_weight_grid(lo: Tensor, hi: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, top) of a weight's integer grid over its range [lo, hi] (per row): z = s·round(lo/s) and the clamp's top
+    z + s·round((hi - lo)/s), so the grid keeps the float grid's round(range/s) + 1 levels (``grid_levels``) where
+    the snapped offset alone could make one more; weights above ``top`` (less than a step above) are clamped.
+    Nothing here carries a gradient: the clamp bounds of a weight are data, as the float grid's z = min(w) is."""
+    lo, hi, s = lo.detach(), hi.detach(), s.detach()
+    z = torch.round(lo / s) * s
+    return z, z + torch.round((hi - lo) / s) * s
+
+
 def _grid_bounds(lo: Tensor, hi: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """The clamp bounds in grid units, (lo - z)/s and (hi - z)/s."""
     return (lo - z) / s, (hi - z) / s

@@ -67,9 +67,9 @@ class _QuantMixin:
         for the penalty of the same step, as the weight quantizer's own forward does."""
         wq, aq = self.weight_quant, self.act_quant
         dtype = op_dtype(x)
-        act = None if aq is None else (aq.log_s, aq.log_q, aq.lo, aq.rng_key)
+        act = None if aq is None else (aq.log_s, aq.log_q, aq.grid_lo(), aq.rng_key)
         a_est, a_delta = (aq.estimator, aq.delta) if aq is not None else ("ste", 0.0)
-        quant = (a_est, a_delta, wq.estimator, wq.delta, wq.noise_ratio, dtype)
+        quant = (a_est, a_delta, wq.estimator, wq.delta, wq.noise_ratio, dtype, wq.integer_grid)
         y, lo, hi = quantized_layer(x, self.weight, self.bias, act, (wq.log_s, wq.rng_key), layer, quant)
         wq._cache = (wq._key(self.weight), (lo.reshape(wq.log_s.shape), hi.reshape(wq.log_s.shape)))
         return y

@@ -150,8 +150,11 @@ def _(g, x, log_s, log_q, lo, key, estimator, delta, noise_ratio, need_grad_x):
 
 @torch.library.custom_op("gdnsq::quantize_weight", mutates_args=("state",))
 def quantize_weight(
-    w: Tensor, log_s: Tensor, state: Tensor, estimator: str, noise_ratio: float, out_dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    w: Tensor, log_s: Tensor, state: Tensor, estimator: str, noise_ratio: float, out_dtype: torch.dtype,
+    integer_grid: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    if integer_grid:
+        return _integer_weight_forward(w, log_s, _take_key(state), estimator, noise_ratio, out_dtype)
     backend = _backend(w, out_dtype)
     if backend == "triton":
         return _triton().weight_forward(w, log_s, state, estimator, noise_ratio, out_dtype)
@@ -169,7 +172,7 @@ def quantize_weight(
 
 
 @quantize_weight.register_fake
-def _(w, log_s, state, estimator, noise_ratio, out_dtype):
+def _(w, log_s, state, estimator, noise_ratio, out_dtype, integer_grid=False):
     c = log_s.numel()
     index = torch.empty((2, c), dtype=torch.int64, device=w.device)
     key = torch.empty((), dtype=torch.int64, device=state.device)
@@ -180,8 +183,10 @@ def _(w, log_s, state, estimator, noise_ratio, out_dtype):
 @torch.library.custom_op("gdnsq::quantize_weight_backward", mutates_args=())
 def quantize_weight_backward(
     g: Tensor, g_lo: Tensor | None, g_hi: Tensor | None, w: Tensor, log_s: Tensor, lo: Tensor, index: Tensor,
-    key: Tensor, estimator: str, delta: float, noise_ratio: float,
+    key: Tensor, estimator: str, delta: float, noise_ratio: float, integer_grid: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    if integer_grid:
+        return _integer_weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
     backend = _backend(w, w.dtype)
     if backend == "triton":
         return _triton().weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio)
@@ -203,5 +208,58 @@ def quantize_weight_backward(
 
 
 @quantize_weight_backward.register_fake
-def _(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio):
+def _(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio, integer_grid=False):
     return torch.empty_like(w, memory_format=dither.walk_format(w)), w.new_empty(log_s.numel(), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------ integer weight grids
+# ``quant.integer_grid``: z = s·round(min/s) and the top clamped to keep the float grid's level count
+# (``functional.integer_weight_grid``). On the CPU the generic kernels run it (per-row z, s and clamp bounds); on CUDA
+# the torch reference does (the Triton weight kernels know only z = min).
+
+
+def _integer_weight_bounds(wc: Tensor, log_s: Tensor, lo: Tensor, hi: Tensor):
+    """(s, z, lo, top, vlo, vhi) shaped (C, 1): the clamp [lo, top] and its bounds in grid units."""
+    c = log_s.numel()
+    s = torch.exp2(log_s.to(wc.dtype)).reshape(c, 1)
+    lo, hi = lo.to(wc.dtype).reshape(c, 1), hi.to(wc.dtype).reshape(c, 1)
+    z, top = F.integer_weight_grid(lo, hi, s)
+    return (s, z, lo, top, *F._grid_bounds(lo, top, z, s))
+
+
+def _integer_weight_forward(w, log_s, key, estimator, noise_ratio, out_dtype):
+    wm, _, back = cpu_ops.walk(w)
+    flat = _compute(wm)[0].reshape(log_s.numel(), -1)
+    (lo, ilo), (hi, ihi) = flat.min(dim=1), flat.max(dim=1)
+    s, z, clo, top, vlo, vhi = _integer_weight_bounds(flat, log_s, lo, hi)
+    if _backend(w, out_dtype) == "cpu":
+        out = fused.kernels().forward(wm, z, s, vlo, vhi, True, estimator != "ste", key, noise_ratio, out_dtype)
+    else:
+        out = F.reference_forward(flat, clo, top, z, s, key, estimator, noise_ratio)[0].to(out_dtype)
+    return back(out.reshape(wm.shape)), lo.to(w.dtype), hi.to(w.dtype), torch.stack([ilo, ihi]), key
+
+
+def _integer_weight_backward(g, g_lo, g_hi, w, log_s, lo, index, key, estimator, delta, noise_ratio):
+    wm, gm, back = cpu_ops.walk(w, g)
+    c = log_s.numel()
+    flat = _compute(wm)[0].reshape(c, -1)
+    hi = flat.gather(1, index[1].reshape(c, 1))  # the row's max, at the index its forward found
+    s, z, clo, top, vlo, vhi = _integer_weight_bounds(flat, log_s, lo, hi)
+    dither = estimator != "lsq"
+    if _backend(w, w.dtype) == "cpu" and g.dtype in fused.DTYPES:
+        empty = cpu_ops._EMPTY
+        grad_w, sums = fused.kernels().backward(
+            wm, gm, z, s, vlo, vhi, clo, top, True, cpu_ops.MODES[estimator], delta, key, noise_ratio, dither,
+            True, index, empty if g_lo is None else g_lo, empty if g_hi is None else g_hi,
+        )  # fmt: skip
+        grad_s = sums[2] + s.reshape(-1) * sums[3] * F._INV_SQRT3 if dither else sums[2]
+        return back(grad_w), (grad_s * s.reshape(-1) * _LN2).float()
+    gc = _compute(gm)[0].reshape(c, -1)
+    gw, _, _, _, g_s = F.reference_backward(
+        (True, False, False, False, True), gc, flat, clo, top, z, s, key, None, estimator, delta, noise_ratio
+    )
+    gw = gw.clone() if gw is gc else gw
+    for i, gr in ((0, g_lo), (1, g_hi)):  # min's, then max's, as autograd's sparse add
+        if gr is not None:
+            gw.scatter_add_(1, index[i].unsqueeze(1), gr.to(gw.dtype).unsqueeze(1))
+    return back(gw.reshape(wm.shape).to(w.dtype, copy=True)), (g_s * s * _LN2).reshape(-1).float()

@@ -100,10 +100,11 @@ class _GDNSQQuantizer(Quantizer):
     """Training forward by the registered ops (one kernel each way); False: the reference torch graph of
     ``functional.noisy_quantize`` (same draws, same values). ``quant.fused``."""
 
-    def __init__(self, *, estimator: str = "ste", delta: float = 1e-2):
+    def __init__(self, *, estimator: str = "ste", delta: float = 1e-2, integer_grid: bool = False):
         super().__init__()
         self.estimator = estimator
         self.delta = delta
+        self.integer_grid = integer_grid
         self.register_buffer("rng_key", new_state())
 
     @property
@@ -111,7 +112,7 @@ class _GDNSQQuantizer(Quantizer):
         return self.fused and self.enabled and self.training and not self.observing
 
     def extra_repr(self) -> str:
-        return f"estimator={self.estimator}"
+        return f"estimator={self.estimator}" + (", integer_grid=True" if self.integer_grid else "")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints from before the key state existed: keep this quantizer's own (freshly drawn) key.
@@ -121,6 +122,9 @@ class _GDNSQQuantizer(Quantizer):
 
 class WeightQuantizer(_GDNSQQuantizer):
     """Weights: range from the weights themselves, z = min(w), learnable step per channel or tensor.
+
+    ``integer_grid``: z = s·round(min(w)/s) instead, so every grid point is an integer × s (int8 codes, zero point
+    0), with the top clamped so the level count stays round(range/s) + 1 (``functional.integer_weight_grid``).
 
     ``log_s`` has shape (C_out, 1, ..., 1) per channel or (1,) * w.dim() per tensor.
     """
@@ -170,25 +174,33 @@ class WeightQuantizer(_GDNSQQuantizer):
         if self.uses_ops:
             # One kernel for range and rounding; the range is cached for the penalty of the same step.
             out, lo, hi = QuantizeWeight.apply(
-                w, self.log_s, self.rng_key, self.estimator, self.delta, self.noise_ratio, op_dtype(w)
-            )
+                w, self.log_s, self.rng_key, self.estimator, self.delta, self.noise_ratio, op_dtype(w),
+                self.integer_grid,
+            )  # fmt: skip
             self._cache = (self._key(w), (lo.reshape(self.log_s.shape), hi.reshape(self.log_s.shape)))
             return out
         lo, hi = self._range(w)
+        clamp_lo, clamp_hi, z = self._clamp(lo, hi)
         if self.training:
-            # The clamp is a no-op for weights (range = [min, max]), so it is skipped.
             return F.noisy_quantize(
                 w,
-                None,
-                None,
-                lo.detach(),
+                clamp_lo,
+                clamp_hi,
+                z,
                 torch.exp2(self.log_s),
                 estimator=self.estimator,
                 delta=self.delta,
                 noise_ratio=self.noise_ratio,
                 key=next_key_(self.rng_key),
             )
-        return F.exact_quantize(w, None, None, lo, torch.exp2(self.log_s))
+        return F.exact_quantize(w, clamp_lo, clamp_hi, z, torch.exp2(self.log_s))
+
+    def _clamp(self, lo: Tensor, hi: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """(clamp lo, clamp hi, z): the float grid skips the clamp, a no-op for weights (range = [min, max])."""
+        if not self.integer_grid:
+            return None, None, lo.detach()
+        z, top = F.integer_weight_grid(lo, hi, torch.exp2(self.log_s))
+        return lo.detach(), top, z
 
     def bits(self, w: Tensor) -> Tensor:
         lo, hi = self._range(w)
@@ -224,7 +236,8 @@ class WeightQuantizer(_GDNSQQuantizer):
     @torch.no_grad()
     def grid(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lo, hi = self._range(w)
-        return lo, hi, lo, torch.exp2(self.log_s)
+        clamp_lo, clamp_hi, z = self._clamp(lo, hi)
+        return (lo, hi, lo, torch.exp2(self.log_s)) if clamp_lo is None else (clamp_lo, clamp_hi, z, self.log_s.exp2())
 
 
 def decide_signed(signed_mode: str, observed_min: Tensor) -> bool:
@@ -236,7 +249,8 @@ class ActivationQuantizer(_GDNSQQuantizer):
     """Activations: per-tensor step s, clamp [lo, lo + 2**log_q - s], z = lo.
 
     ``lo`` is learnable for signed inputs and fixed at 0 for non-negative ones (after a ReLU);
-    ``signed='auto'`` decides from the calibration minimum.
+    ``signed='auto'`` decides from the calibration minimum. ``integer_grid``: the grid's lo (= z) is the learned lo
+    moved to a whole number of steps, straight-through (``functional.snap_to_step``; 0 after a ReLU stays 0).
     """
 
     def __init__(self, *, signed: str = "auto", **kw):
@@ -252,7 +266,11 @@ class ActivationQuantizer(_GDNSQQuantizer):
     def _bounds(self) -> tuple[Tensor, Tensor, Tensor]:
         # Unsigned inputs keep lo frozen at its calibrated 0 (requires_grad off), so no data-dependent
         # branch is needed here, which keeps the eval graph exportable.
-        return F.activation_grid(self.log_s, self.log_q, self.lo)
+        return F.activation_grid(self.log_s, self.log_q, self.grid_lo())
+
+    def grid_lo(self) -> Tensor:
+        """The grid's lower bound and offset: ``lo``, or under ``integer_grid`` lo snapped to a multiple of s."""
+        return F.snap_to_step(self.lo, torch.exp2(self.log_s)) if self.integer_grid else self.lo
 
     @torch.no_grad()
     def calibrate_(self, init_bits: float) -> None:
@@ -281,7 +299,7 @@ class ActivationQuantizer(_GDNSQQuantizer):
                 x,
                 self.log_s,
                 self.log_q,
-                self.lo,
+                self.grid_lo(),
                 self.rng_key,
                 self.estimator,
                 self.delta,
@@ -352,14 +370,19 @@ def resolve_estimator(estimator: str, target: float) -> str:
 
 @register_method("gdnsq")
 def create_gdnsq(weight_shape: torch.Size, spec) -> tuple[WeightQuantizer, ActivationQuantizer]:
+    integer = getattr(spec, "integer_grid", False)  # specs pickled before the option existed
     return (
         WeightQuantizer(
             weight_shape,
             per_channel=spec.per_channel,
             delta=spec.delta,
             estimator=resolve_estimator(spec.estimator, spec.bound_w),
+            integer_grid=integer,
         ),
         ActivationQuantizer(
-            signed=spec.act_signed, delta=spec.delta, estimator=resolve_estimator(spec.estimator, spec.bound_a)
+            signed=spec.act_signed,
+            delta=spec.delta,
+            estimator=resolve_estimator(spec.estimator, spec.bound_a),
+            integer_grid=integer,
         ),
     )

@@ -27,11 +27,13 @@ class QuantSpec:
         quantize_act: bool = True,
         method: str = "gdnsq",
         method_args: dict | None = None,
+        integer_grid: bool = False,
     ):
         self.bound_w, self.bound_a = float(bound_w), float(bound_a)
         self.per_channel, self.estimator, self.delta = per_channel, estimator, delta
         self.act_signed, self.quantize_act, self.method = act_signed, quantize_act, method
         self.method_args = dict(method_args or {})
+        self.integer_grid = bool(integer_grid)
 
     def as_dict(self) -> dict:
         return dict(vars(self))

@@ -131,6 +131,7 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> list[LayerDecision]:
                 estimator=qcfg.estimator,
                 delta=qcfg.ewgs_delta,
                 act_signed=qcfg.act_signed,
+                integer_grid=qcfg.integer_grid,
                 method=qcfg.method,
                 method_args=qcfg.method_args,
                 **fields,

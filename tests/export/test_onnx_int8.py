@@ -1,0 +1,160 @@
+"""Integer ONNX export (``--onnx-target int8`` / ``tensorrt``): integer convolutions in onnxruntime's optimized graph,
+predictions equal to the fake-quant eval, the TensorRT shape, accuracy through onnxruntime and OpenVINO on the
+bundled digits, and the refusal of float offsets."""
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from gdnsq.config import QuantConfig
+from gdnsq.data.bundled import load_bundled
+from gdnsq.errors import ExportError
+from gdnsq.export import export_onnx, runtime_accuracy
+from gdnsq.export.runtimes import optimized_op_types, runner
+from gdnsq.quant.layers import QConv2d, iter_quantized
+from gdnsq.training.models import SmallCNN
+from gdnsq.training.surgery import calibrate_model, quantize_model
+
+INTEGER_CONVS = ("QLinearConv", "ConvInteger")
+
+
+def _quantized(model, shape, bits=2, integer=True, seed=0, **cfg):
+    torch.manual_seed(seed)
+    quantize_model(model, QuantConfig(target_w=bits, target_a=bits, integer_grid=integer, **cfg))
+    calibrate_model(model, [torch.randn(4, *shape) for _ in range(2)], init_bits=bits)
+    return model.eval()
+
+
+def _quantized_convs(model) -> int:
+    return sum(isinstance(layer, QConv2d) for _, layer in iter_quantized(model))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return _quantized(timm.create_model("resnet18", num_classes=10), (3, 64, 64))
+
+
+@pytest.mark.parametrize("case", ["resnet18", "smallcnn_signed_stem"])
+def test_onnxruntime_runs_every_quantized_conv_on_an_integer_kernel(case, resnet, tmp_path):
+    if case == "resnet18":
+        model, shape = resnet, (3, 64, 64)
+    else:  # the stem quantized too: its input (normalized digits) is signed, a grid with a nonzero integer offset
+        model, shape = _quantized(SmallCNN(), (1, 28, 28), bits=4, keep_first_conv=False), (1, 28, 28)
+    x = torch.randn(16, *shape)
+    report = export_onnx(model, tmp_path / "m.onnx", x[:8], target="int8")
+    assert report["top1_agree"] and report["max_abs_diff"] < 1e-4
+    ops = collections.Counter(optimized_op_types(tmp_path / "m.onnx", tmp_path / "opt.onnx"))
+    assert ops["QLinearConv"] + ops["ConvInteger"] == _quantized_convs(model), ops
+    assert ops["Conv"] == (1 if case == "resnet18" else 0), ops  # resnet's stem stays FP
+    assert ops["BatchNormalization"] == 0
+    if case == "resnet18":
+        assert ops["QLinearConv"] > 0  # convs feeding a quantizer fused by onnxruntime itself
+    with torch.no_grad():
+        ref = model(x)
+    got = torch.from_numpy(runner(tmp_path / "m.onnx")(x.numpy()))  # a batch the export never saw (dynamic batch)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+def test_tensorrt_shape(resnet, tmp_path):
+    """Every Q/DQ int8 with zero point 0, every quantized conv fed by DequantizeLinear directly (data and weight),
+    no BatchNormalization between a conv and its consumers, no ConvInteger."""
+    report = export_onnx(resnet, tmp_path / "trt.onnx", torch.randn(8, 3, 64, 64), target="tensorrt")
+    assert report["top1_agree"] and report["max_abs_diff"] < 1e-4
+    proto = onnx.load(tmp_path / "trt.onnx")
+    g = proto.graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"}
+    producer = {o: n for n in g.node for o in n.output}
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        zp = inits.get(n.input[2], consts.get(n.input[2])) if len(n.input) > 2 else None
+        assert zp is not None and zp.dtype == np.int8 and not zp.any(), n.name
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    fed = [n for n in convs if n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(fed) == _quantized_convs(resnet)
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in fed)
+    assert not [n for n in g.node if n.op_type in ("BatchNormalization", "ConvInteger")]
+    for n in fed:  # weights: int8 codes held in an initializer
+        assert inits[producer[n.input[1]].input[0]].dtype == np.int8
+    for n in g.node:  # Q and DQ adjacent: every QuantizeLinear's output goes to DequantizeLinear nodes only
+        if n.op_type == "QuantizeLinear":
+            users = [m for m in g.node if n.output[0] in m.input]
+            assert users and all(m.op_type == "DequantizeLinear" for m in users), n.name
+
+
+def test_float_offsets_are_refused_in_one_line(tmp_path):
+    model = _quantized(SmallCNN(), (1, 28, 28), integer=False, keep_first_conv=False)
+    for target in ("int8", "tensorrt"):
+        with pytest.raises(ExportError, match=r"^layer \S+: its (input|weight) grid has a float offset") as e:
+            export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 28, 28), target=target)
+        assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A SmallCNN on the bundled digits, W4A4 on integer grids calibrated on them, its FP head fitted by least
+    squares on the quantized features (seconds, where SGD training takes minutes on a loaded 2-core machine)."""
+    torch.manual_seed(0)
+    data = load_bundled()
+    model = SmallCNN(width=64)  # 128 random features: enough for a head fitted in closed form
+    quantize_model(model, QuantConfig(target_w=4, target_a=4, integer_grid=True))
+    x, y = data.train.tensors
+    calibrate_model(model, [x[i : i + 250] for i in range(0, 1000, 250)], init_bits=4)
+    model.eval()
+    with torch.no_grad():
+        f = torch.cat([model.fc(model.features(model.stem(x[i : i + 500]))) for i in range(0, len(x), 500)])
+        f1 = torch.cat([f, torch.ones(len(f), 1)], 1).double()
+        target = torch.nn.functional.one_hot(y, 10).double()
+        sol = torch.linalg.solve(f1.T @ f1 + 1e-3 * torch.eye(f1.shape[1], dtype=torch.float64), f1.T @ target)
+        model.head.weight.copy_(sol[:-1].T.float())
+        model.head.bias.copy_(sol[-1].float())
+    return model, data
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_top1_through_the_runtime_equals_the_fake_quant_top1(runtime, digits_model, tmp_path):
+    model, data = digits_model
+    export_onnx(model, tmp_path / "m.onnx", data.test.tensors[0][:8], target="int8")
+    acc = runtime_accuracy(model, tmp_path / "m.onnx", DataLoader(data.test, batch_size=250), runtime)
+    assert acc["samples"] == 1000
+    assert acc["top1_fake_quant"] > 60.0  # far above chance, so equal top-1s say something
+    assert abs(acc["top1_runtime"] - acc["top1_fake_quant"]) <= 0.1, acc
+    assert acc["differing_predictions"] <= 1, acc
+
+
+def test_unknown_target_and_runtime_are_one_line_errors(resnet, tmp_path):
+    with pytest.raises(ExportError, match="unknown ONNX target 'tflite'"):
+        export_onnx(resnet, tmp_path / "m.onnx", torch.randn(2, 3, 64, 64), target="tflite")
+    with pytest.raises(ExportError, match="unknown runtime 'tvm'"):
+        runner(tmp_path / "m.onnx", "tvm")
+
+
+def test_cli_integer_target_and_its_refusal(tmp_path, capsys):
+    from gdnsq.cli import main
+    from gdnsq.config import JobConfig, ModelConfig, to_dict
+    from gdnsq.training.surgery import build_student
+
+    codes = {}
+    for integer in (True, False):
+        cfg = JobConfig(model=ModelConfig(name="gdnsq_smallcnn"), quant=QuantConfig(integer_grid=integer))
+        model = build_student(cfg, 10, 1)
+        calibrate_model(model, [torch.randn(8, 1, 28, 28) for _ in range(2)], init_bits=2)
+        ckpt = tmp_path / f"{integer}.pt"
+        state = {"model": model.state_dict()}
+        torch.save({"config": to_dict(cfg), "engine": state, "best": {"ns_top1": -1.0, "state": None}}, ckpt)
+        out = tmp_path / f"export-{integer}"
+        codes[integer] = main(["export", str(ckpt), "--out", str(out), "--onnx", "--onnx-target", "int8"])
+        if integer:
+            assert "target int8" in capsys.readouterr().out and (out / "model.onnx").is_file()
+    assert codes == {True: 0, False: 2}
+    err = capsys.readouterr().err.strip()
+    assert "float offset" in err and "quant.integer_grid" in err and len(err.splitlines()) == 1
