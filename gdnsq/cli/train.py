@@ -69,7 +69,7 @@ def cmd_train(args, extra) -> int:
         if args.no_ray:
             fixed["ray.enabled"] = "false"
         cfg = job_config(args.config, extra, **fixed)
-    from ..launch.console import footer
+    from ..launch.footer import footer
 
     if args.summary_json:
         check_output_file(args.summary_json, "--summary-json")

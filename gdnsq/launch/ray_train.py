@@ -19,15 +19,15 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 
 from ..config import JobConfig, to_dict
-from ..errors import ConfigError
 from .faults import KillWorker
-from .identity import run_dir, stored_summary, with_run_name
+from .identity import run_dir, with_run_name
+from .placement import check_resources, resolve_use_gpu, with_cpu_share
 from .preflight import ray_address
-from .ray_worker import load_ray_checkpoint, load_resume_checkpoint, raise_user_error, train_loop_per_worker
+from .ray_checkpoints import check_existing_run, remove_orphan_checkpoints, stop_trainer
+from .ray_worker import load_ray_checkpoint, raise_user_error, train_loop_per_worker
 from .session import register_run, with_tracking_uri
 from .storage import SUMMARY_FILE, storage_root
 
@@ -99,72 +99,6 @@ def place(cfg: JobConfig) -> bool:
     use_gpu = resolve_use_gpu(cfg, ray.cluster_resources())
     check_resources(cfg, use_gpu, ray.nodes())
     return use_gpu
-
-
-def cpus_per_worker(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> int:
-    """``ray.cpus_per_worker``, or for None a node's CPUs shared by the workers it will hold.
-
-    The workers spread over the alive nodes (GPU nodes with ``use_gpu``), ceil(workers / nodes) per
-    node, sized by the smallest node. Train V2's controller actor reserves no CPU (``num_cpus=0`` in
-    Ray 2.60) and the driver none either, so on a 2-core machine one worker gets both cores.
-    """
-    if cfg.ray.cpus_per_worker is not None:
-        return cfg.ray.cpus_per_worker
-    res = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-    res = [r for r in res if r.get("CPU", 0) >= 1 and (not use_gpu or r.get("GPU", 0) >= 1)]
-    if not res:
-        return 1
-    per_node = math.ceil(cfg.ray.num_workers / len(res))
-    if use_gpu:  # one GPU per worker: a node holds at most its GPU count
-        per_node = max(per_node, math.ceil(cfg.ray.num_workers / sum(int(r["GPU"]) for r in res)))
-    return max(1, int(min(r["CPU"] for r in res) // per_node))
-
-
-def with_cpu_share(cfg: JobConfig, use_gpu: bool) -> JobConfig:
-    """The config with ``ray.cpus_per_worker`` resolved against the connected cluster."""
-    import ray
-
-    cpus = cpus_per_worker(cfg, use_gpu, ray.nodes())
-    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, cpus_per_worker=cpus))
-
-
-def resolve_use_gpu(cfg: JobConfig, cluster: dict[str, float]) -> bool:
-    if cfg.ray.use_gpu is not None:
-        use_gpu = cfg.ray.use_gpu
-    else:
-        use_gpu = cluster.get("GPU", 0) > 0 and cfg.train.device != "cpu"
-    if use_gpu and cfg.train.device == "cpu":
-        raise ConfigError("ray.use_gpu: true contradicts train.device: cpu")
-    if not use_gpu and cfg.train.device == "cuda":
-        raise ConfigError("train.device: cuda needs GPU workers (ray.use_gpu) and GPUs in the cluster")
-    return use_gpu
-
-
-def check_resources(cfg: JobConfig, use_gpu: bool, nodes: list[dict]) -> None:
-    """One-line ConfigError when the alive nodes cannot place every worker (before any training).
-
-    Each worker's bundle (``ray.cpus_per_worker`` CPUs, one GPU with ``use_gpu``) must fit on one
-    node, so the count is per node, not over the cluster's total.
-    """
-    need_cpu, need_gpu = cpus_per_worker(cfg, use_gpu, nodes), 1 if use_gpu else 0
-    slots, total_cpu, total_gpu = 0, 0.0, 0.0
-    for node in nodes:
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        cpu, gpu = res.get("CPU", 0.0), res.get("GPU", 0.0)
-        total_cpu, total_gpu = total_cpu + cpu, total_gpu + gpu
-        fits = int(cpu // need_cpu)
-        if need_gpu:
-            fits = min(fits, int(gpu // need_gpu))
-        slots += fits
-    if slots < cfg.ray.num_workers:
-        want = f"{cfg.ray.num_workers} x ({need_cpu} CPU{f' + {need_gpu} GPU' if need_gpu else ''})"
-        have = f"{total_cpu:g} CPUs{f' / {total_gpu:g} GPUs' if need_gpu else ''} on {len(nodes)} node(s)"
-        raise ConfigError(
-            f"ray.num_workers: {want} cannot be placed on this cluster ({have}, room for "
-            f"{slots} worker(s)); lower ray.num_workers or ray.cpus_per_worker"
-        )
 
 
 def _driver_config(cfg: JobConfig) -> JobConfig:
@@ -307,89 +241,6 @@ def _devices(cfg: JobConfig, use_gpu: bool) -> str:
     except Exception:  # noqa: BLE001 - the dashboard is optional (ray[default])
         url = None
     return text + (f"; dashboard http://{url.removeprefix('http://')}" if url else "")
-
-
-def latest_checkpoint(folder: str):
-    """The Ray Train checkpoint that a run in ``folder`` resumes from (Ray's own snapshot), or None."""
-    from ray.train import Result
-
-    from .storage import exists
-
-    if not exists(folder):
-        return None
-    try:
-        return Result.from_path(folder).checkpoint
-    except RuntimeError:  # a folder without Ray's checkpoint snapshot: Ray starts the run afresh
-        return None
-
-
-# Seconds the driver waits for Ray's controller to end the workers after an interrupt.
-ABORT_TIMEOUT_S = 30.0
-
-
-def stop_trainer(trainer, folder: str) -> None:
-    """After an interrupt on the driver: end the run's workers through Ray's controller (bounded), then remove the
-    checkpoint folders Ray never registered (:func:`remove_orphan_checkpoints`)."""
-    import ray
-
-    controller = getattr(trainer, "controller", None)
-    if controller is not None:
-        try:
-            ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - the controller ends itself in abort(): its actor error is the success
-            pass
-    remove_orphan_checkpoints(folder)
-
-
-def remove_orphan_checkpoints(folder: str) -> list[str]:
-    """Remove the ``checkpoint_*`` folders of ``folder`` that Ray's checkpoint snapshot does not list: a worker
-    stopped between its upload and the controller's registration left them. Ray never resumes from them nor
-    deletes them, and their epoch was neither shown nor logged (ray_worker._wait_registered). Called only where
-    no live run writes the folder: after its trainer stopped, and before a run starts (the driver holds the
-    run's folder, :func:`gdnsq.launch.identity.own_folder`). Returns the paths removed."""
-    import pyarrow.fs
-    from ray.train import Result
-
-    from .storage import exists, fs_of
-
-    if not exists(folder):
-        return []
-    fs, path = fs_of(folder)
-    found = [
-        i.path.rstrip("/")
-        for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
-        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    ]
-    if not found:
-        return []
-    try:
-        result = Result.from_path(folder)
-        registered = {c.path.rstrip("/") for c, _ in result.best_checkpoints}
-    except RuntimeError:  # no snapshot: nothing was ever registered
-        registered = set()
-    orphans = [p for p in found if p not in registered]
-    for orphan in orphans:
-        fs.delete_dir(orphan)
-        log.info("removed %s: a checkpoint Ray Train never registered (its epoch is trained again)", orphan)
-    return orphans
-
-
-def saved_epoch(cfg: JobConfig) -> int:
-    """The last epoch whose checkpoint Ray registered (what the same command resumes from); 0 when none."""
-    from ray.train import Result
-
-    try:
-        return int((Result.from_path(run_dir(cfg)).metrics or {}).get("epoch", 0))
-    except (RuntimeError, OSError):
-        return 0
-
-
-def check_existing_run(cfg: JobConfig) -> dict | None:
-    """On the driver, before Ray starts: :func:`gdnsq.launch.identity.stored_summary` of the run's latest Ray
-    checkpoint (refuse other defining settings; a finished run returns its stored summary)."""
-    folder = run_dir(cfg)
-    checkpoint = latest_checkpoint(folder)
-    return stored_summary(cfg, None if checkpoint is None else load_resume_checkpoint(checkpoint), folder)
 
 
 def _write_summary(result, summary: dict) -> None:

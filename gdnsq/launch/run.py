@@ -47,7 +47,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, resume: bool = False) -> dict:
     if resume and not exists(run_dir(cfg)):
         raise RunIdentityError(f"--resume: no run {cfg.name!r} under {storage_root(cfg)}")
     if cfg.ray.enabled:
-        from .ray_train import check_existing_run, saved_epoch
+        from .ray_checkpoints import check_existing_run, saved_epoch
         from .ray_train import fit as execute
     else:
         from .local import check_existing_run, saved_epoch

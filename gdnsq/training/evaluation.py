@@ -141,6 +141,7 @@ def final_report(
         "descent_end_step": engine.sched.converged_step,  # first step whose true-bit check passed
         "protocol": {
             "method": cfg.quant.method,
+            "optimizer": type(engine.optimizer).__name__.lower(),  # optim.name with auto resolved
             "per_channel": cfg.quant.per_channel,
             "estimator": cfg.quant.estimator,
             "batchnorm": cfg.quant.batchnorm,

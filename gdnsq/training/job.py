@@ -18,7 +18,7 @@ from torch import nn
 from ..config import JobConfig, to_dict
 from ..data.loaders import Loaders, create_loaders
 from .checkpoint import make_checkpoint
-from .engine import Engine, optimizer_name
+from .engine import Engine
 from .evaluation import epoch_metrics, evaluate, final_report
 from .models import create_model, has_fp_weights
 from .runtime import Precision, distribute, maybe_compile, resolve_device, seed_everything
@@ -185,7 +185,6 @@ def run_job(
     if best["state"] is not None:
         engine.core.load_state_dict(best["state"])  # the best converged state, selected on validation
     summary = final_report(cfg, engine, teacher, loaders, best, fp_val, decisions)
-    summary["protocol"]["optimizer"] = optimizer_name(cfg.optim, engine.plan.planned_steps if engine.plan else None)
     summary["teacher"] = teacher_report
     summary["skipped_images"] = len(_all_ranks(loaders.bad_files()))
     if on_done is not None:

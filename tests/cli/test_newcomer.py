@@ -15,7 +15,7 @@ import torch
 from gdnsq.cli import main
 from gdnsq.cli.export import EXAMPLES
 from gdnsq.config import JobConfig, ModelConfig, QuantConfig, load_config, to_dict
-from gdnsq.launch import console
+from gdnsq.launch import footer
 from gdnsq.launch.storage import write_json_atomic
 from gdnsq.training.surgery import build_student, calibrate_model
 
@@ -32,10 +32,10 @@ def test_readme_commands_call_the_installed_gdnsq():
 
 def test_the_footer_names_this_python_and_this_gdnsq(capsys):
     cfg = load_config(None, {"tracking.enabled": "false"})
-    console.footer(cfg, {"registered_model": "m-w2a2/3 (champion)"})
+    footer.footer(cfg, {"registered_model": "m-w2a2/3 (champion)"})
     load = next(line for line in capsys.readouterr().out.splitlines() if "load it" in line)
     assert f"{shlex.quote(sys.executable)} -c \"import gdnsq; m = gdnsq.load_model('m-w2a2@champion')\"" in load
-    console.footer(cfg, {"checkpoint": "/tmp/r/checkpoint.pt"})
+    footer.footer(cfg, {"checkpoint": "/tmp/r/checkpoint.pt"})
     export = next(line for line in capsys.readouterr().out.splitlines() if "export it" in line)
     command = export.split("export it", 1)[1].split(" export ")[0].strip()
     assert command == "gdnsq" or shlex.split(command)[0] in (str(Path(sys.executable).parent / "gdnsq"), sys.executable)

@@ -4,7 +4,7 @@ import pytest
 
 from gdnsq.config import load_config
 from gdnsq.errors import ConfigError
-from gdnsq.launch.ray_train import check_resources, cpus_per_worker
+from gdnsq.launch.placement import check_resources, cpus_per_worker
 
 
 def _node(cpu, gpu=0, alive=True):

@@ -38,7 +38,7 @@ STAGE_UNDER_LIMIT = """
 import resource, sys, torch
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 from gdnsq.errors import StorageError
-from gdnsq.launch.ray_worker import staged_checkpoint
+from gdnsq.launch.staging import staged_checkpoint
 try:
     with staged_checkpoint({"engine": {"epoch": 1, "model": {"w": torch.zeros(100_000)}}}):
         pass
