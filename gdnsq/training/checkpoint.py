@@ -52,8 +52,8 @@ def make_checkpoint(
     credentials redacted (:mod:`gdnsq.redaction`: a tracking URI's password, a signed data URL); the run's
     identity compares redacted values on both sides (:func:`defining_settings`)."""
     return {
-        "config": scrub_tree(cfg_dict),
         "fingerprint": fingerprint(cfg_dict),
+        "config": scrub_tree(cfg_dict),
         "teacher": teacher.state_dict(),
         "engine": engine_state,
         "best": best,

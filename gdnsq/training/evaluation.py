@@ -149,4 +149,16 @@ def final_report(
             "fp_checkpoint": cfg.model.checkpoint or ("timm-pretrained" if cfg.model.pretrained else "trained-in-run"),
         },
         "layers": table,
+        "skipped_images": len(_all_ranks(loaders.bad_files())),  # images that did not decode (data.bad_images)
     }
+
+
+def _all_ranks(files: set[str]) -> set[str]:
+    """The union of ``files`` over the DDP ranks (each rank reads its own shard), or ``files`` alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return files
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(files))
+    return set().union(*map(set, gathered))

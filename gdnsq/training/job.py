@@ -54,13 +54,6 @@ def config_inputs(cfg: JobConfig, rank: int, world_size: int, device: torch.devi
     return JobInputs(model, loaders, has_fp_weights(cfg.model))
 
 
-def _length(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
-
 # The metric keys every epoch reports (run_job's on_epoch metrics: validation, bits, the engine's and the
 # objective's train/* means); a sweep's metric must be one of these or of the Ray launcher's additions.
 # tests/launch/test_sweep_metrics.py checks this list against a real epoch's keys.
@@ -131,10 +124,10 @@ def run_job(
             fp_val["top1"],
             teacher_report.get("epochs"),
         )
-    student, decisions, io = prepare_student(cfg, teacher, loaders, device, resume)
+    steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
+    student, decisions, io = prepare_student(cfg, teacher, loaders, device, resume, steps)
     precision.prepare_module(student)  # before DDP, whose gradient buckets follow the parameters' strides
     model = maybe_compile(distribute(student, world_size, device, cfg.train.sync_batchnorm), cfg.train)
-    steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
     engine = Engine(cfg, model, teacher, device, precision, planned_steps=steps)
     best = {"ns_top1": -1.0, "val_top1": -1.0, "epoch": -1, "state": None}
     if resume is not None:
@@ -145,10 +138,14 @@ def run_job(
     def checkpoint() -> dict:
         return make_checkpoint(to_dict(cfg), teacher, engine.state_dict(), best, fp_val, stale, teacher_report, io=io)
 
+    try:
+        steps_per_epoch = len(loaders.train)  # what the progress bar counts down
+    except TypeError:  # a loader over an iterable-style dataset has no length
+        steps_per_epoch = None
     for epoch in range(start_epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)
         if on_epoch_start is not None:
-            on_epoch_start(epoch, _length(loaders.train))
+            on_epoch_start(epoch, steps_per_epoch)
         train_m = engine.train_epoch(loaders.train, max_steps=cfg.train.max_steps_per_epoch, on_step=on_step)
         metrics, table = epoch_metrics(engine, loaders)
         metrics.update(train_m)
@@ -186,18 +183,6 @@ def run_job(
         engine.core.load_state_dict(best["state"])  # the best converged state, selected on validation
     summary = final_report(cfg, engine, teacher, loaders, best, fp_val, decisions)
     summary["teacher"] = teacher_report
-    summary["skipped_images"] = len(_all_ranks(loaders.bad_files()))
     if on_done is not None:
         on_done(engine.core)
     return summary
-
-
-def _all_ranks(files: set[str]) -> set[str]:
-    """The union of ``files`` over the DDP ranks (each rank reads its own shard), or ``files`` alone."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return files
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(files))
-    return set().union(*map(set, gathered))

@@ -25,7 +25,7 @@ from ..quant.layers import QConv2d, QLinear, iter_quantized, iter_quantizers
 from ..quant.quantizer import ActivationQuantizer
 from ..quant.spec import QuantSpec
 from .runtime import take
-from .schedules import plan_descent, planned_steps
+from .schedules import plan_descent
 from .targets import create_targets
 
 log = logging.getLogger("gdnsq")
@@ -248,9 +248,10 @@ def broadcast_quantizer_state(model: nn.Module, src: int = 0) -> None:
 
 
 def prepare_student(
-    cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device, resume: dict | None
+    cfg: JobConfig, teacher: nn.Module, loaders: Loaders, device: torch.device, resume: dict | None, steps: int
 ) -> tuple[nn.Module, list, dict]:
-    """The quantized, calibrated student (or the resumed one), surgery's decisions, and the run's ``io``:
+    """The quantized, calibrated student (or the resumed one), surgery's decisions, and the run's ``io``
+    (``steps``: the run's planned optimizer steps, :func:`gdnsq.training.schedules.planned_steps`):
     {input_shape: [C, H, W], num_classes}, what registration and export need to rebuild the student without the
     data (read off the calibration batches, as the student sees its input in training)."""
     student = copy.deepcopy(teacher).requires_grad_(True)
@@ -259,7 +260,6 @@ def prepare_student(
     if resume is None:
         # A planned schedule may start a short budget below quant.init_bits (schedules.plan_descent).
         target = create_targets(cfg.quant).plan_target(student, cfg.quant.init_bits)
-        steps = planned_steps(cfg, loaders.train, cfg.train.max_steps_per_epoch)
         plan = plan_descent(cfg.schedule, steps, cfg.quant.init_bits, target)
         batches = take(loaders.calib, cfg.quant.calib_batches)
         calibrate_model(student, batches, plan.init_bits)
