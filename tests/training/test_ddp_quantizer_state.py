@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from gdnsq.config import load_config
 from gdnsq.training.engine import Engine
 from gdnsq.training.models import SmallCNN
-from gdnsq.training.runtime import wrap_ddp
+from gdnsq.training.runtime import Precision, wrap_ddp
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 STEPS = 3
@@ -28,7 +28,8 @@ def _engine(cfg) -> Engine:
     student, teacher = SmallCNN(), SmallCNN()
     quantize_model(student, cfg.quant)
     calibrate_model(student, [torch.randn(8, 1, 28, 28)], init_bits=cfg.quant.init_bits)
-    return Engine(cfg, wrap_ddp(student, torch.device("cpu")), teacher, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    return Engine(cfg, wrap_ddp(student, cpu), teacher, cpu, Precision.create(cfg.train, cpu))
 
 
 def _rank(rank: int, world: int, folder: str) -> None:

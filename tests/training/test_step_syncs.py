@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gdnsq.config import load_config
 from gdnsq.training.engine import Engine
+from gdnsq.training.runtime import Precision
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive"}
@@ -60,7 +61,7 @@ def _engine(quantized: bool) -> Engine:
     if quantized:
         quantize_model(student, cfg.quant)
         calibrate_model(student, [torch.randn(2, 3, 16, 16)], init_bits=cfg.quant.init_bits)
-    engine = Engine(cfg, student, teacher, torch.device("cpu"))
+    engine = Engine(cfg, student, teacher, torch.device("cpu"), Precision.create(cfg.train, torch.device("cpu")))
     for group in engine.optimizer.param_groups:
         group["foreach"] = True  # CUDA's default
     return engine
