@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import ROOT, load
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-
-
-def load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 page, provenance = load("results_page"), load("provenance")

@@ -57,11 +57,7 @@ def writing_into(path: str, flag: str = "--out") -> Iterator[Path]:
     above = out.parents[len(created) - 1] if created else out  # the nearest folder that exists
     if created and path_kind(above) != "dir":
         raise StorageError(f"{flag}: {path} is inside {above}, which is not a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=above, prefix=".gdnsq-probe-"):
-            pass
-    except OSError as e:
-        raise StorageError(f"{flag}: cannot write into {above} ({e.strerror or type(e).__name__})") from None
+    _check_writable(above, flag)
     try:
         out.mkdir(parents=True, exist_ok=True)
         yield out
@@ -83,11 +79,16 @@ def check_output_file(path: str, flag: str) -> None:
     above = next(p for p in out.parents if path_kind(p) is not None)
     if path_kind(above) != "dir":
         raise StorageError(f"{flag}: {path} is inside {above}, which is not a folder")
+    _check_writable(above, flag)
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """One line naming ``flag`` when ``folder`` refuses a new file (read-only, no permission)."""
     try:
-        with tempfile.NamedTemporaryFile(dir=above, prefix=".gdnsq-probe-"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gdnsq-probe-"):
             pass
     except OSError as e:
-        raise StorageError(f"{flag}: cannot write into {above} ({e.strerror or type(e).__name__})") from None
+        raise StorageError(f"{flag}: cannot write into {folder} ({e.strerror or type(e).__name__})") from None
 
 
 def _remove(created: list[Path]) -> None:
