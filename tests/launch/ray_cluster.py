@@ -104,9 +104,7 @@ class LocalCluster:
         node_env: dict[str, str] | None = None,
     ):
         self.nodes, self.cpus_per_node, self.dashboard = nodes, cpus_per_node, dashboard
-        # Seen by every actor. Ray Train's controller polls its workers every 2 s by default, and a run waits a poll or
-        # two for each report (gdnsq's rank 0 waits until its checkpoint is registered): 0.5 s shortens every epoch.
-        self.extra_node_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **(node_env or {})}
+        self.extra_node_env = dict(node_env or {})  # e.g. Ray Train tunables, seen by every actor
         self.object_store_mb, self.start_timeout = object_store_mb, start_timeout
         # Short root: Ray's unix socket paths (<temp>/session_*/sockets/...) must stay under 107 chars.
         self.root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))

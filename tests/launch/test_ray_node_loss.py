@@ -103,7 +103,7 @@ def test_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp_path)
     from gdnsq.training.models import create_model
 
     epochs = 3  # epoch 1 checkpointed, the node lost in a later epoch, that epoch redone
-    with LocalCluster(nodes=2, cpus_per_node=1) as cluster:
+    with LocalCluster(nodes=2, cpus_per_node=1, node_env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}) as cluster:
         cluster.connect()
         storage = tmp_path / "runs"
         # FP weights from a file (an untrained model, the bundled digits' shape): no teacher training
