@@ -261,7 +261,19 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-RAY_CLEANER_WARNING = "Failed to query Ray Train Controller actor state."
+# Ray's own lines that a run at default verbosity must not show (gdnsq.launch.console silences them at the source;
+# -v brings them back): a C++ log line of any Ray process ("[2026-12-07 20:28:27,446 E 9975 10007] core_worker.cc:..",
+# Train's PreemptionWatcher on every run), the warning of Train's placement-group cleaner when the State API answers
+# slowly, and ray.init's token warning.
+RAY_NOISE = re.compile(
+    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWEF] \d+ \d+\] |Failed to query Ray Train Controller actor state"
+    r"|Token authentication is enabled|\((?:RayTrainWorker|TrainController|PlacementGroupCleaner|raylet)\b"
+)
+
+
+def assert_no_ray_noise(output: str) -> None:
+    noise = [line for line in output.splitlines() if RAY_NOISE.search(line)]
+    assert not noise, noise
 
 
 def interrupted_line(output: str, epochs: int, *, console_lag: int = 0) -> int:
@@ -272,11 +284,9 @@ def interrupted_line(output: str, epochs: int, *, console_lag: int = 0) -> int:
     last epoch shown may be one behind the one saved, never ahead of it (the issue's console was one ahead).
     """
     no_traceback(output)
+    assert_no_ray_noise(output)
     shown = [int(m.group(1)) for line in output.splitlines() if (m := EPOCH_LINE.match(line))]
-    # Ray Train's placement-group cleaner (its own actor) warns when the State API answers slowly, at any time,
-    # after our line too; it is Ray's line, open in issue 28 (not silenced yet), so the last line is our last one.
-    ours = [line for line in output.strip().splitlines() if not line.startswith(RAY_CLEANER_WARNING)]
-    last = ours[-1]
+    last = output.strip().splitlines()[-1]
     m = fault_pattern("sigint_local", epochs=epochs).fullmatch(last)  # the line of all four signal rows
     if m is None:
         before = f"gdnsq: interrupted before epoch 1 of {epochs} ended; the same command starts it again"

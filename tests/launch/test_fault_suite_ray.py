@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ pytest.importorskip("ray.train")
 from fault_runs import (  # noqa: E402
     SMALL,
     assert_each_metric_logged_once,
+    assert_no_ray_noise,
     fault_pattern,
     files_under,
     interrupt,
@@ -60,6 +62,35 @@ def test_a_checkpoint_that_cannot_be_staged_is_one_line_and_leaves_no_folder(tmp
     # the worker returns its StorageError to the driver (ray_worker.USER_ERROR), whose CLI prints it so
     assert fault_pattern("staging", tmp=tmp_path).fullmatch(f"gdnsq: error: {line}"), line
     assert list(tmp_path.iterdir()) == []
+
+
+PREEMPTION_LINE = (  # Train V2's controller, every run (Ray 2.60), as the driver receives it from the controller
+    "[2026-12-07 20:28:27,446 E 9975 10007] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+    "'77b1634d0f2ac691bfd6c77301000000' has constructor arguments in the object store and max_restarts > 0."
+)
+
+
+@pytest.mark.parametrize("level", [-1, 0, 1, 2])
+def test_ray_own_lines_are_switched_off_at_the_source_except_with_v(level, monkeypatch):
+    """Ray's switches for its own lines: at default verbosity (and -q) the job's tasks and actors log at ERROR (the
+    placement-group cleaner's State API warning) and the driver skips Ray's C++ log lines; -v leaves Ray's
+    defaults. The end-to-end check is every run of this file (assert_no_ray_noise)."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    from gdnsq.launch.console import VERBOSITY_ENV, quiet_env, ray_job_logging
+
+    monkeypatch.setenv(VERBOSITY_ENV, str(level))
+    env, job = quiet_env(level), ray_job_logging()
+    if level > 0:
+        assert "RAY_DEDUP_LOGS_SKIP_REGEX" not in env and job is None
+        return
+    assert job.log_level == "ERROR"
+    # Ray's own driver-side filter, with the pattern we give it: C++ lines go, ours stay
+    dedup = LogDeduplicator(5, None, env["RAY_DEDUP_LOGS_SKIP_REGEX"], _timesource=time.monotonic)
+    ours = "epoch 1/2  val top-1   9.60  bits W2.00 A2.00  converged  T 2.42  453 img/s  0.8 s"
+    batch = {"ip": "127.0.0.1", "pid": 1, "lines": [PREEMPTION_LINE, ours, "gdnsq: error: x"]}
+    shown = [line for b in dedup.deduplicate(batch) for line in b["lines"]]
+    assert shown == [ours, "gdnsq: error: x"]
 
 
 # ------------------------------------------------------------------------------------------- on a cluster
@@ -155,6 +186,7 @@ def test_signal_at_a_random_step_then_the_same_command_resumes(sig, cluster, tea
     rc, out = run([*args, "--summary-json", "summary.json"], tmp_path, env=cluster.env)
     assert rc == 0, out
     no_traceback(out)
+    assert_no_ray_noise(out)
     shown = [line.split()[1] for line in out.splitlines() if re.match(r"^epoch\s+\d+/", line)]
     assert shown == [f"{e}/{epochs}" for e in range(saved + 1, epochs + 1)], out
     summary = json.loads((tmp_path / "summary.json").read_text())
