@@ -75,8 +75,9 @@ def train_log_level() -> str:
 
 # Ray's own lines that say nothing a gdnsq user can act on, silenced at default verbosity with Ray's switches (-v
 # brings them back), each where it is made:
-# - the driver's: ray.init's "Token authentication is enabled for this Ray cluster" warning on every local start,
-#   through its logger (RAY_QUIET_LOGGERS);
+# - the driver's, through their loggers (RAY_QUIET_LOGGERS): ray.init's "Token authentication is enabled for this
+#   Ray cluster" warning on every local start, and Ray Train's INFO lines when the driver reads a stored run ("A
+#   run snapshot was found in storage folder at ...", three lines, twice on every resumed Ray run);
 # - the Python logging of Ray's own actors (Train's controller, its detached PlacementGroupCleaner, which warns
 #   "Failed to query Ray Train Controller actor state." whenever the State API answers slowly, at any time): the
 #   job's ray.LoggingConfig at ERROR (ray_job_logging), which Ray applies to the root and "ray" loggers of every
@@ -89,7 +90,10 @@ def train_log_level() -> str:
 #   the console), and RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 would switch off Train's handling of preempted nodes;
 #   so the driver does not print Ray's C++ log lines it forwards (RAY_DEDUP_LOGS_SKIP_REGEX, from Ray's log
 #   deduplication settings). They stay in Ray's log files (/tmp/ray/session_latest/logs).
-RAY_QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+RAY_QUIET_LOGGERS = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.train": logging.WARNING,
+}
 # Ray's C++ log format (src/ray/util/logging.cc): "[2026-12-07 20:28:27,446 E 9975 10007] core_worker.cc:2465: ..."
 RAY_CPP_LOG_LINE = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWEF] \d+ \d+\] [\w.]+:\d+: "
 
@@ -123,8 +127,8 @@ def setup_logging(level: int) -> None:
     os.environ.setdefault(TTY_ENV, "1" if sys.stdout.isatty() else "0")
     for k, v in quiet_env(level).items():
         os.environ.setdefault(k, v)
-    for name in RAY_QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if level <= 0 else logging.NOTSET)
+    for name, quiet in RAY_QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet if level <= 0 else logging.NOTSET)
     logging.basicConfig(level=logging.DEBUG if level > 1 else logging.WARNING, format="%(message)s")
     redact_logging()  # every record any logger writes through the root's handler
     logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)

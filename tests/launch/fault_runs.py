@@ -61,12 +61,13 @@ FAULTS = {
         LOCAL + "test_file_size_limit_during_a_checkpoint_save",
     ),
     "staging": Fault(
-        "Ray: rank 0 cannot stage its checkpoint in `TMPDIR` (`ulimit -f`); the worker returns the line to the driver",
-        "gdnsq quickstart",
+        "Ray: a file-size limit (`prlimit` on rank 0's worker, as `ulimit -f`) below the checkpoint's size when "
+        "epoch 2 is staged in the worker's `TMPDIR`; the worker returns the line to the driver; the run resumes",
+        "gdnsq quickstart --ray.address HOST:PORT --train.epochs 3",
         2,
         "gdnsq: error: TMPDIR ({tmp}): cannot write checkpoint {tmp}/gdnsq-ckpt-{pid}/checkpoint.pt (File too "
         "large); the earlier checkpoints are kept",
-        RAY + "test_a_checkpoint_that_cannot_be_staged_is_one_line_and_leaves_no_folder",
+        RAY + "test_file_size_limit_during_a_checkpoint_save",
     ),
     "sigint_local": Fault(
         "Ctrl-C (SIGINT to the process group) at a random step",
@@ -257,17 +258,45 @@ def no_traceback(output: str) -> None:
     assert "Traceback" not in output and "lost sys.stderr" not in output, output[-4000:]
 
 
+def ray_train_workers(node_pids: list[int]) -> list[int]:
+    """The Ray Train worker processes (``ray::RayTrainWorker``) below the given ``ray start`` processes: this test's
+    cluster only, whatever other Ray instances share the machine."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(node_pids)
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::RayTrainWorker"):
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 # Ray's own lines that a run at default verbosity must not show (gdnsq.launch.console silences them at the source;
 # -v brings them back): a C++ log line of any Ray process ("[2026-12-07 20:28:27,446 E 9975 10007] core_worker.cc:..",
-# Train's PreemptionWatcher on every run), the warning of Train's placement-group cleaner when the State API answers
-# slowly, and ray.init's token warning.
+# Train's PreemptionWatcher on every run), a line of Ray's Python log format ("2026-12-07 20:48:43,193\tINFO
+# checkpoint_manager.py:482 -- A run snapshot was found", twice on a resumed run), the warning of Train's
+# placement-group cleaner when the State API answers slowly, ray.init's token warning, a worker's prefix.
 RAY_NOISE = re.compile(
-    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWEF] \d+ \d+\] |Failed to query Ray Train Controller actor state"
-    r"|Token authentication is enabled|\((?:RayTrainWorker|TrainController|PlacementGroupCleaner|raylet)\b"
+    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWEF] \d+ \d+\] "
+    r"|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+:\d+ -- "
+    r"|Failed to query Ray Train Controller actor state|Token authentication is enabled"
+    r"|\((?:RayTrainWorker|TrainController|PlacementGroupCleaner|raylet)\b"
 )
 
 
