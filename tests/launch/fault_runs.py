@@ -53,7 +53,8 @@ NOT_RAY = (
 LOCAL, RAY = "tests/launch/test_fault_suite_local.py::", "tests/launch/test_fault_suite_ray.py::"
 FAULTS = {
     "file_size": Fault(
-        "a file-size limit (`ulimit -f`) below the checkpoint's size when epoch 2 is saved (what a full disk does)",
+        "a file-size limit (`ulimit -f`, put on the run by `prlimit` once epoch 1 is saved) below the checkpoint's "
+        "size when epoch 2 is saved (what a full disk does)",
         "gdnsq quickstart --no-ray --train.epochs 2",
         2,
         "gdnsq: error: ray.storage_path: cannot write checkpoint {run}/checkpoint.pt (File too large); the earlier "

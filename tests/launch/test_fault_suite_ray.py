@@ -158,7 +158,10 @@ def test_file_size_limit_during_a_checkpoint_save(cluster, teacher, tmp_path):
     import resource
 
     epochs = 3
-    args = quickstart(cluster, teacher, "limited", "--train.epochs", str(epochs), "--tracking.enabled", "false")
+    # 30 steps an epoch (SMALL's 3 overridden): the limit lands while epoch 2 trains, seconds before its staging,
+    # although a worker's lines reach the console up to a second late
+    steps = ["--train.max_steps_per_epoch", "30"]
+    args = quickstart(cluster, teacher, "limited", "--train.epochs", str(epochs), "--tracking.enabled", "false", *steps)
     child = start(args, tmp_path, env=cluster.env)
     child.wait_for(rf"^\s+epoch 2/{epochs}\s+step 1/", timeout=900)  # epoch 1 saved and registered
     folder = tmp_path / "runs" / "limited"
