@@ -43,7 +43,7 @@ from ..errors import ExportError
 from ..quant.layers import QConv2d, iter_quantized
 from . import report as rep
 from .grids import act_grid, weight_grid
-from .requantize import requantize_conv_outputs
+from .requantize import requantize as requantize_graph
 
 FORMAT = "gdnsq-onnx-int8/1"
 TARGETS = ("int8", "tensorrt")
@@ -435,7 +435,7 @@ def export_int8(
         requantized, conv_integer = [], 0
         if target == "int8" and requantize:
             graph = _Graph(proto)
-            requantized = requantize_conv_outputs(graph, unfused_convs(graph), calibration or [x])
+            requantized = requantize_graph(graph, unfused_convs(graph), calibration or [x])
         elif target == "int8":
             conv_integer = integer_convs(proto)
         meta = {
