@@ -196,7 +196,9 @@ def requantize(gr, convs: list, batches: Iterable[torch.Tensor]) -> list[dict]:
     for name in residual:
         if gr.producer[name].op_type in ("Add", "Relu"):
             _sum_per_quantizer(gr, name)
-    named = list(dict.fromkeys(t for t in fp_inputs + fp_outputs + list(conv_outputs) + residual if t not in graph_inputs))
+    named = list(
+        dict.fromkeys(t for t in fp_inputs + fp_outputs + list(conv_outputs) + residual if t not in graph_inputs)
+    )
     ranges = output_ranges(gr.proto, named, batches)
     for name in fp_inputs:
         if name in graph_inputs:  # the network's input: its range straight from the batches
