@@ -1,17 +1,24 @@
-"""Requantization of the quantized convs whose output reaches no quantizer (the int8 target's ``requantize``).
+"""The int8 target's ``requantize``: 8-bit grids for the tensors a quantized model leaves in float, so that
+onnxruntime runs the whole network on its int8 kernels (``QLinearConv``, ``QLinearAdd``), as its own static int8
+quantization does.
 
-A residual block's last conv and its shortcut conv end in an ``Add``, not in the next layer's input quantizer, so
-their int32 accumulators have no int8 grid to land on: written exactly they are ``ConvInteger`` (int32) followed by a
-float multiply-add, which onnxruntime runs in NCHW with weights unpacked per call — on resnet18 W2A2 these 11 of 20
-convs took 71 % of the time and the export ran at 1.09x the FP32 latency. Requantizing their output onto an extra
-8-bit grid gives onnxruntime the ``DQ -> Conv -> Q`` group it fuses into ``QLinearConv`` for every quantized conv:
+Exact, the int8 export runs every quantized conv on an integer kernel but not fast: a residual block's last conv and
+its shortcut conv end in an ``Add``, not in a quantizer, so their int32 accumulators have no int8 grid to land on
+and run as ``ConvInteger`` (NCHW, weights unpacked per call), the sums and the FP stem stay float: resnet18 W2A2
+measured 1.09x the FP32 latency, onnxruntime's own int8 0.40x. ``requantize`` adds, calibrated on input batches:
 
-    conv output y -> QuantizeLinear(s_y, zp) -> DequantizeLinear(s_y, zp) -> Add (the residual sum, float)
+* each such conv's output: ``Q -> DQ`` on an 8-bit grid in its input's container (QLinearConv has one type in and
+  out; uint8 with an integer zero point, or int8 with 0), step from the calibrated [min, max];
+* each residual sum those convs feed (its other input, and its output after its Relu): uint8, so the sum runs as
+  ``QLinearAdd``; each quantized layer that reads the sum gets its own copy of it (``_sum_per_quantizer``), so its
+  codes come straight from a ``QLinearAdd`` on its own learned grid, not from the 8-bit sum rounded again;
+* each FP conv (the stem kept FP by surgery): 8-bit weights per output channel (zero point 0) and 8-bit input and
+  output grids, as onnxruntime's quantize_static writes them;
+* a MaxPool fed by a grid keeps that grid after it (exact: max commutes with a monotone rounding).
 
-with ``s_y = max|y| / 127`` over calibration batches (the conv's input container: int8 with zero point 0, or
-uint8 with zero point 128, since onnxruntime's QLinearConv has one type in and out). This is *not* the fake-quant
-eval: y moves by up to s_y / 2, an 8-bit rounding of a tensor whose inputs and weights are on 2-8-bit grids. The
-export reports each requantized conv with its grid, and ``runtime_accuracy`` counts the predictions that change.
+This is *not* the fake-quant eval: each added grid rounds a float tensor to 8 bits (a step of range/255). The
+export lists every requantized tensor with its grid (report ``requantized``, metadata ``gdnsq.requantized``), and
+``runtime_accuracy``, run on the test split, counts the predictions that change; the tests bound the top-1 cost.
 """
 
 from __future__ import annotations
@@ -96,6 +103,18 @@ def _sum_per_quantizer(gr, name: str) -> int:
         copies += 1
     gr.refresh()
     return copies
+
+
+def _drop_dead_nodes(gr) -> None:
+    """Remove the nodes none of whose outputs is read or is a graph output (onnxruntime keeps them)."""
+    while True:
+        read = {i for n in gr.g.node for i in n.input} | gr.outputs
+        dead = [n for n in gr.g.node if not set(n.output) & read]
+        if not dead:
+            break
+        for n in dead:
+            gr.g.node.remove(n)
+    gr.refresh()
 
 
 def _grid(lo: float, hi: float, unsigned: bool) -> tuple[np.float32, np.ndarray]:
@@ -196,6 +215,8 @@ def requantize(gr, convs: list, batches: Iterable[torch.Tensor]) -> list[dict]:
     for name in residual:
         if gr.producer[name].op_type in ("Add", "Relu"):
             _sum_per_quantizer(gr, name)
+    _drop_dead_nodes(gr)  # a sum read by quantizers only (before a downsampling block) lives on in its copies
+    residual = [t for t in residual if t in gr.producer]
     named = list(
         dict.fromkeys(t for t in fp_inputs + fp_outputs + list(conv_outputs) + residual if t not in graph_inputs)
     )

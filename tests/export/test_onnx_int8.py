@@ -207,3 +207,26 @@ def test_requantized_resnet_runs_integer_kernels_only_and_reports_its_accuracy(d
 def test_requantize_needs_the_int8_target(resnet, tmp_path):
     with pytest.raises(ExportError, match="requantize is an option of the int8 target"):
         export_onnx(resnet, tmp_path / "m.onnx", torch.randn(2, 3, 64, 64), target="tensorrt", requantize=True)
+
+
+def test_cli_requantize_calibrates_on_bundled_data_and_refuses_other_targets(tmp_path, capsys):
+    from gdnsq.cli import main
+    from gdnsq.config import JobConfig, ModelConfig, to_dict
+    from gdnsq.training.surgery import build_student
+
+    cfg = JobConfig(model=ModelConfig(name="gdnsq_smallcnn"), quant=QuantConfig(integer_grid=True))
+    model = build_student(cfg, 10, 1)
+    calibrate_model(model, [load_bundled().train.tensors[0][:64]], init_bits=2)
+    ckpt = tmp_path / "c.pt"
+    torch.save({"config": to_dict(cfg), "engine": {"model": model.state_dict()}, "best": {"ns_top1": -1.0}}, ckpt)
+    out = tmp_path / "fast"
+    assert main(["export", str(ckpt), "--out", str(out), "--onnx", "--onnx-target", "int8", "--onnx-requantize"]) == 0
+    printed = capsys.readouterr().out
+    assert "requantized 3 float tensors" in printed, printed  # the FP stem: its weight, input and output grids
+    ops = collections.Counter(optimized_op_types(out / "model.onnx", tmp_path / "opt.onnx"))
+    assert ops["QLinearConv"] == _quantized_convs(model) + 1 and not ops["Conv"], ops
+    code = main(
+        ["export", str(ckpt), "--out", str(tmp_path / "x"), "--onnx", "--onnx-target", "qdq", "--onnx-requantize"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--onnx-requantize: an option of --onnx --onnx-target int8" in err and "\n" not in err
