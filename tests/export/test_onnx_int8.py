@@ -22,7 +22,9 @@ from gdnsq.training.models import SmallCNN
 from gdnsq.training.surgery import calibrate_model, quantize_model
 
 INTEGER_CONVS = ("QLinearConv", "ConvInteger")
-# requantize's top-1 cost through onnxruntime on the digits resnet below (W4A4, random features, least-squares head)
+# requantize's top-1 cost through onnxruntime on the digits resnet below (W4A4, random features, least-squares head):
+# measured -0.3 and +0.4 points (two fixtures), with 345-382 of 1,000 predictions changed: the random features' margins
+# are tiny, so this bounds the cost on a fragile model, not on a trained one (not measured yet)
 ACCURACY_COST_POINTS = 1.0
 
 
