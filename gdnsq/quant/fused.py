@@ -56,7 +56,7 @@ def kernels(width: str | None = None):
             flags.append("-msse4.1")  # round-to-nearest-even in a vector instruction (every x86-64 CPU since 2008)
             flags += _X86_WIDER[width]
         return load(
-            name="gdnsq_noisy_round_v2" + (f"_{width.lower()}" if width in _X86_WIDER else ""),
+            name="gdnsq_noisy_round_v2" + (f"_{width.lower()}" if _X86_WIDER.get(width) else ""),
             sources=[str(_SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
