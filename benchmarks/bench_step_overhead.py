@@ -3,14 +3,19 @@ compiled, with PyTorch's own learnable fake-quant (torch.ao ``_LearnableFakeQuan
 step's counts: kernels per quantized conv, bytes saved for backward (QAT/FP), torch.compile graph breaks.
 
 Same layers quantized in both (every conv/linear except the stem conv and the classifier), batch 32,
-64x64 inputs, RAdam, cross-entropy (+ the bit penalty for GDNSQ). The variants are stepped in turn, round after
-round, and the median per-step time of each is reported, so that load from other processes on the machine hits
-all alike. ``compiled``: a channels-last copy of the model under ``torch.compile`` (inductor), loss, penalty and
-optimizer eager. The
-saved bytes are measured on one training forward at --saved-batch x --saved-size (the issue's 64 x 224).
-Every figure is appended to results/speed.csv.
+64x64 inputs, RAdam as the engine builds it (``engine.create_optimizer``: multi-tensor), cross-entropy (+ the bit
+penalty for GDNSQ). The variants are stepped in turn, round after round, and the median per-step time of each is
+reported, so that load from other processes on the machine hits all alike; beside the wall time, the process's CPU
+time per step (``time.process_time``: what the step computed, less sensitive to other processes' load than the wall
+clock, though a preempted OpenMP thread's spin-wait still counts). ``compiled``: a channels-last copy of the model
+under ``torch.compile`` (inductor), loss, penalty and optimizer eager; its compile time (the first step's) is
+reported apart. ``... before``: the code path before issue 30's CPU work, in the same process: the SSE4.1 build of
+the quantizer kernels (``fused.kernels("DEFAULT")``) and torch's per-parameter optimizer loop; their ratios are the
+before/after. The saved bytes are measured on one training forward at --saved-batch x --saved-size (the issue's
+64 x 224). Every figure is appended to results/speed.csv.
 
     python benchmarks/bench_step_overhead.py [--steps 15] [--batch 32] [--size 64] [--device auto] [--no-compile]
+        [--variants fp,gdnsq,...] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ from torch.ao.quantization import (
 )
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
-from gdnsq.config import ObjectiveConfig, QuantConfig
-from gdnsq.quant.layers import set_fused
+from gdnsq.config import ObjectiveConfig, OptimConfig, QuantConfig
+from gdnsq.quant import cpu_ops
+from gdnsq.quant import fused as kernel_builds
+from gdnsq.quant.layers import quantizer_parameters, set_fused
+from gdnsq.training.engine import create_optimizer
 from gdnsq.training.objective import bit_penalties
 from gdnsq.training.runtime import resolve_device
 from gdnsq.training.surgery import _set_submodule, calibrate_model, plan, quantize_model
@@ -140,58 +148,102 @@ def counts(device, models, x) -> list[dict]:
     return rows + [row("gdnsq", "graph_breaks_train", breaks, "breaks", f"timm ResNet-18, {graphs} graphs")]
 
 
+# the variants stepped by ``timing``; "... before": the path before issue 30's CPU work (see the docstring)
+EAGER = ("fp", "gdnsq", "fp before", "gdnsq before", "unfused", "torch.ao")
+COMPILED = ("fp compiled", "gdnsq compiled")
+
+
+def optimizer(model: nn.Module, before: bool) -> torch.optim.Optimizer:
+    """RAdam at LR 1e-4 in the engine's two groups; ``before``: torch's default (per-parameter loop on the CPU)."""
+    quant = quantizer_parameters(model)
+    return create_optimizer(model, OptimConfig(name="radam", lr=1e-4), quant, foreach=not before)
+
+
 def timing(device, models, x, y, args) -> list[dict]:
-    """Median step times, eager and compiled, stepped in turn round after round."""
+    """Median step times (wall and process CPU), eager and compiled, stepped in turn round after round."""
+    wanted = args.variants.split(",") if args.variants else list(EAGER) + ([] if args.no_compile else list(COMPILED))
     # name -> (what is called, the model it steps, its input); compiled variants run channels-last, as inductor's
     # CPU convolutions do (a contiguous model makes it copy the layout around every opaque op)
-    runs = {k: (m, m, x) for k, m in models.items()}
-    if not args.no_compile:
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        for k in ("fp", "gdnsq"):
-            m = copy.deepcopy(models[k]).to(memory_format=torch.channels_last)
-            runs[f"{k} compiled"] = (torch.compile(m), m, x_cl)
-    opts = {k: torch.optim.RAdam(m.parameters(), lr=1e-4) for k, (_, m, _) in runs.items()}
+    runs = {}
+    for name in wanted:
+        base = name.split()[0]
+        if name.endswith("compiled"):
+            m = copy.deepcopy(models[base]).to(memory_format=torch.channels_last)
+            runs[name] = (torch.compile(m), m, x.contiguous(memory_format=torch.channels_last))
+        elif name.endswith("before"):
+            m = copy.deepcopy(models[base])
+            runs[name] = (m, m, x)
+        else:
+            runs[name] = (models[name], models[name], x)
+    opts = {k: optimizer(m, k.endswith("before")) for k, (_, m, _) in runs.items()}
     obj = ObjectiveConfig()
+    portable = kernel_builds.kernels("DEFAULT") if device.type == "cpu" else None  # the SSE4.1 build
+    widest = cpu_ops.kernels
 
     def step(name):
         call, m, inp = runs[name]
-        loss = F.cross_entropy(call(inp), y)
-        if name.split()[0] in ("gdnsq", "unfused"):
-            t = bit_penalties(m, obj.eps, obj.p)
-            loss = loss + 1e-3 * (t.p_w + t.p_a)
-        opt = opts[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if portable is not None and name.endswith("before"):
+            cpu_ops.kernels = lambda: portable
+        try:
+            loss = F.cross_entropy(call(inp), y)
+            if name.split()[0] in ("gdnsq", "unfused"):
+                t = bit_penalties(m, obj.eps, obj.p)
+                loss = loss + 1e-3 * (t.p_w + t.p_a)
+            opt = opts[name]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        finally:
+            cpu_ops.kernels = widest
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {k: [] for k in runs}
+    wall = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
+    first = {}
     for i in range(args.steps + 3):
         for name in runs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(name)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if i == 0:
+                first[name] = dt
             if i >= 3:  # warm-up rounds excluded (compilation happens there)
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+                wall[name].append(dt)
+                cpu[name].append(dc)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end of the timed steps")
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.steps} steps (median)")  # fmt: skip
-    for k, v in med.items():
-        print(f"  {k:<15} {v * 1000:8.1f} ms/step")
-    ratios = {
-        "GDNSQ/FP eager": med["gdnsq"] / med["fp"],
-        "torch path/FP eager": med["unfused"] / med["fp"],
-        "torch.ao/FP eager": med["torch.ao"] / med["fp"],
+    for k in runs:
+        print(f"  {k:<15} {med[k] * 1000:8.1f} ms/step wall {med_cpu[k] * 1000:8.1f} ms/step CPU")
+    pairs = {
+        "GDNSQ/FP eager": ("gdnsq", "fp"),
+        "GDNSQ/FP eager before": ("gdnsq before", "fp before"),
+        "GDNSQ after/before eager": ("gdnsq", "gdnsq before"),
+        "FP after/before eager": ("fp", "fp before"),
+        "torch path/FP eager": ("unfused", "fp"),
+        "torch.ao/FP eager": ("torch.ao", "fp"),
+        "GDNSQ/FP compiled": ("gdnsq compiled", "fp compiled"),
+        "FP compiled/FP eager": ("fp compiled", "fp"),
+        "GDNSQ compiled/GDNSQ eager": ("gdnsq compiled", "gdnsq"),
     }
-    if not args.no_compile:
-        ratios["GDNSQ/FP compiled"] = med["gdnsq compiled"] / med["fp compiled"]
-        ratios["FP compiled/FP eager"] = med["fp compiled"] / med["fp"]
-    for k, v in ratios.items():
-        print(f"step ratio {k:<22} {v:.2f}x")
-    notes = f"timm ResNet-18, batch {args.batch}, {args.size} px, {args.steps} steps (median)"
-    rows = [row(k, "ms_per_step", f"{v * 1000:.1f}", "ms", notes) for k, v in med.items()]
-    return rows + [row(k, "ratio", f"{v:.3f}", "x", notes) for k, v in ratios.items()]
+    threads = torch.get_num_threads()
+    notes = f"timm ResNet-18, batch {args.batch}, {args.size} px, {args.steps} steps (median), {threads} threads"
+    rows = []
+    for k, (a, b) in pairs.items():
+        if a in runs and b in runs:
+            print(f"step ratio {k:<27} wall {med[a] / med[b]:.2f}x  CPU {med_cpu[a] / med_cpu[b]:.2f}x")
+            rows.append(row(k, "ratio", f"{med[a] / med[b]:.3f}", "x", notes))
+            rows.append(row(k, "ratio_cpu_time", f"{med_cpu[a] / med_cpu[b]:.3f}", "x", notes))
+    for k in runs:
+        rows.append(row(k, "ms_per_step", f"{med[k] * 1000:.1f}", "ms", notes))
+        rows.append(row(k, "cpu_ms_per_step", f"{med_cpu[k] * 1000:.1f}", "ms", notes))
+        if k.endswith("compiled"):
+            print(f"  {k}: first step (compilation) {first[k]:.1f} s")
+            rows.append(row(k, "first_step_s", f"{first[k]:.1f}", "s", notes + "; the compile, not in the medians"))
+    return rows
 
 
 def main():
@@ -201,6 +253,8 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    ap.add_argument("--variants", help=f"timed variants, comma-separated (default all: {','.join(EAGER + COMPILED)})")
+    ap.add_argument("--threads", type=int, help="torch threads (default torch's)")
     ap.add_argument("--saved-batch", type=int, default=64)
     ap.add_argument("--saved-size", type=int, default=224)
     ap.add_argument("--parts", default="counts,timing,saved", help="which figures, comma-separated")
@@ -208,6 +262,8 @@ def main():
     ap.add_argument("--commit", help="the commit measured, where the gdnsq imported is not a git checkout")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models, x, y = make_models(device, args.batch, args.size)
     parts = args.parts.split(",")
     # each part's rows are written as soon as they exist: a long run that dies keeps what it measured

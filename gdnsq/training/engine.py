@@ -56,10 +56,19 @@ def optimizer_name(cfg: OptimConfig, planned_steps: int | None) -> str:
 
 
 def create_optimizer(
-    model: nn.Module, cfg: OptimConfig, quant: list[nn.Parameter], planned_steps: int | None = None
+    model: nn.Module,
+    cfg: OptimConfig,
+    quant: list[nn.Parameter],
+    planned_steps: int | None = None,
+    foreach: bool = True,
 ) -> torch.optim.Optimizer:
     """Two groups: network weights (lr, weight decay) and ``quant``, the quantizers' parameters (quant_lr, no
-    decay); optim.name auto picks the optimizer for ``planned_steps`` (:func:`optimizer_name`)."""
+    decay); optim.name auto picks the optimizer for ``planned_steps`` (:func:`optimizer_name`).
+
+    ``foreach``: the multi-tensor update on every device (torch picks it only on CUDA): on the CPU the per-parameter
+    loop is Python work per tensor, and a quantized network adds 2-3 small tensors per layer (log_s, log_q, lo).
+    AdamW and SGD give the same values bit for bit either way; RAdam's differ in the last bit (its rectification
+    term is computed in another order). False: torch's default (the for-loop on the CPU), for comparisons."""
     quant_ids = {id(p) for p in quant}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
     groups = [{"params": weights, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
@@ -67,11 +76,12 @@ def create_optimizer(
         qlr = cfg.quant_lr or cfg.lr
         groups.append({"params": quant, "lr": qlr, "base_lr": qlr, "weight_decay": 0.0, "name": "quantizers"})
     name = optimizer_name(cfg, planned_steps)
+    multi = {"foreach": True} if foreach else {}
     if name == "radam":
-        return torch.optim.RAdam(groups)
+        return torch.optim.RAdam(groups, **multi)
     if name == "adamw":
-        return torch.optim.AdamW(groups)
-    return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, nesterov=True)
+        return torch.optim.AdamW(groups, **multi)
+    return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, nesterov=True, **multi)
 
 
 class Engine:

@@ -19,7 +19,8 @@
 // Exactness: every elementwise result repeats the torch reference's float operations in the same order
 // (compiled with -ffp-contract=off, so no FMA contraction), hence x̂ and the input gradient are bit-identical
 // (adaptive EWGS: up to its scale, itself computed from sums). Sums are accumulated in float SIMD lanes over fixed
-// 4 Ki-element pieces and across pieces in double in piece order: deterministic whatever the thread count.
+// 4 Ki-element pieces and across pieces in double in piece order: deterministic whatever the thread count (the
+// lane count is the build's vector width, fused.py: SSE4.1, AVX2 or AVX-512, as torch's own kernels use).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
