@@ -335,7 +335,8 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def table(rows: list[dict]) -> str:
     """One line per (dataset, model, target), means over its seeds; teacher - reference and quantized - teacher
-    in points; the last line the grid's verdict."""
+    in points; the last line the grid's verdict. A cell measured again counts with its latest row."""
+    rows = list({(r["dataset"], r["model"], r["target"], str(r["seed"])): r for r in rows}.values())
     refs = {(r["dataset"], r["model"]): float(r["top1"]) for r in rows if r["target"] == "FP"}
     lines = [
         "| dataset | model | target | seeds | teacher | reference | teacher - ref | quantized | quant - teacher "
