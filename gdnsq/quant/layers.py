@@ -278,20 +278,7 @@ def keep_levels_(model: nn.Module, margin: float, floor: float | None = None, fl
     ``torch._foreach_*`` over all layers, so the step reads nothing back and its op count does not grow with the
     layers (but for one range per weight)."""
     layers = [layer for _, layer in iter_quantized(model)]
-    weights = [l for l in layers if l.weight_quant.learnable_bits]
     acts = [l for l in layers if l.act_quant is not None and l.act_quant.learnable_bits]
-    if weights:
-        quant = [l.weight_quant for l in weights]
-        ranges = [q._range(l.weight) for q, l in zip(quant, weights)]
-        lo = torch.cat([r[0].reshape(-1) for r in ranges])
-        hi = torch.cat([r[1].reshape(-1) for r in ranges])
-        bits = _min_bits(torch.stack([l.target_w for l in weights]), margin, floor)
-        # s <= range / (2**min_bits - 1), per channel (quantizer.WeightQuantizer.keep_levels_)
-        per_layer = torch.log2(torch.exp2(bits) - 1.0).to(lo.dtype)
-        cap = torch.log2((hi - lo).clamp_min(1e-12)) - _per_channel(per_layer, [q.log_s.numel() for q in quant])
-        log_s = [q.log_s for q in quant]
-        torch._foreach_clamp_max_(log_s, [c.view_as(t) for c, t in zip(cap.split([t.numel() for t in log_s]), log_s)])
-        torch._foreach_clamp_min_(log_s, LOG2_FLOOR)
     if acts:
         quant = [l.act_quant for l in acts]
         bits = _min_bits(torch.stack([l.target_a for l in acts]), margin, floor_a)
@@ -303,6 +290,20 @@ def keep_levels_(model: nn.Module, margin: float, floor: float | None = None, fl
         # b_a = log_q - log_s >= min_bits (quantizer.ActivationQuantizer.keep_levels_)
         torch._foreach_clamp_min_(log_q, each(bits + LOG2_FLOOR))
         torch._foreach_clamp_max_(log_s, torch._foreach_sub(log_q, each(bits)))
+        torch._foreach_clamp_min_(log_s, LOG2_FLOOR)
+    weights = [l for l in layers if l.weight_quant.learnable_bits]
+    if weights:
+        quant = [l.weight_quant for l in weights]
+        # The floors come first (they depend on the targets alone), then the weights' ranges they cap the step by.
+        bits = _min_bits(torch.stack([l.target_w for l in weights]), margin, floor)
+        log2_steps = _per_channel(torch.log2(torch.exp2(bits) - 1.0), [q.log_s.numel() for q in quant])
+        ranges = [q._range(l.weight) for q, l in zip(quant, weights)]
+        lo = torch.cat([r[0].reshape(-1) for r in ranges])
+        hi = torch.cat([r[1].reshape(-1) for r in ranges])
+        # s <= range / (2**min_bits - 1), per channel (quantizer.WeightQuantizer.keep_levels_)
+        cap = torch.log2((hi - lo).clamp_min(1e-12)) - log2_steps.to(lo.dtype)
+        log_s = [q.log_s for q in quant]
+        torch._foreach_clamp_max_(log_s, [c.view_as(t) for c, t in zip(cap.split([t.numel() for t in log_s]), log_s)])
         torch._foreach_clamp_min_(log_s, LOG2_FLOOR)
 
 

@@ -1,4 +1,5 @@
-"""The accuracy-vs-size Pareto front of a sweep's trials (pure Python: no Ray, MLflow or torch).
+"""The accuracy-vs-size Pareto front of a sweep's trials, its table and its drawing (no Ray, MLflow or torch;
+the drawing imports matplotlib through :mod:`gdnsq.tracking.plots` when called).
 
 A trial is a point of a front when it ran to the end, its run summary says it converged (within its budget)
 and it carries the figure: test top-1 (``test_top1``) against the packed payload bytes (``bytes_payload``,
@@ -8,8 +9,11 @@ the budget's true bytes) or against BOPs per sample (``bops``), both from the ru
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
+FRONT_STEM = "pareto_front"  # the front's files: pareto_front.{csv,png}
 FRONTS = {"bytes": "bytes_payload", "bops": "bops"}  # front -> the trial row's cost key
 SIZE_SETTINGS = ("quant.budget.",)  # a sweep over one of these is a front sweep: every converged trial is registered
 
@@ -80,3 +84,55 @@ def front_tags(row: dict, sweep_name: str, front: dict | None) -> dict[str, str]
         ):
             tags[tag] = "true" if row.get(key) else "false"
     return tags
+
+
+def front_rows(summary: dict) -> tuple[list[str], list[dict]]:
+    """The front table: one row per trial with a size figure (converged or not), by bytes; front_bytes /
+    front_bops mark the fronts' points, ``registered`` the version."""
+    cols = [
+        "trial_id",
+        *summary["params"],
+        "test_top1",
+        "bytes_payload",
+        "bops",
+        "avg_bits_w",
+        "test_converged",
+        "front_bytes",
+        "front_bops",
+        "registered",
+        "status",
+        "run_name",
+    ]
+    rows = [
+        {**{k: v for k, v in r.items() if k != "params"}, **r["params"]}
+        for r in summary["trials"]
+        if any(r.get(c) is not None for c in FRONTS.values())
+    ]
+    rows.sort(key=lambda r: (r["bytes_payload"] is None, r["bytes_payload"] or 0, r["trial_id"]))
+    return cols, [{c: r.get(c) for c in cols} for r in rows]
+
+
+def draw_front(summary: dict) -> bytes | None:
+    """PNG of the fronts (gdnsq.tracking.plots.draw_pareto_front) over the trials with size figures."""
+    from ...tracking.plots import draw_pareto_front
+
+    def label(r: dict) -> str:  # the trial and its budget
+        return r["trial_id"] + "".join(
+            f" {'budget' if k == 'quant.budget.value' else k.removeprefix('quant.')} {v:g}"
+            for k, v in r["params"].items()
+            if k.startswith("quant.budget.") and isinstance(v, (int, float))
+        )
+
+    points = [
+        {
+            "label": label(r),
+            "top1": r["test_top1"],
+            "converged": bool(r["test_converged"]),
+            **{k: r.get(k) for k in ("bytes_payload", "bops", "front_bytes", "front_bops")},
+        }
+        for r in summary["trials"]
+    ]
+    with tempfile.TemporaryDirectory(prefix="gdnsq-front-") as d:
+        path = Path(d) / f"{FRONT_STEM}.png"
+        title = f"sweep {summary['name']}: test top-1 against size, front in red"
+        return path.read_bytes() if draw_pareto_front(points, path, title) else None

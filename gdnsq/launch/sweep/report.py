@@ -14,13 +14,12 @@ import tempfile
 from pathlib import Path
 
 from ..storage import SUMMARY_FILE, read_json, write_bytes
-from .pareto import FRONTS, front_kind, mark_fronts
+from .pareto import FRONT_STEM, FRONTS, draw_front, front_kind, front_rows, mark_fronts
 from .plan import SweepPlan, run_name
 
 log = logging.getLogger("gdnsq")
 
 SUMMARY_STEM = "sweep_summary"
-FRONT_STEM = "pareto_front"
 
 
 # ------------------------------------------------------------------------------------- results
@@ -191,58 +190,6 @@ def _csv_text(cols: list[str], rows: list[dict]) -> bytes:
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue().encode()
-
-
-def front_rows(summary: dict) -> tuple[list[str], list[dict]]:
-    """The front table: one row per trial with a size figure (converged or not), by bytes; front_bytes /
-    front_bops mark the fronts' points, ``registered`` the version."""
-    cols = [
-        "trial_id",
-        *summary["params"],
-        "test_top1",
-        "bytes_payload",
-        "bops",
-        "avg_bits_w",
-        "test_converged",
-        "front_bytes",
-        "front_bops",
-        "registered",
-        "status",
-        "run_name",
-    ]
-    rows = [
-        {**{k: v for k, v in r.items() if k != "params"}, **r["params"]}
-        for r in summary["trials"]
-        if any(r.get(c) is not None for c in FRONTS.values())
-    ]
-    rows.sort(key=lambda r: (r["bytes_payload"] is None, r["bytes_payload"] or 0, r["trial_id"]))
-    return cols, [{c: r.get(c) for c in cols} for r in rows]
-
-
-def draw_front(summary: dict) -> bytes | None:
-    """PNG of the fronts (gdnsq.tracking.plots.draw_pareto_front) over the trials with size figures."""
-    from ...tracking.plots import draw_pareto_front
-
-    def label(r: dict) -> str:  # the trial and its budget
-        return r["trial_id"] + "".join(
-            f" {'budget' if k == 'quant.budget.value' else k.removeprefix('quant.')} {v:g}"
-            for k, v in r["params"].items()
-            if k.startswith("quant.budget.") and isinstance(v, (int, float))
-        )
-
-    points = [
-        {
-            "label": label(r),
-            "top1": r["test_top1"],
-            "converged": bool(r["test_converged"]),
-            **{k: r.get(k) for k in ("bytes_payload", "bops", "front_bytes", "front_bops")},
-        }
-        for r in summary["trials"]
-    ]
-    with tempfile.TemporaryDirectory(prefix="gdnsq-front-") as d:
-        path = Path(d) / f"{FRONT_STEM}.png"
-        title = f"sweep {summary['name']}: test top-1 against size, front in red"
-        return path.read_bytes() if draw_pareto_front(points, path, title) else None
 
 
 def _plot(draw, summary: dict) -> bytes | None:
