@@ -4,6 +4,7 @@ ONLY the data flags (``gdnsq train --data.kind imagefolder --data.train_path ...
     python benchmarks/robustness.py                    # the full grid, cheapest cells first
     python benchmarks/robustness.py --grid reduced     # 2 datasets x the small CNN x W4A4/W2A2
     python benchmarks/robustness.py --table            # the table of results/robustness.csv, nothing run
+    python benchmarks/robustness.py --datasets shapes-1000-32px-rgb --models gdnsq_smallcnn   # part of the grid
 
 Cells run one at a time, cheapest first (the small CNN before the timm models, small datasets before large), and
 each row is appended to the CSV as its cell finishes, so a cut-off run keeps what it measured. A rerun resumes:
@@ -218,6 +219,15 @@ def done_cells(csv_path: Path, current: str) -> set[tuple]:
     return {(r["dataset"], r["model"], r["target"], int(r["seed"])) for r in rows if same[r["commit"]]}
 
 
+def pick(items: list, names: list[str], name_of, flag: str) -> list:
+    """The items named in ``names``, in the grid's order; an unknown name raises ValueError."""
+    known = [name_of(i) for i in items]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"{flag}: unknown {', '.join(unknown)} (the grid has {', '.join(known)})")
+    return [i for i in items if name_of(i) in names]
+
+
 def plan(datasets: list[Dataset], models: list[str], targets: list[int], seeds: list[int]) -> list[tuple]:
     """The grid in the order it runs: cheapest (model, dataset) pairs first; within a pair the first seed of each
     target, then the pair's reference (target FP), then the other seeds. Entries: (dataset, model, target, seed),
@@ -271,6 +281,8 @@ def reference_row(d: Dataset, model_name: str, ref: float, minutes: float) -> di
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grid", choices=("full", "reduced"), default="full")
+    p.add_argument("--datasets", help="comma-separated dataset names of the grid to run (default: all of them)")
+    p.add_argument("--models", help="comma-separated model names of the grid to run (default: all of them)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--targets", default="4,2", help="bit widths, W<k>A<k> each")
     p.add_argument("--out", default="out/robustness")
@@ -297,6 +309,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     datasets, models = (FULL_DATASETS, FULL_MODELS) if args.grid == "full" else (REDUCED_DATASETS, REDUCED_MODELS)
+    try:
+        if args.datasets:
+            datasets = pick(datasets, args.datasets.split(","), lambda d: d.name, "--datasets")
+        if args.models:
+            models = pick(models, args.models.split(","), str, "--models")
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     targets = [int(b) for b in args.targets.split(",")]
     code = code_identity()

@@ -65,3 +65,11 @@ def test_the_table_counts_a_remeasured_cell_once_and_ends_with_the_verdict():
     lines = robustness.table(rows).splitlines()
     assert "| 90.00 | 93.00 | -3.00 | 88.50 | -1.50 | yes | 2.0 |" in lines[2]
     assert lines[-1] == "defaults converged in 1/1 cells, worst gap to teacher 1.5 points"
+
+
+def test_a_subset_of_the_grid_is_named_and_an_unknown_name_is_one_line(capsys):
+    datasets = robustness.pick(robustness.FULL_DATASETS, ["shapes-1000-32px-rgb"], lambda d: d.name, "--datasets")
+    assert [d.name for d in datasets] == ["shapes-1000-32px-rgb"]
+    assert robustness.main(["--models", "resnet10t,nonesuch", "--no-record"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("--models: unknown nonesuch")
