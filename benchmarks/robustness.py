@@ -158,7 +158,8 @@ def reference_top1(folder: Path, px: int, model_name: str) -> float:
     loaders = create_loaders(cfg, device=torch.device("cpu"))
     model = create_model(cfg.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans)
     epochs = math.ceil(REFERENCE_STEPS / len(loaders.calib))
-    train_fp(model, loaders.calib, epochs, device=torch.device("cpu"), log=log.debug)
+    log.info("reference %s / %s: %d epochs of %d steps, one-cycle", folder.name, model_name, epochs, len(loaders.calib))
+    train_fp(model, loaders.calib, epochs, device=torch.device("cpu"), log=log.info)  # a line per epoch: progress
     return round(evaluate(model, loaders.val, torch.device("cpu"))["top1"], 2)
 
 
