@@ -31,21 +31,29 @@ def export_onnx(
     verify: bool = True,
     dynamic_batch: bool = True,
     target: str = "qdq",
+    requantize: bool = False,
+    calibration=None,
 ) -> dict:
     """See :func:`gdnsq.export.onnx_qdq.export_onnx` (``target="qdq"``) and :func:`gdnsq.export.onnx_int8.export_int8`
     (``int8``, ``tensorrt``); ``verify``: the file run by onnxruntime on ``example_input`` against the model's
-    fake-quant eval (``max_abs_diff``, ``top1_agree``)."""
+    fake-quant eval (``max_abs_diff``, ``top1_agree``); ``requantize``, ``calibration``: the int8 target's 8-bit grids
+    for the tensors the model leaves in float (gdnsq.export.requantize), calibrated on ``calibration`` batches."""
     if target == "qdq":
         from .onnx_qdq import export_onnx as _export
 
         return _export(model, path, example_input, opset=opset, verify=verify, dynamic_batch=dynamic_batch)
+    if requantize and target != "int8":
+        raise ExportError(f"requantize is an option of the int8 target, not of {target!r}")
     if target not in ONNX_TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; choose one of {', '.join(ONNX_TARGETS)}")
     import torch
 
     from .onnx_int8 import export_int8
 
-    out = export_int8(model, path, example_input, target=target, opset=opset, dynamic_batch=dynamic_batch)
+    out = export_int8(
+        model, path, example_input, target=target, opset=opset, dynamic_batch=dynamic_batch, requantize=requantize,
+        calibration=calibration,
+    )  # fmt: skip
     if verify:
         was = model.training
         model.eval()

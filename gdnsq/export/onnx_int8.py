@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from ..errors import ExportError
 from ..quant.layers import QConv2d, iter_quantized
 from . import report as rep
 from .grids import act_grid, weight_grid
+from .requantize import requantize as requantize_graph
 
 FORMAT = "gdnsq-onnx-int8/1"
 TARGETS = ("int8", "tensorrt")
@@ -227,7 +229,7 @@ class _Graph:
     def __init__(self, proto):
         from onnx import numpy_helper
 
-        self.g, self.nh = proto.graph, numpy_helper
+        self.proto, self.g, self.nh = proto, proto.graph, numpy_helper
         self.inits = {t.name: t for t in self.g.initializer}
         self.refresh()
 
@@ -320,17 +322,26 @@ def _fusable(gr: _Graph, conv, xdq) -> bool:
     return zq is not None and zx is not None and zq.dtype == zx.dtype
 
 
-def integer_convs(proto) -> int:
-    """Write each quantized Conv that onnxruntime would leave a float Conv (no quantizer after it, or one in another
-    container than its input's: QLinearConv has one type in and out) as ConvInteger (int32, exact) · s_x·s_w + bias;
-    returns the count. onnxruntime fuses the others (DQ -> Conv -> Q) into QLinearConv itself."""
-    from onnx import TensorProto, helper
-
-    gr, done = _Graph(proto), 0
+def unfused_convs(gr: _Graph) -> list:
+    """The quantized Convs (DQ-fed data and weight) that onnxruntime would leave float Convs: no quantizer after
+    them, or one in another container than their input's (QLinearConv has one type in and out)."""
+    convs = []
     for conv in [n for n in gr.g.node if n.op_type == "Conv"]:
         wdq, xdq = gr.weight_dq(conv), gr.producer.get(conv.input[0])
         if wdq is None or xdq is None or xdq.op_type != "DequantizeLinear" or _fusable(gr, conv, xdq):
             continue
+        convs.append(conv)
+    return convs
+
+
+def integer_convs(proto) -> int:
+    """Write each of :func:`unfused_convs` as ConvInteger (int32, exact) · s_x·s_w + bias; returns the count.
+    onnxruntime fuses the others (DQ -> Conv -> Q) into QLinearConv itself."""
+    from onnx import TensorProto, helper
+
+    gr, done = _Graph(proto), 0
+    for conv in unfused_convs(gr):
+        wdq, xdq = gr.weight_dq(conv), gr.producer[conv.input[0]]
         sx, sw = gr.const(xdq.input[1]), gr.const(wdq.input[1])
         if sx is None or sw is None or sx.size != 1:
             continue
@@ -387,8 +398,15 @@ def export_int8(
     target: str = "int8",
     opset: int = 21,
     dynamic_batch: bool = True,
+    requantize: bool = False,
+    calibration: Iterable[Tensor] | None = None,
 ) -> dict:
-    """Write the integer ONNX of ``model`` for ``target`` (``int8`` or ``tensorrt``); returns a report."""
+    """Write the integer ONNX of ``model`` for ``target`` (``int8`` or ``tensorrt``); returns a report.
+
+    ``requantize`` (int8 target): the convs whose output reaches no quantizer get an 8-bit output grid calibrated on
+    ``calibration`` (input batches; default ``example_input``) so that onnxruntime runs every quantized conv as
+    ``QLinearConv`` (gdnsq.export.requantize) — faster, no longer the fake-quant eval; without it they are exact
+    ``ConvInteger``."""
     import onnx
 
     if target not in TARGETS:
@@ -414,10 +432,16 @@ def export_int8(
         program.save(str(tmp))
         proto = onnx.load(str(tmp))
         folded = fold_batchnorm(proto)
-        conv_integer = integer_convs(proto) if target == "int8" else 0
+        requantized, conv_integer = [], 0
+        if target == "int8" and requantize:
+            graph = _Graph(proto)
+            requantized = requantize_graph(graph, unfused_convs(graph), calibration or [x])
+        elif target == "int8":
+            conv_integer = integer_convs(proto)
         meta = {
             "gdnsq.format": FORMAT,
             "gdnsq.target": target,
+            "gdnsq.requantized": json.dumps(requantized, separators=(",", ":")),
             "gdnsq.layers": json.dumps([{"name": n, **m} for n, m in layers.items()], separators=(",", ":")),
         }
         for k, v in meta.items():
@@ -437,6 +461,7 @@ def export_int8(
             "bytes_file": path.stat().st_size,
             "batchnorm_folded": folded,
             "conv_integer": conv_integer,
+            "requantized": requantized,
             **{k: v for k, v in rep.totals(rows, 0, 0).items() if "bytes" not in k and k != "compression"},
         }
     finally:

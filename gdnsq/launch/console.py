@@ -11,7 +11,9 @@ Ray's and MLflow's own chatter is switched off with their own settings, not by f
 "Reporting training result" and "Checkpoint successfully created" lines), ``RAY_COLOR_PREFIX=0`` (no
 ANSI codes around worker prefixes), ``RAY_DISABLE_WORKER_LOG_PREFIX=1`` (no "(RayTrainWorker pid=...)"
 before our lines), ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`` and ``MLFLOW_LOGGING_LEVEL=WARNING``;
-Ray's token warning (:data:`RAY_QUIET_LOGGERS`). ``-v`` turns them back on.
+Ray's token warning (:data:`RAY_QUIET_LOGGERS`); the Python warnings of Ray's own actors (the job's
+``ray.LoggingConfig``, :func:`ray_job_logging`) and the C++ log lines of Ray's processes on our console
+(``RAY_DEDUP_LOGS_SKIP_REGEX``, :data:`RAY_CPP_LOG_LINE`). ``-v`` turns them back on.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def quiet_env(level: int) -> dict[str, str]:
             RAY_DISABLE_WORKER_LOG_PREFIX="1",
             # Train V2 sends a worker's print() to its logger *and* the original stdout: each line twice
             RAY_TRAIN_ENABLE_PRINT_PATCH="0",
+            # read by the driver when Ray forwards its processes' output (ray._private.ray_logging)
+            RAY_DEDUP_LOGS_SKIP_REGEX=RAY_CPP_LOG_LINE,
         )
     return env
 
@@ -69,13 +73,51 @@ def train_log_level() -> str:
     return "INFO" if verbosity() > 0 else "WARNING"
 
 
-# Ray's own lines that say nothing a gdnsq user can act on, silenced at default verbosity through Ray's loggers
-# (-v brings them back): ray.init's "Token authentication is enabled for this Ray cluster" warning on every local
-# start. Not among them, for want of a switch: Train V2's controller logging, at error level from C++, that its
-# PreemptionWatcher actor "has constructor arguments in the object store and max_restarts > 0". Setting
-# RAY_BACKEND_LOG_LEVEL hides it but makes every Ray process print "Set ray log level from environment variable",
-# and RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 would switch off Train's handling of preempted nodes.
-RAY_QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+# Ray's own lines that say nothing a gdnsq user can act on, silenced at default verbosity with Ray's switches (-v
+# brings them back), each where it is made:
+# - the driver's, through their loggers (RAY_QUIET_LOGGERS): ray.init's "Token authentication is enabled for this
+#   Ray cluster" warning on every local start, and Ray Train's INFO lines when the driver reads a stored run ("A
+#   run snapshot was found in storage folder at ...", three lines, twice on every resumed Ray run);
+# - the Python logging of Ray's own actors (Train's controller, its detached PlacementGroupCleaner, which warns
+#   "Failed to query Ray Train Controller actor state." whenever the State API answers slowly, at any time): the
+#   job's ray.LoggingConfig at ERROR (ray_job_logging), which Ray applies to the root and "ray" loggers of every
+#   task and actor of the job. Ray Train's own loggers and a Train worker's root logger follow RunConfig's
+#   LoggingConfig (train_log_level), which Train applies after it;
+# - C++ log lines: Train's controller logs at error level from its core worker that its PreemptionWatcher actor "has
+#   constructor arguments in the object store and max_restarts > 0" (its arguments hold the workers' actor handles;
+#   every Train run, Ray 2.60). Ray's switch for that level, RAY_BACKEND_LOG_LEVEL, makes every process that reads
+#   it print "Set ray log level from environment variable" before its output is redirected (a line per worker on
+#   the console), and RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 would switch off Train's handling of preempted nodes;
+#   so the driver does not print Ray's C++ log lines it forwards (RAY_DEDUP_LOGS_SKIP_REGEX, from Ray's log
+#   deduplication settings). They stay in Ray's log files (/tmp/ray/session_latest/logs).
+RAY_QUIET_LOGGERS = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.train": logging.WARNING,
+}
+# Ray's C++ log format (src/ray/util/logging.cc): "[2026-12-07 20:28:27,446 E 9975 10007] core_worker.cc:2465: ..."
+RAY_CPP_LOG_LINE = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWEF] \d+ \d+\] [\w.]+:\d+: "
+
+
+def ray_job_logging():
+    """The ``ray.LoggingConfig`` of our Ray job's tasks and actors (none with ``-v``: Ray's default)."""
+    if verbosity() > 0:
+        return None
+    import ray
+
+    return ray.LoggingConfig(log_level="ERROR")
+
+
+def keep_our_warnings() -> None:
+    """In a Ray actor of our job that Ray Train does not configure (a Tune trial, Train's controller): our logger
+    keeps its warnings, which the job's root handler at ERROR (:func:`ray_job_logging`) would drop."""
+    root, ours = logging.getLogger(), logging.getLogger("gdnsq")
+    if ours.handlers or not root.handlers or any(h.level <= logging.WARNING for h in root.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING)
+    ours.addHandler(handler)
+    ours.propagate = False
 
 
 def setup_logging(level: int) -> None:
@@ -85,8 +127,8 @@ def setup_logging(level: int) -> None:
     os.environ.setdefault(TTY_ENV, "1" if sys.stdout.isatty() else "0")
     for k, v in quiet_env(level).items():
         os.environ.setdefault(k, v)
-    for name in RAY_QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if level <= 0 else logging.NOTSET)
+    for name, quiet in RAY_QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet if level <= 0 else logging.NOTSET)
     logging.basicConfig(level=logging.DEBUG if level > 1 else logging.WARNING, format="%(message)s")
     redact_logging()  # every record any logger writes through the root's handler
     logging.getLogger("gdnsq").setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)

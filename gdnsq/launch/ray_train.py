@@ -44,8 +44,9 @@ def connect(cfg: JobConfig) -> None:
     placement-group cleaner queries the state API it serves, and warns every few seconds without it.
     """
     import ray
+    from ray.job_config import JobConfig
 
-    from .console import worker_env
+    from .console import ray_job_logging, worker_env
 
     if ray.is_initialized():
         return
@@ -56,9 +57,18 @@ def connect(cfg: JobConfig) -> None:
     # otherwise looks the cluster up and fails ("Found multiple active Ray instances") on a machine with several.
     gcs = address and "://" not in address and ":" in address  # HOST:PORT, not "auto"/"local"/a client URL
     env = {**worker_env(), **({"RAY_ADDRESS": address} if gcs else {})}
+    # The job's tasks and actors log at ERROR (Ray's own actors' warnings), the driver's logging stays ours: a
+    # JobConfig's logging config reaches the workers only, where ray.init(logging_config=) would also reset ours.
+    job_config = JobConfig()
+    job_config.set_py_logging_config(ray_job_logging())
     handlers = _signal_handlers()
     try:
-        ray.init(address=address, logging_level="WARNING", runtime_env=None if in_job else {"env_vars": env})
+        ray.init(
+            address=address,
+            logging_level="WARNING",
+            runtime_env=None if in_job else {"env_vars": env},
+            job_config=job_config,
+        )
     except ConnectionError as e:  # something answers there, but not a Ray GCS (Ray gives up after ~20 s)
         from ..errors import ClusterError
 

@@ -65,7 +65,7 @@ def alive(pid):
     except PermissionError:
         return True
 while os.path.isdir(root) and alive(parent):
-    time.sleep(1.0)
+    time.sleep(0.2)
 if os.path.isdir(root):
     try:
         groups = {int(x) for x in open(os.path.join(root, "pgids")).read().split()}
@@ -300,7 +300,7 @@ class LocalCluster:
         pids.discard(os.getpid())
         return pids
 
-    def stop(self, grace: float = 3.0) -> None:
+    def stop(self, grace: float = 0.0) -> None:
         import psutil
 
         if self._connected:
@@ -314,8 +314,9 @@ class LocalCluster:
             else:
                 os.environ[k] = v
         self._saved_env.clear()
-        # SIGTERM first (`ray start --block` then stops its children), but it can take ~30 s to
-        # finish: after a short grace everything left of this cluster is SIGKILLed, by pid.
+        # SIGTERM first (`ray start --block` then stops its children), but that takes seconds (~30 s at
+        # worst) and a test cluster keeps nothing worth a clean stop: unless a grace is given, everything
+        # of this cluster is SIGKILLed at once, by pid (measured: 5.6-5.9 s -> 1.9-2.5 s per stop, load 15-18).
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:

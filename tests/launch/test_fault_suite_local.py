@@ -40,6 +40,9 @@ def server(tmp_path_factory):
     srv.kill(signal.SIGTERM)
 
 
+STEPS_20 = ["--train.max_steps_per_epoch", "20"]  # after SMALL's 3: the last value wins
+
+
 def quickstart(teacher: str, name: str, *extra: str) -> list[str]:
     return [
         "quickstart",
@@ -55,23 +58,28 @@ def quickstart(teacher: str, name: str, *extra: str) -> list[str]:
 
 @pytest.mark.timeout(900)
 def test_file_size_limit_during_a_checkpoint_save(teacher, tmp_path):
-    """``ulimit -f`` below the checkpoint's size when epoch 2 is saved: one line naming the reason, exit 2, no
-    temporary file, epoch 1's checkpoint intact; without the limit the same command resumes from epoch 1."""
-    args = quickstart(teacher, "limited", "--tracking.enabled", "false")
-    rc, out = run([*args, "--train.epochs", "1"], tmp_path)
-    assert rc == 0, out
-    folder = tmp_path / "runs" / "limited"
-    before = (folder / CHECKPOINT_FILE).read_bytes()
+    """A file-size limit below the checkpoint's size, put on the run once epoch 1 is saved (``prlimit``, as
+    ``ulimit -f`` would), hits epoch 2's save: one line naming the reason, exit 2, no temporary file, epoch 1's
+    checkpoint intact; without the limit the same command resumes from epoch 1. (One process to the fault: the
+    limit lands between the two saves instead of a first run's end.)"""
+    import resource
 
-    rc, out = run([*args, "--train.epochs", "2"], tmp_path, file_size_limit=len(before) // 2)
-    assert rc == 2, out
+    # 20 steps an epoch: the limit lands while epoch 2 trains, well before its save, on a loaded machine too
+    args = quickstart(teacher, "limited", "--tracking.enabled", "false", "--train.epochs", "2", *STEPS_20)
+    folder = tmp_path / "runs" / "limited"
+    child = start(args, tmp_path)
+    child.wait_for(r"^epoch 1/2\s+val top-1", timeout=600)  # printed once epoch 1's checkpoint is saved
+    before = (folder / CHECKPOINT_FILE).read_bytes()
+    resource.prlimit(child.proc.pid, resource.RLIMIT_FSIZE, (len(before) // 2, resource.RLIM_INFINITY))
+    assert child.finish(timeout=300) == 2, child.output[-3000:]
+    out = child.output
     no_traceback(out)
     last = out.strip().splitlines()[-1]
     assert fault_pattern("file_size", run=folder).fullmatch(last), out
     assert (folder / CHECKPOINT_FILE).read_bytes() == before
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
-    rc, out = run([*args, "--train.epochs", "2"], tmp_path)
+    rc, out = run(args, tmp_path)
     assert rc == 0, out
     assert "resuming from the checkpoint of epoch 1" in out
     assert load_checkpoint(folder / CHECKPOINT_FILE)["engine"]["epoch"] == 2

@@ -56,6 +56,9 @@ class PlacementGroupRecorder(WorkerGroupCallback):
             pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
             _internal_kv_put(_pg_key(self.name), pg.id.hex(), overwrite=True, namespace=KV_NAMESPACE)
         except Exception as e:  # noqa: BLE001 - internal API: degrade to Ray's own cleanup
+            from ..console import keep_our_warnings
+
+            keep_our_warnings()  # in Train's controller, whose root logger is the job's (ERROR)
             log.warning("could not record the placement group of %s: %s", self.name, e)
 
 

@@ -52,9 +52,11 @@ def run_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ..console import keep_our_warnings
     from ..ray_train import fit
     from .ray_workarounds import PlacementGroupRecorder
 
+    keep_our_warnings()
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, sweep_name, trial_id, trials_dir)
     fit(
