@@ -131,11 +131,13 @@ def prepare_teacher(
         report.update(resume.get("teacher_report", {}))
     elif not fp_weights:
         epochs = cfg.train.teacher_epochs
+        # Without train.teacher_epochs, train_fp picks the rule from the step budget and says which.
         logger.info(
             "no FP weights given: training the FP teacher %s",
             f"for {epochs} epochs"
             if epochs
-            else f"to a validation plateau (at most {cfg.train.teacher_max_epochs} epochs)",
+            else f"(a one-cycle LR over {SHORT_BUDGET_STEPS} steps when {cfg.train.teacher_max_epochs} epochs are "
+            f"fewer, else to a validation plateau)",
         )
         seed_everything(cfg.train.seed)
         report.update(
