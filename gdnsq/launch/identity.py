@@ -99,9 +99,10 @@ def own_folder(cfg: JobConfig, *, fresh: bool = False) -> Iterator[None]:
             set_aside(cfg)
         yield
         return
-    lock = _lock(cfg, folder)
+    lock = _lock(cfg, folder)  # makes the folder when there was none: a folder holding only a lock is no earlier run
     try:
-        if fresh and set_aside(cfg) is not None:  # the lock file moved with the old folder: hold the new one
+        earlier = any(p.name != LOCK_FILE for p in Path(folder).iterdir())
+        if fresh and earlier and set_aside(cfg) is not None:  # the lock file moved with the old folder: hold the new
             old, lock = lock, _lock(cfg, folder)
             old.release()
         yield

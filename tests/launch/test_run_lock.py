@@ -91,3 +91,14 @@ def test_fresh_never_moves_a_live_runs_folder(tmp_path):
             with own_folder(job(tmp_path)):
                 pass
     assert (tmp_path / "runs" / names[1] / "checkpoint.pt").read_bytes() == b"the live run's"
+
+
+def test_fresh_with_no_earlier_run_sets_nothing_aside(tmp_path, caplog):
+    """The lock makes the run's folder before --fresh looks: a folder holding only the lock is not an earlier run
+    (no warning, no '.old-' folder); a killed run's leftover lock alone is not one either."""
+    for _ in range(2):
+        with caplog.at_level("WARNING", logger="gdnsq"):
+            with own_folder(job(tmp_path), fresh=True):
+                pass
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["shared"]
+        assert "was moved" not in caplog.text
